@@ -1,0 +1,9 @@
+"""Post-training quantization of vision transformers (fake-quant simulation in torch)."""
+from .api import METHODS, QuantResult, float_state_dict, quant_state, quantize_, register_method, restore_quantized
+from .config import QuantConfig
+from .spec import QuantSpec
+
+__all__ = [
+    "METHODS", "QuantConfig", "QuantResult", "QuantSpec", "float_state_dict", "quant_state",
+    "quantize_", "register_method", "restore_quantized",
+]

@@ -1,0 +1,128 @@
+"""The public quantization call: ``quantize_(model, config, calibration_batches)``.
+
+Methods register themselves by name; each receives the prepared model (quantizers inserted, in
+"off" mode) and the calibration batches, and leaves every quantizer frozen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import VitcompressError
+from .config import QuantConfig
+from .modules import quantizers, wrap_attention, wrap_weighted
+from .placement import PlacementPlan, get_placement, plan
+
+Progress = Callable[[int, int], None]  # (done, total)
+QuantMethod = Callable[[nn.Module, QuantConfig, Sequence[torch.Tensor], Progress | None], dict]
+
+METHODS: dict[str, QuantMethod] = {}
+
+
+def register_method(name: str):
+    def deco(fn: QuantMethod) -> QuantMethod:
+        METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+@dataclass
+class QuantResult:
+    config: QuantConfig
+    plan: PlacementPlan
+    method_info: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {
+            "quantized_layers": len(self.plan.weighted),
+            "quantized_attention_blocks": len(self.plan.attention),
+            "kept_float": self.plan.float_modules,
+            "kept_float_weighted_layers": self.plan.skipped,
+            "functional_ops_float": "residual adds, softmax, GELU and normalisation are not quantized"
+            + ("" if self.plan.attention else "; attention matmuls are float"),
+            **self.method_info,
+        }
+
+
+def prepare(model: nn.Module, config: QuantConfig, family: str = "") -> PlacementPlan:
+    """Insert quantizers (mode "off") where the placement says; returns the plan."""
+    p = plan(model, get_placement(config.placement), config.skip, family)
+    modules = dict(model.named_modules())
+    for name in p.weighted:
+        m = modules[name]
+        wspec = config.weight_spec_linear  # axis 0 = output channel, for Linear and Conv2d alike
+        wrap_weighted(m, wspec, config.act_spec, config.weight_observer, config.act_observer)
+    for name in p.attention:
+        wrap_attention(modules[name], config.act_spec, config.act_observer)
+    return p
+
+
+def run_batches(model: nn.Module, batches: Sequence[torch.Tensor], progress: Progress | None = None) -> None:
+    with torch.no_grad():
+        for i, x in enumerate(batches):
+            model(x)
+            if progress:
+                progress(i + 1, len(batches))
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    for _, q in quantizers(model):
+        if mode == "observe":
+            q.observe()
+        else:
+            q.mode = mode
+
+
+@register_method("minmax")
+def calibrate_observers(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor], progress: Progress | None) -> dict:
+    """Baseline PTQ: one calibration pass with the configured observers, then freeze."""
+    set_mode(model, "observe")
+    run_batches(model, batches, progress)
+    for _, q in quantizers(model):
+        q.freeze()
+    return {"observers": {"weights": config.weight_observer, "activations": config.act_observer}}
+
+
+def quantize_(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration: Iterable[torch.Tensor],
+    progress: Progress | None = None,
+    family: str = "",
+) -> QuantResult:
+    """Quantize ``model`` in place (fake-quant simulation) and return what was done."""
+    if config.method not in METHODS:
+        raise VitcompressError(f"unknown method '{config.method}' (choose from {', '.join(sorted(METHODS))})")
+    batches = list(calibration)
+    if not batches:
+        raise VitcompressError("calibration needs at least one image")
+    model.eval()
+    p = prepare(model, config, family)
+    info = METHODS[config.method](model, config, batches, progress)
+    return QuantResult(config, p, info)
+
+
+def quant_state(model: nn.Module) -> dict:
+    """Every quantizer's parameters, keyed by module name (for checkpoints)."""
+    return {name: q.state() for name, q in quantizers(model)}
+
+
+def restore_quantized(model: nn.Module, config: QuantConfig, state: dict, family: str = "") -> PlacementPlan:
+    """Rebuild a quantized model from a checkpoint's saved quantizer parameters."""
+    p = prepare(model, config, family)
+    qs = dict(quantizers(model))
+    if set(qs) != set(state):
+        raise VitcompressError("the checkpoint's quantization state does not match the model's layers")
+    for name, q in qs.items():
+        q.set_qparams(state[name]["scale"], state[name]["zero_point"])
+    return p
+
+
+def float_state_dict(model: nn.Module) -> dict:
+    """The model's own parameters and buffers, without quantizer buffers (the timm keys)."""
+    names = [n for n, _ in quantizers(model)]
+    return {k: v for k, v in model.state_dict().items() if not any(k.startswith(n + ".") for n in names)}

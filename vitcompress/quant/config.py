@@ -1,0 +1,53 @@
+"""Quantization configs: frozen dataclasses, as plain as a YAML recipe step."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import VitcompressError
+from .spec import QuantSpec
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how.
+
+    wbits/abits: weight and activation bit-widths (2-8). Below 8 they are simulated on the int8 grid.
+    weight_per_channel: per-output-channel weight scales (else per tensor).
+    act_symmetric: signed symmetric activations (else unsigned with a zero point).
+    placement: which layers get quantized (see ``placement.PLACEMENTS``).
+    skip: module-name patterns (fnmatch) kept float in addition to the placement's own.
+    """
+
+    method: str = "minmax"
+    wbits: int = 8
+    abits: int = 8
+    weight_observer: str = "minmax"
+    act_observer: str = "minmax"
+    weight_per_channel: bool = True
+    weight_symmetric: bool = True
+    act_symmetric: bool = False
+    placement: str = "partial"
+    skip: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        for name in ("wbits", "abits"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not 2 <= v <= 8:
+                raise VitcompressError(f"{name} must be an integer between 2 and 8, got {v}")
+
+    @property
+    def weight_spec_linear(self) -> QuantSpec:
+        return QuantSpec(self.wbits, self.weight_symmetric, self.weight_per_channel, axis=0)
+
+    @property
+    def act_spec(self) -> QuantSpec:
+        return QuantSpec(self.abits, self.act_symmetric, per_channel=False)
+
+    @property
+    def label(self) -> str:
+        """'int8' only when everything quantized is 8-bit; otherwise the simulated WxAy name."""
+        return "int8" if (self.wbits, self.abits) == (8, 8) else f"w{self.wbits}a{self.abits}"
+
+    @property
+    def simulated(self) -> bool:
+        return self.wbits < 8 or self.abits < 8
