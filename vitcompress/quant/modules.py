@@ -77,8 +77,8 @@ class TensorQuantizer(nn.Module):
         s, spec = self.spec, self.spec
         lo8, hi8 = (-128, 127) if spec.signed else (0, 255)
         if spec.per_channel:
-            # Weights: snap onto the (possibly clipped) grid first so the int8 codes are the b-bit ones.
-            x = fake_quantize(x, self.scale, self.zero_point, spec)
+            # Weights were snapped onto their (possibly clipped) b-bit grid by ``snapped_weights``,
+            # so quantizing them on the int8 grid gives exactly the b-bit codes.
             return torch.fake_quantize_per_channel_affine(
                 x, self.scale, self.zero_point, spec.axis % x.dim(), lo8, hi8
             )
@@ -173,6 +173,24 @@ def wrap_attention(module: nn.Module, aspec: QuantSpec, a_observer: str) -> None
     module.__class__ = type("Quant" + type(module).__name__, (QuantAttention, type(module)), {})
     module.qk_matmul = QuantMatMul(TensorQuantizer(aspec, a_observer), TensorQuantizer(aspec, a_observer))
     module.av_matmul = QuantMatMul(TensorQuantizer(aspec, a_observer), TensorQuantizer(aspec, a_observer))
+
+
+@contextlib.contextmanager
+def snapped_weights(model: nn.Module) -> Iterator[None]:
+    """Temporarily replace quantized weights by their fake-quantized values (for export)."""
+    saved = []
+    with torch.no_grad():
+        for m in model.modules():
+            wq = getattr(m, "weight_quantizer", None)
+            if isinstance(wq, TensorQuantizer) and wq.mode == "quantize":
+                saved.append((m.weight, m.weight.detach().clone()))
+                m.weight.copy_(fake_quantize(m.weight, wq.scale, wq.zero_point, wq.spec))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, original in saved:
+                param.copy_(original)
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, TensorQuantizer]]:

@@ -1,0 +1,13 @@
+"""vitcompress: post-training compression of vision transformers for CPU and edge runtimes.
+
+    from vitcompress import load, quantize_, QuantConfig
+    loaded = load("deit", checkpoint="deit.pth")
+    quantize_(loaded.model, QuantConfig(wbits=8, abits=8), calibration_batches)
+"""
+__version__ = "0.1.0"
+
+from .api import QuantizeJob, check, export, load, quantize  # noqa: E402
+from .errors import VitcompressError  # noqa: E402
+from .quant import QuantConfig, quantize_  # noqa: E402
+
+__all__ = ["QuantConfig", "QuantizeJob", "VitcompressError", "check", "export", "load", "quantize", "quantize_"]

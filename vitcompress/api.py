@@ -1,0 +1,240 @@
+"""The Python API behind the CLI: quantize, export and check, each returning a report dict.
+
+Algorithms live in quant/ and export/; this module wires models, images, artifacts and
+measurements together. Progress is reported through a callback, never printed.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import platform
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import __version__
+from .data import LoadStats, load_tensor, label_map_to_model, sample, scan_images
+from .errors import VitcompressError
+from .evaluate import collect_logits, fidelity, onnx_predictor, summarize, torch_predictor
+from .export import compare_latency, export_float, export_qdq, int8_coverage, make_session, read_metadata
+from .fileio import atomic_path, prepare_output_dir, write_json  # noqa: F401 (write_json re-exported for the CLI)
+from .models import LoadedModel, checkpoint_dict, family_of, load_model
+from .quant import QuantConfig, float_state_dict, quant_state, quantize_, restore_quantized
+
+REPORT_SCHEMA = "vitcompress-report/1"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CHECKPOINT = PROJECT_ROOT / "calib" / "cifar10_vit_tiny.pth"
+DEMO_CALIB = PROJECT_ROOT / "calib" / "train"
+DEMO_EVAL = PROJECT_ROOT / "calib" / "val"
+
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def _noop(stage: str, done: int, total: int) -> None:
+    pass
+
+
+@dataclass
+class QuantizeJob:
+    """Everything `vitcompress quantize` needs; the CLI fills it from flags."""
+
+    out: Path
+    model: str | None = None
+    checkpoint: Path | None = None
+    pretrained: bool = True
+    config: QuantConfig = field(default_factory=QuantConfig)
+    calib_dir: Path | None = None
+    calib_size: int = 256
+    eval_dir: Path | None = None
+    eval_size: int | None = None
+    seed: int = 0
+    force: bool = False
+    batch_size: int = 32
+    latency_rounds: int = 30
+    latency_threads: int = 1
+
+
+def load(model: str | None = None, checkpoint: str | Path | None = None, pretrained: bool = True) -> LoadedModel:
+    """load_model, plus re-applying the quantizers of a checkpoint written by `quantize`."""
+    loaded = load_model(model, checkpoint, pretrained)
+    if loaded.quant_state is not None:
+        cfg = QuantConfig(**loaded.quant_state["config"])
+        restore_quantized(loaded.model, cfg, loaded.quant_state["quantizers"], family_of(loaded.arch))
+    return loaded
+
+
+def _metadata(loaded: LoadedModel, kind: str, **extra) -> dict:
+    return {
+        "format": "vitcompress-onnx/1",
+        "vitcompress_version": __version__,
+        "kind": kind,
+        "preprocessing": loaded.preprocessing.to_dict(),
+        "num_classes": loaded.num_classes,
+        "source": {"arch": loaded.arch, "kwargs": loaded.kwargs, "checkpoint": loaded.source, "weights": loaded.weights},
+        **extra,
+    }
+
+
+def _file_info(path: Path) -> dict:
+    return {"path": path.name, "bytes": path.stat().st_size}
+
+
+def _environment() -> dict:
+    import onnxruntime
+    import timm
+
+    return {
+        "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "timm": timm.__version__,
+        "python": platform.python_version(), "machine": platform.machine(),
+    }
+
+
+def quantize(job: QuantizeJob, progress: ProgressFn = _noop) -> dict:
+    """Load, calibrate, quantize, export float + QDQ ONNX, evaluate both in onnxruntime, time them."""
+    cfg = job.config
+    qname = f"model.{cfg.label}.onnx"
+    out = prepare_output_dir(job.out, job.force, ["model.fp32.onnx", qname, "report.json"])
+    torch.manual_seed(job.seed)
+    loaded = load(job.model, job.checkpoint, job.pretrained)
+    if loaded.quant_state is not None:
+        raise VitcompressError(f"{job.checkpoint} is already quantized; start from the float checkpoint")
+    prep = loaded.preprocessing
+    family = family_of(loaded.arch)
+    if job.calib_dir is None:
+        raise VitcompressError("calibration images are required: --calib DIR")
+    calib_set = sample(scan_images(job.calib_dir), job.calib_size, job.seed)
+    calib_stats = LoadStats()
+    calib = load_tensor(calib_set, prep, calib_stats)
+    eval_set = None
+    if job.eval_dir is not None:
+        eval_set = sample(scan_images(job.eval_dir, require_labels=True), job.eval_size, job.seed)
+        label_map = label_map_to_model(eval_set, prep.class_names, loaded.num_classes)
+
+    qmodel = copy.deepcopy(loaded.model)
+    result = quantize_(qmodel, cfg, calib.split(job.batch_size), lambda d, t: progress("calibrate", d, t), family)
+
+    progress("export", 0, 2)
+    fp32_path, q_path = out / "model.fp32.onnx", out / qname
+    label = cfg.label if not cfg.simulated else f"{cfg.label} (simulated on an int8 grid)"
+    common = {"method": cfg.method, "wbits": cfg.wbits, "abits": cfg.abits, "label": label}
+    export_float(loaded.model, prep.input_size, fp32_path, _metadata(loaded, "fp32"))
+    progress("export", 1, 2)
+    export_info = export_qdq(qmodel, prep.input_size, q_path, _metadata(loaded, "quantized", quantization=common))
+    progress("export", 2, 2)
+    ckpt_path = out / f"model.{cfg.label}.pth"
+    ckpt = checkpoint_dict(loaded, float_state_dict(qmodel),
+                           quant_state={"config": asdict(cfg), "quantizers": quant_state(qmodel)},
+                           provenance={"source": loaded.source, **common})
+    with atomic_path(ckpt_path) as tmp:
+        torch.save(ckpt, tmp)
+
+    report = {
+        "schema": REPORT_SCHEMA,
+        "command": "quantize",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"arch": loaded.arch, "family": family, "source": loaded.source, "weights": loaded.weights,
+                  "num_classes": loaded.num_classes, "input_size": list(prep.input_size)},
+        "method": cfg.method,
+        "bits": {"weights": cfg.wbits, "activations": cfg.abits, "label": label,
+                 "simulated": cfg.simulated},
+        "config": asdict(cfg),
+        "calibration": {"dir": str(job.calib_dir), "requested": job.calib_size, "used": calib_stats.loaded,
+                        "skipped": calib_stats.skipped, "seed": job.seed},
+        "quantization": result.summary(),
+        "export": export_info,
+        "artifacts": {"fp32": _file_info(fp32_path), "quantized": _file_info(q_path), "checkpoint": _file_info(ckpt_path)},
+        "environment": _environment(),
+        "notes": [],
+    }
+    if not loaded.accuracy_meaningful:
+        report["notes"].append("random weights (--no-pretrained): accuracy numbers are meaningless; latency and size are real")
+
+    progress("coverage", 0, 1)
+    report["coverage"] = int8_coverage(q_path)
+    progress("coverage", 1, 1)
+
+    if eval_set is not None:
+        sessions = {"fp32": make_session(fp32_path), "quantized": make_session(q_path)}
+        predictors = {"fp32": onnx_predictor(sessions["fp32"]), "quantized": onnx_predictor(sessions["quantized"]),
+                      "torch_simulation": torch_predictor(qmodel)}
+        logits, labels, stats = collect_logits(predictors, eval_set, prep, 64, lambda d, t: progress("evaluate", d, t))
+        acc_f = summarize(logits["fp32"], labels, label_map, loaded.num_classes)
+        acc_q = summarize(logits["quantized"], labels, label_map, loaded.num_classes)
+        report["accuracy"] = {
+            "eval_dir": str(job.eval_dir), "images": stats.loaded, "skipped": stats.skipped,
+            "measured_on": "exported ONNX files in onnxruntime",
+            "fp32": acc_f, "quantized": acc_q,
+            "drop": acc_f["top1"] - acc_q["top1"],
+            **fidelity(logits["fp32"], logits["quantized"]),
+            "export_vs_torch_agreement": fidelity(logits["torch_simulation"], logits["quantized"])["top1_agreement"],
+        }
+
+    progress("latency", 0, 1)
+    lat = compare_latency({"fp32": fp32_path, "quantized": q_path}, (1, *prep.input_size),
+                          threads=job.latency_threads, rounds=job.latency_rounds)
+    lat["speedup"] = lat["fp32"]["median_ms"] / lat["quantized"]["median_ms"]
+    report["latency"] = lat
+    progress("latency", 1, 1)
+    write_json(out / "report.json", report)
+    return report
+
+
+def export(out: Path, model: str | None = None, checkpoint: Path | None = None, pretrained: bool = True,
+           force: bool = False) -> dict:
+    """Export a float model (or a quantized checkpoint, as QDQ) to ONNX with its metadata."""
+    loaded = load(model, checkpoint, pretrained)
+    is_quant = loaded.quant_state is not None
+    name = "model.quantized.onnx" if is_quant else "model.fp32.onnx"
+    out = prepare_output_dir(out, force, [name])
+    path = out / name
+    if is_quant:
+        cfg = loaded.quant_state["config"]
+        info = export_qdq(loaded.model, loaded.preprocessing.input_size, path, _metadata(loaded, "quantized", quantization=cfg))
+    else:
+        info = export_float(loaded.model, loaded.preprocessing.input_size, path, _metadata(loaded, "fp32"))
+    return {"artifact": str(path), "bytes": path.stat().st_size, **info}
+
+
+def check(artifact: Path, eval_dir: Path, max_drop: float, baseline: Path | None = None, model: str | None = None,
+          checkpoint: Path | None = None, pretrained: bool = True, eval_size: int | None = None, seed: int = 0,
+          progress: ProgressFn = _noop) -> dict:
+    """Evaluate an exported artifact against its float baseline; ``passed`` when drop <= max_drop."""
+    if max_drop < 0:
+        raise VitcompressError(f"--max-drop must be >= 0, got {max_drop}")
+    meta = read_metadata(artifact)
+    from .data import Preprocessing
+
+    prep = Preprocessing.from_dict(meta["preprocessing"])
+    num_classes = int(meta.get("num_classes") or 0)
+    predictors = {"artifact": onnx_predictor(make_session(artifact))}
+    if baseline is not None:
+        predictors["baseline"] = onnx_predictor(make_session(baseline))
+        base_desc = str(baseline)
+    elif model is not None or checkpoint is not None:
+        loaded = load(model, checkpoint, pretrained)
+        if tuple(loaded.preprocessing.input_size) != tuple(prep.input_size):
+            raise VitcompressError(f"the baseline model expects {loaded.preprocessing.input_size}, the artifact {prep.input_size}")
+        predictors["baseline"] = torch_predictor(loaded.model)
+        base_desc = loaded.source
+    else:
+        raise VitcompressError("a baseline is required: --baseline FLOAT.onnx, or --model/--checkpoint")
+    eval_set = sample(scan_images(eval_dir, require_labels=True), eval_size, seed)
+    label_map = label_map_to_model(eval_set, prep.class_names, num_classes)
+    logits, labels, stats = collect_logits(predictors, eval_set, prep, 64, lambda d, t: progress("evaluate", d, t))
+    if logits["artifact"].shape != logits["baseline"].shape:
+        raise VitcompressError(f"artifact and baseline disagree on the output shape: {logits['artifact'].shape[1:]} vs {logits['baseline'].shape[1:]}")
+    acc_a = summarize(logits["artifact"], labels, label_map, num_classes)
+    acc_b = summarize(logits["baseline"], labels, label_map, num_classes)
+    drop = acc_b["top1"] - acc_a["top1"]
+    return {
+        "schema": REPORT_SCHEMA, "command": "check", "artifact": str(artifact), "baseline": base_desc,
+        "eval_dir": str(eval_dir), "images": stats.loaded, "skipped": stats.skipped,
+        "artifact_accuracy": acc_a, "baseline_accuracy": acc_b, "drop": drop, "max_drop": max_drop,
+        **fidelity(logits["baseline"], logits["artifact"]),
+        "passed": bool(drop <= max_drop),
+        "artifact_label": (meta.get("quantization") or {}).get("label", meta.get("kind")),
+    }

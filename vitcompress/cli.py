@@ -1,0 +1,211 @@
+"""The `vitcompress` command: parses flags, calls the Python API, prints tables. No computation."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import api
+from .errors import VitcompressError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Post-training compression of vision transformers: quantize, export, check.")
+console = Console(stderr=True)
+out_console = Console()
+
+EXIT_FAIL, EXIT_BAD_INPUT = 1, 2
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+@contextlib.contextmanager
+def _progress():
+    """A rich progress display; yields the (stage, done, total) callback the API expects."""
+    with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False, disable=not console.is_terminal) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def _guard(fn, *args, **kwargs):
+    """Run an API call; bad input becomes one line on stderr and exit code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except VitcompressError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        raise typer.Exit(130)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def print_quantize_report(r: dict) -> None:
+    t = Table(title=f"{r['model']['arch']} · {r['method']} · {r['bits']['label']}", show_header=True)
+    t.add_column("")
+    t.add_column("fp32 (ONNX)", justify="right")
+    t.add_column(f"{r['bits']['label']} (ONNX)", justify="right")
+    acc = r.get("accuracy")
+    if acc:
+        t.add_row("top-1 %", _pct(acc["fp32"]["top1"]), _pct(acc["quantized"]["top1"]))
+        if "top5" in acc["fp32"]:
+            t.add_row("top-5 %", _pct(acc["fp32"]["top5"]), _pct(acc["quantized"]["top5"]))
+        t.add_row("top-1 drop (points; < 0 is a gain)", "", f"{acc['drop']:.2f}")
+        t.add_row("top-1 agreement %", "", _pct(acc["top1_agreement"]))
+        t.add_row("mean KL", "", f"{acc['kl']:.4f}")
+    a = r["artifacts"]
+    t.add_row("size", _mb(a["fp32"]["bytes"]), _mb(a["quantized"]["bytes"]))
+    lat = r["latency"]
+    t.add_row(f"latency ms (ORT, {lat['fp32']['threads']} thread, batch 1, median)",
+              f"{lat['fp32']['median_ms']:.3f}", f"{lat['quantized']['median_ms']:.3f}")
+    t.add_row("speedup", "", f"{lat['speedup']:.2f}x")
+    t.add_row("MACs in integer kernels", "", f"{100 * r['coverage']['integer_mac_share']:.1f}%")
+    out_console.print(t)
+    q = r["quantization"]
+    kept = ", ".join(f"{k} x{v}" for k, v in q["kept_float"].items()) or "nothing"
+    out_console.print(f"kept float: {kept}; {q['functional_ops_float']}")
+    if r["coverage"]["float_islands"]:
+        top = r["coverage"]["float_islands"][:3]
+        out_console.print("largest float islands: " + ", ".join(f"{i['node']} ({i['op']})" for i in top))
+    if acc:
+        out_console.print(f"eval: {acc['images']} images from {acc['eval_dir']} ({acc['skipped']} unreadable skipped); "
+                          f"exported vs torch simulation agreement {acc['export_vs_torch_agreement']:.2f}%")
+    for note in r["notes"]:
+        out_console.print(f"[yellow]note:[/] {note}")
+
+
+@app.command()
+def quantize(
+    out: Path = typer.Option(..., "--out", help="Output folder for artifacts and report.json."),
+    model: Optional[str] = typer.Option(None, "--model", help="timm name or alias (see `vitcompress models`)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="State dict, zoo file or vitcompress checkpoint."),
+    no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random weights (speed/export work only)."),
+    bits: int = typer.Option(8, "--bits", help="Bits for weights and activations."),
+    wbits: Optional[int] = typer.Option(None, "--wbits", help="Weight bits (overrides --bits)."),
+    abits: Optional[int] = typer.Option(None, "--abits", help="Activation bits (overrides --bits)."),
+    method: str = typer.Option("minmax", "--method", help="Quantization method."),
+    observer: str = typer.Option("minmax", "--observer", help="Activation range observer: minmax, percentile, mse."),
+    placement: str = typer.Option("partial", "--placement", help="partial (Linear/Conv) or partial+matmul."),
+    calib: Path = typer.Option(..., "--calib", help="Calibration images: ImageFolder or flat folder."),
+    calib_size: int = typer.Option(256, "--calib-size", help="Images sampled (seeded) for calibration."),
+    eval_dir: Optional[Path] = typer.Option(None, "--eval", help="Labelled ImageFolder for accuracy."),
+    eval_size: Optional[int] = typer.Option(None, "--eval-size", help="Evaluate on a seeded sample of this many images."),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output folder."),
+    json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of the table."),
+):
+    """Calibrate and quantize a model, export fp32 and QDQ ONNX, measure both."""
+    config = _guard(api.QuantConfig, method=method, wbits=wbits or bits, abits=abits or bits,
+                    act_observer=observer, placement=placement)
+    job = api.QuantizeJob(out=out, model=model, checkpoint=checkpoint, pretrained=not no_pretrained, config=config,
+                          calib_dir=calib, calib_size=calib_size, eval_dir=eval_dir, eval_size=eval_size, seed=seed, force=force)
+    with _progress() as progress:
+        report = _guard(api.quantize, job, progress)
+    if json_out:
+        print(json.dumps(report, indent=2))
+    else:
+        print_quantize_report(report)
+        out_console.print(f"artifacts in {out}/: {', '.join(v['path'] for v in report['artifacts'].values())}, report.json")
+
+
+@app.command()
+def export(
+    out: Path = typer.Option(..., "--out"),
+    model: Optional[str] = typer.Option(None, "--model"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint"),
+    no_pretrained: bool = typer.Option(False, "--no-pretrained"),
+    force: bool = typer.Option(False, "--force"),
+):
+    """Export a float model (simplified) or a quantized checkpoint (QDQ) to ONNX with metadata."""
+    info = _guard(api.export, out, model, checkpoint, not no_pretrained, force)
+    out_console.print(f"wrote {info['artifact']} ({_mb(info['bytes'])})")
+
+
+@app.command()
+def check(
+    artifact: Path = typer.Argument(..., help="Exported ONNX file to gate."),
+    eval_dir: Path = typer.Option(..., "--eval", help="Labelled ImageFolder."),
+    max_drop: float = typer.Option(..., "--max-drop", help="Largest allowed top-1 drop, in points."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Float ONNX baseline."),
+    model: Optional[str] = typer.Option(None, "--model"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint"),
+    eval_size: Optional[int] = typer.Option(None, "--eval-size"),
+    seed: int = typer.Option(0, "--seed"),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
+):
+    """CI gate: exit 0 when the artifact's top-1 drop is within --max-drop, 1 when not, 2 on bad input."""
+    with _progress() as progress:
+        r = _guard(api.check, artifact, eval_dir, max_drop, baseline, model, checkpoint, True, eval_size, seed, progress)
+    if json_file is not None:
+        _guard(api.write_json, json_file, r)
+    verdict = "[bold green]PASS[/]" if r["passed"] else "[bold red]FAIL[/]"
+    out_console.print(
+        f"{verdict} {artifact.name}: top-1 {r['artifact_accuracy']['top1']:.2f}% vs baseline "
+        f"{r['baseline_accuracy']['top1']:.2f}% -> drop {r['drop']:.2f} (max {r['max_drop']:.2f}); "
+        f"agreement {r['top1_agreement']:.2f}%, KL {r['kl']:.4f}, {r['images']} images", highlight=False)
+    raise typer.Exit(0 if r["passed"] else EXIT_FAIL)
+
+
+@app.command()
+def models():
+    """List model aliases and the timm architectures they stand for."""
+    from .models import SUPPORTED_FAMILIES, list_models
+
+    t = Table(title="aliases")
+    t.add_column("alias")
+    t.add_column("timm name")
+    for alias, arch in list_models():
+        t.add_row(alias, arch)
+    out_console.print(t)
+    out_console.print("families: " + ", ".join(sorted(set(SUPPORTED_FAMILIES.values()))) + "; any timm name is accepted.")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out"),
+    force: bool = typer.Option(True, "--force/--no-force", help="Overwrite the demo folder (default yes)."),
+):
+    """Quantize the bundled reference model (W8A8 minmax) on the bundled images, offline."""
+    for p in (api.DEMO_CHECKPOINT, api.DEMO_CALIB, api.DEMO_EVAL):
+        if not p.exists():
+            _fail(f"bundled demo file missing: {p} (run from a source checkout)")
+    out_console.print(f"demo: {api.DEMO_CHECKPOINT.name}, calibration {api.DEMO_CALIB}, evaluation {api.DEMO_EVAL}")
+    quantize(out=out, model=None, checkpoint=api.DEMO_CHECKPOINT, no_pretrained=False, bits=8, wbits=None, abits=None,
+             method="minmax", observer="minmax", placement="partial", calib=api.DEMO_CALIB, calib_size=256,
+             eval_dir=api.DEMO_EVAL, eval_size=None, seed=0, force=force, json_out=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit:
+        raise
+    except Exception as e:  # last resort: never show a traceback to the user
+        console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}", highlight=False)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""onnxruntime sessions, side-by-side latency, and int8 coverage of an exported model."""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import shape_inference
+
+from ..errors import VitcompressError
+
+# Kernels that compute in integers on onnxruntime's CPU provider.
+INTEGER_OPS = frozenset({
+    "QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger", "QGemm",
+    "DynamicQuantizeMatMul", "QAttention", "MatMulNBits", "QLinearAdd", "QLinearMul",
+})
+COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
+
+
+def make_session(path: str | Path, threads: int = 0, optimized_path: str | None = None,
+                 level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = level
+    opts.log_severity_level = 3
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VitcompressError(f"onnxruntime cannot load {path}: {msg[:300]}") from None
+
+
+def run_session(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def compare_latency(paths: dict[str, str | Path], input_shape: tuple[int, ...], threads: int = 1,
+                    rounds: int = 30, warmup: int = 5, seed: int = 0) -> dict[str, dict]:
+    """Median latency (ms) of several models, timed alternately in one process.
+
+    Alternating A B B A ... spreads machine noise evenly, so the ratio of medians holds even when
+    absolute times drift (see benchmarking notes).
+    """
+    sessions = {name: make_session(p, threads) for name, p in paths.items()}
+    x = np.random.default_rng(seed).standard_normal(input_shape).astype(np.float32)
+    names = list(sessions)
+    for name in names:
+        for _ in range(warmup):
+            run_session(sessions[name], x)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            t0 = time.perf_counter()
+            run_session(sessions[name], x)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {
+        n: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "rounds": rounds, "threads": threads,
+            "batch": input_shape[0]}
+        for n, t in times.items()
+    }
+
+
+def _static_shapes(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for inp in m.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = batch
+    return shape_inference.infer_shapes(m, data_prop=True)
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    out = {}
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            out[vi.name] = [d.dim_value for d in dims]
+    for init in model.graph.initializer:
+        out[init.name] = list(init.dims)
+    return out
+
+
+def _macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
+    out = shapes.get(node.output[0])
+    if out is None:
+        return 0
+    if node.op_type in ("MatMul", "Gemm"):
+        a = shapes.get(node.input[0])
+        if a is None:
+            return 0
+        transa = any(at.name == "transA" and at.i for at in node.attribute)
+        k = a[-2] if transa else a[-1]
+        return int(np.prod(out)) * k
+    if node.op_type in ("Conv", "ConvTranspose"):
+        w = shapes.get(node.input[1])
+        if w is None:
+            return 0
+        return int(np.prod(out)) * int(np.prod(w[1:]))
+    return 0
+
+
+def int8_coverage(qdq_path: str | Path) -> dict:
+    """Share of MACs that onnxruntime runs in integer kernels, and the float islands.
+
+    Each compute node (MatMul/Gemm/Conv) of the exported graph is identified by the quantized
+    tensors feeding its DequantizeLinear inputs; it counts as integer when a node of an integer
+    kernel type in onnxruntime's optimized graph consumes those same quantized tensors.
+    """
+    model = onnx.load(str(qdq_path))
+    shapes = _shapes(_static_shapes(model))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    compute = []
+    for n in model.graph.node:
+        if n.op_type not in COMPUTE_OPS:
+            continue
+        qinputs = set()
+        for i in n.input[:2]:
+            p = producer.get(i)
+            if p is not None and p.op_type == "DequantizeLinear":
+                qinputs.add(p.input[0])
+        compute.append((n, _macs(n, shapes), frozenset(qinputs)))
+    with tempfile.TemporaryDirectory() as d:
+        opt_path = os.path.join(d, "optimized.onnx")
+        make_session(qdq_path, 1, opt_path, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        optimized = onnx.load(opt_path)
+    integer_inputs = [set(n.input) for n in optimized.graph.node if n.op_type in INTEGER_OPS]
+    total = sum(m for _, m, _ in compute) or 1
+    int_macs, islands = 0, []
+    for n, macs, q in compute:
+        in_int = bool(q) and any(q <= s for s in integer_inputs)
+        if in_int:
+            int_macs += macs
+        else:
+            islands.append({"node": n.name or n.output[0], "op": n.op_type, "macs": macs, "quantized_inputs": len(q)})
+    islands.sort(key=lambda r: -r["macs"])
+    op_counts: dict[str, int] = {}
+    for n in optimized.graph.node:
+        if n.op_type in INTEGER_OPS:
+            op_counts[n.op_type] = op_counts.get(n.op_type, 0) + 1
+    return {
+        "integer_mac_share": int_macs / total,
+        "total_macs": total,
+        "integer_macs": int_macs,
+        "integer_kernels": op_counts,
+        "float_islands": islands,
+    }
