@@ -1,0 +1,130 @@
+"""The command line as a user meets it: real runs, exit codes, one-line errors."""
+import json
+import shutil
+
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from vitcompress.cli import app
+from tests.conftest import BUNDLED_CKPT, CALIB, VAL
+
+runner = CliRunner()
+
+
+def _run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_quantize_writes_artifacts_and_a_measured_report(quantize_run):
+    out, report = quantize_run
+    for name in ("model.fp32.onnx", "model.int8.onnx", "model.int8.pth", "report.json"):
+        assert (out / name).is_file()
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["schema"] == "vitcompress-report/1"
+    acc = saved["accuracy"]
+    assert acc["images"] == 300
+    assert abs(acc["drop"]) <= 1.5 and acc["top1_agreement"] >= 95
+    assert acc["export_vs_torch_agreement"] >= 99
+    assert saved["artifacts"]["quantized"]["bytes"] < saved["artifacts"]["fp32"]["bytes"] / 2
+    assert saved["latency"]["fp32"]["median_ms"] > 0 and saved["latency"]["quantized"]["median_ms"] > 0
+    assert saved["coverage"]["integer_mac_share"] > 0.5
+
+
+def test_check_gate_passes_and_fails(quantize_run, tmp_path):
+    out, _ = quantize_run
+    art, base = out / "model.int8.onnx", out / "model.fp32.onnx"
+    code, text = _run("check", art, "--baseline", base, "--eval", VAL, "--eval-size", 200, "--max-drop", 5.0,
+                      "--json", tmp_path / "r.json")
+    assert code == 0, text
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is True
+    # a damaged artifact must fail the gate: break the float model's classifier bias
+    m = onnx.load(str(base))
+    for init in m.graph.initializer:
+        if init.name == "head.bias":
+            from onnx import numpy_helper
+            import numpy as np
+
+            b = numpy_helper.to_array(init).copy()
+            b[0] += 100.0  # every image becomes "airplane"
+            init.CopyFrom(numpy_helper.from_array(b, init.name))
+    onnx.save(m, str(tmp_path / "broken.onnx"))
+    code, text = _run("check", tmp_path / "broken.onnx", "--baseline", base, "--eval", VAL, "--eval-size", 200, "--max-drop", 1.0)
+    assert code == 1, text
+    assert "FAIL" in text
+
+
+def test_check_against_torch_model_baseline(quantize_run):
+    out, _ = quantize_run
+    code, text = _run("check", out / "model.int8.onnx", "--checkpoint", BUNDLED_CKPT, "--eval", VAL, "--eval-size", 100,
+                      "--max-drop", 5)
+    assert code == 0, text
+
+
+def test_quantized_checkpoint_reloads_and_exports(quantize_run, tmp_path):
+    out, _ = quantize_run
+    code, text = _run("export", "--checkpoint", out / "model.int8.pth", "--out", tmp_path / "e")
+    assert code == 0, text
+    exported = onnx.load(str(tmp_path / "e" / "model.quantized.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in exported.graph.node)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no_such_vit"], "unknown model"),
+    (["--checkpoint", "/nonexistent.pth"], "not found"),
+    (["--checkpoint", BUNDLED_CKPT, "--bits", "9"], "between 2 and 8"),
+    (["--checkpoint", BUNDLED_CKPT, "--method", "magic"], "unknown method"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    code, text = _run("quantize", *args, "--calib", CALIB, "--calib-size", 8, "--out", tmp_path / "o")
+    assert code == 2, text
+    assert message in text
+    assert "Traceback" not in text
+
+
+def test_empty_and_corrupt_folders(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, text = _run("quantize", "--checkpoint", BUNDLED_CKPT, "--calib", empty, "--out", tmp_path / "o")
+    assert code == 2 and "no images" in text
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.jpg").write_bytes(b"nope")
+    code, text = _run("quantize", "--checkpoint", BUNDLED_CKPT, "--calib", junk, "--out", tmp_path / "o2")
+    assert code == 2 and "could be read" in text
+    assert not (tmp_path / "o2" / "model.int8.onnx").exists()
+
+
+def test_existing_output_needs_force(quantize_run, tmp_path):
+    out, _ = quantize_run
+    target = tmp_path / "copy"
+    shutil.copytree(out, target)
+    before = (target / "report.json").read_bytes()
+    code, text = _run("quantize", "--checkpoint", BUNDLED_CKPT, "--calib", CALIB, "--calib-size", 8, "--out", target)
+    assert code == 2 and "--force" in text
+    assert (target / "report.json").read_bytes() == before
+
+
+def test_check_rejects_foreign_onnx(tmp_path):
+    from onnx import helper, TensorProto
+
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(g), str(tmp_path / "foreign.onnx"))
+    code, text = _run("check", tmp_path / "foreign.onnx", "--baseline", tmp_path / "foreign.onnx", "--eval", VAL, "--max-drop", 1)
+    assert code == 2 and "metadata" in text
+
+
+def test_models_lists_aliases():
+    code, text = _run("models")
+    assert code == 0 and "mobilevitv2_100" in text
+
+
+def test_same_seed_same_artifact(tmp_path):
+    args = ["quantize", "--checkpoint", BUNDLED_CKPT, "--calib", CALIB, "--calib-size", 32]
+    for d in ("a", "b"):
+        code, text = _run(*args, "--out", tmp_path / d)
+        assert code == 0, text
+    assert (tmp_path / "a" / "model.int8.onnx").read_bytes() == (tmp_path / "b" / "model.int8.onnx").read_bytes()

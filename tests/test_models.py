@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from vitcompress.errors import VitcompressError
+from vitcompress.models import MODEL_ALIASES, load_model, resolve_arch
+from tests.conftest import BUNDLED_CKPT
+
+
+def test_aliases_resolve_to_timm_names():
+    for alias, arch in MODEL_ALIASES.items():
+        assert resolve_arch(alias) == arch
+
+
+def test_unknown_model_is_clear():
+    with pytest.raises(VitcompressError, match="unknown model"):
+        resolve_arch("no_such_vit")
+
+
+def test_zoo_checkpoint_carries_preprocessing(loaded):
+    assert loaded.arch == "deit_tiny_patch16_224"
+    assert loaded.preprocessing.input_size == (3, 32, 32)
+    assert loaded.preprocessing.class_names[0] == "airplane"
+
+
+def test_plain_state_dict_and_safetensors_load_with_model(tmp_path):
+    from safetensors.torch import save_file
+
+    import timm
+
+    m = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=7, img_size=32, patch_size=4)
+    # a plain state dict needs the architecture: a mismatching size is reported, not crashed on
+    torch.save(m.state_dict(), tmp_path / "sd.pth")
+    with pytest.raises(VitcompressError, match="does not match"):
+        load_model("deit-tiny", tmp_path / "sd.pth")
+    m2 = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=7)
+    save_file(m2.state_dict(), str(tmp_path / "sd.safetensors"))
+    lm = load_model("deit-tiny", tmp_path / "sd.safetensors")
+    assert lm.num_classes == 7  # read off the classifier's weight
+
+
+def test_untrusted_pickle_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(VitcompressError, match="cannot read checkpoint"):
+        load_model("deit-tiny", tmp_path / "evil.pth")
+
+
+def test_garbage_and_missing_checkpoints(tmp_path):
+    (tmp_path / "bad.pth").write_bytes(b"\x00garbage")
+    with pytest.raises(VitcompressError, match="cannot read checkpoint"):
+        load_model(checkpoint=tmp_path / "bad.pth")
+    with pytest.raises(VitcompressError, match="not found"):
+        load_model(checkpoint=tmp_path / "missing.pth")
+
+
+def test_wrong_model_for_zoo_checkpoint():
+    with pytest.raises(VitcompressError, match="holds a"):
+        load_model("mobilevitv2", BUNDLED_CKPT)
+
+
+def test_no_pretrained_builds_random_weights():
+    lm = load_model("deit-tiny", pretrained=False)
+    assert lm.weights == "random" and not lm.accuracy_meaningful
+    assert lm.preprocessing.input_size == (3, 224, 224)
