@@ -1,0 +1,161 @@
+"""Side-by-side W8A8 benchmark: vitcompress minmax vs onnxruntime quantize_static vs NNCF (ONNX).
+
+Every tool gets the same calibration tensor (seeded sample of the train split) and every
+artifact is evaluated in one pass over the same validation images, in onnxruntime; latencies are
+timed alternately in one process (benchmarks notes: ratios of medians, 1 thread, batch 1).
+
+    python benchmarks/bench_peers.py --out benchmarks/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from vitcompress import QuantConfig, QuantizeJob, load, quantize  # noqa: E402
+from vitcompress.data import load_tensor, label_map_to_model, sample, scan_images  # noqa: E402
+from vitcompress.evaluate import collect_logits, fidelity, onnx_predictor, summarize  # noqa: E402
+from vitcompress.export import compare_latency, int8_coverage, make_session  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+ZOO_MODELS = ["cifar10_vit_tiny", "cifar10_mobilevit_xxs", "cifar10_mobilevitv2_050"]
+SPEED_MODELS = ["deit_tiny_patch16_224", "mobilevitv2_050", "efficientformerv2_s0"]
+
+
+def ort_quantize_static(fp32: Path, out: Path, calib: torch.Tensor) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": x[None].numpy()} for x in calib])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ)
+    return out
+
+
+def nncf_quantize(fp32: Path, out: Path, calib: torch.Tensor) -> Path:
+    import nncf
+
+    model = onnx.load(str(fp32))
+    dataset = nncf.Dataset([{"input": x[None].numpy()} for x in calib])
+    q = nncf.quantize(model, dataset, subset_size=len(calib))
+    onnx.save(q, str(out))
+    return out
+
+
+def run_model(tag: str, workdir: Path, calib_dir: Path, calib_size: int, eval_dir: Path | None,
+              model: str | None = None, checkpoint: Path | None = None, rounds: int = 30) -> dict:
+    t0 = time.perf_counter()
+    job = QuantizeJob(out=workdir / tag, model=model, checkpoint=checkpoint, pretrained=checkpoint is not None,
+                      config=QuantConfig(), calib_dir=calib_dir, calib_size=calib_size, latency_rounds=3, force=True)
+    report = quantize(job)
+    t_vc = time.perf_counter() - t0
+    loaded = load(model, checkpoint, pretrained=checkpoint is not None)
+    calib = load_tensor(sample(scan_images(calib_dir), calib_size, 0), loaded.preprocessing)
+    out = workdir / tag
+    files = {"fp32": out / "model.fp32.onnx", "vitcompress": out / "model.int8.onnx"}
+    walls = {"vitcompress": t_vc}
+    for name, fn in (("onnxruntime", ort_quantize_static), ("nncf", nncf_quantize)):
+        t0 = time.perf_counter()
+        files[name] = fn(files["fp32"], out / f"model.{name}.onnx", calib)
+        walls[name] = time.perf_counter() - t0
+    row: dict = {"tag": tag, "arch": loaded.arch, "walls": walls, "sizes": {k: p.stat().st_size for k, p in files.items()}}
+    row["coverage"] = {k: int8_coverage(p)["integer_mac_share"] for k, p in files.items() if k != "fp32"}
+    row["latency"] = compare_latency(files, (1, *loaded.preprocessing.input_size), threads=1, rounds=rounds)
+    if eval_dir is not None:
+        eval_set = scan_images(eval_dir, require_labels=True)
+        label_map = label_map_to_model(eval_set, loaded.preprocessing.class_names, loaded.num_classes)
+        preds = {k: onnx_predictor(make_session(p)) for k, p in files.items()}
+        logits, labels, _ = collect_logits(preds, eval_set, loaded.preprocessing, 100)
+        row["accuracy"] = {k: summarize(v, labels, label_map, loaded.num_classes)["top1"] for k, v in logits.items()}
+        row["agreement"] = {k: fidelity(logits["fp32"], v)["top1_agreement"] for k, v in logits.items() if k != "fp32"}
+        row["images"] = int(len(labels))
+    del report
+    return row
+
+
+def _fmt_table(rows: list[dict], with_accuracy: bool) -> list[str]:
+    tools = ["vitcompress", "onnxruntime", "nncf"]
+    head = "| model | tool | "
+    head += "top-1 % | drop | agreement % | " if with_accuracy else ""
+    head += "fp32/int8 latency | int8 MAC share | size MB | quantize wall s |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if with_accuracy:
+            lines.append(f"| {r['tag']} | fp32 | {r['accuracy']['fp32']:.2f} | – | – | 1.00× | – | "
+                         f"{r['sizes']['fp32'] / 1e6:.2f} | – |")
+        for t in tools:
+            ratio = r["latency"]["fp32"]["median_ms"] / r["latency"][t]["median_ms"]
+            cells = f"| {r['tag']} | {t} | "
+            if with_accuracy:
+                drop = r["accuracy"]["fp32"] - r["accuracy"][t]
+                cells += f"{r['accuracy'][t]:.2f} | {drop:.2f} | {r['agreement'][t]:.2f} | "
+            cells += (f"{ratio:.2f}× | {100 * r['coverage'][t]:.0f}% | {r['sizes'][t] / 1e6:.2f} | {r['walls'][t]:.1f} |")
+            lines.append(cells)
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    ap.add_argument("--shared", type=Path, default=SHARED)
+    ap.add_argument("--calib-size", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--skip-speed", action="store_true", help="skip the 224-px random-weight models")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    zoo, data = args.shared / "zoo", args.shared / "data" / "cifar10"
+    if not zoo.is_dir():
+        sys.exit(f"error: {zoo} not found (the benchmark needs the shared reference models and images)")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        acc_rows = [run_model(z, work, data / "train", args.calib_size, data / "val", checkpoint=zoo / f"{z}.pth",
+                              rounds=args.rounds) for z in ZOO_MODELS]
+        speed_rows = [] if args.skip_speed else [
+            run_model(m, work, data / "train", 32, None, model=m, rounds=args.rounds) for m in SPEED_MODELS]
+    import nncf
+    import onnxruntime
+    import timm
+
+    flags = subprocess.run(["bash", "-c", "lscpu | grep -o -w -E 'avx2|avx512f|avx512_vnni|avx_vnni|amx_int8' | sort -u | tr '\\n' ' '"],
+                           capture_output=True, text=True).stdout.strip()
+    lines = [
+        "# Benchmarks", "",
+        "## W8A8 side by side: vitcompress minmax vs onnxruntime quantize_static vs NNCF", "",
+        f"Command: `python benchmarks/bench_peers.py --out benchmarks/RESULTS.md` (via `make bench`) — "
+        f"{dt.date.today().isoformat()}", "",
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, nncf {nncf.__version__}, timm {timm.__version__}, "
+        f"python {platform.python_version()}; CPU flags: {flags}", "",
+        f"Calibration: {args.calib_size} images sampled (seed 0) from `shared/data/cifar10/train`, the same tensor for every tool. "
+        "Accuracy: all of `shared/data/cifar10/val`, each exported ONNX file run in onnxruntime. "
+        "Latency: onnxruntime CPU, 1 intra-op thread, batch 1, median of "
+        f"{args.rounds} alternated runs after 5 warm-ups; ratio = fp32 median / int8 median (> 1 is faster). "
+        "int8 MAC share: MACs of MatMul/Gemm/Conv that onnxruntime's optimized graph runs in integer kernels. "
+        "Peers use their defaults (onnxruntime: QDQ, per-tensor S8S8 MinMax; NNCF: default preset, ONNX backend). "
+        "vitcompress: per-channel symmetric int8 weights, per-tensor asymmetric uint8 inputs of Linear/Conv, everything else float.", "",
+        "### Reference models (CIFAR-10, 32 px): accuracy and speed", "",
+        *_fmt_table(acc_rows, True), "",
+    ]
+    if speed_rows:
+        lines += ["### timm models at native size, random weights: speed only", "", *_fmt_table(speed_rows, False), ""]
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
