@@ -44,3 +44,14 @@ def test_subbyte_weights_use_the_clipped_grid(loaded, calib_batches, tmp_path):
 def test_metadata_roundtrip(loaded, calib_batches, tmp_path):
     _export(loaded, calib_batches, QuantConfig(), tmp_path / "q.onnx")
     assert read_metadata(tmp_path / "q.onnx") == {"k": "v"}
+
+
+def test_coverage_reports_skipped_layers_as_float_islands(loaded, calib_batches, tmp_path):
+    from vitcompress.export import int8_coverage
+
+    _export(loaded, calib_batches, QuantConfig(skip=("head", "blocks.5.mlp.fc2")), tmp_path / "q.onnx")
+    cov = int8_coverage(tmp_path / "q.onnx")
+    islands = {i["node"] for i in cov["float_islands"]}
+    assert any("head" in n for n in islands) and any("blocks.5/mlp/fc2" in n for n in islands)
+    assert not any("blocks.0/mlp/fc1" in n for n in islands)  # quantized Linear runs in an integer kernel
+    assert 0.5 < cov["integer_mac_share"] < 1.0

@@ -115,10 +115,19 @@ def quantize(
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output folder."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of the table."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe; its quantize step replaces the bit/method flags."),
 ):
     """Calibrate and quantize a model, export fp32 and QDQ ONNX, measure both."""
-    config = _guard(api.QuantConfig, method=method, wbits=wbits or bits, abits=abits or bits,
-                    act_observer=observer, placement=placement)
+    if recipe is not None:
+        from .recipe import load_recipe
+
+        steps = _guard(load_recipe, recipe)
+        if len(steps) != 1 or not isinstance(steps[0], api.QuantConfig):
+            _fail(f"recipe {recipe}: `quantize` runs exactly one quantize step")
+        config = steps[0]
+    else:
+        config = _guard(api.QuantConfig, method=method, wbits=wbits or bits, abits=abits or bits,
+                        act_observer=observer, placement=placement)
     job = api.QuantizeJob(out=out, model=model, checkpoint=checkpoint, pretrained=not no_pretrained, config=config,
                           calib_dir=calib, calib_size=calib_size, eval_dir=eval_dir, eval_size=eval_size, seed=seed, force=force)
     with _progress() as progress:
@@ -194,7 +203,7 @@ def demo(
     out_console.print(f"demo: {api.DEMO_CHECKPOINT.name}, calibration {api.DEMO_CALIB}, evaluation {api.DEMO_EVAL}")
     quantize(out=out, model=None, checkpoint=api.DEMO_CHECKPOINT, no_pretrained=False, bits=8, wbits=None, abits=None,
              method="minmax", observer="minmax", placement="partial", calib=api.DEMO_CALIB, calib_size=256,
-             eval_dir=api.DEMO_EVAL, eval_size=None, seed=0, force=force, json_out=False)
+             eval_dir=api.DEMO_EVAL, eval_size=None, seed=0, force=force, json_out=False, recipe=None)
 
 
 def main() -> None:

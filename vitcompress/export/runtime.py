@@ -119,7 +119,8 @@ def int8_coverage(qdq_path: str | Path) -> dict:
 
     Each compute node (MatMul/Gemm/Conv) of the exported graph is identified by the quantized
     tensors feeding its DequantizeLinear inputs; it counts as integer when a node of an integer
-    kernel type in onnxruntime's optimized graph consumes those same quantized tensors.
+    kernel type in onnxruntime's optimized graph consumes one of those quantized tensors (each
+    integer kernel is matched to one compute node at most).
     """
     model = onnx.load(str(qdq_path))
     compute_nodes = [n for n in model.graph.node if n.op_type in COMPUTE_OPS]
@@ -140,11 +141,19 @@ def int8_coverage(qdq_path: str | Path) -> dict:
         make_session(qdq_path, 1, opt_path, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         optimized = onnx.load(opt_path)
     integer_inputs = [set(n.input) for n in optimized.graph.node if n.op_type in INTEGER_OPS]
+    claimed = [False] * len(integer_inputs)
     total = sum(m for _, m, _ in compute) or 1
     int_macs, islands = 0, []
     for n, macs, q in compute:
-        in_int = bool(q) and any(q <= s for s in integer_inputs)
-        if in_int:
+        # onnxruntime may rename a fused kernel's weight (e.g. a transposed copy), so one shared
+        # quantized input is enough; each integer kernel is claimed by one compute node only.
+        best, best_overlap = None, 0
+        for k, inputs in enumerate(integer_inputs):
+            overlap = len(q & inputs)
+            if not claimed[k] and overlap > best_overlap:
+                best, best_overlap = k, overlap
+        if best is not None:
+            claimed[best] = True
             int_macs += macs
         else:
             islands.append({"node": n.name or n.output[0], "op": n.op_type, "macs": macs, "quantized_inputs": len(q)})
