@@ -135,7 +135,6 @@ def main() -> None:
     flags = subprocess.run(["bash", "-c", "lscpu | grep -o -w -E 'avx2|avx512f|avx512_vnni|avx_vnni|amx_int8' | sort -u | tr '\\n' ' '"],
                            capture_output=True, text=True).stdout.strip()
     lines = [
-        "# Benchmarks", "",
         "## W8A8 side by side: vitcompress minmax vs onnxruntime quantize_static vs NNCF", "",
         f"Command: `python benchmarks/bench_peers.py --out benchmarks/RESULTS.md` (via `make bench`) — "
         f"{dt.date.today().isoformat()}", "",
@@ -153,8 +152,24 @@ def main() -> None:
     ]
     if speed_rows:
         lines += ["### timm models at native size, random weights: speed only", "", *_fmt_table(speed_rows, False), ""]
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = "\n".join(lines) + "\n"
+    write_section(args.out, text)
+    print(text)
+
+
+START, END = "<!-- bench_peers:start -->", "<!-- bench_peers:end -->"
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace this script's section of RESULTS.md, keeping whatever else the file holds."""
+    block = f"{START}\n{text}{END}\n"
+    old = path.read_text() if path.exists() else ""
+    if START in old and END in old:
+        head, rest = old.split(START, 1)
+        new = head + block + rest.split(END, 1)[1].lstrip("\n")
+    else:
+        new = block + ("\n" + old if old else "")
+    path.write_text(new)
 
 
 if __name__ == "__main__":
