@@ -65,3 +65,8 @@ def test_no_pretrained_builds_random_weights():
     lm = load_model("deit-tiny", pretrained=False)
     assert lm.weights == "random" and not lm.accuracy_meaningful
     assert lm.preprocessing.input_size == (3, 224, 224)
+
+
+def test_uncached_pretrained_weights_fail_fast_with_a_way_out():
+    with pytest.raises(VitcompressError, match="--checkpoint PATH"):
+        load_model("deit-tiny", pretrained=True)

@@ -6,6 +6,8 @@ safetensors, never unpickled.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,15 +197,37 @@ def load_model(
         model = _create(arch, None, {}).eval()
         return LoadedModel(model, arch, _preprocessing_from_timm(model), _num_classes(model), source=f"timm:{arch}", weights="random")
     try:
-        model = _create(arch, None, {}, pretrained=True).eval()
+        with _hub_offline():
+            model = _create(arch, None, {}, pretrained=True).eval()
     except VitcompressError:
         raise
     except Exception:
         raise VitcompressError(
-            f"pretrained weights for {arch} are not available offline; pass --checkpoint PATH "
-            "(a state dict or a vitcompress-zoo file), or --no-pretrained for random weights"
+            f"pretrained weights for {arch} are not in the local cache; pass --checkpoint PATH "
+            "(a state dict or a vitcompress-zoo file), or --no-pretrained for random weights "
+            "(VITCOMPRESS_ALLOW_DOWNLOAD=1 allows a download where a model hub is reachable)"
         ) from None
     return LoadedModel(model, arch, _preprocessing_from_timm(model), _num_classes(model), source=f"timm:{arch}", weights="pretrained")
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Use only locally cached hub weights, so a missing file fails at once instead of retrying
+    the network; VITCOMPRESS_ALLOW_DOWNLOAD=1 lets a machine with network fetch them."""
+    if os.environ.get("VITCOMPRESS_ALLOW_DOWNLOAD") == "1":
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 def _num_classes(model: nn.Module) -> int:
