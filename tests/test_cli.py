@@ -44,7 +44,6 @@ def test_check_gate_passes_and_fails(quantize_run, tmp_path):
     for init in m.graph.initializer:
         if init.name == "head.bias":
             from onnx import numpy_helper
-            import numpy as np
 
             b = numpy_helper.to_array(init).copy()
             b[0] += 100.0  # every image becomes "airplane"

@@ -8,12 +8,10 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import platform
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from . import __version__

@@ -74,7 +74,7 @@ class TensorQuantizer(nn.Module):
         return fake_quantize(x, self.scale, self.zero_point, self.spec)
 
     def _export_qdq(self, x: torch.Tensor) -> torch.Tensor:
-        s, spec = self.spec, self.spec
+        spec = self.spec
         lo8, hi8 = (-128, 127) if spec.signed else (0, 255)
         if spec.per_channel:
             # Weights were snapped onto their (possibly clipped) b-bit grid by ``snapped_weights``,

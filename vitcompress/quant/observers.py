@@ -70,7 +70,7 @@ class MinMaxObserver(Observer):
 class _SampleObserver(Observer):
     """Keeps a bounded, deterministic subsample of values (per channel when per_channel)."""
 
-    max_samples = 1 << 18
+    per_batch = 1 << 15  # values kept per row and batch
 
     def __init__(self, spec: QuantSpec):
         super().__init__(spec)
@@ -82,7 +82,8 @@ class _SampleObserver(Observer):
             x = x.movedim(self.spec.axis, 0).reshape(x.shape[self.spec.axis], -1)
         else:
             x = x.reshape(1, -1)
-        stride = max(1, x.shape[1] * len(self.chunks) // self.max_samples + 1)
+        # A fixed per-batch budget keeps memory bounded whatever the calibration size.
+        stride = max(1, -(-x.shape[1] // self.per_batch))
         self.chunks.append(x[:, ::stride])
 
     def samples(self) -> torch.Tensor:
