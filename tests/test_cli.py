@@ -127,3 +127,26 @@ def test_same_seed_same_artifact(tmp_path):
         code, text = _run(*args, "--out", tmp_path / d)
         assert code == 0, text
     assert (tmp_path / "a" / "model.int8.onnx").read_bytes() == (tmp_path / "b" / "model.int8.onnx").read_bytes()
+
+
+def test_hybrid_quantized_checkpoint_roundtrip(tmp_path):
+    """A conv+BatchNorm model: quantize (BN folded), reload the checkpoint, re-export, same outputs."""
+    import timm
+    import torch
+
+    from vitcompress.models import ZOO_FORMAT
+
+    m = timm.create_model("mobilevit_xxs", pretrained=False, num_classes=10)
+    torch.save({"format": ZOO_FORMAT, "arch": "mobilevit_xxs", "kwargs": {}, "num_classes": 10,
+                "classes": sorted(p.name for p in VAL.iterdir()), "input_size": [3, 64, 64],
+                "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "state_dict": m.state_dict()}, tmp_path / "z.pth")
+    code, text = _run("quantize", "--checkpoint", tmp_path / "z.pth", "--calib", CALIB, "--calib-size", 16, "--out", tmp_path / "q")
+    assert code == 0, text
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert report["quantization"]["folded_batchnorms"] > 0
+    code, text = _run("export", "--checkpoint", tmp_path / "q" / "model.int8.pth", "--out", tmp_path / "e")
+    assert code == 0, text
+    code, text = _run("check", tmp_path / "e" / "model.quantized.onnx", "--baseline", tmp_path / "q" / "model.int8.onnx",
+                      "--eval", VAL, "--eval-size", 50, "--max-drop", 0, "--json", tmp_path / "c.json")
+    assert code == 0, text
+    assert json.loads((tmp_path / "c.json").read_text())["top1_agreement"] == 100.0

@@ -55,3 +55,29 @@ def test_coverage_reports_skipped_layers_as_float_islands(loaded, calib_batches,
     assert any("head" in n for n in islands) and any("blocks.5/mlp/fc2" in n for n in islands)
     assert not any("blocks.0/mlp/fc1" in n for n in islands)  # quantized Linear runs in an integer kernel
     assert 0.5 < cov["integer_mac_share"] < 1.0
+
+
+def test_batchnorm_folding_keeps_function_and_reloads(tmp_path):
+    """Hybrid model (convs + BatchNorm): folding is exact, and a quantized checkpoint reloads."""
+    import timm
+
+    from vitcompress.quant.fold import fold_batchnorm
+
+    m = timm.create_model("mobilevit_xxs", pretrained=False, num_classes=10).eval()
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 64, 64)
+    ref = m(x)
+    pairs = fold_batchnorm(m, x)
+    assert len(pairs) == sum(isinstance(b, torch.nn.BatchNorm2d) for b in m.modules())
+    assert torch.allclose(m(x), ref, atol=1e-4)
+    assert all("BatchNormalization" != n.op_type for n in _onnx_nodes(m, x, tmp_path))
+
+
+def _onnx_nodes(model, x, tmp_path):
+    from vitcompress.export import export_float
+
+    export_float(model, tuple(x.shape[1:]), tmp_path / "f.onnx", {}, simplify=False)
+    return onnx.load(str(tmp_path / "f.onnx")).graph.node

@@ -22,6 +22,7 @@ from .export import compare_latency, export_float, export_qdq, int8_coverage, ma
 from .fileio import atomic_path, prepare_output_dir, write_json  # noqa: F401 (write_json re-exported for the CLI)
 from .models import LoadedModel, checkpoint_dict, family_of, load_model
 from .quant import QuantConfig, float_state_dict, quant_state, quantize_, restore_quantized
+from .quant.fold import prepare_folded_layout
 
 REPORT_SCHEMA = "vitcompress-report/1"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -58,11 +59,18 @@ class QuantizeJob:
 
 def load(model: str | None = None, checkpoint: str | Path | None = None, pretrained: bool = True) -> LoadedModel:
     """load_model, plus re-applying the quantizers of a checkpoint written by `quantize`."""
-    loaded = load_model(model, checkpoint, pretrained)
+    loaded = load_model(model, checkpoint, pretrained, before_load=_layout_for_checkpoint)
     if loaded.quant_state is not None:
-        cfg = QuantConfig(**loaded.quant_state["config"])
-        restore_quantized(loaded.model, cfg, loaded.quant_state["quantizers"], family_of(loaded.arch))
+        state = loaded.quant_state
+        cfg = QuantConfig(**{**state["config"], "skip": tuple(state["config"].get("skip", ()))})
+        restore_quantized(loaded.model, cfg, state["quantizers"], family_of(loaded.arch))
     return loaded
+
+
+def _layout_for_checkpoint(model: torch.nn.Module, checkpoint: dict) -> None:
+    """A quantized checkpoint holds BatchNorm-folded weights: shape the fresh model to match."""
+    pairs = (checkpoint.get("quant_state") or {}).get("folded_pairs") or []
+    prepare_folded_layout(model, [tuple(p) for p in pairs])
 
 
 def _metadata(loaded: LoadedModel, kind: str, **extra) -> dict:
@@ -125,7 +133,8 @@ def quantize(job: QuantizeJob, progress: ProgressFn = _noop) -> dict:
     progress("export", 2, 2)
     ckpt_path = out / f"model.{cfg.label}.pth"
     ckpt = checkpoint_dict(loaded, float_state_dict(qmodel),
-                           quant_state={"config": asdict(cfg), "quantizers": quant_state(qmodel)},
+                           quant_state={"config": asdict(cfg), "quantizers": quant_state(qmodel),
+                                        "folded_pairs": [list(p) for p in result.folded_pairs]},
                            provenance={"source": loaded.source, **common})
     with atomic_path(ckpt_path) as tmp:
         torch.save(ckpt, tmp)

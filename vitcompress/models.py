@@ -10,7 +10,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -168,6 +168,7 @@ def load_model(
     name: str | None = None,
     checkpoint: str | Path | None = None,
     pretrained: bool = True,
+    before_load: Callable[[nn.Module, dict], None] | None = None,
 ) -> LoadedModel:
     """Build a model from a timm name/alias and/or a checkpoint.
 
@@ -175,12 +176,14 @@ def load_model(
     - plain state dict (.pth/.pt/.safetensors): needs ``name``; the class count is read off the head.
     - name alone: timm pretrained weights if they are already cached locally, else a clear error;
       ``pretrained=False`` builds random weights (accuracy is then meaningless).
+    ``before_load(model, checkpoint_dict)`` may reshape a fresh zoo-format model before its
+    weights are loaded (compressed checkpoints use it).
     """
     if checkpoint is not None:
         path = Path(checkpoint)
         obj = _read_checkpoint(path)
         if isinstance(obj, dict) and obj.get("format") == ZOO_FORMAT:
-            return _from_zoo(obj, path, name)
+            return _from_zoo(obj, path, name, before_load)
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
         if name is None:
@@ -234,7 +237,8 @@ def _num_classes(model: nn.Module) -> int:
     return int(getattr(model, "num_classes", 0) or 0)
 
 
-def _from_zoo(obj: dict, path: Path, name: str | None) -> LoadedModel:
+def _from_zoo(obj: dict, path: Path, name: str | None,
+              before_load: Callable[[nn.Module, dict], None] | None = None) -> LoadedModel:
     try:
         arch = str(obj["arch"])
         kwargs = dict(obj.get("kwargs") or {})
@@ -245,6 +249,8 @@ def _from_zoo(obj: dict, path: Path, name: str | None) -> LoadedModel:
     if name is not None and resolve_arch(name) != arch:
         raise VitcompressError(f"{path} holds a {arch}, not a {resolve_arch(name)}")
     model = _create(resolve_arch(arch), num_classes, kwargs)
+    if before_load is not None:
+        before_load(model, obj)
     _load_state(model, state, path)
     model.eval()
     classes = obj.get("classes")

@@ -119,8 +119,9 @@ def int8_coverage(qdq_path: str | Path) -> dict:
 
     Each compute node (MatMul/Gemm/Conv) of the exported graph is identified by the quantized
     tensors feeding its DequantizeLinear inputs; it counts as integer when a node of an integer
-    kernel type in onnxruntime's optimized graph consumes one of those quantized tensors (each
-    integer kernel is matched to one compute node at most).
+    kernel type in onnxruntime's optimized graph carries its name (onnxruntime names fused kernels
+    after the node they replace) or consumes one of those quantized tensors; each integer kernel
+    is matched to one compute node at most.
     """
     model = onnx.load(str(qdq_path))
     compute_nodes = [n for n in model.graph.node if n.op_type in COMPUTE_OPS]
@@ -140,15 +141,20 @@ def int8_coverage(qdq_path: str | Path) -> dict:
         opt_path = os.path.join(d, "optimized.onnx")
         make_session(qdq_path, 1, opt_path, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         optimized = onnx.load(opt_path)
-    integer_inputs = [set(n.input) for n in optimized.graph.node if n.op_type in INTEGER_OPS]
-    claimed = [False] * len(integer_inputs)
+    integer_nodes = [n for n in optimized.graph.node if n.op_type in INTEGER_OPS]
+    integer_inputs = [set(n.input) for n in integer_nodes]
+    claimed = [False] * len(integer_nodes)
+    by_name = {n.name: k for k, n in enumerate(integer_nodes) if n.name}
     total = sum(m for _, m, _ in compute) or 1
     int_macs, islands = 0, []
     for n, macs, q in compute:
-        # onnxruntime may rename a fused kernel's weight (e.g. a transposed copy), so one shared
-        # quantized input is enough; each integer kernel is claimed by one compute node only.
-        best, best_overlap = None, 0
-        for k, inputs in enumerate(integer_inputs):
+        # onnxruntime names a fused kernel after the node it replaces; failing that, one shared
+        # quantized input identifies it (fusions may rename a weight or an s8->u8 activation).
+        best = by_name.get(n.name) if n.name else None
+        if best is not None and claimed[best]:
+            best = None
+        best_overlap = 0
+        for k, inputs in enumerate(integer_inputs if best is None else []):
             overlap = len(q & inputs)
             if not claimed[k] and overlap > best_overlap:
                 best, best_overlap = k, overlap

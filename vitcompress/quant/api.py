@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import VitcompressError
 from .config import QuantConfig
+from .fold import fold_batchnorm
 from .modules import quantizers, wrap_attention, wrap_weighted
 from .placement import PlacementPlan, get_placement, plan
 
@@ -35,6 +36,7 @@ class QuantResult:
     config: QuantConfig
     plan: PlacementPlan
     method_info: dict = field(default_factory=dict)
+    folded_pairs: list[tuple[str, str]] = field(default_factory=list)  # (conv, batchnorm)
 
     def summary(self) -> dict:
         return {
@@ -44,6 +46,7 @@ class QuantResult:
             "kept_float_weighted_layers": self.plan.skipped,
             "functional_ops_float": "residual adds, softmax, GELU and normalisation are not quantized"
             + ("" if self.plan.attention else "; attention matmuls are float"),
+            "folded_batchnorms": len(self.folded_pairs),
             **self.method_info,
         }
 
@@ -101,9 +104,10 @@ def quantize_(
     if not batches:
         raise VitcompressError("calibration needs at least one image")
     model.eval()
+    folded = fold_batchnorm(model, batches[0][:2]) if config.fold_batchnorm else []
     p = prepare(model, config, family)
     info = METHODS[config.method](model, config, batches, progress)
-    return QuantResult(config, p, info)
+    return QuantResult(config, p, info, folded)
 
 
 def quant_state(model: nn.Module) -> dict:
@@ -112,7 +116,8 @@ def quant_state(model: nn.Module) -> dict:
 
 
 def restore_quantized(model: nn.Module, config: QuantConfig, state: dict, family: str = "") -> PlacementPlan:
-    """Rebuild a quantized model from a checkpoint's saved quantizer parameters."""
+    """Rebuild a quantized model from a checkpoint's saved quantizer parameters (its weights, with
+    BatchNorms already folded and the layout prepared by ``prepare_folded_layout``, are loaded)."""
     p = prepare(model, config, family)
     qs = dict(quantizers(model))
     if set(qs) != set(state):

@@ -16,6 +16,7 @@ class QuantConfig:
     act_symmetric: signed symmetric activations (else unsigned with a zero point).
     placement: which layers get quantized (see ``placement.PLACEMENTS``).
     skip: module-name patterns (fnmatch) kept float in addition to the placement's own.
+    fold_batchnorm: fold Conv2d -> BatchNorm2d pairs before quantizing (what a deployed conv computes).
     """
 
     method: str = "minmax"
@@ -28,6 +29,7 @@ class QuantConfig:
     act_symmetric: bool = False
     placement: str = "partial"
     skip: tuple[str, ...] = field(default_factory=tuple)
+    fold_batchnorm: bool = True
 
     def __post_init__(self):
         for name in ("wbits", "abits"):
