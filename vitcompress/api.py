@@ -68,9 +68,22 @@ def load(model: str | None = None, checkpoint: str | Path | None = None, pretrai
 
 
 def _layout_for_checkpoint(model: torch.nn.Module, checkpoint: dict) -> None:
-    """A quantized checkpoint holds BatchNorm-folded weights: shape the fresh model to match."""
+    """Shape a fresh model like the checkpoint's: pruned structure (heads / MLP widths) first,
+    then BatchNorm-folded weights of a quantized checkpoint."""
+    if checkpoint.get("prune_state") is not None:
+        from .prune.structure import apply_prune_state
+
+        apply_prune_state(model, checkpoint["prune_state"])
     pairs = (checkpoint.get("quant_state") or {}).get("folded_pairs") or []
     prepare_folded_layout(model, [tuple(p) for p in pairs])
+
+
+def _prune_extra(model: torch.nn.Module) -> dict:
+    """The pruned structure a model was loaded with, so its compressed checkpoint reloads too."""
+    from .prune.structure import PRUNE_STATE_ATTR
+
+    state = getattr(model, PRUNE_STATE_ATTR, None)
+    return {"prune_state": state} if state is not None else {}
 
 
 def _metadata(loaded: LoadedModel, kind: str, **extra) -> dict:
@@ -135,7 +148,7 @@ def quantize(job: QuantizeJob, progress: ProgressFn = _noop) -> dict:
     ckpt = checkpoint_dict(loaded, float_state_dict(qmodel),
                            quant_state={"config": asdict(cfg), "quantizers": quant_state(qmodel),
                                         "folded_pairs": [list(p) for p in result.folded_pairs]},
-                           provenance={"source": loaded.source, **common})
+                           provenance={"source": loaded.source, **common}, **_prune_extra(loaded.model))
     with atomic_path(ckpt_path) as tmp:
         torch.save(ckpt, tmp)
 

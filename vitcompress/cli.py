@@ -139,6 +139,88 @@ def quantize(
         out_console.print(f"artifacts in {out}/: {', '.join(v['path'] for v in report['artifacts'].values())}, report.json")
 
 
+def print_prune_report(r: dict) -> None:
+    pr = r["pruning"]
+    for it in r["iterations"]:
+        out_console.print(f"iteration {it['iteration']}: MACs /{it['macs_factor']:.2f} -> measured {it['measured_speedup']:.2f}x "
+                          f"({it['fp32_ms']:.3f} vs {it['pruned_ms']:.3f} ms){' (meets target)' if it['meets_target'] else ''}"
+                          f" [{it['note']}]", highlight=False)
+    t = Table(title=f"{r['model']['arch']} · {r['method']} · {pr['label']}", show_header=True)
+    t.add_column("")
+    t.add_column("fp32 (ONNX)", justify="right")
+    t.add_column("pruned (ONNX)", justify="right")
+    acc = r.get("accuracy")
+    if acc:
+        t.add_row("top-1 % before recovery", _pct(acc["fp32"]["top1"]), _pct(acc["before_recovery"]["top1"]))
+        t.add_row("top-1 % after recovery", "", _pct(acc["after_recovery"]["top1"]))
+        t.add_row("top-1 drop after recovery (points)", "", f"{acc['drop_after_recovery']:.2f}")
+        t.add_row("top-1 agreement % after recovery", "", _pct(acc["fidelity_after_recovery"]["top1_agreement"]))
+    t.add_row("MACs per image", f"{pr['macs_dense'] / 1e6:.1f} M", f"{pr['macs_pruned'] / 1e6:.1f} M")
+    t.add_row("parameters", f"{pr['params_dense'] / 1e6:.2f} M", f"{pr['params_pruned'] / 1e6:.2f} M")
+    a = r["artifacts"]
+    t.add_row("size", _mb(a["fp32"]["bytes"]), _mb(a["pruned"]["bytes"]))
+    lat = r["latency"]
+    t.add_row(f"latency ms (ORT, {lat['fp32']['threads']} thread, batch 1, median)",
+              f"{lat['fp32']['median_ms']:.3f}", f"{lat['pruned']['median_ms']:.3f}")
+    t.add_row("measured speedup", "", f"{lat['speedup']:.2f}x")
+    out_console.print(t)
+    rec = r["recovery"]
+    if rec.get("steps"):
+        out_console.print(f"recovery: {rec['steps']} distillation steps in {rec['seconds']:.0f} s "
+                          f"on {rec['config']['images']} images, {rec['threads']} threads")
+    out_console.print("units kept: " + ", ".join(f"{k.replace('blocks.', '')} {v}/{pr['units_dense'][k]}"
+                                                  for k, v in pr["layout"].items()), highlight=False)
+    for note in r["notes"]:
+        out_console.print(f"[yellow]note:[/] {note}")
+
+
+@app.command()
+def prune(
+    out: Path = typer.Option(..., "--out", help="Output folder for artifacts and report.json."),
+    method: str = typer.Option("lpvit", "--method", help="lpvit, or magnitude (the uniform baseline)."),
+    target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="Measured fp32 ONNX speedup to reach."),
+    target_flops: Optional[float] = typer.Option(None, "--target-flops", help="Dense/pruned MACs ratio to reach (proxy)."),
+    model: Optional[str] = typer.Option(None, "--model", help="timm name or alias."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="State dict or zoo file."),
+    no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random weights (speed work only)."),
+    calib: Path = typer.Option(..., "--calib", help="Calibration images (scores; recovery images by default)."),
+    calib_size: int = typer.Option(1024, "--calib-size"),
+    eval_dir: Optional[Path] = typer.Option(None, "--eval", help="Labelled ImageFolder for accuracy."),
+    eval_size: Optional[int] = typer.Option(None, "--eval-size"),
+    block: str = typer.Option("unit", "--block", help="unit (heads/MLP units, removed) or tile (sparse, no dense speedup)."),
+    tile: str = typer.Option("16x16", "--tile", help="Tile shape for --block tile, ROWSxCOLS."),
+    min_keep: float = typer.Option(0.05, "--min-keep", help="Per-layer floor: fraction of blocks always kept."),
+    recover_steps: int = typer.Option(0, "--recover-steps", help="Distillation steps from the float model (0: none)."),
+    recover_dir: Optional[Path] = typer.Option(None, "--recover-dir", help="Images for recovery (default: --calib)."),
+    recover_size: int = typer.Option(5000, "--recover-size"),
+    recover_minutes: float = typer.Option(10.0, "--recover-minutes", help="Time limit of the recovery."),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output folder."),
+    json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of the table."),
+):
+    """Prune heads / MLP units (LPViT) to a measured speedup, optionally recover, export and measure."""
+    from . import prune_api
+
+    try:
+        tile_shape = tuple(int(v) for v in tile.lower().split("x"))
+    except ValueError:
+        tile_shape = ()
+    if len(tile_shape) != 2:
+        _fail(f"--tile must look like 16x16, got {tile}")
+    job = prune_api.PruneJob(out=out, model=model, checkpoint=checkpoint, pretrained=not no_pretrained, method=method,
+                             target_speedup=target_speedup, target_flops=target_flops, block=block, tile=tile_shape,
+                             min_keep=min_keep, calib_dir=calib, calib_size=calib_size, eval_dir=eval_dir,
+                             eval_size=eval_size, recover_steps=recover_steps, recover_dir=recover_dir,
+                             recover_size=recover_size, recover_minutes=recover_minutes, seed=seed, force=force)
+    with _progress() as progress:
+        report = _guard(prune_api.prune, job, progress)
+    if json_out:
+        print(json.dumps(report, indent=2))
+    else:
+        print_prune_report(report)
+        out_console.print(f"artifacts in {out}/: {', '.join(v['path'] for v in report['artifacts'].values())}, report.json")
+
+
 @app.command()
 def export(
     out: Path = typer.Option(..., "--out"),

@@ -1,0 +1,305 @@
+"""The pipeline behind `vitcompress prune`: plan, physically prune, meet a *measured* speedup.
+
+``--target-speedup S`` is met by measurement: the model is pruned to a MACs budget, both the float
+and the pruned model are exported and timed side by side in onnxruntime (alternating runs, 1
+thread, batch 1, medians), and the budget is adjusted until the measured ratio reaches S; every
+iteration is reported. ``--target-flops F`` asks for dense MACs / pruned MACs >= F instead (a
+proxy, no measurement loop). Algorithms live in prune/; this module wires files and images.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import math
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .api import REPORT_SCHEMA, ProgressFn, _environment, _file_info, _metadata, _noop, load
+from .data import LoadStats, label_map_to_model, load_tensor, sample, scan_images
+from .errors import VitcompressError
+from .evaluate import collect_logits, fidelity, onnx_predictor, summarize
+from .export import compare_latency, export_float, make_session
+from .fileio import atomic_path, prepare_output_dir, write_json
+from .models import LoadedModel, checkpoint_dict, family_of
+from .prune.baseline import MagnitudePruner
+from .prune.lpvit import LPViTConfig, LPViTPruner, Plan, apply_plan
+from .prune.recover import RecoverConfig, distill
+from .prune.structure import PRUNE_STATE_ATTR, count_macs, layout_of
+
+METHODS = ("lpvit", "magnitude")
+SPARSE_LABEL = "sparse, no dense speedup"
+DENSE_LABEL = "dense (units removed physically)"
+
+
+@dataclass
+class PruneJob:
+    """Everything `vitcompress prune` needs; the CLI fills it from flags."""
+
+    out: Path
+    model: str | None = None
+    checkpoint: Path | None = None
+    pretrained: bool = True
+    method: str = "lpvit"
+    target_speedup: float | None = None
+    target_flops: float | None = None
+    block: str = "unit"  # "unit" or "tile"
+    tile: tuple[int, int] = (16, 16)
+    min_keep: float = 0.05
+    calib_dir: Path | None = None
+    calib_size: int = 1024
+    eval_dir: Path | None = None
+    eval_size: int | None = None
+    recover_steps: int = 0
+    recover_dir: Path | None = None  # default: the calibration folder
+    recover_size: int = 5000
+    recover_minutes: float = 10.0
+    recover_lr: float = 5e-4
+    seed: int = 0
+    force: bool = False
+    batch_size: int = 64
+    latency_rounds: int = 40
+    latency_threads: int = 1
+    max_iterations: int = 8
+    tolerance: float = 0.08  # stop once S <= measured <= S * (1 + tolerance)
+
+
+def _validate(job: PruneJob) -> None:
+    if job.method not in METHODS:
+        raise VitcompressError(f"unknown pruning method '{job.method}' (choose from {', '.join(METHODS)})")
+    if (job.target_speedup is None) == (job.target_flops is None):
+        raise VitcompressError("give exactly one target: --target-speedup S or --target-flops F")
+    target = job.target_speedup if job.target_speedup is not None else job.target_flops
+    if not target > 1.0:
+        raise VitcompressError(f"the target must be > 1 (a speedup / FLOPs reduction factor), got {target}")
+    if job.block == "tile":
+        if job.target_speedup is not None:
+            raise VitcompressError(f"tile sparsity is {SPARSE_LABEL}: use --target-flops, or --block unit for a speedup")
+        if job.method != "lpvit":
+            raise VitcompressError("tile sparsity is only offered by --method lpvit")
+    if job.calib_dir is None:
+        raise VitcompressError("calibration images are required: --calib DIR")
+    if job.recover_steps < 0 or job.recover_minutes <= 0:
+        raise VitcompressError("--recover-steps must be >= 0 and the recovery time limit positive")
+
+
+class _Pruning:
+    """A loaded model, its pruner and MACs accounting: turns a MACs-reduction factor into a model."""
+
+    def __init__(self, job: PruneJob, loaded: LoadedModel, calib: torch.Tensor, progress: ProgressFn) -> None:
+        self.job, self.loaded = job, loaded
+        self.config = LPViTConfig(block=job.block, tile=tuple(job.tile), min_keep=job.min_keep)
+        if job.method == "lpvit":
+            self.pruner = LPViTPruner(loaded.model, calib.split(job.batch_size), self.config,
+                                      lambda d, t: progress("score", d, t))
+        else:
+            self.pruner = MagnitudePruner(loaded.model, job.min_keep)
+        self.total_macs = count_macs(loaded.model, loaded.preprocessing.input_size)
+        self.fixed_macs = self.total_macs - self.pruner.dense_macs
+        self.max_factor = self.total_macs / (self.fixed_macs + self.pruner.min_macs)
+
+    def plan(self, factor: float) -> Plan:
+        budget = max(self.total_macs / factor - self.fixed_macs, self.pruner.min_macs)
+        return self.pruner.plan(budget)
+
+    def build(self, plan: Plan) -> torch.nn.Module:
+        model = copy.deepcopy(self.loaded.model)
+        apply_plan(model, plan, self.job.block, tuple(self.job.tile))
+        return model
+
+    def total(self, plan: Plan) -> int:
+        return self.fixed_macs + plan.macs
+
+
+def _measure(fp32: Path, pruned: Path, shape: tuple, job: PruneJob) -> dict:
+    lat = compare_latency({"fp32": fp32, "pruned": pruned}, shape, threads=job.latency_threads,
+                          rounds=job.latency_rounds, seed=job.seed)
+    lat["speedup"] = lat["fp32"]["median_ms"] / lat["pruned"]["median_ms"]
+    return lat
+
+
+def _search_speed(p: _Pruning, job: PruneJob, fp32: Path, work: Path, progress: ProgressFn) -> tuple[Plan, Path, list]:
+    """Adjust the MACs-reduction factor until the measured speedup reaches the target."""
+    S = float(job.target_speedup)
+    shape = (1, *p.loaded.preprocessing.input_size)
+    meta = _metadata(p.loaded, "pruned")
+    iterations: list[dict] = []
+    tried: dict[float, tuple[Plan, Path, float]] = {}
+
+    def trial(factor: float, note: str) -> float:
+        plan = p.plan(factor)
+        path = work / f"trial{len(iterations)}.onnx"
+        export_float(p.build(plan), p.loaded.preprocessing.input_size, path, meta)
+        lat = _measure(fp32, path, shape, job)
+        iterations.append({"iteration": len(iterations), "note": note, "macs_factor_requested": factor,
+                           "macs_factor": p.total_macs / p.total(plan), "macs": p.total(plan),
+                           "fp32_ms": lat["fp32"]["median_ms"], "pruned_ms": lat["pruned"]["median_ms"],
+                           "measured_speedup": lat["speedup"], "meets_target": lat["speedup"] >= S})
+        tried[factor] = (plan, path, lat["speedup"])
+        progress("search", len(iterations), job.max_iterations + 1)
+        return lat["speedup"]
+
+    best = trial(p.max_factor, "every layer at its floor: the most this pruning can give")
+    if best < S:
+        raise VitcompressError(
+            f"target speedup {S:g}x is not reachable: the best measured speedup is {best:.2f}x "
+            f"(every layer pruned to its floor, min_keep {job.min_keep:g}); ask for at most {best:.2f}x")
+    # bracket in MACs-reduction factor: lo measured below the target (dense = 1x), hi at or above it
+    lo, s_lo, hi, s_hi = 1.0, 1.0, p.max_factor, best
+    factor = min(S, p.max_factor)
+    for _ in range(job.max_iterations):
+        s = trial(factor, "search")
+        if s >= S:
+            hi, s_hi = factor, s
+            if s <= S * (1 + job.tolerance):
+                break
+        elif factor > lo:
+            lo, s_lo = factor, s
+        if hi / lo < 1.02:
+            break
+        # next guess: interpolate log(speedup) against log(factor) inside the bracket (regula falsi)
+        t = (math.log(S) - math.log(s_lo)) / max(math.log(s_hi) - math.log(s_lo), 1e-9)
+        t = min(max(t, 0.2), 0.8)  # stay inside, so noise cannot stall the bracket
+        factor = math.exp(math.log(lo) + t * (math.log(hi) - math.log(lo)))
+    plan, path, _ = tried[hi]
+    return plan, path, iterations
+
+
+def _prune_state(job: PruneJob, pruned: torch.nn.Module, plan: Plan, label: str) -> dict:
+    state = {"method": job.method, "block": job.block, "label": label, "layout": layout_of(pruned)}
+    if job.block == "tile":
+        state["tile"] = list(job.tile)
+        state["kept_tiles"] = {k: [int(v) for v in keep] for k, keep in plan.keep.items()}
+    return state
+
+
+def prune(job: PruneJob, progress: ProgressFn = _noop) -> dict:
+    """Load, score, prune to the target (measured or MACs), recover, export, evaluate, time."""
+    _validate(job)
+    names = ["model.fp32.onnx", "model.pruned.onnx", "model.pruned.pth", "report.json"]
+    out = prepare_output_dir(job.out, job.force, names)
+    torch.manual_seed(job.seed)
+    loaded = load(job.model, job.checkpoint, job.pretrained)
+    if loaded.quant_state is not None:
+        raise VitcompressError(f"{job.checkpoint} is quantized; prune the float checkpoint, then quantize the result")
+    prep = loaded.preprocessing
+    calib_stats = LoadStats()
+    calib = load_tensor(sample(scan_images(job.calib_dir), job.calib_size, job.seed), prep, calib_stats)
+    eval_set = None
+    if job.eval_dir is not None:
+        eval_set = sample(scan_images(job.eval_dir, require_labels=True), job.eval_size, job.seed)
+        label_map = label_map_to_model(eval_set, prep.class_names, loaded.num_classes)
+
+    p = _Pruning(job, loaded, calib, progress)
+    label = SPARSE_LABEL if job.block == "tile" else DENSE_LABEL
+    fp32_path = out / "model.fp32.onnx"
+    export_float(loaded.model, prep.input_size, fp32_path, _metadata(loaded, "fp32"))
+    with tempfile.TemporaryDirectory(prefix="vitcompress-prune-") as tmp:
+        work = Path(tmp)
+        if job.target_speedup is not None:
+            plan, before_path, iterations = _search_speed(p, job, fp32_path, work, progress)
+        else:
+            if job.target_flops > p.max_factor:
+                raise VitcompressError(f"target MACs reduction {job.target_flops:g}x is not reachable: at most "
+                                       f"{p.max_factor:.2f}x with min_keep {job.min_keep:g}")
+            plan, iterations = p.plan(job.target_flops), []
+            before_path = work / "before.onnx"
+            export_float(p.build(plan), prep.input_size, before_path, _metadata(loaded, "pruned"))
+        pruned = p.build(plan)
+        state = _prune_state(job, pruned, plan, label)
+
+        recovery = {"steps": 0}
+        if job.recover_steps > 0:
+            rec_dir = job.recover_dir or job.calib_dir
+            images = load_tensor(sample(scan_images(rec_dir), job.recover_size, job.seed + 1), prep)
+            cfg = RecoverConfig(steps=job.recover_steps, batch_size=job.batch_size, lr=job.recover_lr,
+                                max_seconds=60.0 * job.recover_minutes, seed=job.seed,
+                                pad=max(1, prep.input_size[1] // 8))
+            keep_zero = None
+            if job.block == "tile":  # recovery must not revive pruned tiles
+                masks = _tile_masks(pruned)
+                keep_zero = lambda: _reapply(pruned, masks)  # noqa: E731
+            recovery = distill(pruned, loaded.model, images, cfg, lambda d, t: progress("recover", d, t), keep_zero)
+            recovery.update({"dir": str(rec_dir), "threads": torch.get_num_threads()})
+        setattr(pruned, PRUNE_STATE_ATTR, state)
+
+        pruned_path = out / "model.pruned.onnx"
+        meta = _metadata(loaded, "pruned", pruning={"method": job.method, "label": label})
+        export_info = export_float(pruned, prep.input_size, pruned_path, meta)
+        ckpt_path = out / "model.pruned.pth"
+        with atomic_path(ckpt_path) as tmp_ckpt:
+            torch.save(checkpoint_dict(loaded, pruned.state_dict(), prune_state=state,
+                                       provenance={"source": loaded.source, "method": job.method, "label": label}), tmp_ckpt)
+
+        report = {
+            "schema": REPORT_SCHEMA,
+            "command": "prune",
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": {"arch": loaded.arch, "family": family_of(loaded.arch), "source": loaded.source,
+                      "weights": loaded.weights, "num_classes": loaded.num_classes, "input_size": list(prep.input_size)},
+            "method": job.method,
+            "target": ({"speedup": job.target_speedup, "measured": True} if job.target_speedup is not None
+                       else {"macs_reduction": job.target_flops, "measured": False}),
+            "pruning": {
+                "label": label, "block": job.block if job.block == "unit" else f"tile {job.tile[0]}x{job.tile[1]}",
+                "min_keep": job.min_keep, "macs_dense": p.total_macs, "macs_pruned": p.total(plan),
+                "macs_reduction": p.total_macs / p.total(plan),
+                "params_dense": sum(t.numel() for t in loaded.model.parameters()),
+                "params_pruned": sum(t.numel() for t in pruned.parameters()),
+                "layout": state["layout"], "units_dense": layout_of(loaded.model),
+                "allocation": plan.info,
+                "config": asdict(p.config) if job.method == "lpvit" else {"min_keep": job.min_keep},
+            },
+            "iterations": iterations,
+            "calibration": {"dir": str(job.calib_dir), "requested": job.calib_size, "used": calib_stats.loaded,
+                            "skipped": calib_stats.skipped, "seed": job.seed},
+            "recovery": recovery,
+            "export": export_info,
+            "artifacts": {"fp32": _file_info(fp32_path), "pruned": _file_info(pruned_path),
+                          "checkpoint": _file_info(ckpt_path)},
+            "environment": _environment(),
+            "notes": [],
+        }
+        if job.block == "tile":
+            report["notes"].append(f"tile sparsity: {SPARSE_LABEL} (zeroed tiles run in dense kernels)")
+        if not loaded.accuracy_meaningful:
+            report["notes"].append("random weights (--no-pretrained): accuracy numbers are meaningless; latency is real")
+
+        if eval_set is not None:
+            predictors = {"fp32": onnx_predictor(make_session(fp32_path)),
+                          "before_recovery": onnx_predictor(make_session(before_path)),
+                          "pruned": onnx_predictor(make_session(pruned_path))}
+            logits, labels, stats = collect_logits(predictors, eval_set, prep, 64, lambda d, t: progress("evaluate", d, t))
+            acc = {k: summarize(v, labels, label_map, loaded.num_classes) for k, v in logits.items()}
+            report["accuracy"] = {
+                "eval_dir": str(job.eval_dir), "images": stats.loaded, "skipped": stats.skipped,
+                "measured_on": "exported ONNX files in onnxruntime",
+                "fp32": acc["fp32"], "before_recovery": acc["before_recovery"], "after_recovery": acc["pruned"],
+                "drop_before_recovery": acc["fp32"]["top1"] - acc["before_recovery"]["top1"],
+                "drop_after_recovery": acc["fp32"]["top1"] - acc["pruned"]["top1"],
+                "fidelity_before_recovery": fidelity(logits["fp32"], logits["before_recovery"]),
+                "fidelity_after_recovery": fidelity(logits["fp32"], logits["pruned"]),
+            }
+
+    progress("latency", 0, 1)
+    report["latency"] = _measure(fp32_path, pruned_path, (1, *prep.input_size), job)
+    report["latency"]["note"] = "median of alternated onnxruntime runs, float vs pruned, same process"
+    progress("latency", 1, 1)
+    write_json(out / "report.json", report)
+    return report
+
+
+def _tile_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from .prune.lpvit import tile_linears
+
+    return {n: m.weight.detach() != 0 for n, m in tile_linears(model).items()}
+
+
+def _reapply(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    from .prune.lpvit import tile_linears
+
+    with torch.no_grad():
+        for n, m in tile_linears(model).items():
+            m.weight.mul_(masks[n].to(m.weight.dtype))
