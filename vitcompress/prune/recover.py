@@ -4,7 +4,9 @@ The pruned student is trained to match the float teacher's softened logits (KL d
 temperature) on unlabelled images — calibration/train images, no labels — with light
 augmentation (random shifts by padding and cropping, horizontal flips), AdamW and a cosine
 learning-rate schedule with a short warm-up. Stops after ``steps`` steps or ``max_seconds``,
-whichever comes first. Deterministic for a given seed (single-process CPU).
+whichever comes first; the cosine schedule follows whichever limit is closer, so a time-capped run
+still ends at a low learning rate. Deterministic for a given seed (single-process CPU) when only
+the step limit applies; a time limit makes the step count depend on the machine.
 """
 from __future__ import annotations
 
@@ -67,9 +69,12 @@ def distill(student: nn.Module, teacher: nn.Module, images: torch.Tensor, cfg: R
                             weight_decay=cfg.weight_decay)
 
     def lr_at(step: int) -> float:
+        """Warm-up, then cosine decay over the steps or the time limit, whichever ends first."""
         if step < cfg.warmup:
             return cfg.lr * (step + 1) / cfg.warmup
         t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        if cfg.max_seconds:
+            t = max(t, (time.perf_counter() - t0) / cfg.max_seconds)
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, t)))
 
     t0 = time.perf_counter()
