@@ -113,9 +113,15 @@ class _Pruning:
         return self.fixed_macs + plan.macs
 
 
-def _measure(fp32: Path, pruned: Path, shape: tuple, job: PruneJob) -> dict:
+def _rounds(job: PruneJob, macs: int) -> int:
+    """More alternated rounds for small models (a few ms per run), so one scheduling hiccup of a
+    shared machine cannot move the median: about 3e10 MACs of work per model, 40..400 rounds."""
+    return max(job.latency_rounds, min(400, int(3e10 / max(macs, 1))))
+
+
+def _measure(fp32: Path, pruned: Path, shape: tuple, job: PruneJob, macs: int = 0) -> dict:
     lat = compare_latency({"fp32": fp32, "pruned": pruned}, shape, threads=job.latency_threads,
-                          rounds=job.latency_rounds, seed=job.seed)
+                          rounds=_rounds(job, macs), seed=job.seed)
     lat["speedup"] = lat["fp32"]["median_ms"] / lat["pruned"]["median_ms"]
     return lat
 
@@ -132,7 +138,7 @@ def _search_speed(p: _Pruning, job: PruneJob, fp32: Path, work: Path, progress: 
         plan = p.plan(factor)
         path = work / f"trial{len(iterations)}.onnx"
         export_float(p.build(plan), p.loaded.preprocessing.input_size, path, meta)
-        lat = _measure(fp32, path, shape, job)
+        lat = _measure(fp32, path, shape, job, p.total_macs)
         iterations.append({"iteration": len(iterations), "note": note, "macs_factor_requested": factor,
                            "macs_factor": p.total_macs / p.total(plan), "macs": p.total(plan),
                            "fp32_ms": lat["fp32"]["median_ms"], "pruned_ms": lat["pruned"]["median_ms"],
@@ -284,7 +290,7 @@ def prune(job: PruneJob, progress: ProgressFn = _noop) -> dict:
             }
 
     progress("latency", 0, 1)
-    report["latency"] = _measure(fp32_path, pruned_path, (1, *prep.input_size), job)
+    report["latency"] = _measure(fp32_path, pruned_path, (1, *prep.input_size), job, p.total_macs)
     report["latency"]["note"] = "median of alternated onnxruntime runs, float vs pruned, same process"
     progress("latency", 1, 1)
     write_json(out / "report.json", report)
