@@ -116,6 +116,10 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output folder."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of the table."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe; its quantize step replaces the bit/method flags."),
+    target_bits: Optional[float] = typer.Option(None, "--target-bits", help="mptq: greedy mixed precision down to this MAC-weighted average width."),
+    bit_choices: str = typer.Option("4,5,6,8", "--bit-choices", help="mptq: candidate widths for --target-bits."),
+    bits_from: Optional[Path] = typer.Option(None, "--bits-from", help="mptq: per-layer bits YAML written by a --target-bits run."),
+    full: bool = typer.Option(False, "--full", help="mptq: also quantize attention products, Softmax, GELU and LayerNorm inputs."),
 ):
     """Calibrate and quantize a model, export fp32 and QDQ ONNX, measure both."""
     if recipe is not None:
@@ -126,17 +130,28 @@ def quantize(
             _fail(f"recipe {recipe}: `quantize` runs exactly one quantize step")
         config = steps[0]
     else:
-        config = _guard(api.QuantConfig, method=method, wbits=wbits or bits, abits=abits or bits,
-                        act_observer=observer, placement=placement)
+        from .mptq_files import mptq_cli_options
+
+        options = _guard(mptq_cli_options, method, target_bits, bit_choices, bits_from, full)
+        config = _guard(api.QuantConfig, method=method, wbits=wbits or bits, abits=abits or bits, act_observer=observer,
+                        placement="partial+matmul" if options.get("full") else placement, method_options=options)
     job = api.QuantizeJob(out=out, model=model, checkpoint=checkpoint, pretrained=not no_pretrained, config=config,
                           calib_dir=calib, calib_size=calib_size, eval_dir=eval_dir, eval_size=eval_size, seed=seed, force=force)
     with _progress() as progress:
         report = _guard(api.quantize, job, progress)
+    mp = report["quantization"].get("mixed_precision") or {}
+    if "path" in mp:  # a greedy mixed-precision walk: its assignment (for --bits-from) and Pareto plot
+        from .mptq_files import write_mixed_precision_files
+
+        _guard(write_mixed_precision_files, out, report)
     if json_out:
         print(json.dumps(report, indent=2))
     else:
         print_quantize_report(report)
         out_console.print(f"artifacts in {out}/: {', '.join(v['path'] for v in report['artifacts'].values())}, report.json")
+        if "path" in mp:
+            out_console.print(f"mixed precision: average {mp['average_bits']:.3f} bits ({mp['weighting']}); "
+                              f"{out}/bits.yaml (reuse with --bits-from), {out}/pareto.png", highlight=False)
 
 
 def print_prune_report(r: dict) -> None:
@@ -285,7 +300,8 @@ def demo(
     out_console.print(f"demo: {api.DEMO_CHECKPOINT.name}, calibration {api.DEMO_CALIB}, evaluation {api.DEMO_EVAL}")
     quantize(out=out, model=None, checkpoint=api.DEMO_CHECKPOINT, no_pretrained=False, bits=8, wbits=None, abits=None,
              method="minmax", observer="minmax", placement="partial", calib=api.DEMO_CALIB, calib_size=256,
-             eval_dir=api.DEMO_EVAL, eval_size=None, seed=0, force=force, json_out=False, recipe=None)
+             eval_dir=api.DEMO_EVAL, eval_size=None, seed=0, force=force, json_out=False, recipe=None,
+             target_bits=None, bit_choices="4,5,6,8", bits_from=None, full=False)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 from .api import METHODS, QuantResult, float_state_dict, quant_state, quantize_, register_method, restore_quantized
 from .config import QuantConfig
 from .spec import QuantSpec
+from . import mptq as _mptq  # noqa: F401,E402 (registers the "mptq" method)
 
 __all__ = [
     "METHODS", "QuantConfig", "QuantResult", "QuantSpec", "float_state_dict", "quant_state",

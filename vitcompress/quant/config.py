@@ -17,6 +17,7 @@ class QuantConfig:
     placement: which layers get quantized (see ``placement.PLACEMENTS``).
     skip: module-name patterns (fnmatch) kept float in addition to the placement's own.
     fold_batchnorm: fold Conv2d -> BatchNorm2d pairs before quantizing (what a deployed conv computes).
+    method_options: knobs of the chosen method (see each method's options dataclass).
     """
 
     method: str = "minmax"
@@ -30,6 +31,7 @@ class QuantConfig:
     placement: str = "partial"
     skip: tuple[str, ...] = field(default_factory=tuple)
     fold_batchnorm: bool = True
+    method_options: dict = field(default_factory=dict)  # method-specific knobs, e.g. qhyvit's rounds
 
     def __post_init__(self):
         for name in ("wbits", "abits"):
@@ -48,8 +50,15 @@ class QuantConfig:
     @property
     def label(self) -> str:
         """'int8' only when everything quantized is 8-bit; otherwise the simulated WxAy name."""
+        opts = self.method_options or {}
+        if opts.get("target_bits") is not None:  # mixed precision (mptq): the target average, e.g. mp5
+            return f"mp{float(opts['target_bits']):g}"
+        if opts.get("layer_bits"):
+            return "mixed"
         return "int8" if (self.wbits, self.abits) == (8, 8) else f"w{self.wbits}a{self.abits}"
 
     @property
     def simulated(self) -> bool:
-        return self.wbits < 8 or self.abits < 8
+        opts = self.method_options or {}
+        mixed_low = opts.get("target_bits") is not None or any(int(b) < 8 for b in dict(opts.get("layer_bits") or {}).values())
+        return self.wbits < 8 or self.abits < 8 or mixed_low

@@ -1,0 +1,183 @@
+"""MPTQ-ViT: SQ-b keeps the float function, OPT-m beats one scale on a real post-GELU activation,
+greedy mixed precision meets its budget, and the whole method exports consistently."""
+import copy
+import random
+
+import pytest
+import torch
+import yaml
+
+from vitcompress.errors import VitcompressError
+from vitcompress.quant import QuantConfig, quantize_
+from vitcompress.quant.mixed_precision import average_bits, check_budget_tight, greedy_mixed_precision
+from vitcompress.quant.optm import TwoRegionQuantizer, search_two_region, two_region_quantize
+from vitcompress.quant.smoothquant import apply_sqb, find_layernorm_linear_pairs
+from vitcompress.quant.spec import QuantSpec, fake_quantize, qparams_from_range
+
+W4, A4 = QuantSpec(4, True, True, 0), QuantSpec(4, False)
+
+
+def test_sqb_pairs_come_from_dataflow_and_float_function_is_unchanged(loaded, calib_batches):
+    model = copy.deepcopy(loaded.model).eval()
+    pairs = find_layernorm_linear_pairs(model, calib_batches[0][:2])
+    depth = len(model.blocks)
+    assert {(p.norm, tuple(p.linears)) for p in pairs} == (
+        {(f"blocks.{i}.norm1", (f"blocks.{i}.attn.qkv",)) for i in range(depth)}
+        | {(f"blocks.{i}.norm2", (f"blocks.{i}.mlp.fc1",)) for i in range(depth)})
+    x = calib_batches[0]
+    with torch.no_grad():
+        before = model(x)
+    gamma_before = model.blocks[0].norm1.weight.detach().clone()
+    chosen = apply_sqb(model, calib_batches, lambda name: (W4, A4))
+    with torch.no_grad():
+        after = model(x)
+    assert (after - before).abs().max().item() <= 1e-5
+    assert not torch.allclose(model.blocks[0].norm1.weight, gamma_before)  # something was folded
+    # the searched smoothing lowers the quantized output error of every pair
+    assert all(v["output_mse"] < v["output_mse_unsmoothed"] for v in chosen.values())
+
+
+def _post_gelu_input_and_weight(loaded, batches):
+    model = copy.deepcopy(loaded.model).eval()
+    fc2 = model.blocks[0].mlp.fc2
+    got = []
+    h = fc2.register_forward_pre_hook(lambda m, i: got.append(i[0].detach().reshape(-1, i[0].shape[-1])))
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    h.remove()
+    x = torch.cat(got)
+    return x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:1024]], fc2.weight.detach()
+
+
+def test_optm_has_lower_output_error_than_a_single_scale_on_real_post_gelu(loaded, calib_batches):
+    x, weight = _post_gelu_input_and_weight(loaded, calib_batches)
+    assert x.min() < 0 < x.max()  # a GELU output: small negative tail, long positive one
+    w_scale, w_zp = qparams_from_range(weight.amin(1), weight.amax(1), W4)
+    wq = fake_quantize(weight, w_scale, w_zp, W4)
+
+    def product(a):
+        return a @ wq.t()
+
+    found = search_two_region(x, product, bits=4)
+    ref = product(x)
+    opt_err = (product(two_region_quantize(x, found["base_scale"], found["zero_point"], found["ratio"], 4)) - ref).pow(2).mean()
+    s, z = qparams_from_range(x.min(), x.max(), A4)  # the plain 4-bit min-max quantizer
+    minmax_err = (product(fake_quantize(x, s, z, A4)) - ref).pow(2).mean()
+    assert found["ratio"] > 1
+    assert opt_err < 0.5 * minmax_err
+    assert found["output_mse"] < found["output_mse_single_scale"]  # the best single scale (m = 1) too
+
+
+def test_two_region_quantizer_module_matches_the_searched_function(loaded, calib_batches):
+    x, _ = _post_gelu_input_and_weight(loaded, calib_batches)
+    q = TwoRegionQuantizer(4)
+    scale, zp = torch.tensor(0.05), torch.tensor(2, dtype=torch.int32)
+    q.set_regions(scale, zp, 8)
+    fine, coarse = q.parts(x)
+    assert torch.equal(q(x), two_region_quantize(x, scale, zp, 8, 4))
+    assert torch.equal(fine + coarse, q(x))
+    assert len(torch.unique(q(x))) <= 2 ** 4  # two regions of 3 bits: at most 16 levels
+
+
+def _additive_problem(n: int, seed: int):
+    rng = random.Random(seed)
+    macs = {f"l{i}": rng.choice([1, 3, 4, 12]) * 1000 + rng.randint(0, 50) for i in range(n)}
+    weight = {k: rng.random() for k in macs}
+    return macs, (lambda a: sum(weight[k] * 2.0 ** (-a[k]) for k in a))
+
+
+@pytest.mark.parametrize("target", [4.0, 4.5, 5.0, 5.37, 6.0, 8.0])
+def test_greedy_budget_is_met_exactly(target):
+    macs, sensitivity = _additive_problem(20, seed=int(target * 100))
+    choices = (4, 5, 6, 8)
+    assignment, path = greedy_mixed_precision(macs, choices, target, sensitivity)
+    assert average_bits(assignment, macs) <= target + 1e-12
+    assert check_budget_tight(assignment, macs, choices, target)
+    assert path[0]["average_bits"] == 8 and path[-1]["average_bits"] == pytest.approx(average_bits(assignment, macs))
+    assert all(b in choices for b in assignment.values())
+
+
+def test_greedy_lowers_the_least_sensitive_layer_first():
+    macs = {"a": 100, "b": 100}
+    assignment, path = greedy_mixed_precision(macs, (4, 8), 6.0, lambda a: (8 - a["a"]) * 10 + (8 - a["b"]))
+    assert assignment == {"a": 8, "b": 4}
+    assert path[1]["step"] == "lower b to 4"
+
+
+def test_mptq_mixed_precision_on_the_model(loaded, calib_batches):
+    model = copy.deepcopy(loaded.model)
+    cfg = QuantConfig(method="mptq", method_options={"target_bits": 5, "bit_choices": [4, 5, 6, 8]})
+    result = quantize_(model, cfg, calib_batches[:1])
+    mp = result.method_info["mixed_precision"]
+    assert mp["weighting"] == "MACs per image"
+    assert mp["average_bits"] <= 5 + 1e-12
+    assert check_budget_tight(mp["assignment"], mp["macs"], (4, 5, 6, 8), 5)
+    assert cfg.label == "mp5" and cfg.simulated
+    # the quantizers carry the assigned widths
+    for layer, bits in mp["assignment"].items():
+        m = dict(model.named_modules())[layer]
+        q = getattr(m, "weight_quantizer", None) or m.a_quantizer
+        assert q.spec.bits == bits
+    # the walk's measured KL at the end is worse than at the start (it did lower widths)
+    assert mp["path"][-1]["kl"] > mp["path"][0]["kl"]
+
+
+def test_mptq_full_exports_consistently(tmp_path):
+    from tests.conftest import BUNDLED_CKPT, CALIB, VAL
+    from vitcompress import QuantizeJob, quantize
+
+    cfg = QuantConfig(method="mptq", wbits=6, abits=6, placement="partial+matmul", method_options={"full": True})
+    job = QuantizeJob(out=tmp_path / "out", checkpoint=BUNDLED_CKPT, config=cfg, calib_dir=CALIB, calib_size=64,
+                      eval_dir=VAL, eval_size=200, latency_rounds=3)
+    report = quantize(job)
+    q = report["quantization"]
+    assert "blocks.0.attn.av_matmul" in q["mptq"]["optm"] and "blocks.0.mlp.fc2" in q["mptq"]["optm"]
+    assert "blocks.0.norm1" in q["mptq"]["full_extra_quantized_inputs"]
+    assert "two integer MatMuls" in q["mptq"]["optm_export"]
+    assert report["accuracy"]["export_vs_torch_agreement"] >= 98.0
+    assert report["accuracy"]["top1_agreement"] >= 90.0
+
+
+def test_cli_greedy_writes_assignment_that_bits_from_reuses(tmp_path):
+    from typer.testing import CliRunner
+
+    from tests.conftest import BUNDLED_CKPT, CALIB
+    from vitcompress.cli import app
+
+    runner = CliRunner()
+    common = ["quantize", "--checkpoint", str(BUNDLED_CKPT), "--method", "mptq", "--calib", str(CALIB), "--calib-size", "32"]
+    r = runner.invoke(app, common + ["--target-bits", "6", "--out", str(tmp_path / "mp")])
+    assert r.exit_code == 0, r.output
+    doc = yaml.safe_load((tmp_path / "mp" / "bits.yaml").read_text())
+    assert doc["format"] == "vitcompress-bits/1" and doc["average_bits"] <= 6
+    assert (tmp_path / "mp" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    r2 = runner.invoke(app, common + ["--bits-from", str(tmp_path / "mp" / "bits.yaml"), "--out", str(tmp_path / "again"), "--json"])
+    assert r2.exit_code == 0, r2.output
+    import json
+
+    again = json.loads(r2.stdout[r2.stdout.index("{"):])
+    assert again["quantization"]["mixed_precision"]["assignment"] == doc["layers"]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"target_bits": 3}, "outside the bit choices"),
+    ({"parts": ["sqb", "nope"]}, "unknown MPTQ part"),
+    ({"full": True}, "partial\\+matmul"),
+    ({"colour": 1}, "unknown mptq option"),
+    ({"layer_bits": {"blocks.0.attn.qkv": 4}}, "does not match"),
+])
+def test_bad_mptq_options_are_one_line_errors(loaded, calib_batches, options, message):
+    with pytest.raises(VitcompressError, match=message):
+        quantize_(copy.deepcopy(loaded.model), QuantConfig(method="mptq", method_options=options), calib_batches[:1])
+
+
+def test_mptq_flags_need_the_mptq_method(tmp_path):
+    from typer.testing import CliRunner
+
+    from tests.conftest import BUNDLED_CKPT, CALIB
+    from vitcompress.cli import app
+
+    r = CliRunner().invoke(app, ["quantize", "--checkpoint", str(BUNDLED_CKPT), "--calib", str(CALIB), "--target-bits", "5",
+                                 "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--method mptq" in r.output

@@ -1,0 +1,411 @@
+"""MPTQ-ViT (arXiv 2401.14895) as the ``mptq`` method: SQ-b, OPT-m and greedy mixed precision.
+
+Order of work on a prepared model (quantizers inserted, "off"):
+1. ``--full``: LayerNorm and GELU inputs get quantizers too (attention products are already
+   wrapped by the partial+matmul placement that ``full`` implies).
+2. OPT-m quantizers replace the input quantizer of every Linear fed by a GELU (found by dataflow)
+   and, with ``--full``, the Softmax operand of attn @ v.
+3. SQ-b folds centre/smoothing into LayerNorm -> Linear pairs (alpha searched per pair).
+4. One calibration pass per bit-width needed fills a bank of quantizer parameters (observers see
+   float activations, so a quantizer's parameters at b bits do not depend on the other layers);
+   OPT-m's (m, delta) are searched per layer and width.
+5. The bit assignment is uniform (--bits/--wbits/--abits), read from --bits-from, or found by the
+   greedy walk (--target-bits) with KL(float || quantized logits) on calibration images as the
+   sensitivity; the chosen parameters are applied and every quantizer frozen.
+Quantizers without MACs of their own (LayerNorm/GELU inputs under --full) take the activation
+width of the next MAC layer executed after them (norm1 -> qkv, GELU -> fc2, final norm -> head).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import VitcompressError
+from .api import Progress, register_method, run_batches
+from .config import QuantConfig
+from .mixed_precision import average_bits, greedy_mixed_precision
+from .modules import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer, quantizers
+from .optm import TwoRegionLinear, TwoRegionMatMul, TwoRegionQuantizer, search_two_region
+from .smoothquant import apply_sqb
+from .spec import QuantSpec, fake_quantize
+
+OPTM_SAMPLE_ROWS = 512  # activation rows kept per OPT-m layer for its search
+OPTM_SAMPLE_IMAGES = 8  # images kept per post-Softmax OPT-m layer
+SENSITIVITY_IMAGES = 64  # calibration images scoring each mixed-precision step
+
+EXPORT_NOTE_OPTM = ("OPT-m activations are exported as two QDQ regions of (b-1)-bit codes on the int8 grid; the "
+                    "product they feed runs as two integer MatMuls on the same integer weights, summed in float "
+                    "(twice the MACs of that product)")
+
+
+@dataclass(frozen=True)
+class MptqOptions:
+    """The ``mptq`` method's knobs, read from ``QuantConfig.method_options``.
+
+    full: also quantize attention products, Softmax/GELU outputs and LayerNorm/GELU inputs
+        (needs ``placement="partial+matmul"``, which the CLI's --full sets).
+    target_bits: greedy mixed precision down to this MAC-weighted average, over ``bit_choices``.
+    layer_bits: a fixed assignment {layer name: bits} (what --bits-from reads).
+    parts: MPTQ parts applied ("sqb", "optm"); () is min-max calibration in the same placement.
+    """
+
+    full: bool = False
+    target_bits: float | None = None
+    bit_choices: tuple[int, ...] = (4, 5, 6, 8)
+    layer_bits: dict = field(default_factory=dict)
+    parts: tuple[str, ...] = ("sqb", "optm")
+
+    @classmethod
+    def from_config(cls, config: QuantConfig) -> "MptqOptions":
+        raw = dict(config.method_options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise VitcompressError(f"unknown mptq option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        try:
+            opts = cls(full=bool(raw.get("full", False)),
+                       target_bits=None if raw.get("target_bits") is None else float(raw["target_bits"]),
+                       bit_choices=tuple(sorted({int(b) for b in raw.get("bit_choices", cls.bit_choices)})),
+                       layer_bits={str(k): int(v) for k, v in dict(raw.get("layer_bits") or {}).items()},
+                       parts=tuple(raw.get("parts", cls.parts)))
+        except (TypeError, ValueError) as e:
+            raise VitcompressError(f"bad mptq option: {e}") from None
+        widths = opts.bit_choices + tuple(opts.layer_bits.values())
+        if not opts.bit_choices or any(not 2 <= b <= 8 for b in widths):
+            raise VitcompressError(f"bit choices and per-layer bits must be between 2 and 8, got {sorted(set(widths))}")
+        if opts.target_bits is not None and opts.layer_bits:
+            raise VitcompressError("give either --target-bits or --bits-from, not both")
+        if opts.target_bits is not None and not opts.bit_choices[0] <= opts.target_bits <= opts.bit_choices[-1]:
+            raise VitcompressError(f"--target-bits {opts.target_bits:g} is outside the bit choices {list(opts.bit_choices)}")
+        if set(opts.parts) - {"sqb", "optm"}:
+            raise VitcompressError(f"unknown MPTQ part(s) {sorted(set(opts.parts) - {'sqb', 'optm'})} (known: sqb, optm)")
+        if opts.full and config.placement != "partial+matmul":
+            raise VitcompressError("mptq full quantization needs placement partial+matmul (the --full flag sets it)")
+        return opts
+
+
+# ---------------------------------------------------------------------------------------- wrapping
+
+_INPUT_CLASSES: dict[type, type] = {}
+
+
+class _QuantizedInput:
+    """Mixin: quantize the module's input, then run the module's own forward (LayerNorm, GELU)."""
+
+    input_quantizer: TensorQuantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.input_quantizer(x))
+
+
+def wrap_input(module: nn.Module, spec: QuantSpec, observer: str) -> None:
+    cls = type(module)
+    if cls not in _INPUT_CLASSES:
+        _INPUT_CLASSES[cls] = type("QuantInput" + cls.__name__, (_QuantizedInput, cls), {})
+    module.__class__ = _INPUT_CLASSES[cls]
+    module.input_quantizer = TensorQuantizer(spec, observer)
+
+
+def _post_gelu_linears(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Quantized Linears whose input is exactly a GELU's output tensor (found by dataflow)."""
+    produced: dict[int, torch.Tensor] = {}
+    found: list[str] = []
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.GELU):
+            hooks.append(m.register_forward_hook(lambda mod, i, out: produced.__setitem__(id(out), out)))
+        elif isinstance(m, QuantLinear):
+            def pre(mod, inp, n=name):
+                if produced.get(id(inp[0])) is inp[0] and n not in found:
+                    found.append(n)
+            hooks.append(m.register_forward_pre_hook(pre))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def _mac_units(model: nn.Module) -> dict[str, dict[str, str]]:
+    """MAC-carrying quantized products: name -> {"w"/"a" or "a"/"b": quantizer name}."""
+    units = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantConv2d)):
+            units[name] = {"weight": f"{name}.weight_quantizer", "input": f"{name}.input_quantizer"}
+        elif isinstance(m, QuantMatMul):
+            units[name] = {"a": f"{name}.a_quantizer", "b": f"{name}.b_quantizer"}
+    return units
+
+
+def _trace(model: nn.Module, units: dict, extra: list[str], example: torch.Tensor) -> tuple[dict[str, int], dict[str, str]]:
+    """MACs per image of each unit, and for each extra (MAC-less) module the next unit executed."""
+    modules = dict(model.named_modules())
+    macs: dict[str, int] = {}
+    order: list[str] = []
+    hooks = []
+
+    def on_unit(mod, inp, out, n):
+        per_image = out.numel() // out.shape[0]
+        if isinstance(mod, QuantConv2d):
+            k = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+        else:
+            k = inp[0].shape[-1]
+        macs[n] = macs.get(n, 0) + per_image * k
+        order.append(n)
+
+    for n in units:
+        hooks.append(modules[n].register_forward_hook(lambda mod, i, o, n=n: on_unit(mod, i, o, n)))
+    for n in extra:
+        hooks.append(modules[n].register_forward_pre_hook(lambda mod, i, n=n: order.append(n)))
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    follows: dict[str, str] = {}
+    for i, n in enumerate(order):
+        if n in extra and n not in follows:
+            nxt = next((u for u in order[i + 1:] if u in units), None)
+            if nxt is None:
+                raise VitcompressError(f"{n} feeds no quantized layer; cannot give it a bit-width")
+            follows[n] = nxt
+    return macs, follows
+
+
+# ------------------------------------------------------------------------------------ the method
+
+class _Setup:
+    """Who owns which quantizer, the bank of calibrated parameters, and assignment application."""
+
+    def __init__(self, model: nn.Module, config: QuantConfig):
+        self.model = model
+        self.config = config
+        self.qs: dict[str, TensorQuantizer] = {n: q for n, q in quantizers(model) if not n.endswith(".coarse")}
+        self.bank: dict[tuple[str, int], tuple] = {}
+        self.owner: dict[str, tuple[str, str]] = {}  # quantizer -> (unit, "w" or "a")
+
+    def bits_of(self, qname: str, assignment: dict[str, tuple[int, int]]) -> int:
+        unit, role = self.owner[qname]
+        w, a = assignment[unit]
+        return w if role == "w" else a
+
+    def set_bits(self, q: TensorQuantizer, bits: int) -> None:
+        if isinstance(q, TwoRegionQuantizer):
+            q.set_total_bits(bits)
+        else:
+            q.spec = replace(q.spec, bits=bits)
+
+    def apply(self, assignment: dict[str, tuple[int, int]]) -> None:
+        for n, q in self.qs.items():
+            b = self.bits_of(n, assignment)
+            self.set_bits(q, b)
+            params = self.bank[(n, b)]
+            if isinstance(q, TwoRegionQuantizer):
+                q.set_regions(*params)
+            else:
+                q.set_qparams(*params)
+
+
+def _quantized_at(setup: _Setup, qname: str, x: torch.Tensor, assignment: dict[str, tuple[int, int]]) -> torch.Tensor:
+    """x fake-quantized with the bank's parameters of quantizer ``qname`` at its width in ``assignment``."""
+    b = setup.bits_of(qname, assignment)
+    return fake_quantize(x, *setup.bank[(qname, b)], replace(setup.qs[qname].spec, bits=b))
+
+
+def _capture_inputs(model: nn.Module, names: list[str], batches: Sequence[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """Float inputs of the given modules (Linear: a row subsample; MatMul: both operands, a few images)."""
+    modules = dict(model.named_modules())
+    got: dict[str, list] = {n: [] for n in names}
+    gen = torch.Generator().manual_seed(0)
+    per_batch = max(1, OPTM_SAMPLE_ROWS // len(batches))
+
+    def hook(mod, inp, n):
+        if isinstance(mod, QuantMatMul):
+            kept = sum(a.shape[0] for a, _ in got[n])
+            if kept < OPTM_SAMPLE_IMAGES:
+                got[n].append((inp[0][: OPTM_SAMPLE_IMAGES - kept].detach(), inp[1][: OPTM_SAMPLE_IMAGES - kept].detach()))
+        else:
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1])
+            got[n].append(x[torch.randperm(x.shape[0], generator=gen)[:per_batch]])
+
+    hooks = [modules[n].register_forward_pre_hook(lambda mod, i, n=n: hook(mod, i, n)) for n in names]
+    try:
+        run_batches(model, batches)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+def _kl_and_agreement(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
+    kl = F.kl_div(F.log_softmax(out, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean").item()
+    agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item() * 100
+    return kl, agree
+
+
+@register_method("mptq")
+def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor], progress: Progress | None) -> dict:
+    """SQ-b + OPT-m (+ greedy mixed precision); see the module docstring and docs/mptq.md."""
+    opts = MptqOptions.from_config(config)
+    parts = set(opts.parts)
+    example = batches[0]
+    modules = dict(model.named_modules())
+    skip = config.skip
+
+    # 1. --full: LayerNorm and GELU inputs
+    extra: list[str] = []
+    if opts.full:
+        for name, m in list(modules.items()):
+            if isinstance(m, (nn.LayerNorm, nn.GELU)) and not any(fnmatch.fnmatch(name, p) for p in skip):
+                wrap_input(m, config.act_spec, config.act_observer)
+                extra.append(name)
+
+    # 2. OPT-m quantizers for post-GELU (and, with --full, post-Softmax) activations
+    optm_layers: list[str] = []
+    if "optm" in parts:
+        bits_needed = [b for b in ((opts.bit_choices if opts.target_bits is not None else ())
+                                   or tuple(opts.layer_bits.values()) or (config.abits,))]
+        if min(bits_needed) < 3:
+            raise VitcompressError("OPT-m needs activations of at least 3 bits")
+        for name in _post_gelu_linears(model, example[:2]):
+            m = modules[name]
+            m.__class__ = TwoRegionLinear
+            m.input_quantizer = TwoRegionQuantizer(config.abits, config.act_observer)
+            optm_layers.append(name)
+        for name, m in modules.items():
+            if isinstance(m, QuantMatMul) and name.endswith("av_matmul"):  # QuantAttention's attn @ v
+                m.__class__ = TwoRegionMatMul
+                m.a_quantizer = TwoRegionQuantizer(config.abits, config.act_observer)
+                optm_layers.append(name)
+
+    setup = _Setup(model, config)
+    units = _mac_units(model)
+    macs, follows = _trace(model, units, extra, example)
+    for u, roles in units.items():
+        for role, qn in roles.items():
+            setup.owner[qn] = (u, "w" if role == "weight" else "a")
+    for n in extra:
+        setup.owner[f"{n}.input_quantizer"] = (follows[n], "a")
+
+    # the assignments the bank must cover
+    if opts.layer_bits:
+        wanted = dict(opts.layer_bits)
+        missing, unknown = sorted(set(units) - set(wanted)), sorted(set(wanted) - set(units))
+        if missing or unknown:
+            raise VitcompressError(f"--bits-from does not match this model's quantized layers "
+                                   f"(missing: {missing[:3]}, unknown: {unknown[:3]})")
+        passes = [{u: (b, b) for u, b in wanted.items()}]
+    elif opts.target_bits is not None:
+        passes = [{u: (b, b) for u in units} for b in opts.bit_choices]
+    else:
+        passes = [{u: (config.wbits, config.abits) for u in units}]
+
+    # 3. SQ-b, searched at the lowest width each layer may get
+    sqb_info = {}
+    if "sqb" in parts:
+        def specs_for(linear: str) -> tuple[QuantSpec, QuantSpec]:
+            w = min(p[linear][0] for p in passes)
+            a = min(p[linear][1] for p in passes)
+            return replace(config.weight_spec_linear, bits=w), replace(config.act_spec, bits=a, symmetric=True)
+
+        sqb_info = apply_sqb(model, batches, specs_for)
+        # SQ-b centres the smoothed inputs: they get a signed symmetric grid (no zero point). An
+        # unsigned grid on a symmetric range puts both range ends on rounding ties, and with alpha
+        # near 1 every channel's extreme sits there, so torch and onnxruntime would round them apart.
+        for v in sqb_info.values():
+            for lin in v["linears"]:
+                iq = modules[lin].input_quantizer
+                iq.spec = replace(iq.spec, symmetric=True)
+
+    # 4. the bank: one observer pass per assignment to cover
+    plain = {n: q for n, q in setup.qs.items() if not isinstance(q, TwoRegionQuantizer)}
+    two_region = {n: q for n, q in setup.qs.items() if isinstance(q, TwoRegionQuantizer)}
+    for k, assignment in enumerate(passes):
+        for n, q in setup.qs.items():
+            q.mode = "off"
+        for n, q in plain.items():
+            setup.set_bits(q, setup.bits_of(n, assignment))
+            q.observe()
+        run_batches(model, batches)
+        for n, q in plain.items():
+            q.freeze()
+            setup.bank[(n, q.spec.bits)] = (q.scale.clone(), q.zero_point.clone())
+        for n, q in plain.items():
+            q.mode = "off"
+    optm_info: dict[str, dict] = {}
+    if two_region:
+        owners = {n: n.rsplit(".", 1)[0] for n in two_region}
+        captured = _capture_inputs(model, list(owners.values()), batches)
+        for n, q in two_region.items():
+            layer = owners[n]
+            m = modules[layer]
+            for assignment in passes:
+                b = setup.bits_of(n, assignment)
+                if (n, b) in setup.bank:
+                    continue
+                if isinstance(m, QuantMatMul):
+                    a_in = torch.cat([a for a, _ in captured[layer]])
+                    v = torch.cat([v for _, v in captured[layer]])
+                    vq = _quantized_at(setup, f"{layer}.b_quantizer", v, assignment)
+                    found = search_two_region(a_in, lambda a: a @ vq, b)
+                else:
+                    x = torch.cat(captured[layer])
+                    w = _quantized_at(setup, f"{layer}.weight_quantizer", m.weight.detach(), assignment)
+                    found = search_two_region(x, lambda a: a @ w.t(), b)
+                setup.bank[(n, b)] = (found["base_scale"], found["zero_point"], found["ratio"])
+                optm_info.setdefault(n, {})[b] = {
+                    "ratio": found["ratio"], "output_mse": found["output_mse"],
+                    "output_mse_single_scale": found["output_mse_single_scale"]}
+
+    # 5. the assignment
+    info: dict = {"mptq": {"parts": sorted(parts), "full": opts.full}}
+    mp_info = None
+    if opts.target_bits is not None:
+        sens_x = torch.cat(list(batches))[:SENSITIVITY_IMAGES]
+        for q in setup.qs.values():
+            q.mode = "off"
+        with torch.no_grad():
+            ref = model(sens_x)
+
+        def evaluate(assign: dict[str, int]) -> tuple[float, float]:
+            setup.apply({u: (b, b) for u, b in assign.items()})
+            with torch.no_grad():
+                return _kl_and_agreement(ref, model(sens_x))
+
+        assignment, path = greedy_mixed_precision(
+            macs, opts.bit_choices, opts.target_bits, lambda a: evaluate(a)[0],
+            measure=lambda a: dict(zip(("kl", "top1_agreement"), evaluate(a))), progress=progress)
+        final = {u: (b, b) for u, b in assignment.items()}
+        mp_info = {"weighting": "MACs per image", "target_bits": opts.target_bits, "bit_choices": list(opts.bit_choices),
+                   "average_bits": average_bits(assignment, macs), "assignment": assignment, "macs": macs,
+                   "sensitivity": f"KL(float || quantized logits) on {len(sens_x)} calibration images",
+                   "path": path}
+    else:
+        final = passes[0]
+        if opts.layer_bits:
+            mp_info = {"weighting": "MACs per image", "assignment": dict(opts.layer_bits), "macs": macs,
+                       "average_bits": average_bits(dict(opts.layer_bits), macs)}
+    setup.apply(final)
+    for q in setup.qs.values():
+        assert q.mode == "quantize"
+
+    if sqb_info:
+        info["mptq"]["sqb"] = {n: {"linears": v["linears"], "alpha": v["alpha"]} for n, v in sqb_info.items()}
+    if optm_info:
+        info["mptq"]["optm"] = {n.rsplit(".", 1)[0]: {"bits": setup.bits_of(n, final), **by_bits[setup.bits_of(n, final)]}
+                                for n, by_bits in optm_info.items()}
+        info["mptq"]["optm_export"] = EXPORT_NOTE_OPTM
+    if opts.full:
+        info["mptq"]["full_extra_quantized_inputs"] = extra
+    if mp_info is not None:
+        info["mixed_precision"] = mp_info
+    return info

@@ -1,0 +1,195 @@
+"""SQ-b: SmoothQuant with a bias term, for every Linear fed directly by a LayerNorm (MPTQ-ViT).
+
+A LayerNorm's output is strongly asymmetric per channel in ViTs (a few channels sit far from 0).
+SQ-b shifts each channel j of that output by a centre mu_j and divides it by a smoothing factor
+s_j; both are folded into the LayerNorm's affine parameters, and the consuming Linear(s) absorb
+the inverse, so the float function is unchanged:
+
+    LN'(x) = (LN(x) - mu) / s      ->  gamma' = gamma / s,  beta' = (beta - mu) / s
+    Linear'(y') = W diag(s) y' + (b + W mu)
+
+Interpretations (the paper's text is partly unavailable here; see docs/mptq.md):
+- mu_j = (max_j + min_j) / 2 of the LayerNorm output over the calibration images (the centre of
+  the channel's range, which makes the range symmetric around 0).
+- s_j = r_j^alpha / max|W_:,j|^(1 - alpha), with r_j = (max_j - min_j) / 2 the centred half-range
+  and W the concatenated weights of every Linear the LayerNorm feeds (SmoothQuant's formula).
+- alpha is searched per LayerNorm over a grid (plus "centre only", s = 1) by the output error of
+  the consuming Linear(s) with their weights and inputs quantized at that layer's bit-widths.
+Pairs come from the dataflow (one forward pass with hooks: which Linear consumes exactly the
+tensor a LayerNorm produced), never from module names. A LayerNorm whose output also feeds
+anything other than Linears is left alone (its other consumer would see the changed output);
+the float output is checked after folding, as BatchNorm folding does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import VitcompressError
+from .modules import TensorQuantizer
+from .spec import QuantSpec, fake_quantize, qparams_from_range
+
+ALPHAS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+SAMPLE_ROWS = 1024  # LayerNorm output rows kept per pair for the alpha search
+
+
+@dataclass
+class SmoothPair:
+    """One LayerNorm and the Linear layers that consume its output."""
+
+    norm: str
+    linears: list[str]
+
+
+def find_layernorm_linear_pairs(model: nn.Module, example: torch.Tensor) -> list[SmoothPair]:
+    """Every LayerNorm whose output tensor is consumed only by Linear layers (found by dataflow).
+
+    The forward pass records, per LayerNorm output tensor, the Linear modules that receive it, and
+    counts how many modules of any other kind receive it; a LayerNorm with another module consumer is
+    skipped. (A consumer that is not a module, e.g. a residual add of the normalised tensor, cannot
+    be seen by hooks: ``apply_sqb`` checks the float output after folding and refuses such a model.)
+    """
+    produced: dict[int, tuple[str, torch.Tensor]] = {}  # the tensor is kept alive so its id is not reused
+    linear_consumers: dict[str, list[str]] = {}
+    other_consumers: dict[str, int] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.LayerNorm) and m.elementwise_affine and m.bias is not None:
+            hooks.append(m.register_forward_hook(lambda mod, inp, out, n=name: produced.__setitem__(id(out), (n, out))))
+
+    def pre(mod, inp, n):
+        if not inp or not isinstance(inp[0], torch.Tensor):
+            return
+        entry = produced.get(id(inp[0]))
+        if entry is None or entry[1] is not inp[0]:
+            return
+        norm = entry[0]
+        if isinstance(mod, nn.Linear):
+            users = linear_consumers.setdefault(norm, [])
+            if n not in users:
+                users.append(n)
+        else:
+            other_consumers[norm] = other_consumers.get(norm, 0) + 1
+
+    for name, m in model.named_modules():
+        # leaf modules (and Linears, which may own quantizer children); quantizers pass tensors through
+        if (isinstance(m, nn.Linear) or not list(m.children())) and not isinstance(m, (nn.LayerNorm, TensorQuantizer)):
+            hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=name: pre(mod, inp, n)))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [SmoothPair(norm, linears) for norm, linears in linear_consumers.items() if norm not in other_consumers]
+
+
+def smoothing_factors(lo: torch.Tensor, hi: torch.Tensor, weight_absmax: torch.Tensor,
+                      alpha: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel centre mu and smoothing factor s; ``alpha=None`` means centre only (s = 1)."""
+    centre = (hi + lo) / 2
+    if alpha is None:
+        return centre, torch.ones_like(centre)
+    half_range = ((hi - lo) / 2).clamp(min=1e-5)
+    s = half_range.pow(alpha) / weight_absmax.clamp(min=1e-5).pow(1 - alpha)
+    return centre, s.clamp(1e-4, 1e4)
+
+
+def smoothed_output_error(x: torch.Tensor, weight: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                          centre: torch.Tensor, scale: torch.Tensor, wspec: QuantSpec, aspec: QuantSpec) -> float:
+    """Mean squared error of the Linear output when its smoothed input and weight are quantized.
+
+    The bias cancels (b' = b + W mu holds exactly in float), so only W' x' vs Q(W') Q(x') is compared.
+    """
+    xs = (x - centre) / scale
+    ws = weight * scale
+    a_scale, a_zp = qparams_from_range(((lo - centre) / scale).min(), ((hi - centre) / scale).max(), aspec)
+    w_lo, w_hi = ws.amin(dim=1), ws.amax(dim=1)
+    w_scale, w_zp = qparams_from_range(w_lo, w_hi, wspec)
+    ref = xs @ ws.t()
+    out = fake_quantize(xs, a_scale, a_zp, aspec) @ fake_quantize(ws, w_scale, w_zp, wspec).t()
+    return (out - ref).pow(2).mean().item()
+
+
+def fold_smoothing(norm: nn.LayerNorm, linears: Sequence[nn.Linear], centre: torch.Tensor, scale: torch.Tensor) -> None:
+    """Fold y' = (y - centre) / scale into the LayerNorm and the inverse into each Linear, in place."""
+    with torch.no_grad():
+        for lin in linears:
+            shift = lin.weight.double() @ centre.double()
+            if lin.bias is None:
+                lin.bias = nn.Parameter(shift.float())
+            else:
+                lin.bias.copy_((lin.bias.double() + shift).float())
+            lin.weight.copy_((lin.weight.double() * scale.double()).float())
+        norm.bias.copy_(((norm.bias.double() - centre.double()) / scale.double()).float())
+        norm.weight.copy_((norm.weight.double() / scale.double()).float())
+
+
+def apply_sqb(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    specs_for: Callable[[str], tuple[QuantSpec, QuantSpec]],
+    alphas: Sequence[float] = ALPHAS,
+    atol: float = 1e-4,
+) -> dict[str, dict]:
+    """Search alpha per LayerNorm -> Linear pair and fold SQ-b in place; returns what was chosen.
+
+    ``specs_for(linear_name)`` gives the (weight, activation) grids the search quantizes with.
+    Quantizers must be "off" (the search needs the float activations).
+    """
+    model.eval()
+    pairs = find_layernorm_linear_pairs(model, batches[0][:2])
+    if not pairs:
+        return {}
+    modules = dict(model.named_modules())
+    stats: dict[str, dict] = {p.norm: {"lo": None, "hi": None, "rows": []} for p in pairs}
+    gen = torch.Generator().manual_seed(0)
+    per_batch = max(1, SAMPLE_ROWS // len(batches))
+
+    def record(mod, inp, out, n):
+        y = out.detach().reshape(-1, out.shape[-1]).float()
+        st = stats[n]
+        lo, hi = y.amin(0), y.amax(0)
+        st["lo"] = lo if st["lo"] is None else torch.minimum(st["lo"], lo)
+        st["hi"] = hi if st["hi"] is None else torch.maximum(st["hi"], hi)
+        st["rows"].append(y[torch.randperm(y.shape[0], generator=gen)[:per_batch]])
+
+    hooks = [modules[p.norm].register_forward_hook(lambda m, i, o, n=p.norm: record(m, i, o, n)) for p in pairs]
+    try:
+        with torch.no_grad():
+            before = [model(x) for x in batches[:1]]
+            for x in batches[1:]:
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    chosen: dict[str, dict] = {}
+    for p in pairs:
+        st = stats[p.norm]
+        x = torch.cat(st["rows"])
+        linears = [modules[n] for n in p.linears]
+        weight = torch.cat([lin.weight.detach().float() for lin in linears])
+        w_absmax = weight.abs().amax(dim=0)
+        wspec, aspec = specs_for(p.linears[0])
+        best = None
+        for alpha in (None, *alphas):
+            centre, scale = smoothing_factors(st["lo"], st["hi"], w_absmax, alpha)
+            err = smoothed_output_error(x, weight, st["lo"], st["hi"], centre, scale, wspec, aspec)
+            if best is None or err < best[0]:
+                best = (err, alpha, centre, scale)
+        centre, scale = smoothing_factors(st["lo"], st["hi"], w_absmax, None)
+        base_err = smoothed_output_error(x, weight, st["lo"], st["hi"], torch.zeros_like(centre), scale, wspec, aspec)
+        err, alpha, centre, scale = best
+        fold_smoothing(modules[p.norm], linears, centre, scale)
+        chosen[p.norm] = {"linears": p.linears, "alpha": alpha, "output_mse": err, "output_mse_unsmoothed": base_err}
+
+    with torch.no_grad():
+        after = model(batches[0])
+    err = (after - before[0]).abs().max().item()
+    if err > atol * max(1.0, before[0].abs().max().item()):
+        raise VitcompressError(f"SQ-b folding changed the float output by {err:.3g}: a LayerNorm output is used by a non-Linear op")
+    return chosen
