@@ -158,7 +158,8 @@ def print_prune_report(r: dict) -> None:
     pr = r["pruning"]
     for it in r["iterations"]:
         out_console.print(f"iteration {it['iteration']}: MACs /{it['macs_factor']:.2f} -> measured {it['measured_speedup']:.2f}x "
-                          f"({it['fp32_ms']:.3f} vs {it['pruned_ms']:.3f} ms){' (meets target)' if it['meets_target'] else ''}"
+                          f"({it['fp32_ms']:.3f} vs {it['pruned_ms']:.3f} ms; minima {it['speedup_of_minima']:.2f}x)"
+                          f"{' (meets target)' if it['meets_target'] else ''}"
                           f" [{it['note']}]", highlight=False)
     t = Table(title=f"{r['model']['arch']} · {r['method']} · {pr['label']}", show_header=True)
     t.add_column("")

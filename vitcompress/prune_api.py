@@ -123,6 +123,7 @@ def _measure(fp32: Path, pruned: Path, shape: tuple, job: PruneJob, macs: int = 
     lat = compare_latency({"fp32": fp32, "pruned": pruned}, shape, threads=job.latency_threads,
                           rounds=_rounds(job, macs), seed=job.seed)
     lat["speedup"] = lat["fp32"]["median_ms"] / lat["pruned"]["median_ms"]
+    lat["speedup_of_minima"] = lat["fp32"]["min_ms"] / lat["pruned"]["min_ms"]
     return lat
 
 
@@ -142,16 +143,22 @@ def _search_speed(p: _Pruning, job: PruneJob, fp32: Path, work: Path, progress: 
         iterations.append({"iteration": len(iterations), "note": note, "macs_factor_requested": factor,
                            "macs_factor": p.total_macs / p.total(plan), "macs": p.total(plan),
                            "fp32_ms": lat["fp32"]["median_ms"], "pruned_ms": lat["pruned"]["median_ms"],
-                           "measured_speedup": lat["speedup"], "meets_target": lat["speedup"] >= S})
+                           "measured_speedup": lat["speedup"], "speedup_of_minima": lat["speedup_of_minima"],
+                           "meets_target": min(lat["speedup"], lat["speedup_of_minima"]) >= S})
         tried[factor] = (plan, path, lat["speedup"])
         progress("search", len(iterations), job.max_iterations + 1)
-        return lat["speedup"]
+        # the ratio of medians decides (benchmarking notes); on a loaded machine a short model
+        # slips between time slices more often than a long one, which inflates that ratio, so the
+        # ratio of minima (the uncontended run) must agree before a trial counts as fast enough
+        return min(lat["speedup"], lat["speedup_of_minima"])
 
     best = trial(p.max_factor, "every layer at its floor: the most this pruning can give")
     if best < S:
+        top = iterations[-1]
         raise VitcompressError(
-            f"target speedup {S:g}x is not reachable: the best measured speedup is {best:.2f}x "
-            f"(every layer pruned to its floor, min_keep {job.min_keep:g}); ask for at most {best:.2f}x")
+            f"target speedup {S:g}x is not reachable: the best measured speedup is {top['measured_speedup']:.2f}x "
+            f"(ratio of medians; {top['speedup_of_minima']:.2f}x of minima) with every layer pruned to its floor "
+            f"(min_keep {job.min_keep:g}); ask for at most {best:.2f}x")
     # bracket in MACs-reduction factor: lo measured below the target (dense = 1x), hi at or above it
     lo, s_lo, hi, s_hi = 1.0, 1.0, p.max_factor, best
     factor = min(S, p.max_factor)
