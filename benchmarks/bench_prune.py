@@ -6,6 +6,7 @@ evaluated on the same validation images in onnxruntime. A second model (timm
 deit_small_patch16_224, random weights, 224 px) is pruned for speed only.
 
     python benchmarks/bench_prune.py --out benchmarks/RESULTS.md [--recover-minutes 10]
+    python benchmarks/bench_prune.py --reports A/report.json B/report.json   # table from `prune` runs
 
 Writes its own section of RESULTS.md (between the bench_prune markers), keeping the rest.
 """
@@ -58,7 +59,16 @@ def main() -> None:
     ap.add_argument("--calib-size", type=int, default=1024)
     ap.add_argument("--eval-size", type=int, default=None)
     ap.add_argument("--skip-deit-small", action="store_true")
+    ap.add_argument("--reports", type=Path, nargs="+", help="build the table from report.json files of `prune` runs")
+    ap.add_argument("--note", default="", help="text added under the table")
     args = ap.parse_args()
+    if args.reports:
+        import json
+
+        rows = [_row(json.loads(p.read_text())["model"]["source"].split("/")[-1], json.loads(p.read_text()))
+                for p in args.reports]
+        _write(args, rows, 0.0)
+        return
     torch.set_num_threads(2)
     ckpt = SHARED / "zoo" / "cifar10_vit_tiny.pth"
     train, val = SHARED / "data" / "cifar10" / "train", SHARED / "data" / "cifar10" / "val"
@@ -79,6 +89,10 @@ def main() -> None:
                                latency_rounds=20, force=True)
                 rows.append(_row("deit_small_patch16_224 (random, 224 px)", prune(job)))
                 print(rows[-1], flush=True)
+    _write(args, rows, started)
+
+
+def _write(args, rows: list[str], started: float) -> None:
     import onnxruntime
     import timm
 
@@ -87,7 +101,7 @@ def main() -> None:
     cmd = "python benchmarks/bench_prune.py " + " ".join(sys.argv[1:])
     text = f"""## Pruning: LPViT vs magnitude baseline at the same measured speedup
 
-Command: `{cmd}` — {dt.date.today().isoformat()}, {(time.time() - started) / 60:.0f} min.
+Command: `{cmd}` — {dt.date.today().isoformat()}{f", {(time.time() - started) / 60:.0f} min" if started else ""}.
 torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, timm {timm.__version__}, Python {platform.python_version()};
 CPU flags: {flags or 'n/a'}. **The 2-core machine was shared with other jobs during the run**: absolute
 milliseconds are noisy; speedups are ratios of medians of alternated runs in one process (1 thread,
@@ -100,7 +114,7 @@ top-1 on cifar10/val ({args.eval_size or 'all 5000'} images) of the exported ONN
 
 | model | method | target | speedup final | speedup search | MACs reduction | params | search | fp32 top-1 | before recovery | after recovery | drop | recovery steps / time |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|
-""" + "\n".join(rows) + "\n"
+""" + "\n".join(rows) + "\n" + (f"\n{args.note}\n" if args.note else "")
     # write_section keeps the section between its module's markers: point them at ours meanwhile
     saved = bench_peers.START, bench_peers.END
     bench_peers.START, bench_peers.END = START, END
