@@ -1,4 +1,5 @@
 """Post-training quantization of vision transformers (fake-quant simulation in torch)."""
+from . import qhyvit  # noqa: F401  (registers the "qhyvit" method)
 from .api import METHODS, QuantResult, float_state_dict, quant_state, quantize_, register_method, restore_quantized
 from .config import QuantConfig
 from .spec import QuantSpec

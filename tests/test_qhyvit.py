@@ -1,0 +1,85 @@
+import copy
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+from vitcompress.quant import QuantConfig, quantize_
+from vitcompress.quant.bridge import find_bridges
+from vitcompress.quant.qhyvit import _search_quantizer
+from vitcompress.quant.spec import QuantSpec
+
+
+def _layers(model):
+    return [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+
+
+@pytest.mark.parametrize("arch, size, expected", [
+    ("mobilevit_xxs", 64, ["stages.2.1", "stages.3.1", "stages.4.1"]),    # conv -> unfold -> tokens -> fold
+    ("mobilevitv2_050", 64, ["stages.2.1", "stages.3.1", "stages.4.1"]),  # conv -> (C, P, N) patches -> fold
+    ("efficientformer_l1", 224, ["stages.3.blocks[2:5]"]),                  # the 4-D -> 3-D switch (Flat)
+    ("efficientformerv2_s0", 224, []),  # attention runs on 4-D maps: no layout switch between layers
+    ("deit_tiny_patch16_224", 224, []),
+])
+def test_bridge_blocks_found_from_structure(arch, size, expected):
+    model = timm.create_model(arch, pretrained=False, num_classes=10).eval()
+    bridges = find_bridges(model, _layers(model), torch.randn(1, 3, size, size))
+    assert [b.name for b in bridges] == expected
+    for b in bridges:  # every bridge holds both conv-layout and token-layout layers
+        assert len(b.layers) >= 2
+
+
+def test_search_never_increases_the_objective_and_fixes_a_bad_start():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    x = torch.randn(64, 16)
+    model = nn.Sequential(layer)
+    quantize_(model, QuantConfig(wbits=4, abits=4, fold_batchnorm=False), [x])
+    target = layer(x).detach()
+    wq = layer.weight_quantizer
+    wq.set_qparams(wq.scale * 0.05, wq.zero_point)  # a terrible starting scale
+
+    def error():
+        with torch.no_grad():
+            return float((layer(x) - target).pow(2).sum())
+
+    with torch.no_grad():
+        layer.input_quantizer.mode = "off"
+        target = nn.functional.linear(x, layer.weight, layer.bias)
+        start = error()
+        best, _ = _search_quantizer(wq, lambda: layer.weight, [QuantSpec(4, True, True, 0), QuantSpec(4, True, False, 0)],
+                                    torch.linspace(0.01, 1.2, 40), error)
+    assert best == pytest.approx(error())
+    assert best < 0.1 * start
+
+
+def test_zero_point_overflow_is_fixed_and_counted():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4))
+    x = torch.rand(32, 8) + 2.0  # strictly positive inputs: an asymmetric range would exclude 0
+    result = quantize_(model, QuantConfig(method="qhyvit", wbits=8, abits=8, act_symmetric=False, fold_batchnorm=False,
+                                          method_options={"rounds": 1, "alphas": 8, "search_scheme": False}), [x])
+    aq = model[0].input_quantizer
+    assert int(aq.zero_point) == 0  # range widened down to 0: the zero point sits at the grid's edge, not beyond
+    assert result.method_info["qhyvit"]["zero_point_fix_fired"] == 1
+
+
+def test_qhyvit_zero_point_report_and_export_agreement(loaded, calib_batches, tmp_path):
+    from vitcompress.export import export_qdq, make_session
+    from vitcompress.export.runtime import run_session
+
+    m = copy.deepcopy(loaded.model)
+    result = quantize_(m, QuantConfig(method="qhyvit", wbits=6, abits=6, method_options={"rounds": 1, "alphas": 6}),
+                       [torch.cat(calib_batches)[:16]])
+    info = result.method_info["qhyvit"]
+    assert isinstance(info["zero_point_fix_fired"], int)
+    assert len(info["choices"]) == 26 and len(info["objective_per_round"]) == 1
+    export_qdq(m, loaded.preprocessing.input_size, tmp_path / "q.onnx", {})
+    x = torch.cat(calib_batches)
+    with torch.no_grad():
+        ref = m(x).numpy()
+    got = run_session(make_session(tmp_path / "q.onnx"), x.numpy())
+    assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.99
+    assert np.isfinite(got).all()

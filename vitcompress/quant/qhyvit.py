@@ -1,0 +1,259 @@
+"""Q-HyViT: post-training quantization of hybrid ViTs (arXiv 2303.12557).
+
+Per quantized layer, a search over the scale (a grid of α·Δ₀ around the min-max scale Δ₀), the
+granularity and the scheme, minimising the Hessian-guided output error
+
+    E[ ΔOᵀ diag((∂L/∂O)²) ΔO ],   L = KL(float logits ‖ quantized logits),
+
+alternating weights and activations for a few rounds. For a layer inside a bridge block (where
+the layout switches between conv maps and tokens, see ``bridge.py``) O is the output of the
+whole bridge block, so the block is reconstructed as a whole.
+
+Interpretations and simplifications (also in docs/qhyvit.md):
+- diag((∂L/∂O)²) is read as the diagonal Hessian of L at the float model. There the gradient of
+  that KL is exactly zero, and its Hessian is the Fisher information of the model's prediction,
+  Σ_c p_c (∂ log p_c/∂O)²: computed exactly (one backward pass per class) for up to 16 classes,
+  and by sampling 16 labels from the model's prediction (seeded) for more.
+- O is computed from the layer's (or block's) float input; other quantizers inside a bridge block
+  keep their current parameters while one is searched.
+- Granularity is searched for weights (per-tensor vs per-output-channel). Activations stay per
+  tensor, because onnxruntime's integer kernels take one activation scale.
+- Scheme is searched for activations (symmetric int8 vs asymmetric uint8). Weights stay
+  symmetric: asymmetric int8 weights do not map to onnxruntime's integer kernels.
+- The α grid has ``alphas`` points in [0.01, 1.2] (the paper scans ~100).
+- Zero-point overflow: asymmetric ranges are widened to include 0 (``qparams_from_range``), and
+  the number of activation quantizers whose calibrated range needed it is reported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .api import calibrate_observers, register_method
+from .bridge import Bridge, find_bridges, layer_order
+from .config import QuantConfig
+from .modules import TensorQuantizer
+from .spec import QuantSpec, qparams_from_range
+
+
+@dataclass(frozen=True)
+class QHyViTOptions:
+    alphas: int = 40
+    rounds: int = 3
+    search_granularity: bool = True
+    search_scheme: bool = True
+    bridge_reconstruction: bool = True
+    batch_size: int = 32  # images per forward/backward chunk
+    weights_alone: bool = False  # search weights with the layer's input quantizer off
+    objective: str = "hessian"  # "hessian" (the paper's) or "mse" (unweighted output error, for ablation)
+
+    @classmethod
+    def from_config(cls, config: QuantConfig) -> "QHyViTOptions":
+        return cls(**dict(getattr(config, "method_options", {}) or {}))
+
+
+def _alpha_grid(n: int) -> torch.Tensor:
+    return torch.linspace(0.01, 1.2, n)
+
+
+def _range(t: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    if spec.per_channel:
+        flat = t.detach().movedim(spec.axis, 0).reshape(t.shape[spec.axis], -1)
+        return flat.amin(1), flat.amax(1)
+    return t.detach().amin(), t.detach().amax()
+
+
+class _Target:
+    """One quantized layer and what its error is measured on (itself, or its bridge block)."""
+
+    def __init__(self, model: nn.Module, name: str, bridge: Bridge | None):
+        self.name = name
+        self.layer = model.get_submodule(name)
+        self.bridge = bridge
+        self.key = name if bridge is None else bridge.name
+        self.first = self.layer if bridge is None else bridge.modules(model)[0]
+        self.last = self.layer if bridge is None else bridge.modules(model)[-1]
+
+    def run(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x) if self.bridge is None else self.bridge.forward(model, x)
+
+
+def _label_weights(logp: torch.Tensor, max_exact: int, seed: int):
+    """(labels, weights) pairs whose weighted squared gradients give the diagonal Fisher
+    Σ_c p_c (∂ log p_c/∂O)²: every class when there are at most ``max_exact`` classes, else
+    ``max_exact`` labels sampled from the model's own prediction (Monte Carlo, seeded)."""
+    p = logp.exp()
+    n, c = p.shape
+    if c <= max_exact:
+        for k in range(c):
+            yield torch.full((n,), k, dtype=torch.long), p[:, k]
+        return
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(max_exact):
+        yield torch.multinomial(p, 1, generator=g).squeeze(1), torch.full((n,), 1.0 / max_exact)
+
+
+def _record(model: nn.Module, calib: torch.Tensor, targets: list[_Target], bs: int, fisher: bool,
+            fisher_labels: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One pass over the calibration images.
+
+    ``fisher=False``: the float inputs of every target block and of every layer
+    (keys "in:<key>", "layer:<name>"), and the block outputs ("out:<key>").
+    ``fisher=True``: the diagonal of the Hessian of L = KL(float ‖ quantized) at the float model,
+    which is the Fisher information of the model's prediction, at each block output ("g2:<key>").
+    """
+    chunks: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+
+    def keep(key: str, t: torch.Tensor) -> None:
+        chunks.setdefault(key, []).append(t.detach().clone())  # clone: later in-place ops (SiLU, +=) reuse storage
+
+    outputs: dict[str, torch.Tensor] = {}
+    seen_blocks = set()
+    for t in targets:
+        if not fisher:
+            hooks.append(t.layer.register_forward_pre_hook(lambda m, inp, n=t.name: keep("layer:" + n, inp[0])))
+        if t.key in seen_blocks:
+            continue
+        seen_blocks.add(t.key)
+        if not fisher:
+            hooks.append(t.first.register_forward_pre_hook(lambda m, inp, k=t.key: keep("in:" + k, inp[0])))
+            hooks.append(t.last.register_forward_hook(lambda m, inp, out, k=t.key: keep("out:" + k, out)))
+        else:
+            def grab(m, inp, out, k=t.key):
+                outputs[k] = out
+                return out.clone()  # downstream in-place ops must not rewrite the tensor we differentiate by
+
+            hooks.append(t.last.register_forward_hook(grab))
+    try:
+        for i in range(0, len(calib), bs):
+            x = calib[i:i + bs]
+            if not fisher:
+                with torch.no_grad():
+                    model(x)
+                continue
+            with torch.enable_grad():
+                logp = F.log_softmax(model(x.clone().requires_grad_(True)), dim=-1)
+                keys = list(outputs)
+                fisher = {k: torch.zeros_like(outputs[k]) for k in keys}
+                for y, w in _label_weights(logp.detach(), fisher_labels, seed + i):
+                    nll = -logp.gather(1, y[:, None]).squeeze(1)
+                    grads = torch.autograd.grad(nll.sum(), [outputs[k] for k in keys], retain_graph=True, allow_unused=True)
+                    for k, g in zip(keys, grads):
+                        if g is not None:
+                            shape = (-1,) + (1,) * (g.dim() - 1)
+                            fisher[k] += w.view(shape).to(g.dtype) * g.pow(2) if g.shape[0] == len(w) else w.mean() * g.pow(2)
+                for k in keys:
+                    keep("g2:" + k, fisher[k])
+            outputs.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: torch.cat(v) for k, v in chunks.items()}
+
+
+def _set_all(model: nn.Module, mode_by_q: dict[TensorQuantizer, str]) -> None:
+    for q, mode in mode_by_q.items():
+        q.mode = mode
+
+
+def _search_quantizer(q: TensorQuantizer, tensor_fn: Callable[[], torch.Tensor], specs: Sequence[QuantSpec],
+                      alphas: torch.Tensor, error: Callable[[], float]) -> tuple[float, bool]:
+    """Try every (spec, α) for one quantizer; keep the best by ``error``.
+
+    Returns the best error and whether the kept range had to be widened to include 0 (an
+    asymmetric range entirely on one side of 0: the zero-point overflow case)."""
+    def excludes_zero(spec: QuantSpec, lo: torch.Tensor, hi: torch.Tensor) -> bool:
+        return not spec.symmetric and bool(((lo > 0) | (hi < 0)).any())
+
+    best = (error(), q.spec, q.scale.clone(), q.zero_point.clone(), excludes_zero(q.spec, *_range(tensor_fn(), q.spec)))
+    for spec in specs:
+        lo0, hi0 = _range(tensor_fn(), spec)
+        for a in alphas:
+            lo, hi = lo0 * a, hi0 * a
+            scale, zp = qparams_from_range(lo, hi, spec)
+            q.spec = spec
+            q.set_qparams(scale, zp)
+            err = error()
+            if err < best[0]:
+                best = (err, spec, scale, zp, excludes_zero(spec, lo, hi))
+    q.spec = best[1]
+    q.set_qparams(best[2], best[3])
+    return best[0], best[4]
+
+
+@register_method("qhyvit")
+def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
+           progress: Callable[[int, int], None] | None) -> dict:
+    opts = QHyViTOptions.from_config(config)
+    calib = torch.cat(list(batches))
+    calibrate_observers(model, config, batches, None)  # min-max start point (Δ₀)
+    quantizers = {m: m.mode for m in model.modules() if isinstance(m, TensorQuantizer)}
+    layers = [n for n, m in model.named_modules() if hasattr(m, "weight_quantizer")]
+    example = calib[:1]
+    _set_all(model, {q: "off" for q in quantizers})
+    bridges = find_bridges(model, layers, example) if opts.bridge_reconstruction else []
+    _set_all(model, quantizers)
+    bridge_of = {n: br for br in bridges for n in br.layers}
+    order = [n for n, _ in layer_order(model, layers, example)]
+    alphas = _alpha_grid(opts.alphas)
+    bs = opts.batch_size
+    seed = 0
+
+    targets = [_Target(model, n, bridge_of.get(n)) for n in order]
+    history = []
+    widened: dict[str, bool] = {}
+    total_steps = opts.rounds * len(order)
+    step = 0
+    _set_all(model, {q: "off" for q in quantizers})
+    fp = _record(model, calib, targets, bs, fisher=False)  # float inputs and outputs of every target
+    grads = _record(model, calib, targets, bs, fisher=True, seed=seed) if opts.objective == "hessian" else {}
+    _set_all(model, {q: "quantize" for q in quantizers})
+    for _ in range(opts.rounds):
+        round_err = 0.0
+        for t in targets:
+            x_fp, o_fp = fp["in:" + t.key], fp["out:" + t.key]
+            g2 = grads["g2:" + t.key] if opts.objective == "hessian" else torch.ones_like(o_fp)
+
+            def error() -> float:
+                with torch.no_grad():
+                    return float((g2 * (t.run(model, x_fp) - o_fp).pow(2)).sum() / len(x_fp))
+
+            wq, aq = t.layer.weight_quantizer, t.layer.input_quantizer
+            wspecs = [QuantSpec(wq.spec.bits, True, True, 0)]
+            if opts.search_granularity:
+                wspecs.append(QuantSpec(wq.spec.bits, True, False, 0))
+            aspecs = [QuantSpec(aq.spec.bits, aq.spec.symmetric, False)]
+            if opts.search_scheme:
+                aspecs.append(QuantSpec(aq.spec.bits, not aq.spec.symmetric, False))
+            aq_mode = aq.mode
+            if opts.weights_alone:
+                aq.mode = "off"
+            _search_quantizer(wq, lambda: t.layer.weight, wspecs, alphas, error)
+            aq.mode = aq_mode
+            err, widened[t.name] = _search_quantizer(aq, lambda: fp["layer:" + t.name], aspecs, alphas, error)
+            round_err += err
+            step += 1
+            if progress:
+                progress(step, total_steps)
+        history.append(round_err)
+
+    choices = {}
+    for name in order:
+        layer = model.get_submodule(name)
+        choices[name] = {"weights": "per-channel" if layer.weight_quantizer.spec.per_channel else "per-tensor",
+                         "activations": "symmetric" if layer.input_quantizer.spec.symmetric else "asymmetric"}
+    overflow = sum(widened.values())
+    return {
+        "qhyvit": {
+            "options": opts.__dict__,
+            "bridge_blocks": [{"block": b.name, "layers": len(b.layers)} for b in bridges],
+            "objective_per_round": history,
+            "choices": choices,
+            "zero_point_fix_fired": overflow,
+        }
+    }
