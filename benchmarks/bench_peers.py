@@ -159,15 +159,17 @@ def main() -> None:
 START, END = "<!-- bench_peers:start -->", "<!-- bench_peers:end -->"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this script's section of RESULTS.md, keeping whatever else the file holds."""
-    block = f"{START}\n{text}{END}\n"
+def write_section(path: Path, text: str, name: str | None = None) -> None:
+    """Replace one benchmark's section of RESULTS.md (between ``<!-- NAME:start/end -->``
+    markers, this script's own by default), keeping whatever else the file holds."""
+    start, end = (f"<!-- {name}:start -->", f"<!-- {name}:end -->") if name else (START, END)
+    block = f"{start}\n{text}{end}\n"
     old = path.read_text() if path.exists() else ""
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        new = head + block + rest.split(END, 1)[1].lstrip("\n")
+    if start in old and end in old:
+        head, rest = old.split(start, 1)
+        new = head + block + rest.split(end, 1)[1].lstrip("\n")
     else:
-        new = block + ("\n" + old if old else "")
+        new = old.rstrip("\n") + "\n\n" + block if old else block
     path.write_text(new)
 
 

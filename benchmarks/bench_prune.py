@@ -31,7 +31,6 @@ import bench_peers  # noqa: E402
 from vitcompress.prune_api import PruneJob, prune  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
-START, END = "<!-- bench_prune:start -->", "<!-- bench_prune:end -->"
 
 
 def _row(tag: str, r: dict) -> str:
@@ -119,13 +118,7 @@ top-1 on cifar10/val ({args.eval_size or 'all 5000'} images) of the exported ONN
 | model | method | target | speedup final, medians (minima) | speedup search | MACs reduction | params | search | fp32 top-1 | before recovery | after recovery | drop | recovery steps / time |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|
 """ + "\n".join(rows) + "\n" + (f"\n{args.note}\n" if args.note else "")
-    # write_section keeps the section between its module's markers: point them at ours meanwhile
-    saved = bench_peers.START, bench_peers.END
-    bench_peers.START, bench_peers.END = START, END
-    try:
-        bench_peers.write_section(args.out, text)
-    finally:
-        bench_peers.START, bench_peers.END = saved
+    bench_peers.write_section(args.out, text, "bench_prune")
     print(f"wrote {args.out}")
 
 

@@ -1,0 +1,115 @@
+"""Q-HyViT on the hybrid reference models, side by side with min-max, onnxruntime and NNCF.
+
+Every row is an exported ONNX file evaluated in onnxruntime on the same validation images, after
+calibration on the same seeded sample of the train split. Also: the paper's ablation (scale
+search only -> + granularity -> + scheme -> + bridge-block reconstruction) and the search's wall
+time on this machine.
+
+    python benchmarks/bench_qhyvit.py --out benchmarks/RESULTS.md [--calib-sizes 32 128] [--bits 8 6 4]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_peers  # noqa: E402
+from vitcompress import QuantConfig, QuantizeJob, load, quantize  # noqa: E402
+from vitcompress.data import label_map_to_model, load_tensor, sample, scan_images  # noqa: E402
+from vitcompress.evaluate import collect_logits, fidelity, onnx_predictor, summarize  # noqa: E402
+from vitcompress.export import make_session  # noqa: E402
+
+MODELS = ["cifar10_mobilevit_xxs", "cifar10_mobilevitv2_050"]
+ABLATION = [
+    ("scale search only", {"search_granularity": False, "search_scheme": False, "bridge_reconstruction": False}),
+    ("+ granularity", {"search_granularity": True, "search_scheme": False, "bridge_reconstruction": False}),
+    ("+ scheme", {"search_granularity": True, "search_scheme": True, "bridge_reconstruction": False}),
+    ("+ bridge reconstruction (full)", {}),
+]
+
+
+def _run(work: Path, tag: str, ckpt: Path, calib_dir: Path, n: int, cfg: QuantConfig) -> tuple[Path, float, dict]:
+    t0 = time.perf_counter()
+    r = quantize(QuantizeJob(out=work / tag, checkpoint=ckpt, config=cfg, calib_dir=calib_dir, calib_size=n,
+                             latency_rounds=3, force=True))
+    return work / tag / r["artifacts"]["quantized"]["path"], time.perf_counter() - t0, r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    ap.add_argument("--shared", type=Path, default=bench_peers.SHARED)
+    ap.add_argument("--calib-sizes", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
+    ap.add_argument("--eval-size", type=int, default=None, help="seeded subset of val (default: all 5,000)")
+    ap.add_argument("--no-ablation", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    data = args.shared / "data" / "cifar10"
+    lines = ["## Q-HyViT on the hybrid reference models", "",
+             f"Command: `python benchmarks/bench_qhyvit.py {' '.join(sys.argv[1:])}` — {dt.date.today().isoformat()}. "
+             "Partial quantization (Linear/Conv weights and inputs), BatchNorm folded, exported QDQ ONNX evaluated in "
+             f"onnxruntime on {'all' if args.eval_size is None else args.eval_size} `cifar10/val` images; calibration "
+             "images sampled (seed 0) from `cifar10/train`, identical for every tool. onnxruntime/NNCF: 8-bit only, "
+             "their defaults. Q-HyViT: 40 scale candidates, 3 rounds. Agreement = top-1 agreement with the float ONNX.", ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for z in MODELS:
+            ckpt = args.shared / "zoo" / f"{z}.pth"
+            loaded = load(checkpoint=ckpt)
+            eval_set = sample(scan_images(data / "val", require_labels=True), args.eval_size, 0)
+            label_map = label_map_to_model(eval_set, loaded.preprocessing.class_names, loaded.num_classes)
+            rows = []  # (calib, method, bits, path, wall)
+            fp32 = None
+            for n in args.calib_sizes:
+                for bits in args.bits:
+                    for method in ("minmax", "qhyvit"):
+                        cfg = QuantConfig(method=method, wbits=bits, abits=bits)
+                        path, wall, r = _run(work, f"{z}_{n}_{method}_{bits}", ckpt, data / "train", n, cfg)
+                        fp32 = fp32 or path.parent / "model.fp32.onnx"
+                        rows.append((n, method, f"W{bits}A{bits}", path, wall))
+                calib = load_tensor(sample(scan_images(data / "train"), n, 0), loaded.preprocessing)
+                for name, fn in (("onnxruntime", bench_peers.ort_quantize_static), ("nncf", bench_peers.nncf_quantize)):
+                    t0 = time.perf_counter()
+                    path = fn(fp32, work / f"{z}_{n}_{name}.onnx", calib)
+                    rows.append((n, name, "W8A8", path, time.perf_counter() - t0))
+            ablation = []
+            if not args.no_ablation:
+                for label, opts in ABLATION:
+                    cfg = QuantConfig(method="qhyvit", wbits=6, abits=6, method_options=opts)
+                    path, wall, _ = _run(work, f"{z}_abl_{len(ablation)}", ckpt, data / "train", args.calib_sizes[0], cfg)
+                    ablation.append((label, path, wall))
+            files = {"fp32": fp32, **{f"r{i}": r[3] for i, r in enumerate(rows)}, **{f"a{i}": a[1] for i, a in enumerate(ablation)}}
+            logits, labels, _ = collect_logits({k: onnx_predictor(make_session(p)) for k, p in files.items()},
+                                               eval_set, loaded.preprocessing, 100)
+            top1 = {k: summarize(v, labels, label_map, loaded.num_classes)["top1"] for k, v in logits.items()}
+            agree = {k: fidelity(logits["fp32"], v)["top1_agreement"] for k, v in logits.items()}
+            lines += [f"### {z} (float {top1['fp32']:.2f})", "",
+                      "| calib images | method | bits | top-1 | drop | agreement % | wall s |", "|---|---|---|---|---|---|---|"]
+            for i, (n, method, bits, _, wall) in enumerate(rows):
+                k = f"r{i}"
+                lines.append(f"| {n} | {method} | {bits} | {top1[k]:.2f} | {top1['fp32'] - top1[k]:.2f} | {agree[k]:.2f} | {wall:.0f} |")
+            if ablation:
+                lines += ["", f"Ablation at W6A6, {args.calib_sizes[0]} calibration images:", "",
+                          "| step | top-1 | drop | agreement % | wall s |", "|---|---|---|---|---|"]
+                for i, (label, _, wall) in enumerate(ablation):
+                    k = f"a{i}"
+                    lines.append(f"| {label} | {top1[k]:.2f} | {top1['fp32'] - top1[k]:.2f} | {agree[k]:.2f} | {wall:.0f} |")
+            lines.append("")
+            print("\n".join(lines), flush=True)
+    text = "\n".join(lines) + "\n"
+    bench_peers.write_section(args.out, text, "bench_qhyvit")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
