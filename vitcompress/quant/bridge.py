@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .tracing import forward_with_hooks
+
 
 @dataclass
 class Bridge:
@@ -64,14 +66,9 @@ def _common_ancestor(a: str, b: str) -> str:
 def layer_order(model: nn.Module, layers: list[str], example: torch.Tensor) -> list[tuple[str, torch.Size]]:
     """(layer name, input shape) in execution order, from one forward pass."""
     seen: list[tuple[str, torch.Size]] = []
-    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, inp, n=n: seen.append((n, inp[0].shape)))
-             for n in layers]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, example, [
+        model.get_submodule(n).register_forward_pre_hook(lambda m, inp, n=n: seen.append((n, inp[0].shape)))
+        for n in layers])
     first = {}
     for n, s in seen:
         first.setdefault(n, s)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import VitcompressError
+from .tracing import forward_with_hooks
 
 
 def _folded_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,12 +47,7 @@ def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[st
                 if conv is not None and all(b != n for _, b in pairs):
                     pairs.append((conv, n))
             hooks.append(m.register_forward_pre_hook(pre))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, example, hooks)
     convs = [c for c, _ in pairs]
     return [(c, b) for c, b in pairs if convs.count(c) == 1]  # a conv feeding two norms stays unfolded
 
