@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-qhyvit bench-mptq bench-prune install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Each writes its own section of benchmarks/RESULTS.md; they need ../shared (reference models, CIFAR-10).
 bench: $(STAMP)
 	$(PY) benchmarks/bench_peers.py --out benchmarks/RESULTS.md
+
+bench-qhyvit: $(STAMP)
+	$(PY) benchmarks/bench_qhyvit.py --out benchmarks/RESULTS.md
+
+bench-mptq: $(STAMP)
+	$(PY) benchmarks/bench_mptq.py --out benchmarks/RESULTS.md
+
+bench-prune: $(STAMP)
+	$(PY) benchmarks/bench_prune.py --out benchmarks/RESULTS.md
 
 clean:
 	rm -rf demo-out bench-out .pytest_cache
