@@ -52,8 +52,9 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
     ap.add_argument("--eval-size", type=int, default=None, help="seeded subset of val (default: all 5,000)")
     ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on a shared machine)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     data = args.shared / "data" / "cifar10"
     lines = ["## Q-HyViT on the hybrid reference models", "",
              f"Command: `python benchmarks/bench_qhyvit.py {' '.join(sys.argv[1:])}` — {dt.date.today().isoformat()}. "
