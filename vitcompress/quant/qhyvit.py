@@ -49,6 +49,7 @@ class QHyViTOptions:
     bridge_reconstruction: bool = True
     batch_size: int = 32  # images per forward/backward chunk
     weights_alone: bool = False  # search weights with the layer's input quantizer off
+    quantized_inputs: bool = False  # feed targets the quantized model's inputs (error accumulated upstream)
     objective: str = "hessian"  # "hessian" (the paper's) or "mse" (unweighted output error, for ablation)
 
     @classmethod
@@ -215,8 +216,9 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
     _set_all(model, {q: "quantize" for q in quantizers})
     for _ in range(opts.rounds):
         round_err = 0.0
+        inputs = _record(model, calib, targets, bs, fisher=False) if opts.quantized_inputs else fp
         for t in targets:
-            x_fp, o_fp = fp["in:" + t.key], fp["out:" + t.key]
+            x_fp, o_fp = inputs["in:" + t.key], fp["out:" + t.key]
             g2 = grads["g2:" + t.key] if opts.objective == "hessian" else torch.ones_like(o_fp)
 
             def error() -> float:
