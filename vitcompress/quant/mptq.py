@@ -33,7 +33,7 @@ from .mixed_precision import average_bits, greedy_mixed_precision
 from .modules import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer, quantizers
 from .optm import TwoRegionLinear, TwoRegionMatMul, TwoRegionQuantizer, search_two_region
 from .smoothquant import apply_sqb
-from .spec import QuantSpec, fake_quantize
+from .spec import QuantSpec, fake_quantize, qparams_from_range
 
 OPTM_SAMPLE_ROWS = 512  # activation rows kept per OPT-m layer for its search
 OPTM_SAMPLE_IMAGES = 8  # images kept per post-Softmax OPT-m layer
@@ -42,6 +42,8 @@ SENSITIVITY_IMAGES = 64  # calibration images scoring each mixed-precision step
 EXPORT_NOTE_OPTM = ("OPT-m activations are exported as two QDQ regions of (b-1)-bit codes on the int8 grid; the "
                     "product they feed runs as two integer MatMuls on the same integer weights, summed in float "
                     "(twice the MACs of that product)")
+
+PARTS = ("sqb", "optm", "sqb-v", "range")
 
 
 @dataclass(frozen=True)
@@ -52,14 +54,17 @@ class MptqOptions:
         (needs ``placement="partial+matmul"``, which the CLI's --full sets).
     target_bits: greedy mixed precision down to this MAC-weighted average, over ``bit_choices``.
     layer_bits: a fixed assignment {layer name: bits} (what --bits-from reads).
-    parts: MPTQ parts applied ("sqb", "optm"); () is min-max calibration in the same placement.
+    parts: parts applied: "sqb", "optm" (the paper's); "sqb-v" (ours: SQ-b on each attention block's
+        value -> output projection, exact because Softmax rows sum to 1); "range" (ours: the other
+        Linear/Conv inputs get their min-max range shrunk by the fraction minimising the output error);
+        () is plain min-max calibration in the same placement.
     """
 
     full: bool = False
     target_bits: float | None = None
     bit_choices: tuple[int, ...] = (4, 5, 6, 8)
     layer_bits: dict = field(default_factory=dict)
-    parts: tuple[str, ...] = ("sqb", "optm")
+    parts: tuple[str, ...] = PARTS
 
     @classmethod
     def from_config(cls, config: QuantConfig) -> "MptqOptions":
@@ -83,8 +88,8 @@ class MptqOptions:
             raise VitcompressError("give either --target-bits or --bits-from, not both")
         if opts.target_bits is not None and not opts.bit_choices[0] <= opts.target_bits <= opts.bit_choices[-1]:
             raise VitcompressError(f"--target-bits {opts.target_bits:g} is outside the bit choices {list(opts.bit_choices)}")
-        if set(opts.parts) - {"sqb", "optm"}:
-            raise VitcompressError(f"unknown MPTQ part(s) {sorted(set(opts.parts) - {'sqb', 'optm'})} (known: sqb, optm)")
+        if set(opts.parts) - set(PARTS):
+            raise VitcompressError(f"unknown MPTQ part(s) {sorted(set(opts.parts) - set(PARTS))} (known: {', '.join(PARTS)})")
         if opts.full and config.placement != "partial+matmul":
             raise VitcompressError("mptq full quantization needs placement partial+matmul (the --full flag sets it)")
         return opts
@@ -221,6 +226,36 @@ def _quantized_at(setup: _Setup, qname: str, x: torch.Tensor, assignment: dict[s
     return fake_quantize(x, *setup.bank[(qname, b)], replace(setup.qs[qname].spec, bits=b))
 
 
+def _layer_product(setup: _Setup, layer: str, m: nn.Module, captured: list, assignment: dict):
+    """(calibration input, function giving the layer's output for an input) with the other operand
+    quantized as ``assignment`` says; the bias is left out (it cancels in the output error)."""
+    if isinstance(m, QuantMatMul):
+        v = torch.cat([v for _, v in captured])
+        vq = _quantized_at(setup, f"{layer}.b_quantizer", v, assignment)
+        return torch.cat([a for a, _ in captured]), lambda a: a @ vq
+    w = _quantized_at(setup, f"{layer}.weight_quantizer", m.weight.detach(), assignment)
+    if isinstance(m, QuantConv2d):
+        return torch.cat(captured), lambda a: m._conv_forward(a, w, None)
+    return torch.cat(captured), lambda a: a @ w.t()
+
+
+RANGE_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4)
+
+
+def _search_range(x: torch.Tensor, product, spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor):
+    """Shrink the observer's range [lo, hi] by the fraction minimising the layer's output error."""
+    lo = scale * (spec.qmin - zero_point.float())
+    hi = scale * (spec.qmax - zero_point.float())
+    ref = product(x)
+    best = None
+    for frac in RANGE_FRACTIONS:
+        s, z = qparams_from_range(lo * frac, hi * frac, spec)
+        err = (product(fake_quantize(x, s, z, spec)) - ref).pow(2).mean().item()
+        if best is None or err < best[0]:
+            best = (err, s, z, frac)
+    return best[1], best[2], best[3]
+
+
 def _capture_inputs(model: nn.Module, names: list[str], batches: Sequence[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
     """Float inputs of the given modules (Linear: a row subsample; MatMul: both operands, a few images)."""
     modules = dict(model.named_modules())
@@ -229,7 +264,11 @@ def _capture_inputs(model: nn.Module, names: list[str], batches: Sequence[torch.
     per_batch = max(1, OPTM_SAMPLE_ROWS // len(batches))
 
     def hook(mod, inp, n):
-        if isinstance(mod, QuantMatMul):
+        if isinstance(mod, QuantConv2d):
+            kept = sum(a.shape[0] for a in got[n])
+            if kept < OPTM_SAMPLE_IMAGES:
+                got[n].append(inp[0][: OPTM_SAMPLE_IMAGES - kept].detach())
+        elif isinstance(mod, QuantMatMul):
             kept = sum(a.shape[0] for a, _ in got[n])
             if kept < OPTM_SAMPLE_IMAGES:
                 got[n].append((inp[0][: OPTM_SAMPLE_IMAGES - kept].detach(), inp[1][: OPTM_SAMPLE_IMAGES - kept].detach()))
@@ -311,13 +350,13 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
 
     # 3. SQ-b, searched at the lowest width each layer may get
     sqb_info = {}
-    if "sqb" in parts:
+    if parts & {"sqb", "sqb-v"}:
         def specs_for(linear: str) -> tuple[QuantSpec, QuantSpec]:
             w = min(p[linear][0] for p in passes)
             a = min(p[linear][1] for p in passes)
             return replace(config.weight_spec_linear, bits=w), replace(config.act_spec, bits=a, symmetric=True)
 
-        sqb_info = apply_sqb(model, batches, specs_for)
+        sqb_info = apply_sqb(model, batches, specs_for, layernorms="sqb" in parts, values="sqb-v" in parts)
         # SQ-b centres the smoothed inputs: they get a signed symmetric grid (no zero point). An
         # unsigned grid on a symmetric range puts both range ends on rounding ties, and with alpha
         # near 1 every channel's extreme sits there, so torch and onnxruntime would round them apart.
@@ -342,29 +381,34 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
         for n, q in plain.items():
             q.mode = "off"
     optm_info: dict[str, dict] = {}
-    if two_region:
-        owners = {n: n.rsplit(".", 1)[0] for n in two_region}
-        captured = _capture_inputs(model, list(owners.values()), batches)
-        for n, q in two_region.items():
+    range_info: dict[str, dict] = {}
+    searched = dict(two_region)
+    if "range" in parts:  # the remaining inputs of Linear/Conv layers: range searched by output error
+        searched.update({n: q for n, q in plain.items() if n.endswith(".input_quantizer")
+                         and isinstance(modules[n.rsplit(".", 1)[0]], (QuantLinear, QuantConv2d))})
+    if searched:
+        owners = {n: n.rsplit(".", 1)[0] for n in searched}
+        captured = _capture_inputs(model, sorted(set(owners.values())), batches)
+        for n, q in searched.items():
             layer = owners[n]
-            m = modules[layer]
             for assignment in passes:
                 b = setup.bits_of(n, assignment)
-                if (n, b) in setup.bank:
+                if n in two_region and (n, b) in setup.bank:
                     continue
-                if isinstance(m, QuantMatMul):
-                    a_in = torch.cat([a for a, _ in captured[layer]])
-                    v = torch.cat([v for _, v in captured[layer]])
-                    vq = _quantized_at(setup, f"{layer}.b_quantizer", v, assignment)
-                    found = search_two_region(a_in, lambda a: a @ vq, b)
+                if n not in two_region and (n, b) in range_info.get(n, {}):
+                    continue
+                x, product = _layer_product(setup, layer, modules[layer], captured[layer], assignment)
+                if n in two_region:
+                    found = search_two_region(x, product, b)
+                    setup.bank[(n, b)] = (found["base_scale"], found["zero_point"], found["ratio"])
+                    optm_info.setdefault(n, {})[b] = {
+                        "ratio": found["ratio"], "output_mse": found["output_mse"],
+                        "output_mse_single_scale": found["output_mse_single_scale"]}
                 else:
-                    x = torch.cat(captured[layer])
-                    w = _quantized_at(setup, f"{layer}.weight_quantizer", m.weight.detach(), assignment)
-                    found = search_two_region(x, lambda a: a @ w.t(), b)
-                setup.bank[(n, b)] = (found["base_scale"], found["zero_point"], found["ratio"])
-                optm_info.setdefault(n, {})[b] = {
-                    "ratio": found["ratio"], "output_mse": found["output_mse"],
-                    "output_mse_single_scale": found["output_mse_single_scale"]}
+                    spec = replace(q.spec, bits=b)
+                    scale, zp, frac = _search_range(x, product, spec, *setup.bank[(n, b)])
+                    setup.bank[(n, b)] = (scale, zp)
+                    range_info.setdefault(n, {})[b] = frac
 
     # 5. the assignment
     info: dict = {"mptq": {"parts": sorted(parts), "full": opts.full}}
@@ -398,8 +442,10 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
     for q in setup.qs.values():
         assert q.mode == "quantize"
 
+    if range_info:
+        info["mptq"]["range_fraction"] = {n.rsplit(".", 1)[0]: by_bits[setup.bits_of(n, final)] for n, by_bits in range_info.items()}
     if sqb_info:
-        info["mptq"]["sqb"] = {n: {"linears": v["linears"], "alpha": v["alpha"]} for n, v in sqb_info.items()}
+        info["mptq"]["sqb"] = {n: {"kind": v["kind"], "linears": v["linears"], "alpha": v["alpha"]} for n, v in sqb_info.items()}
     if optm_info:
         info["mptq"]["optm"] = {n.rsplit(".", 1)[0]: {"bits": setup.bits_of(n, final), **by_bits[setup.bits_of(n, final)]}
                                 for n, by_bits in optm_info.items()}

@@ -38,10 +38,16 @@ SAMPLE_ROWS = 1024  # LayerNorm output rows kept per pair for the alpha search
 
 @dataclass
 class SmoothPair:
-    """One LayerNorm and the Linear layers that consume its output."""
+    """A producer whose output channels can absorb (x - mu) / s, and the Linear layers consuming it.
+
+    kind "layernorm": the producer is a LayerNorm (gamma, beta absorb it). kind "value": the producer
+    is an attention block's value projection (the v rows of qkv absorb it; attn @ v passes it through
+    because every Softmax row sums to 1) and the consumer is the block's output projection.
+    """
 
     norm: str
     linears: list[str]
+    kind: str = "layernorm"
 
 
 def find_layernorm_linear_pairs(model: nn.Module, example: torch.Tensor) -> list[SmoothPair]:
@@ -87,6 +93,35 @@ def find_layernorm_linear_pairs(model: nn.Module, example: torch.Tensor) -> list
     return [SmoothPair(norm, linears) for norm, linears in linear_consumers.items() if norm not in other_consumers]
 
 
+def find_value_proj_pairs(model: nn.Module) -> list[SmoothPair]:
+    """timm Attention blocks whose attn @ v output reaches ``proj`` unchanged (no inner norm or gate)."""
+    from .modules import is_wrappable_attention, QuantAttention
+
+    pairs = []
+    for name, m in model.named_modules():
+        if not (is_wrappable_attention(m) or isinstance(m, QuantAttention)):
+            continue
+        qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
+        if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and qkv.out_features == 3 * proj.in_features):
+            continue
+        if not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity) or getattr(m, "gate", None) is not None:
+            continue
+        pairs.append(SmoothPair(name, [f"{name}.proj"], kind="value"))
+    return pairs
+
+
+def fold_value_smoothing(attention: nn.Module, centre: torch.Tensor, scale: torch.Tensor) -> None:
+    """v' = (v - centre) / scale in the v rows of qkv; the proj Linear absorbs the inverse."""
+    qkv = attention.qkv
+    d = centre.numel()
+    with torch.no_grad():
+        if qkv.bias is None:
+            qkv.bias = nn.Parameter(torch.zeros(qkv.out_features))
+        qkv.weight[2 * d:].copy_((qkv.weight[2 * d:].double() / scale.double()[:, None]).float())
+        qkv.bias[2 * d:].copy_(((qkv.bias[2 * d:].double() - centre.double()) / scale.double()).float())
+    _fold_into_linears([attention.proj], centre, scale)
+
+
 def smoothing_factors(lo: torch.Tensor, hi: torch.Tensor, weight_absmax: torch.Tensor,
                       alpha: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel centre mu and smoothing factor s; ``alpha=None`` means centre only (s = 1)."""
@@ -116,6 +151,14 @@ def smoothed_output_error(x: torch.Tensor, weight: torch.Tensor, lo: torch.Tenso
 
 def fold_smoothing(norm: nn.LayerNorm, linears: Sequence[nn.Linear], centre: torch.Tensor, scale: torch.Tensor) -> None:
     """Fold y' = (y - centre) / scale into the LayerNorm and the inverse into each Linear, in place."""
+    _fold_into_linears(linears, centre, scale)
+    with torch.no_grad():
+        norm.bias.copy_(((norm.bias.double() - centre.double()) / scale.double()).float())
+        norm.weight.copy_((norm.weight.double() / scale.double()).float())
+
+
+def _fold_into_linears(linears: Sequence[nn.Linear], centre: torch.Tensor, scale: torch.Tensor) -> None:
+    """W' = W diag(scale), b' = b + W centre: the consumers of a smoothed tensor keep their function."""
     with torch.no_grad():
         for lin in linears:
             shift = lin.weight.double() @ centre.double()
@@ -124,8 +167,6 @@ def fold_smoothing(norm: nn.LayerNorm, linears: Sequence[nn.Linear], centre: tor
             else:
                 lin.bias.copy_((lin.bias.double() + shift).float())
             lin.weight.copy_((lin.weight.double() * scale.double()).float())
-        norm.bias.copy_(((norm.bias.double() - centre.double()) / scale.double()).float())
-        norm.weight.copy_((norm.weight.double() / scale.double()).float())
 
 
 def apply_sqb(
@@ -134,14 +175,20 @@ def apply_sqb(
     specs_for: Callable[[str], tuple[QuantSpec, QuantSpec]],
     alphas: Sequence[float] = ALPHAS,
     atol: float = 1e-4,
+    layernorms: bool = True,
+    values: bool = False,
 ) -> dict[str, dict]:
     """Search alpha per LayerNorm -> Linear pair and fold SQ-b in place; returns what was chosen.
 
     ``specs_for(linear_name)`` gives the (weight, activation) grids the search quantizes with.
+    ``values``: also smooth the value -> output-projection pair of each attention block (beyond
+    the paper, which smooths LayerNorm-fed Linears only).
     Quantizers must be "off" (the search needs the float activations).
     """
     model.eval()
-    pairs = find_layernorm_linear_pairs(model, batches[0][:2])
+    pairs = find_layernorm_linear_pairs(model, batches[0][:2]) if layernorms else []
+    if values:
+        pairs += find_value_proj_pairs(model)
     if not pairs:
         return {}
     modules = dict(model.named_modules())
@@ -149,15 +196,15 @@ def apply_sqb(
     gen = torch.Generator().manual_seed(0)
     per_batch = max(1, SAMPLE_ROWS // len(batches))
 
-    def record(mod, inp, out, n):
-        y = out.detach().reshape(-1, out.shape[-1]).float()
+    def record(mod, inp, n):  # the first consumer's input: the producer's output as the Linear sees it
+        y = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
         st = stats[n]
         lo, hi = y.amin(0), y.amax(0)
         st["lo"] = lo if st["lo"] is None else torch.minimum(st["lo"], lo)
         st["hi"] = hi if st["hi"] is None else torch.maximum(st["hi"], hi)
         st["rows"].append(y[torch.randperm(y.shape[0], generator=gen)[:per_batch]])
 
-    hooks = [modules[p.norm].register_forward_hook(lambda m, i, o, n=p.norm: record(m, i, o, n)) for p in pairs]
+    hooks = [modules[p.linears[0]].register_forward_pre_hook(lambda m, i, n=p.norm: record(m, i, n)) for p in pairs]
     try:
         with torch.no_grad():
             before = [model(x) for x in batches[:1]]
@@ -184,8 +231,12 @@ def apply_sqb(
         centre, scale = smoothing_factors(st["lo"], st["hi"], w_absmax, None)
         base_err = smoothed_output_error(x, weight, st["lo"], st["hi"], torch.zeros_like(centre), scale, wspec, aspec)
         err, alpha, centre, scale = best
-        fold_smoothing(modules[p.norm], linears, centre, scale)
-        chosen[p.norm] = {"linears": p.linears, "alpha": alpha, "output_mse": err, "output_mse_unsmoothed": base_err}
+        if p.kind == "value":
+            fold_value_smoothing(modules[p.norm], centre, scale)
+        else:
+            fold_smoothing(modules[p.norm], linears, centre, scale)
+        chosen[p.norm] = {"kind": p.kind, "linears": p.linears, "alpha": alpha, "output_mse": err,
+                          "output_mse_unsmoothed": base_err}
 
     with torch.no_grad():
         after = model(batches[0])

@@ -1,0 +1,140 @@
+"""MPTQ-ViT on the CIFAR-10 ViT reference: min-max vs MPTQ at W8A8/W6A6/W4A4, greedy mixed precision at
+6 and 5 average bits, the W4A4 ablation (min-max -> +SQ-b -> +OPT-m -> +range search), and full
+quantization (--full) at 5 bits. Every row is one run of the `quantize` pipeline on the same calibration
+images, measured on the exported ONNX artifact in onnxruntime over the same validation images.
+
+    python benchmarks/bench_mptq.py --out benchmarks/RESULTS.md [--eval-size N] [--calib-size 128]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_peers  # noqa: E402  (write_section keeps the other sections of RESULTS.md)
+from vitcompress import QuantConfig, QuantizeJob, quantize  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+START, END = "<!-- bench_mptq:start -->", "<!-- bench_mptq:end -->"
+FULL = {"placement": "partial+matmul"}
+
+# (group, row label, QuantConfig kwargs)
+RUNS: list[tuple[str, str, dict]] = [  # most informative first: the section is rewritten after every run
+    ("uniform", "minmax W4A4", dict(wbits=4, abits=4)),
+    ("uniform", "mptq W4A4", dict(method="mptq", wbits=4, abits=4)),
+    ("uniform", "minmax W6A6", dict(wbits=6, abits=6)),
+    ("uniform", "mptq W6A6", dict(method="mptq", wbits=6, abits=6)),
+    ("mixed", "mptq greedy MP, 5 avg bits", dict(method="mptq", method_options={"target_bits": 5})),
+    ("uniform", "mptq W5A5", dict(method="mptq", wbits=5, abits=5)),
+    ("ablation", "+ SQ-b", dict(method="mptq", wbits=4, abits=4, method_options={"parts": ["sqb"]})),
+    ("ablation", "+ SQ-b + OPT-m (the paper's parts)", dict(method="mptq", wbits=4, abits=4, method_options={"parts": ["sqb", "optm"]})),
+    ("ablation", "+ SQ-b + OPT-m + SQ-b on v->proj (ours)", dict(method="mptq", wbits=4, abits=4,
+                                                                method_options={"parts": ["sqb", "optm", "sqb-v"]})),
+    ("mixed", "mptq greedy MP, 6 avg bits", dict(method="mptq", method_options={"target_bits": 6})),
+    ("uniform", "minmax W5A5", dict(wbits=5, abits=5)),
+    ("full", "full minmax W5A5", dict(method="mptq", wbits=5, abits=5, **FULL, method_options={"full": True, "parts": []})),
+    ("full", "full mptq W5A5", dict(method="mptq", wbits=5, abits=5, **FULL, method_options={"full": True})),
+    ("full", "full mptq greedy MP, 5 avg bits", dict(method="mptq", **FULL, method_options={"full": True, "target_bits": 5})),
+    ("uniform", "minmax W8A8", dict(wbits=8, abits=8)),
+    ("uniform", "mptq W8A8", dict(method="mptq", wbits=8, abits=8)),
+]
+
+
+def run(label: str, kwargs: dict, work: Path, ckpt: Path, calib: Path, val: Path, calib_size: int, eval_size: int | None) -> dict:
+    t0 = time.perf_counter()
+    job = QuantizeJob(out=work / label.replace(" ", "_").replace(",", ""), checkpoint=ckpt, config=QuantConfig(**kwargs),
+                      calib_dir=calib, calib_size=calib_size, eval_dir=val, eval_size=eval_size, latency_rounds=3, force=True)
+    r = quantize(job)
+    acc = r["accuracy"]
+    mp = r["quantization"].get("mixed_precision") or {}
+    return {
+        "label": label, "wall": time.perf_counter() - t0, "fp32": acc["fp32"]["top1"], "top1": acc["quantized"]["top1"],
+        "drop": acc["drop"], "agreement": acc["top1_agreement"], "kl": acc["kl"], "export_vs_torch": acc["export_vs_torch_agreement"],
+        "int_share": r["coverage"]["integer_mac_share"], "avg_bits": mp.get("average_bits"), "images": acc["images"],
+    }
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = ["| run | avg bits | top-1 % | drop | agreement % | KL | ONNX vs torch agreement % | int MAC share | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        bits = f"{r['avg_bits']:.3f}" if r["avg_bits"] is not None else "–"
+        lines.append(f"| {r['label']} | {bits} | {r['top1']:.2f} | {r['drop']:.2f} | {r['agreement']:.2f} | {r['kl']:.4f} | "
+                     f"{r['export_vs_torch']:.2f} | {100 * r['int_share']:.0f}% | {r['wall']:.0f} |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    ap.add_argument("--shared", type=Path, default=SHARED)
+    ap.add_argument("--calib-size", type=int, default=128)
+    ap.add_argument("--eval-size", type=int, default=None, help="seeded sample of the val split (default: all of it)")
+    ap.add_argument("--only", default=None, help="comma-separated groups to run (uniform, mixed, ablation, full)")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    ckpt = args.shared / "zoo" / "cifar10_vit_tiny.pth"
+    data = args.shared / "data" / "cifar10"
+    if not ckpt.is_file():
+        sys.exit(f"error: {ckpt} not found (the benchmark needs the shared reference model and images)")
+    groups = set(args.only.split(",")) if args.only else None
+    rows: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for group, label, kwargs in RUNS:
+            if groups and group not in groups:
+                continue
+            row = run(label, kwargs, Path(tmp), ckpt, data / "train", data / "val", args.calib_size, args.eval_size)
+            rows.setdefault(group, []).append(row)
+            print(f"{label}: top-1 {row['top1']:.2f} agreement {row['agreement']:.2f} ({row['wall']:.0f} s)", flush=True)
+            write_results(args, rows, done=sum(len(r) for r in rows.values()),
+                          total=sum(1 for g, _, _ in RUNS if not groups or g in groups))
+
+
+def write_results(args: argparse.Namespace, rows: dict[str, list[dict]], done: int, total: int) -> None:
+    import onnxruntime
+    import timm
+
+    flags = subprocess.run(["bash", "-c", "lscpu | grep -o -w -E 'avx2|avx512f|avx512_vnni' | sort -u | tr '\\n' ' '"],
+                           capture_output=True, text=True).stdout.strip()
+    any_row = next(iter(rows.values()))[0]
+    cmd = "python benchmarks/bench_mptq.py --out benchmarks/RESULTS.md" + (f" --eval-size {args.eval_size}" if args.eval_size else "") \
+        + (f" --calib-size {args.calib_size}" if args.calib_size != 128 else "") + (f" --only {args.only}" if args.only else "")
+    lines = [
+        "## MPTQ-ViT (SQ-b, OPT-m, greedy mixed precision) on cifar10_vit_tiny", "",
+        f"Command: `{cmd}` — {dt.date.today().isoformat()}" + ("" if done == total else f" (partial: {done} of {total} runs finished)"), "",
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, timm {timm.__version__}, python {platform.python_version()}; "
+        f"CPU flags: {flags}", "",
+        f"Calibration: {args.calib_size} images sampled (seed 0) from `shared/data/cifar10/train`. Accuracy: {any_row['images']} images "
+        f"of `shared/data/cifar10/val` (seeded sample; float ONNX top-1 {any_row['fp32']:.2f} on them), each exported QDQ artifact run in "
+        "onnxruntime; agreement and KL are against the float ONNX model. Partial placement (Linear/Conv weights per channel, their inputs "
+        "per tensor) unless marked full (also attention products, Softmax/GELU outputs, LayerNorm and GELU inputs). Widths below 8 are "
+        "simulated on the int8 grid. Mixed precision: MAC-weighted average over widths {4, 5, 6, 8}. Wall time: the whole `quantize` run "
+        "(calibration, search, export, evaluation of both artifacts and of the torch simulation, 3 latency rounds) on a shared 2-core "
+        "machine under load from other jobs: compare walls within this table only.", "",
+    ]
+    titles = {"uniform": "Uniform widths, partial quantization", "mixed": "Greedy mixed precision, partial quantization",
+              "ablation": "Ablation at W4A4 (start: minmax W4A4 above; last step: mptq W4A4 above, which adds the output-error range search)",
+              "full": "Full quantization (--full)"}
+    for group in ("uniform", "mixed", "ablation", "full"):
+        if group in rows:
+            lines += [f"### {titles[group]}", "", *table(rows[group]), ""]
+    text = "\n".join(lines) + "\n"
+    with mock.patch.object(bench_peers, "START", START), mock.patch.object(bench_peers, "END", END):
+        bench_peers.write_section(args.out, text)
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
