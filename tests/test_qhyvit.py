@@ -83,3 +83,28 @@ def test_qhyvit_zero_point_report_and_export_agreement(loaded, calib_batches, tm
     got = run_session(make_session(tmp_path / "q.onnx"), x.numpy())
     assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.99
     assert np.isfinite(got).all()
+
+
+def test_qhyvit_checkpoint_reloads_with_each_layers_grid(tmp_path):
+    """Searched per-layer granularity/scheme survive a checkpoint round trip (same ONNX outputs)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from tests.conftest import BUNDLED_CKPT, CALIB, VAL
+    from vitcompress.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - quantize: {method: qhyvit, wbits: 6, abits: 6, method_options: {rounds: 1, alphas: 6}}\n")
+    run = CliRunner().invoke
+    r = run(app, ["quantize", "--checkpoint", str(BUNDLED_CKPT), "--recipe", str(recipe), "--calib", str(CALIB),
+                  "--calib-size", "16", "--out", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    choices = json.loads((tmp_path / "q" / "report.json").read_text())["quantization"]["qhyvit"]["choices"]
+    assert choices
+    r = run(app, ["export", "--checkpoint", str(tmp_path / "q" / "model.w6a6.pth"), "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    r = run(app, ["check", str(tmp_path / "e" / "model.quantized.onnx"), "--baseline", str(tmp_path / "q" / "model.w6a6.onnx"),
+                  "--eval", str(VAL), "--eval-size", "100", "--max-drop", "0", "--json", str(tmp_path / "c.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "c.json").read_text())["top1_agreement"] == 100.0

@@ -119,6 +119,7 @@ def quantize(
     target_bits: Optional[float] = typer.Option(None, "--target-bits", help="mptq: greedy mixed precision down to this MAC-weighted average width."),
     bit_choices: str = typer.Option("4,5,6,8", "--bit-choices", help="mptq: candidate widths for --target-bits."),
     bits_from: Optional[Path] = typer.Option(None, "--bits-from", help="mptq: per-layer bits YAML written by a --target-bits run."),
+    skip: list[str] = typer.Option([], "--skip", help="Module-name pattern kept float (repeatable), e.g. 'head' or 'blocks.1*'."),
     full: bool = typer.Option(False, "--full", help="mptq: also quantize attention products, Softmax, GELU and LayerNorm inputs."),
 ):
     """Calibrate and quantize a model, export fp32 and QDQ ONNX, measure both."""
@@ -134,7 +135,8 @@ def quantize(
 
         options = _guard(mptq_cli_options, method, target_bits, bit_choices, bits_from, full)
         config = _guard(api.QuantConfig, method=method, wbits=wbits or bits, abits=abits or bits, act_observer=observer,
-                        placement="partial+matmul" if options.get("full") else placement, method_options=options)
+                        placement="partial+matmul" if options.get("full") else placement, method_options=options,
+                        skip=tuple(skip))
     job = api.QuantizeJob(out=out, model=model, checkpoint=checkpoint, pretrained=not no_pretrained, config=config,
                           calib_dir=calib, calib_size=calib_size, eval_dir=eval_dir, eval_size=eval_size, seed=seed, force=force)
     with _progress() as progress:
@@ -302,7 +304,7 @@ def demo(
     quantize(out=out, model=None, checkpoint=api.DEMO_CHECKPOINT, no_pretrained=False, bits=8, wbits=None, abits=None,
              method="minmax", observer="minmax", placement="partial", calib=api.DEMO_CALIB, calib_size=256,
              eval_dir=api.DEMO_EVAL, eval_size=None, seed=0, force=force, json_out=False, recipe=None,
-             target_bits=None, bit_choices="4,5,6,8", bits_from=None, full=False)
+             target_bits=None, bit_choices="4,5,6,8", bits_from=None, full=False, skip=[])
 
 
 def main() -> None:

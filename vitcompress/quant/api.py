@@ -15,6 +15,7 @@ from ..errors import VitcompressError
 from .config import QuantConfig
 from .fold import fold_batchnorm
 from .modules import quantizers, wrap_attention, wrap_weighted
+from .spec import QuantSpec
 from .placement import PlacementPlan, get_placement, plan
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -123,7 +124,10 @@ def restore_quantized(model: nn.Module, config: QuantConfig, state: dict, family
     if set(qs) != set(state):
         raise VitcompressError("the checkpoint's quantization state does not match the model's layers")
     for name, q in qs.items():
-        q.set_qparams(state[name]["scale"], state[name]["zero_point"])
+        st = state[name]
+        # each quantizer's own grid: methods choose bits, granularity and scheme per layer
+        q.spec = QuantSpec(int(st["bits"]), bool(st["symmetric"]), bool(st["per_channel"]), int(st["axis"]))
+        q.set_qparams(st["scale"], st["zero_point"])
     return p
 
 

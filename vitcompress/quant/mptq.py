@@ -351,7 +351,9 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
     # 3. SQ-b, searched at the lowest width each layer may get
     sqb_info = {}
     if parts & {"sqb", "sqb-v"}:
-        def specs_for(linear: str) -> tuple[QuantSpec, QuantSpec]:
+        def specs_for(linear: str) -> tuple[QuantSpec, QuantSpec] | None:
+            if any(linear not in p for p in passes):
+                return None  # kept float
             w = min(p[linear][0] for p in passes)
             a = min(p[linear][1] for p in passes)
             return replace(config.weight_spec_linear, bits=w), replace(config.act_spec, bits=a, symmetric=True)

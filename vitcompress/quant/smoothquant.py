@@ -172,7 +172,7 @@ def _fold_into_linears(linears: Sequence[nn.Linear], centre: torch.Tensor, scale
 def apply_sqb(
     model: nn.Module,
     batches: Sequence[torch.Tensor],
-    specs_for: Callable[[str], tuple[QuantSpec, QuantSpec]],
+    specs_for: Callable[[str], tuple[QuantSpec, QuantSpec] | None],
     alphas: Sequence[float] = ALPHAS,
     atol: float = 1e-4,
     layernorms: bool = True,
@@ -180,7 +180,7 @@ def apply_sqb(
 ) -> dict[str, dict]:
     """Search alpha per LayerNorm -> Linear pair and fold SQ-b in place; returns what was chosen.
 
-    ``specs_for(linear_name)`` gives the (weight, activation) grids the search quantizes with.
+    ``specs_for(linear_name)`` gives the (weight, activation) grids the search quantizes with, or None for a Linear kept float (skipped).
     ``values``: also smooth the value -> output-projection pair of each attention block (beyond
     the paper, which smooths LayerNorm-fed Linears only).
     Quantizers must be "off" (the search needs the float activations).
@@ -216,12 +216,15 @@ def apply_sqb(
 
     chosen: dict[str, dict] = {}
     for p in pairs:
+        specs = specs_for(p.linears[0])
+        if specs is None:
+            continue  # a Linear kept float (placement or --skip) needs no smoothing
         st = stats[p.norm]
         x = torch.cat(st["rows"])
         linears = [modules[n] for n in p.linears]
         weight = torch.cat([lin.weight.detach().float() for lin in linears])
         w_absmax = weight.abs().amax(dim=0)
-        wspec, aspec = specs_for(p.linears[0])
+        wspec, aspec = specs
         best = None
         for alpha in (None, *alphas):
             centre, scale = smoothing_factors(st["lo"], st["hi"], w_absmax, alpha)
