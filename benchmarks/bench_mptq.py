@@ -15,7 +15,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -27,7 +26,6 @@ import bench_peers  # noqa: E402  (write_section keeps the other sections of RES
 from vitcompress import QuantConfig, QuantizeJob, quantize  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
-START, END = "<!-- bench_mptq:start -->", "<!-- bench_mptq:end -->"
 FULL = {"placement": "partial+matmul"}
 
 # (group, row label, QuantConfig kwargs)
@@ -131,8 +129,7 @@ def write_results(args: argparse.Namespace, rows: dict[str, list[dict]], done: i
         if group in rows:
             lines += [f"### {titles[group]}", "", *table(rows[group]), ""]
     text = "\n".join(lines) + "\n"
-    with mock.patch.object(bench_peers, "START", START), mock.patch.object(bench_peers, "END", END):
-        bench_peers.write_section(args.out, text)
+    bench_peers.write_section(args.out, text, "bench_mptq")
     print(text, flush=True)
 
 

@@ -34,6 +34,7 @@ from .modules import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer, qua
 from .optm import TwoRegionLinear, TwoRegionMatMul, TwoRegionQuantizer, search_two_region
 from .smoothquant import apply_sqb
 from .spec import QuantSpec, fake_quantize, qparams_from_range
+from .tracing import forward_with_hooks
 
 OPTM_SAMPLE_ROWS = 512  # activation rows kept per OPT-m layer for its search
 OPTM_SAMPLE_IMAGES = 8  # images kept per post-Softmax OPT-m layer
@@ -130,12 +131,7 @@ def _post_gelu_linears(model: nn.Module, example: torch.Tensor) -> list[str]:
                 if produced.get(id(inp[0])) is inp[0] and n not in found:
                     found.append(n)
             hooks.append(m.register_forward_pre_hook(pre))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, example, hooks)
     return found
 
 
@@ -170,12 +166,7 @@ def _trace(model: nn.Module, units: dict, extra: list[str], example: torch.Tenso
         hooks.append(modules[n].register_forward_hook(lambda mod, i, o, n=n: on_unit(mod, i, o, n)))
     for n in extra:
         hooks.append(modules[n].register_forward_pre_hook(lambda mod, i, n=n: order.append(n)))
-    try:
-        with torch.no_grad():
-            model(example[:1])
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, example[:1], hooks)
     follows: dict[str, str] = {}
     for i, n in enumerate(order):
         if n in extra and n not in follows:

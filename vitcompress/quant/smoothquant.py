@@ -31,6 +31,7 @@ from torch import nn
 from ..errors import VitcompressError
 from .modules import TensorQuantizer
 from .spec import QuantSpec, fake_quantize, qparams_from_range
+from .tracing import forward_with_hooks
 
 ALPHAS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SAMPLE_ROWS = 1024  # LayerNorm output rows kept per pair for the alpha search
@@ -84,12 +85,7 @@ def find_layernorm_linear_pairs(model: nn.Module, example: torch.Tensor) -> list
         # leaf modules (and Linears, which may own quantizer children); quantizers pass tensors through
         if (isinstance(m, nn.Linear) or not list(m.children())) and not isinstance(m, (nn.LayerNorm, TensorQuantizer)):
             hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=name: pre(mod, inp, n)))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, example, hooks)
     return [SmoothPair(norm, linears) for norm, linears in linear_consumers.items() if norm not in other_consumers]
 
 
