@@ -62,6 +62,15 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def _size_latency_rows(t: Table, r: dict, kind: str, speedup_label: str) -> None:
+    """Size, median latency and speedup of fp32 vs the compressed artifact (``kind``)."""
+    a, lat = r["artifacts"], r["latency"]
+    t.add_row("size", _mb(a["fp32"]["bytes"]), _mb(a[kind]["bytes"]))
+    t.add_row(f"latency ms (ORT, {lat['fp32']['threads']} thread, batch 1, median)",
+              f"{lat['fp32']['median_ms']:.3f}", f"{lat[kind]['median_ms']:.3f}")
+    t.add_row(speedup_label, "", f"{lat['speedup']:.2f}x")
+
+
 def print_quantize_report(r: dict) -> None:
     t = Table(title=f"{r['model']['arch']} · {r['method']} · {r['bits']['label']}", show_header=True)
     t.add_column("")
@@ -75,12 +84,7 @@ def print_quantize_report(r: dict) -> None:
         t.add_row("top-1 drop (points; < 0 is a gain)", "", f"{acc['drop']:.2f}")
         t.add_row("top-1 agreement %", "", _pct(acc["top1_agreement"]))
         t.add_row("mean KL", "", f"{acc['kl']:.4f}")
-    a = r["artifacts"]
-    t.add_row("size", _mb(a["fp32"]["bytes"]), _mb(a["quantized"]["bytes"]))
-    lat = r["latency"]
-    t.add_row(f"latency ms (ORT, {lat['fp32']['threads']} thread, batch 1, median)",
-              f"{lat['fp32']['median_ms']:.3f}", f"{lat['quantized']['median_ms']:.3f}")
-    t.add_row("speedup", "", f"{lat['speedup']:.2f}x")
+    _size_latency_rows(t, r, "quantized", "speedup")
     t.add_row("MACs in integer kernels", "", f"{100 * r['coverage']['integer_mac_share']:.1f}%")
     out_console.print(t)
     q = r["quantization"]
@@ -175,12 +179,7 @@ def print_prune_report(r: dict) -> None:
         t.add_row("top-1 agreement % after recovery", "", _pct(acc["fidelity_after_recovery"]["top1_agreement"]))
     t.add_row("MACs per image", f"{pr['macs_dense'] / 1e6:.1f} M", f"{pr['macs_pruned'] / 1e6:.1f} M")
     t.add_row("parameters", f"{pr['params_dense'] / 1e6:.2f} M", f"{pr['params_pruned'] / 1e6:.2f} M")
-    a = r["artifacts"]
-    t.add_row("size", _mb(a["fp32"]["bytes"]), _mb(a["pruned"]["bytes"]))
-    lat = r["latency"]
-    t.add_row(f"latency ms (ORT, {lat['fp32']['threads']} thread, batch 1, median)",
-              f"{lat['fp32']['median_ms']:.3f}", f"{lat['pruned']['median_ms']:.3f}")
-    t.add_row("measured speedup", "", f"{lat['speedup']:.2f}x")
+    _size_latency_rows(t, r, "pruned", "measured speedup")
     out_console.print(t)
     rec = r["recovery"]
     if rec.get("steps"):
