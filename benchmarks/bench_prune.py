@@ -13,6 +13,7 @@ Writes its own section of RESULTS.md (between the bench_prune markers), keeping 
 from __future__ import annotations
 
 import argparse
+import os
 import datetime as dt
 import platform
 import subprocess
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--eval-size", type=int, default=None)
     ap.add_argument("--skip-deit-small", action="store_true")
     ap.add_argument("--reports", type=Path, nargs="+", help="build the table from report.json files of `prune` runs")
+    ap.add_argument("--work", type=Path, default=None, help="keep each run's output folder here (default: a temp dir)")
     ap.add_argument("--note", default="", help="text added under the table")
     args = ap.parse_args()
     if args.reports:
@@ -72,7 +74,8 @@ def main() -> None:
     ckpt = SHARED / "zoo" / "cifar10_vit_tiny.pth"
     train, val = SHARED / "data" / "cifar10" / "train", SHARED / "data" / "cifar10" / "val"
     rows, started = [], time.time()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.work or Path(scratch)
         for target in args.targets:
             for method in ("lpvit", "magnitude"):
                 job = PruneJob(out=Path(tmp) / f"{method}{target}", checkpoint=ckpt, method=method, target_speedup=target,
@@ -106,10 +109,10 @@ def _write(args, rows: list[str], started: float) -> None:
 
 Command: `{cmd}` — {dt.date.today().isoformat()}{f", {(time.time() - started) / 60:.0f} min" if started else ""}.
 torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, timm {timm.__version__}, Python {platform.python_version()};
-CPU flags: {flags or 'n/a'}. **The 2-core machine was shared with other jobs during the run**: absolute
-milliseconds are noisy; speedups are ratios of medians of alternated runs in one process (1 thread,
-batch 1), re-measured for the final artifact ("final"), and the search's own measurement
-("search") is the one the budget was chosen on.
+CPU flags: {flags or 'n/a'}; load average when the table was written: {os.getloadavg()[0]:.2f} (1 min).
+Speedups are ratios of medians of alternated runs in one process (1 thread, batch 1), re-measured
+for the final artifact ("final"); the search's own measurement ("search") is the one the budget
+was chosen on. Recovery is capped by wall time, so a busy machine gets fewer steps.
 
 Calibration: seeded sample of {args.calib_size} images of cifar10/train; recovery: distillation from the float
 model on {args.recover_size} train images, at most {args.recover_steps} steps / {args.recover_minutes:g} min on 2 threads;

@@ -144,6 +144,14 @@ def test_hybrid_quantized_checkpoint_roundtrip(tmp_path):
     assert code == 0, text
     report = json.loads((tmp_path / "q" / "report.json").read_text())
     assert report["quantization"]["folded_batchnorms"] > 0
+    # convs with quantized inputs but float outputs run float in onnxruntime: the label says so
+    assert report["coverage"]["simulated_layers"] and "simulated" in report["bits"]["label"]
+    code, text = _run("quantize", "--checkpoint", tmp_path / "z.pth", "--calib", CALIB, "--calib-size", 16,
+                      "--placement", "speed", "--out", tmp_path / "s")
+    assert code == 0, text
+    speed = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert speed["bits"]["label"] == "int8" and speed["coverage"]["simulated_layers"] == []
+    assert speed["coverage"]["integer_mac_share"] > 0 and speed["quantization"]["quantized_layers"] < report["quantization"]["quantized_layers"]
     code, text = _run("export", "--checkpoint", tmp_path / "q" / "model.int8.pth", "--out", tmp_path / "e")
     assert code == 0, text
     code, text = _run("check", tmp_path / "e" / "model.quantized.onnx", "--baseline", tmp_path / "q" / "model.int8.onnx",

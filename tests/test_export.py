@@ -81,3 +81,64 @@ def _onnx_nodes(model, x, tmp_path):
 
     export_float(model, tuple(x.shape[1:]), tmp_path / "f.onnx", {}, simplify=False)
     return onnx.load(str(tmp_path / "f.onnx")).graph.node
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.SiLU(),  # depthwise
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+
+
+@pytest.mark.parametrize("bits", [8, 6])
+def test_per_channel_activations_export_exactly(tmp_path, bits):
+    """A depthwise conv's input quantized per channel (Q-HyViT's activation granularity) exports as
+    per-axis Q/DQ, clipped to the b-bit grid, and onnxruntime computes what the simulation does."""
+    from vitcompress.quant.spec import QuantSpec, qparams_from_range
+
+    m = _conv_net()
+    x = torch.randn(16, 3, 12, 12) * torch.tensor([1.0, 5.0, 0.2]).view(1, 3, 1, 1)
+    quantize_(m, QuantConfig(wbits=bits, abits=bits, fold_batchnorm=False), [x])
+    aq = m[2].input_quantizer
+    feats = m[1](m[0](x)).detach()
+    aq.spec = QuantSpec(bits, False, True, 1)
+    lo, hi = feats.amin(dim=(0, 2, 3)), feats.amax(dim=(0, 2, 3))
+    aq.set_qparams(*qparams_from_range(lo * 0.7, hi * 0.7, aq.spec))  # clipped: values beyond the grid
+    export_qdq(m, (3, 12, 12), tmp_path / "q.onnx", {})
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    axes = [a.i for n in model.graph.node if n.op_type == "QuantizeLinear" for a in n.attribute if a.name == "axis"]
+    assert 1 in axes
+    with torch.no_grad():
+        ref = m(x).numpy()
+    got = run_session(make_session(tmp_path / "q.onnx"), x.numpy())
+    assert np.abs(ref - got).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+class _OwnLinear(torch.nn.Linear):
+    """A Linear subclass with its own forward: not safe to swap for the quantized Linear."""
+
+    def forward(self, x):
+        return super().forward(x) * 1.0
+
+
+def test_a_skipped_linear_and_a_broken_integer_promise_are_reported(tmp_path, monkeypatch):
+    from vitcompress.api import integer_promises_broken
+    from vitcompress.export import int8_coverage
+    from vitcompress.quant import placement
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                            torch.nn.Linear(8 * 36, 16), torch.nn.ReLU(), _OwnLinear(16, 4)).eval()
+    x = torch.randn(8, 3, 6, 6)
+    result = quantize_(m, QuantConfig(fold_batchnorm=False), [x])
+    assert result.summary()["kept_float_weighted_layers"] == ["5"]  # the subclass is named, not silently dropped
+    export_qdq(m, (3, 6, 6), tmp_path / "q.onnx", {})
+    cov = int8_coverage(tmp_path / "q.onnx")
+    assert "3" not in cov["simulated_layers"]  # the plain Linear runs as an integer kernel
+    assert "0" in cov["simulated_layers"]  # the conv has a float output: onnxruntime keeps it float
+    assert any(i["quantized_inputs"] == 0 for i in cov["float_islands"])  # the skipped Linear is a float island
+    assert integer_promises_broken(m, QuantConfig(), result.plan.weighted, cov) == []
+    # a placement promising integer convs is caught: the runtime did not keep that promise
+    monkeypatch.setitem(placement.PLACEMENTS, "convs-too", placement.Placement("convs-too", integer_kinds=("linear", "conv")))
+    assert integer_promises_broken(m, QuantConfig(placement="convs-too"), result.plan.weighted, cov) == ["0"]

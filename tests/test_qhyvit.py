@@ -77,7 +77,10 @@ def test_qhyvit_zero_point_report_and_export_agreement(loaded, calib_batches, tm
     assert isinstance(info["zero_point_fix_fired"], int)
     assert len(info["choices"]) == 26 and len(info["objective_per_round"]) == 1
     export_qdq(m, loaded.preprocessing.input_size, tmp_path / "q.onnx", {})
-    x = torch.cat(calib_batches)
+    from tests.conftest import VAL
+    from vitcompress.data import load_tensor, sample, scan_images
+
+    x = load_tensor(sample(scan_images(VAL), 500, 0), loaded.preprocessing)  # enough images that one near-tie is 0.2 %
     with torch.no_grad():
         ref = m(x).numpy()
     got = run_session(make_session(tmp_path / "q.onnx"), x.numpy())
@@ -108,3 +111,29 @@ def test_qhyvit_checkpoint_reloads_with_each_layers_grid(tmp_path):
                   "--eval", str(VAL), "--eval-size", "100", "--max-drop", "0", "--json", str(tmp_path / "c.json")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "c.json").read_text())["top1_agreement"] == 100.0
+
+
+def test_unknown_or_invalid_qhyvit_options_are_clear_errors():
+    from vitcompress.errors import VitcompressError
+
+    model = nn.Sequential(nn.Linear(8, 4))
+    for opts in ({"alpha": 3}, {"activation_granularity": "some"}):
+        with pytest.raises(VitcompressError, match="qhyvit"):
+            quantize_(copy.deepcopy(model), QuantConfig(method="qhyvit", fold_batchnorm=False, method_options=opts),
+                      [torch.randn(4, 8)])
+
+
+def test_depthwise_inputs_with_uneven_channels_choose_per_channel_activations():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.SiLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.SiLU(),
+                          nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    with torch.no_grad():  # channel ranges spanning three orders of magnitude after the first conv
+        model[0].weight.mul_(torch.logspace(-2, 1, 8).view(8, 1, 1, 1))
+    x = torch.randn(32, 3, 8, 8)
+    result = quantize_(model, QuantConfig(method="qhyvit", wbits=6, abits=6, fold_batchnorm=False,
+                                          method_options={"rounds": 1, "alphas": 10}), [x])
+    info = result.method_info["qhyvit"]
+    assert info["per_channel_activations"] == ["2"]  # only the depthwise conv may take per-channel inputs
+    assert model[2].input_quantizer.spec.per_channel and model[2].input_quantizer.spec.axis == 1
+    kl = info["calibration_kl_per_round"]
+    assert kl[-1] < kl[0]  # the searched model is closer to float than min-max on the calibration images

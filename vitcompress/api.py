@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import platform
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,11 +19,13 @@ from . import __version__
 from .data import LoadStats, load_tensor, label_map_to_model, sample, scan_images
 from .errors import VitcompressError
 from .evaluate import collect_logits, fidelity, onnx_predictor, summarize, torch_predictor
-from .export import compare_latency, export_float, export_qdq, int8_coverage, make_session, read_metadata
+from .export import (compare_latency, export_float, export_qdq, int8_coverage, make_session, read_metadata,
+                     update_metadata)
 from .fileio import atomic_path, prepare_output_dir, write_json  # noqa: F401 (write_json re-exported for the CLI)
 from .models import LoadedModel, checkpoint_dict, family_of, load_model
 from .quant import QuantConfig, float_state_dict, quant_state, quantize_, restore_quantized
 from .quant.fold import prepare_folded_layout
+from .quant.placement import KINDS, get_placement
 
 REPORT_SCHEMA = "vitcompress-report/1"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -134,11 +137,13 @@ def quantize(job: QuantizeJob, progress: ProgressFn = _noop) -> dict:
         label_map = label_map_to_model(eval_set, prep.class_names, loaded.num_classes)
 
     qmodel = copy.deepcopy(loaded.model)
+    started = time.perf_counter()
     result = quantize_(qmodel, cfg, calib.split(job.batch_size), lambda d, t: progress("calibrate", d, t), family)
+    method_seconds = time.perf_counter() - started
 
     progress("export", 0, 2)
     fp32_path, q_path = out / "model.fp32.onnx", out / qname
-    label = cfg.label if not cfg.simulated else f"{cfg.label} (simulated on an int8 grid)"
+    label = honest_label(cfg, {})
     common = {"method": cfg.method, "wbits": cfg.wbits, "abits": cfg.abits, "label": label}
     export_float(loaded.model, prep.input_size, fp32_path, _metadata(loaded, "fp32"))
     progress("export", 1, 2)
@@ -164,7 +169,7 @@ def quantize(job: QuantizeJob, progress: ProgressFn = _noop) -> dict:
         "config": asdict(cfg),
         "calibration": {"dir": str(job.calib_dir), "requested": job.calib_size, "used": calib_stats.loaded,
                         "skipped": calib_stats.skipped, "seed": job.seed},
-        "quantization": result.summary(),
+        "quantization": {**result.summary(), "seconds": round(method_seconds, 2), "threads": torch.get_num_threads()},
         "export": export_info,
         "artifacts": {"fp32": _file_info(fp32_path), "quantized": _file_info(q_path), "checkpoint": _file_info(ckpt_path)},
         "environment": _environment(),
@@ -174,8 +179,20 @@ def quantize(job: QuantizeJob, progress: ProgressFn = _noop) -> dict:
         report["notes"].append("random weights (--no-pretrained): accuracy numbers are meaningless; latency and size are real")
 
     progress("coverage", 0, 1)
-    report["coverage"] = int8_coverage(q_path)
+    report["coverage"] = coverage = int8_coverage(q_path)
     progress("coverage", 1, 1)
+    honest = honest_label(cfg, coverage)
+    if honest != label:
+        report["bits"]["label"] = common["label"] = honest
+        update_metadata(q_path, _metadata(loaded, "quantized", quantization=common))
+    broken = integer_promises_broken(qmodel, cfg, result.plan.weighted, coverage)
+    if broken:
+        report["error"] = f"layers expected to run as integer kernels run float: {broken}"
+        write_json(out / "report.json", report)
+        raise VitcompressError(
+            f"{len(broken)} layer(s) that placement '{cfg.placement}' must run as integer kernels ended up float in "
+            f"onnxruntime ({', '.join(broken[:4])}{', ...' if len(broken) > 4 else ''}); the artifact would be "
+            f"simulated there, not integer (details: {out / 'report.json'})")
 
     if eval_set is not None:
         sessions = {"fp32": make_session(fp32_path), "quantized": make_session(q_path)}
@@ -201,6 +218,30 @@ def quantize(job: QuantizeJob, progress: ProgressFn = _noop) -> dict:
     progress("latency", 1, 1)
     write_json(out / "report.json", report)
     return report
+
+
+def honest_label(cfg: QuantConfig, coverage: dict) -> str:
+    """'int8' only when every quantized layer runs as an integer kernel in the exported model."""
+    label = cfg.label if not cfg.simulated else f"{cfg.label} (simulated on an int8 grid)"
+    simulated = coverage.get("simulated_layers") or []
+    if simulated and not cfg.simulated:
+        label += (f" ({coverage['integer_mac_share']:.0%} of MACs in integer kernels; "
+                  f"{len(simulated)} layer(s) simulated: Q/DQ around a float kernel)")
+    return label
+
+
+def integer_promises_broken(model: torch.nn.Module, cfg: QuantConfig, layers: list[str], coverage: dict) -> list[str]:
+    """Quantized layers of the kinds the placement promises as integer kernels that onnxruntime
+    runs in float (a layer whose inputs a method chose to quantize per channel is simulated by choice)."""
+    promised = get_placement(cfg.placement).integer_kinds
+    simulated = set(coverage.get("simulated_layers") or [])
+    broken = []
+    for name in layers:
+        m = model.get_submodule(name)
+        kind = next((k for c, k in KINDS.items() if isinstance(m, c)), None)
+        if kind in promised and name in simulated and not m.input_quantizer.spec.per_channel:
+            broken.append(name)
+    return broken
 
 
 def export(out: Path, model: str | None = None, checkpoint: Path | None = None, pretrained: bool = True,

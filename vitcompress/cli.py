@@ -90,9 +90,15 @@ def print_quantize_report(r: dict) -> None:
     q = r["quantization"]
     kept = ", ".join(f"{k} x{v}" for k, v in q["kept_float"].items()) or "nothing"
     out_console.print(f"kept float: {kept}; {q['functional_ops_float']}")
+    if q["kept_float_weighted_layers"]:
+        names = q["kept_float_weighted_layers"]
+        out_console.print(f"[yellow]warning:[/] {len(names)} Linear/Conv layer(s) the placement selects stayed float "
+                          f"(skip pattern or unsupported subclass): {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}")
     if r["coverage"]["float_islands"]:
         top = r["coverage"]["float_islands"][:3]
         out_console.print("largest float islands: " + ", ".join(f"{i['node']} ({i['op']})" for i in top))
+    if r["coverage"].get("simulated_layers"):
+        out_console.print(f"simulated (Q/DQ around a float kernel): {len(r['coverage']['simulated_layers'])} layer(s)")
     if acc:
         out_console.print(f"eval: {acc['images']} images from {acc['eval_dir']} ({acc['skipped']} unreadable skipped); "
                           f"exported vs torch simulation agreement {acc['export_vs_torch_agreement']:.2f}%")
@@ -111,7 +117,7 @@ def quantize(
     abits: Optional[int] = typer.Option(None, "--abits", help="Activation bits (overrides --bits)."),
     method: str = typer.Option("minmax", "--method", help="Quantization method."),
     observer: str = typer.Option("minmax", "--observer", help="Activation range observer: minmax, percentile, mse."),
-    placement: str = typer.Option("partial", "--placement", help="partial (Linear/Conv) or partial+matmul."),
+    placement: str = typer.Option("partial", "--placement", help="partial (Linear/Conv weights and inputs), partial+matmul (also attention products) or speed (only what runs as integer kernels: Linear)."),
     calib: Path = typer.Option(..., "--calib", help="Calibration images: ImageFolder or flat folder."),
     calib_size: int = typer.Option(256, "--calib-size", help="Images sampled (seeded) for calibration."),
     eval_dir: Optional[Path] = typer.Option(None, "--eval", help="Labelled ImageFolder for accuracy."),

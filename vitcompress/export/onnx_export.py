@@ -171,6 +171,14 @@ def read_metadata(path: str | Path) -> dict:
     raise VitcompressError(f"{path} carries no vitcompress metadata (preprocessing unknown); it was not exported by vitcompress")
 
 
+def update_metadata(path: str | Path, updates: dict) -> None:
+    """Merge ``updates`` into an artifact's metadata (rewritten atomically), e.g. a label that
+    depends on what onnxruntime measured after export."""
+    model = onnx.load(str(path))
+    _set_metadata(model, {**read_metadata(path), **updates})
+    _save(model, Path(path))
+
+
 def _save(model: onnx.ModelProto, path: Path) -> None:
     with atomic_path(path) as tmp:
         onnx.save(model, str(tmp))

@@ -162,7 +162,8 @@ def int8_coverage(qdq_path: str | Path) -> dict:
             claimed[best] = True
             int_macs += macs
         else:
-            islands.append({"node": n.name or n.output[0], "op": n.op_type, "macs": macs, "quantized_inputs": len(q)})
+            islands.append({"node": n.name or n.output[0], "layer": module_name_of(n.name), "op": n.op_type,
+                            "macs": macs, "quantized_inputs": len(q)})
     islands.sort(key=lambda r: -r["macs"])
     op_counts: dict[str, int] = {}
     for n in optimized.graph.node:
@@ -174,4 +175,15 @@ def int8_coverage(qdq_path: str | Path) -> dict:
         "integer_macs": int_macs,
         "integer_kernels": op_counts,
         "float_islands": islands,
+        # layers with quantized inputs that still run a float kernel: simulated, not integer
+        "simulated_layers": [i["layer"] or i["node"] for i in islands if i["quantized_inputs"]],
     }
+
+
+def module_name_of(node_name: str) -> str:
+    """The torch module a node was exported from, read from the exporter's scope path:
+    '/stages/stages.0/stages.0.0/conv1_1x1/conv/Conv' -> 'stages.0.0.conv1_1x1.conv'; '' if none."""
+    path = ""
+    for part in node_name.strip("/").split("/")[:-1]:
+        path = part if not path or part.startswith(path + ".") else f"{path}.{part}"
+    return path

@@ -78,13 +78,20 @@ class TensorQuantizer(nn.Module):
         lo8, hi8 = (-128, 127) if spec.signed else (0, 255)
         if spec.per_channel:
             # Weights were snapped onto their (possibly clipped) b-bit grid by ``snapped_weights``,
-            # so quantizing them on the int8 grid gives exactly the b-bit codes.
-            return torch.fake_quantize_per_channel_affine(
-                x, self.scale, self.zero_point, spec.axis % x.dim(), lo8, hi8
-            )
+            # so quantizing them on the int8 grid gives exactly the b-bit codes; per-channel
+            # activations below 8 bits are clipped per channel first (simulated, as below).
+            axis = spec.axis % x.dim()
+            if spec.bits < 8 and not isinstance(x, nn.Parameter):
+                shape = [1] * x.dim()
+                shape[axis] = -1
+                s, z = self.scale.view(shape), self.zero_point.view(shape).float()
+                x = torch.minimum(torch.maximum(x, s * (spec.qmin - z)), s * (spec.qmax - z))
+            return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, axis, lo8, hi8)
         scale, zp = float(self.scale), int(self.zero_point)
-        if spec.bits < 8:
+        if spec.bits < 8 and not isinstance(x, nn.Parameter):
             # Below 8 bits the int8 grid is clipped explicitly: simulated, not a narrower kernel.
+            # (Weights need no clip: ``snapped_weights`` put them on the b-bit grid, and a clip
+            # would keep their QuantizeLinear from being folded into integer codes.)
             x = torch.clamp(x, scale * (spec.qmin - zp), scale * (spec.qmax - zp))
         return torch.fake_quantize_per_tensor_affine(x, scale, zp, lo8, hi8)
 
@@ -102,6 +109,10 @@ class QuantLinear(nn.Linear):
     weight_quantizer: TensorQuantizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _EXPORTING and x.dim() == 2:
+            # A 2-D Linear (a classifier head) exports as Gemm, and onnxruntime fuses DQ -> Gemm
+            # only when a Q follows; as a 3-D MatMul it becomes MatMulIntegerToFloat like every other Linear.
+            return self.forward(x.unsqueeze(1)).squeeze(1)
         return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
 
 

@@ -2,7 +2,14 @@
 
 "partial" (the default): Linear and Conv2d weights and their input activations; LayerNorm,
 GroupNorm, Softmax, GELU and residual adds stay float. "partial+matmul" also quantizes the
-attention products of timm's Attention blocks.
+attention products of timm's Attention blocks. "speed": only the layer kinds that onnxruntime's
+CPU provider runs as integer kernels from our Q/DQ pattern (Linear -> MatMulIntegerToFloat);
+convs stay float, because a conv with quantized inputs but a float output is not fused (it would
+run as DequantizeLinear + float Conv: slower than float, and only simulated).
+
+``integer_kinds`` is the promise a placement makes: every quantized layer of those kinds must run
+as an integer kernel in the exported model, or the quantize command fails (see ``api.quantize``).
+Layers of the other kinds are simulated (Q/DQ around a float kernel) and reported as such.
 """
 from __future__ import annotations
 
@@ -16,17 +23,22 @@ from ..errors import VitcompressError
 from .modules import is_wrappable_attention, is_wrappable_weighted
 
 
+KINDS = {nn.Linear: "linear", nn.Conv2d: "conv"}
+
+
 @dataclass(frozen=True)
 class Placement:
     name: str
-    weighted: bool = True  # Linear / Conv2d
+    kinds: tuple[str, ...] = ("linear", "conv")  # weighted layer kinds quantized (weights and inputs)
     attention_matmuls: bool = False
+    integer_kinds: tuple[str, ...] = ("linear",)  # kinds that must run as integer kernels once exported
     skip: tuple[str, ...] = ()  # module-name patterns kept float
 
 
 PLACEMENTS: dict[str, Placement] = {
     "partial": Placement("partial"),
     "partial+matmul": Placement("partial+matmul", attention_matmuls=True),
+    "speed": Placement("speed", kinds=("linear",)),
 }
 
 # Per-family adjustments (module-name patterns kept float). Empty today: the partial policy
@@ -60,10 +72,13 @@ def plan(model: nn.Module, placement: Placement, extra_skip: tuple[str, ...] = (
     for name, m in model.named_modules():
         skipped_by_pattern = any(fnmatch.fnmatch(name, p) for p in skip)
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            if placement.weighted and is_wrappable_weighted(m) and not skipped_by_pattern:
+            kind = next(k for cls, k in KINDS.items() if isinstance(m, cls))
+            if kind in placement.kinds and is_wrappable_weighted(m) and not skipped_by_pattern:
                 weighted.append(name)
-            else:
+            elif kind in placement.kinds:  # wanted but kept float: a skip pattern or an unsupported subclass
                 skipped.append(name)
+                float_counts[type(m).__name__] += 1
+            else:
                 float_counts[type(m).__name__] += 1
         elif placement.attention_matmuls and is_wrappable_attention(m) and not skipped_by_pattern:
             attention.append(name)

@@ -16,8 +16,13 @@ Interpretations and simplifications (also in docs/qhyvit.md):
   and by sampling 16 labels from the model's prediction (seeded) for more.
 - O is computed from the layer's (or block's) float input; other quantizers inside a bridge block
   keep their current parameters while one is searched.
-- Granularity is searched for weights (per-tensor vs per-output-channel). Activations stay per
-  tensor, because onnxruntime's integer kernels take one activation scale.
+- Granularity is searched for weights (per-tensor vs per-output-channel) and, for the inputs of
+  depthwise convs, for activations too (per-tensor vs per-channel). The paper's answer to highly
+  dynamic activation ranges is channel-wise activation granularity; we offer it only where each
+  output channel reads one input channel, so the product of the two per-channel scales stays a
+  per-output-channel requantization (integer arithmetic is possible). onnxruntime's QLinearConv
+  takes one input scale, so such a conv is exported as per-axis Q/DQ around a float conv and the
+  coverage report lists it as a float island (simulated, never labelled integer).
 - Scheme is searched for activations (symmetric int8 vs asymmetric uint8). Weights stay
   symmetric: asymmetric int8 weights do not map to onnxruntime's integer kernels.
 - The α grid has ``alphas`` points in [0.01, 1.2] (the paper scans ~100).
@@ -26,14 +31,16 @@ Interpretations and simplifications (also in docs/qhyvit.md):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import VitcompressError
 from .api import calibrate_observers, register_method
+from .bias_correction import correct_bias
 from .bridge import Bridge, find_bridges, layer_order
 from .config import QuantConfig
 from .modules import TensorQuantizer
@@ -45,6 +52,8 @@ class QHyViTOptions:
     alphas: int = 40
     rounds: int = 3
     search_granularity: bool = True
+    bias_correction: bool = True  # ours: empirical bias correction after the search (bias_correction.py)
+    activation_granularity: str = "depthwise"  # per-channel activation candidates: "depthwise" | "all" | "none"
     search_scheme: bool = True
     bridge_reconstruction: bool = True
     batch_size: int = 32  # images per forward/backward chunk
@@ -52,9 +61,18 @@ class QHyViTOptions:
     quantized_inputs: bool = False  # feed targets the quantized model's inputs (error accumulated upstream)
     objective: str = "hessian"  # "hessian" (the paper's) or "mse" (unweighted output error, for ablation)
 
+    def __post_init__(self):
+        if self.activation_granularity not in ("depthwise", "all", "none"):
+            raise VitcompressError(f"qhyvit activation_granularity must be depthwise, all or none, got {self.activation_granularity!r}")
+
     @classmethod
     def from_config(cls, config: QuantConfig) -> "QHyViTOptions":
-        return cls(**dict(getattr(config, "method_options", {}) or {}))
+        raw = dict(getattr(config, "method_options", {}) or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise VitcompressError(f"unknown qhyvit option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**raw)
 
 
 def _alpha_grid(n: int) -> torch.Tensor:
@@ -81,6 +99,10 @@ class _Target:
 
     def run(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x) if self.bridge is None else self.bridge.forward(model, x)
+
+
+def _is_depthwise(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.groups == layer.in_channels
 
 
 def _label_weights(logp: torch.Tensor, max_exact: int, seed: int):
@@ -157,6 +179,15 @@ def _record(model: nn.Module, calib: torch.Tensor, targets: list[_Target], bs: i
     return {k: torch.cat(v) for k, v in chunks.items()}
 
 
+def _log_probs(model: nn.Module, x: torch.Tensor, bs: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([F.log_softmax(model(x[i:i + bs]), dim=-1) for i in range(0, len(x), bs)])
+
+
+def _kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> float:
+    return float(F.kl_div(logp, ref_logp, log_target=True, reduction="batchmean"))
+
+
 def _set_all(model: nn.Module, mode_by_q: dict[TensorQuantizer, str]) -> None:
     for q, mode in mode_by_q.items():
         q.mode = mode
@@ -213,7 +244,13 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
     _set_all(model, {q: "off" for q in quantizers})
     fp = _record(model, calib, targets, bs, fisher=False)  # float inputs and outputs of every target
     grads = _record(model, calib, targets, bs, fisher=True, seed=seed) if opts.objective == "hessian" else {}
+    float_logp = _log_probs(model, calib, bs)
     _set_all(model, {q: "quantize" for q in quantizers})
+
+    def end_to_end() -> float:
+        return _kl(float_logp, _log_probs(model, calib, bs))
+
+    e2e_history = [end_to_end()]
     for _ in range(opts.rounds):
         round_err = 0.0
         inputs = _record(model, calib, targets, bs, fisher=False) if opts.quantized_inputs else fp
@@ -229,9 +266,11 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
             wspecs = [QuantSpec(wq.spec.bits, True, True, 0)]
             if opts.search_granularity:
                 wspecs.append(QuantSpec(wq.spec.bits, True, False, 0))
-            aspecs = [QuantSpec(aq.spec.bits, aq.spec.symmetric, False)]
-            if opts.search_scheme:
-                aspecs.append(QuantSpec(aq.spec.bits, not aq.spec.symmetric, False))
+            schemes = [aq.spec.symmetric, not aq.spec.symmetric] if opts.search_scheme else [aq.spec.symmetric]
+            per_channel_ok = {"all": True, "depthwise": _is_depthwise(t.layer), "none": False}[opts.activation_granularity]
+            granularities = [False, True] if per_channel_ok else [False]
+            axis = 1 if isinstance(t.layer, nn.Conv2d) else -1  # channels: NCHW maps, (…, D) tokens
+            aspecs = [QuantSpec(aq.spec.bits, sym, pc, axis if pc else 0) for pc in granularities for sym in schemes]
             aq_mode = aq.mode
             if opts.weights_alone:
                 aq.mode = "off"
@@ -243,19 +282,30 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
             if progress:
                 progress(step, total_steps)
         history.append(round_err)
+        e2e_history.append(end_to_end())
+
+    corrected = correct_bias(model, order, batches) if opts.bias_correction else []
+    if corrected:
+        e2e_history.append(end_to_end())
 
     choices = {}
     for name in order:
         layer = model.get_submodule(name)
+        aspec = layer.input_quantizer.spec
         choices[name] = {"weights": "per-channel" if layer.weight_quantizer.spec.per_channel else "per-tensor",
-                         "activations": "symmetric" if layer.input_quantizer.spec.symmetric else "asymmetric"}
+                         "activations": ("symmetric" if aspec.symmetric else "asymmetric")
+                         + (", per-channel" if aspec.per_channel else "")}
     overflow = sum(widened.values())
     return {
         "qhyvit": {
             "options": opts.__dict__,
             "bridge_blocks": [{"block": b.name, "layers": len(b.layers)} for b in bridges],
             "objective_per_round": history,
+            "calibration_kl_per_round": e2e_history,  # KL(float ‖ quantized) on the calibration images; [0] = min-max,
+            # then one entry per round, and a last one after bias correction when it ran
+            "bias_corrected_layers": len(corrected),
             "choices": choices,
             "zero_point_fix_fired": overflow,
+            "per_channel_activations": sorted(n for n, c in choices.items() if "per-channel" in c["activations"]),
         }
     }
