@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from . import __version__
+from .artifacts import REPORT_SCHEMA, ProgressFn, environment, file_info, no_progress, onnx_metadata  # noqa: F401 (REPORT_SCHEMA, ProgressFn re-exported)
 from .data import LoadStats, load_tensor, label_map_to_model, sample, scan_images
 from .errors import VitcompressError
 from .evaluate import collect_logits, fidelity, onnx_predictor, summarize, torch_predictor
@@ -27,17 +25,11 @@ from .quant import QuantConfig, float_state_dict, quant_state, quantize_, restor
 from .quant.fold import prepare_folded_layout
 from .quant.placement import KINDS, get_placement
 
-REPORT_SCHEMA = "vitcompress-report/1"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CHECKPOINT = PROJECT_ROOT / "calib" / "cifar10_vit_tiny.pth"
 DEMO_CALIB = PROJECT_ROOT / "calib" / "train"
 DEMO_EVAL = PROJECT_ROOT / "calib" / "val"
 
-ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
-
-
-def _noop(stage: str, done: int, total: int) -> None:
-    pass
 
 
 @dataclass
@@ -89,33 +81,7 @@ def _prune_extra(model: torch.nn.Module) -> dict:
     return {"prune_state": state} if state is not None else {}
 
 
-def _metadata(loaded: LoadedModel, kind: str, **extra) -> dict:
-    return {
-        "format": "vitcompress-onnx/1",
-        "vitcompress_version": __version__,
-        "kind": kind,
-        "preprocessing": loaded.preprocessing.to_dict(),
-        "num_classes": loaded.num_classes,
-        "source": {"arch": loaded.arch, "kwargs": loaded.kwargs, "checkpoint": loaded.source, "weights": loaded.weights},
-        **extra,
-    }
-
-
-def _file_info(path: Path) -> dict:
-    return {"path": path.name, "bytes": path.stat().st_size}
-
-
-def _environment() -> dict:
-    import onnxruntime
-    import timm
-
-    return {
-        "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "timm": timm.__version__,
-        "python": platform.python_version(), "machine": platform.machine(),
-    }
-
-
-def quantize(job: QuantizeJob, progress: ProgressFn = _noop) -> dict:
+def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
     """Load, calibrate, quantize, export float + QDQ ONNX, evaluate both in onnxruntime, time them."""
     cfg = job.config
     qname = f"model.{cfg.label}.onnx"
@@ -145,9 +111,9 @@ def quantize(job: QuantizeJob, progress: ProgressFn = _noop) -> dict:
     fp32_path, q_path = out / "model.fp32.onnx", out / qname
     label = honest_label(cfg, {})
     common = {"method": cfg.method, "wbits": cfg.wbits, "abits": cfg.abits, "label": label}
-    export_float(loaded.model, prep.input_size, fp32_path, _metadata(loaded, "fp32"))
+    export_float(loaded.model, prep.input_size, fp32_path, onnx_metadata(loaded, "fp32"))
     progress("export", 1, 2)
-    export_info = export_qdq(qmodel, prep.input_size, q_path, _metadata(loaded, "quantized", quantization=common))
+    export_info = export_qdq(qmodel, prep.input_size, q_path, onnx_metadata(loaded, "quantized", quantization=common))
     progress("export", 2, 2)
     ckpt_path = out / f"model.{cfg.label}.pth"
     ckpt = checkpoint_dict(loaded, float_state_dict(qmodel),
@@ -171,8 +137,8 @@ def quantize(job: QuantizeJob, progress: ProgressFn = _noop) -> dict:
                         "skipped": calib_stats.skipped, "seed": job.seed},
         "quantization": {**result.summary(), "seconds": round(method_seconds, 2), "threads": torch.get_num_threads()},
         "export": export_info,
-        "artifacts": {"fp32": _file_info(fp32_path), "quantized": _file_info(q_path), "checkpoint": _file_info(ckpt_path)},
-        "environment": _environment(),
+        "artifacts": {"fp32": file_info(fp32_path), "quantized": file_info(q_path), "checkpoint": file_info(ckpt_path)},
+        "environment": environment(),
         "notes": [],
     }
     if not loaded.accuracy_meaningful:
@@ -184,7 +150,7 @@ def quantize(job: QuantizeJob, progress: ProgressFn = _noop) -> dict:
     honest = honest_label(cfg, coverage)
     if honest != label:
         report["bits"]["label"] = common["label"] = honest
-        update_metadata(q_path, _metadata(loaded, "quantized", quantization=common))
+        update_metadata(q_path, onnx_metadata(loaded, "quantized", quantization=common))
     broken = integer_promises_broken(qmodel, cfg, result.plan.weighted, coverage)
     if broken:
         report["error"] = f"layers expected to run as integer kernels run float: {broken}"
@@ -254,15 +220,15 @@ def export(out: Path, model: str | None = None, checkpoint: Path | None = None, 
     path = out / name
     if is_quant:
         cfg = loaded.quant_state["config"]
-        info = export_qdq(loaded.model, loaded.preprocessing.input_size, path, _metadata(loaded, "quantized", quantization=cfg))
+        info = export_qdq(loaded.model, loaded.preprocessing.input_size, path, onnx_metadata(loaded, "quantized", quantization=cfg))
     else:
-        info = export_float(loaded.model, loaded.preprocessing.input_size, path, _metadata(loaded, "fp32"))
+        info = export_float(loaded.model, loaded.preprocessing.input_size, path, onnx_metadata(loaded, "fp32"))
     return {"artifact": str(path), "bytes": path.stat().st_size, **info}
 
 
 def check(artifact: Path, eval_dir: Path, max_drop: float, baseline: Path | None = None, model: str | None = None,
           checkpoint: Path | None = None, pretrained: bool = True, eval_size: int | None = None, seed: int = 0,
-          progress: ProgressFn = _noop) -> dict:
+          progress: ProgressFn = no_progress) -> dict:
     """Evaluate an exported artifact against its float baseline; ``passed`` when drop <= max_drop."""
     if max_drop < 0:
         raise VitcompressError(f"--max-drop must be >= 0, got {max_drop}")

@@ -136,6 +136,14 @@ def quantize(
     if recipe is not None:
         from .recipe import load_recipe
 
+        given = [flag for flag, value, default in (
+            ("--bits", bits, 8), ("--wbits", wbits, None), ("--abits", abits, None), ("--method", method, "minmax"),
+            ("--observer", observer, "minmax"), ("--placement", placement, "partial"), ("--target-bits", target_bits, None),
+            ("--bit-choices", bit_choices, "4,5,6,8"), ("--bits-from", bits_from, None), ("--skip", skip, []),
+            ("--full", full, False)) if value != default]
+        if given:
+            _fail(f"--recipe sets the quantization; drop {', '.join(given)} or put them in the recipe")
+
         steps = _guard(load_recipe, recipe)
         if len(steps) != 1 or not isinstance(steps[0], api.QuantConfig):
             _fail(f"recipe {recipe}: `quantize` runs exactly one quantize step")

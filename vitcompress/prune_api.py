@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .api import REPORT_SCHEMA, ProgressFn, _environment, _file_info, _metadata, _noop, load
+from .api import load
+from .artifacts import REPORT_SCHEMA, ProgressFn, environment, file_info, no_progress, onnx_metadata
 from .data import LoadStats, label_map_to_model, load_tensor, sample, scan_images
 from .errors import VitcompressError
 from .evaluate import collect_logits, fidelity, onnx_predictor, summarize
@@ -131,7 +132,7 @@ def _search_speed(p: _Pruning, job: PruneJob, fp32: Path, work: Path, progress: 
     """Adjust the MACs-reduction factor until the measured speedup reaches the target."""
     S = float(job.target_speedup)
     shape = (1, *p.loaded.preprocessing.input_size)
-    meta = _metadata(p.loaded, "pruned")
+    meta = onnx_metadata(p.loaded, "pruned")
     iterations: list[dict] = []
     tried: dict[float, tuple[Plan, Path, float]] = {}
 
@@ -188,7 +189,7 @@ def _prune_state(job: PruneJob, pruned: torch.nn.Module, plan: Plan, label: str)
     return state
 
 
-def prune(job: PruneJob, progress: ProgressFn = _noop) -> dict:
+def prune(job: PruneJob, progress: ProgressFn = no_progress) -> dict:
     """Load, score, prune to the target (measured or MACs), recover, export, evaluate, time."""
     _validate(job)
     names = ["model.fp32.onnx", "model.pruned.onnx", "model.pruned.pth", "report.json"]
@@ -208,7 +209,7 @@ def prune(job: PruneJob, progress: ProgressFn = _noop) -> dict:
     p = _Pruning(job, loaded, calib, progress)
     label = SPARSE_LABEL if job.block == "tile" else DENSE_LABEL
     fp32_path = out / "model.fp32.onnx"
-    export_float(loaded.model, prep.input_size, fp32_path, _metadata(loaded, "fp32"))
+    export_float(loaded.model, prep.input_size, fp32_path, onnx_metadata(loaded, "fp32"))
     with tempfile.TemporaryDirectory(prefix="vitcompress-prune-") as tmp:
         work = Path(tmp)
         if job.target_speedup is not None:
@@ -219,7 +220,7 @@ def prune(job: PruneJob, progress: ProgressFn = _noop) -> dict:
                                        f"{p.max_factor:.2f}x with min_keep {job.min_keep:g}")
             plan, iterations = p.plan(job.target_flops), []
             before_path = work / "before.onnx"
-            export_float(p.build(plan), prep.input_size, before_path, _metadata(loaded, "pruned"))
+            export_float(p.build(plan), prep.input_size, before_path, onnx_metadata(loaded, "pruned"))
         pruned = p.build(plan)
         state = _prune_state(job, pruned, plan, label)
 
@@ -239,7 +240,7 @@ def prune(job: PruneJob, progress: ProgressFn = _noop) -> dict:
         setattr(pruned, PRUNE_STATE_ATTR, state)
 
         pruned_path = out / "model.pruned.onnx"
-        meta = _metadata(loaded, "pruned", pruning={"method": job.method, "label": label})
+        meta = onnx_metadata(loaded, "pruned", pruning={"method": job.method, "label": label})
         export_info = export_float(pruned, prep.input_size, pruned_path, meta)
         ckpt_path = out / "model.pruned.pth"
         with atomic_path(ckpt_path) as tmp_ckpt:
@@ -270,9 +271,9 @@ def prune(job: PruneJob, progress: ProgressFn = _noop) -> dict:
                             "skipped": calib_stats.skipped, "seed": job.seed},
             "recovery": recovery,
             "export": export_info,
-            "artifacts": {"fp32": _file_info(fp32_path), "pruned": _file_info(pruned_path),
-                          "checkpoint": _file_info(ckpt_path)},
-            "environment": _environment(),
+            "artifacts": {"fp32": file_info(fp32_path), "pruned": file_info(pruned_path),
+                          "checkpoint": file_info(ckpt_path)},
+            "environment": environment(),
             "notes": [],
         }
         if job.block == "tile":
