@@ -142,3 +142,18 @@ def test_a_skipped_linear_and_a_broken_integer_promise_are_reported(tmp_path, mo
     # a placement promising integer convs is caught: the runtime did not keep that promise
     monkeypatch.setitem(placement.PLACEMENTS, "convs-too", placement.Placement("convs-too", integer_kinds=("linear", "conv")))
     assert integer_promises_broken(m, QuantConfig(placement="convs-too"), result.plan.weighted, cov) == ["0"]
+
+
+def test_int4_packing_halves_weight_storage_and_keeps_the_function(loaded, calib_batches, tmp_path):
+    m = copy.deepcopy(loaded.model)
+    quantize_(m, QuantConfig(wbits=4, abits=8), calib_batches)
+    plain = export_qdq(m, loaded.preprocessing.input_size, tmp_path / "w4.onnx", {})
+    packed = export_qdq(m, loaded.preprocessing.input_size, tmp_path / "w4p.onnx", {}, pack_int4=True)
+    assert plain["int4_packed_weights"] == 0 and packed["int4_packed_weights"] == 26
+    int4 = [i for i in onnx.load(str(tmp_path / "w4p.onnx")).graph.initializer if i.data_type == onnx.TensorProto.INT4]
+    assert len(int4) >= 26
+    assert (tmp_path / "w4p.onnx").stat().st_size < 0.8 * (tmp_path / "w4.onnx").stat().st_size
+    x = torch.cat(calib_batches).numpy()
+    a = run_session(make_session(tmp_path / "w4.onnx"), x)
+    b = run_session(make_session(tmp_path / "w4p.onnx"), x)
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.98 and np.abs(a - b).max() < 0.1

@@ -195,15 +195,57 @@ def export_float(model: nn.Module, input_size: tuple[int, int, int], path: str |
     return {"simplified": simplified, "nodes": len(proto.graph.node)}
 
 
-def export_qdq(model: nn.Module, input_size: tuple[int, int, int], path: str | Path, metadata: dict) -> dict:
-    """Export a fake-quantized model as QDQ ONNX with its own calibrated parameters."""
+INT4_OPSET = 21  # DequantizeLinear takes INT4 from opset 21
+
+
+def pack_int4_weights(model: onnx.ModelProto) -> int:
+    """Store weight codes that fit 4 bits (and have zero points of 0) as ONNX INT4, two per byte,
+    and move the graph to opset 21; returns how many weights were packed. The arithmetic is
+    unchanged; onnxruntime unpacks them when it loads the model."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    alias = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Identity" and n.input[0] in inits}
+    for n in g.node:  # zero points shared through Identity become direct initializer inputs
+        for k, i in enumerate(n.input):
+            if i in alias:
+                n.input[k] = alias[i]
+    packed = 0
+    for n in g.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
+            continue
+        x = inits[n.input[0]]
+        codes = numpy_helper.to_array(x)
+        zp = numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 and n.input[2] in inits else None
+        if x.data_type != onnx.TensorProto.INT8 or codes.min() < -8 or codes.max() > 7 or (zp is not None and zp.any()):
+            continue
+        x.CopyFrom(helper.make_tensor(x.name, onnx.TensorProto.INT4, codes.shape, codes.flatten().tolist()))
+        if zp is not None:
+            name = n.input[2] + "_int4"
+            if name not in inits:
+                inits[name] = helper.make_tensor(name, onnx.TensorProto.INT4, zp.shape, zp.flatten().tolist())
+                g.initializer.append(inits[name])
+            n.input[2] = name
+        packed += 1
+    if packed:
+        for o in model.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = max(o.version, INT4_OPSET)
+    _remove_unused(model)
+    return packed
+
+
+def export_qdq(model: nn.Module, input_size: tuple[int, int, int], path: str | Path, metadata: dict,
+               pack_int4: bool = False) -> dict:
+    """Export a fake-quantized model as QDQ ONNX with its own calibrated parameters
+    (``pack_int4``: weights of at most 4 bits stored as INT4, see ``pack_int4_weights``)."""
     with snapped_weights(model), onnx_export_mode():
         proto = _torch_to_onnx(model, input_size)
     folded = fold_weight_quantizers(proto)
+    packed = pack_int4_weights(proto) if pack_int4 else 0
     _set_metadata(proto, metadata)
     _save(proto, Path(path))
     counts = {}
     for n in proto.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return {"folded_weight_quantizers": folded, **counts, "nodes": len(proto.graph.node)}
+    return {"folded_weight_quantizers": folded, "int4_packed_weights": packed, **counts, "nodes": len(proto.graph.node)}
