@@ -160,3 +160,19 @@ def test_hybrid_quantized_checkpoint_roundtrip(tmp_path):
                       "--eval", VAL, "--eval-size", 50, "--max-drop", 0, "--json", tmp_path / "c.json")
     assert code == 0, text
     assert json.loads((tmp_path / "c.json").read_text())["top1_agreement"] == 100.0
+
+
+def test_placement_auto_picks_the_fastest_within_budget(tmp_path):
+    code, text = _run("quantize", "--checkpoint", BUNDLED_CKPT, "--calib", CALIB, "--calib-size", 32, "--eval", VAL,
+                      "--eval-size", 100, "--placement", "auto", "--max-drop", "5", "--out", tmp_path / "a")
+    assert code == 0, text
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    auto = report["placement_auto"]
+    assert [c["placement"] for c in auto["candidates"]] == ["speed", "partial"]
+    within = [c for c in auto["candidates"] if c["drop"] <= 5]
+    assert auto["chosen"] == max(within, key=lambda c: c["speedup"])["placement"]
+    assert report["config"]["placement"] == auto["chosen"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["model.fp32.onnx", "model.int8.onnx", "model.int8.pth", "report.json"]
+    code, text = _run("quantize", "--checkpoint", BUNDLED_CKPT, "--calib", CALIB, "--calib-size", 8,
+                      "--placement", "auto", "--out", tmp_path / "b")
+    assert code == 2 and "needs --eval" in text

@@ -6,9 +6,11 @@ measurements together. Progress is reported through a callback, never printed.
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 import datetime as _dt
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -50,6 +52,7 @@ class QuantizeJob:
     batch_size: int = 32
     latency_rounds: int = 30
     latency_threads: int = 1
+    max_drop: float = 1.0  # --placement auto: top-1 points the chosen placement may lose on the eval set
 
 
 def load(model: str | None = None, checkpoint: str | Path | None = None, pretrained: bool = True) -> LoadedModel:
@@ -83,6 +86,8 @@ def _prune_extra(model: torch.nn.Module) -> dict:
 
 def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
     """Load, calibrate, quantize, export float + QDQ ONNX, evaluate both in onnxruntime, time them."""
+    if job.config.placement == AUTO_PLACEMENT:
+        return _quantize_auto(job, progress)
     cfg = job.config
     qname = f"model.{cfg.label}.onnx"
     out = prepare_output_dir(job.out, job.force, ["model.fp32.onnx", qname, "report.json"])
@@ -182,6 +187,43 @@ def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
     lat["speedup"] = lat["fp32"]["median_ms"] / lat["quantized"]["median_ms"]
     report["latency"] = lat
     progress("latency", 1, 1)
+    write_json(out / "report.json", report)
+    return report
+
+
+AUTO_PLACEMENT = "auto"
+AUTO_CANDIDATES = ("speed", "partial")  # tried in turn; the fastest one within the accuracy budget wins
+
+
+def _quantize_auto(job: QuantizeJob, progress: ProgressFn) -> dict:
+    """--placement auto: run every candidate placement, measure speed and accuracy of each exported
+    artifact, keep the fastest whose top-1 drop on the eval set is within ``job.max_drop``."""
+    if job.eval_dir is None:
+        raise VitcompressError("--placement auto chooses by measured accuracy: it needs --eval DIR")
+    if job.max_drop < 0:
+        raise VitcompressError(f"--max-drop must be >= 0, got {job.max_drop}")
+    out = prepare_output_dir(job.out, job.force, ["report.json"])
+    trials = []
+    with tempfile.TemporaryDirectory(prefix=".auto-", dir=out) as scratch:
+        for placement in AUTO_CANDIDATES:
+            trial_job = replace(job, config=replace(job.config, placement=placement), out=Path(scratch) / placement, force=True)
+            try:
+                trials.append((placement, quantize(trial_job, progress), None))
+            except VitcompressError as e:  # e.g. an integer promise the runtime did not keep
+                trials.append((placement, None, str(e)))
+        summary = [{"placement": p, "speedup": r["latency"]["speedup"], "drop": r["accuracy"]["drop"],
+                    "top1_agreement": r["accuracy"]["top1_agreement"]} if r else {"placement": p, "error": err}
+                   for p, r, err in trials]
+        ok = [(p, r) for p, r, _ in trials if r and r["accuracy"]["drop"] <= job.max_drop]
+        if not ok:
+            raise VitcompressError(f"no placement keeps the top-1 drop within {job.max_drop:g} points: "
+                                   + "; ".join(f"{t['placement']}: " + (f"drop {t['drop']:.2f}" if "drop" in t else t["error"])
+                                               for t in summary))
+        chosen, report = max(ok, key=lambda pr: pr[1]["latency"]["speedup"])
+        for f in (Path(scratch) / chosen).iterdir():
+            if f.name != "report.json":
+                os.replace(f, out / f.name)
+    report["placement_auto"] = {"max_drop": job.max_drop, "chosen": chosen, "candidates": summary}
     write_json(out / "report.json", report)
     return report
 

@@ -102,6 +102,11 @@ def print_quantize_report(r: dict) -> None:
     if acc:
         out_console.print(f"eval: {acc['images']} images from {acc['eval_dir']} ({acc['skipped']} unreadable skipped); "
                           f"exported vs torch simulation agreement {acc['export_vs_torch_agreement']:.2f}%")
+    auto = r.get("placement_auto")
+    if auto:
+        tried = "; ".join(f"{c['placement']}: " + (f"{c['speedup']:.2f}x, drop {c['drop']:.2f}" if "speedup" in c else c["error"])
+                          for c in auto["candidates"])
+        out_console.print(f"placement auto (max drop {auto['max_drop']:g}): chose {auto['chosen']} — {tried}", highlight=False)
     for note in r["notes"]:
         out_console.print(f"[yellow]note:[/] {note}")
 
@@ -117,7 +122,7 @@ def quantize(
     abits: Optional[int] = typer.Option(None, "--abits", help="Activation bits (overrides --bits)."),
     method: str = typer.Option("minmax", "--method", help="Quantization method."),
     observer: str = typer.Option("minmax", "--observer", help="Activation range observer: minmax, percentile, mse."),
-    placement: str = typer.Option("partial", "--placement", help="partial (Linear/Conv weights and inputs), partial+matmul (also attention products) or speed (only what runs as integer kernels: Linear)."),
+    placement: str = typer.Option("partial", "--placement", help="partial (Linear/Conv weights and inputs), partial+matmul (also attention products) speed (only what runs as integer kernels: Linear) or auto (the fastest of speed/partial whose measured top-1 drop on --eval stays within --max-drop)."),
     calib: Path = typer.Option(..., "--calib", help="Calibration images: ImageFolder or flat folder."),
     calib_size: int = typer.Option(256, "--calib-size", help="Images sampled (seeded) for calibration."),
     eval_dir: Optional[Path] = typer.Option(None, "--eval", help="Labelled ImageFolder for accuracy."),
@@ -131,6 +136,7 @@ def quantize(
     bits_from: Optional[Path] = typer.Option(None, "--bits-from", help="mptq: per-layer bits YAML written by a --target-bits run."),
     skip: list[str] = typer.Option([], "--skip", help="Module-name pattern kept float (repeatable), e.g. 'head' or 'blocks.1*'."),
     full: bool = typer.Option(False, "--full", help="mptq: also quantize attention products, Softmax, GELU and LayerNorm inputs."),
+    max_drop: float = typer.Option(1.0, "--max-drop", help="--placement auto: top-1 points the chosen placement may lose on --eval."),
 ):
     """Calibrate and quantize a model, export fp32 and QDQ ONNX, measure both."""
     if recipe is not None:
@@ -156,7 +162,8 @@ def quantize(
                         placement="partial+matmul" if options.get("full") else placement, method_options=options,
                         skip=tuple(skip))
     job = api.QuantizeJob(out=out, model=model, checkpoint=checkpoint, pretrained=not no_pretrained, config=config,
-                          calib_dir=calib, calib_size=calib_size, eval_dir=eval_dir, eval_size=eval_size, seed=seed, force=force)
+                          calib_dir=calib, calib_size=calib_size, eval_dir=eval_dir, eval_size=eval_size, seed=seed, force=force,
+                          max_drop=max_drop)
     with _progress() as progress:
         report = _guard(api.quantize, job, progress)
     mp = report["quantization"].get("mixed_precision") or {}
