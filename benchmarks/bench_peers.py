@@ -30,7 +30,11 @@ from vitcompress.export import compare_latency, int8_coverage, make_session  # n
 
 SHARED = ROOT.parent / "shared"
 ZOO_MODELS = ["cifar10_vit_tiny", "cifar10_mobilevit_xxs", "cifar10_mobilevitv2_050"]
-SPEED_MODELS = ["deit_tiny_patch16_224", "mobilevitv2_050", "efficientformerv2_s0"]
+SPEED_MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "mobilevitv2_050", "mobilevitv2_100",
+                "efficientformerv2_s0", "efficientformer_l1"]
+# vitcompress rows: tool name -> placement (see vitcompress/quant/placement.py)
+OURS = {"vitcompress": "partial", "vitcompress speed": "speed"}
+TOOLS = [*OURS, "onnxruntime", "nncf"]
 
 
 def ort_quantize_static(fp32: Path, out: Path, calib: torch.Tensor) -> Path:
@@ -59,16 +63,19 @@ def nncf_quantize(fp32: Path, out: Path, calib: torch.Tensor) -> Path:
 
 def run_model(tag: str, workdir: Path, calib_dir: Path, calib_size: int, eval_dir: Path | None,
               model: str | None = None, checkpoint: Path | None = None, rounds: int = 30) -> dict:
-    t0 = time.perf_counter()
-    job = QuantizeJob(out=workdir / tag, model=model, checkpoint=checkpoint, pretrained=checkpoint is not None,
-                      config=QuantConfig(), calib_dir=calib_dir, calib_size=calib_size, latency_rounds=3, force=True)
-    report = quantize(job)
-    t_vc = time.perf_counter() - t0
+    out = workdir / tag
+    files, walls = {}, {}
+    for tool, placement in OURS.items():
+        t0 = time.perf_counter()
+        job = QuantizeJob(out=out / placement, model=model, checkpoint=checkpoint, pretrained=checkpoint is not None,
+                          config=QuantConfig(placement=placement), calib_dir=calib_dir, calib_size=calib_size,
+                          latency_rounds=3, force=True)
+        quantize(job)
+        walls[tool] = time.perf_counter() - t0
+        files.setdefault("fp32", out / placement / "model.fp32.onnx")
+        files[tool] = out / placement / "model.int8.onnx"
     loaded = load(model, checkpoint, pretrained=checkpoint is not None)
     calib = load_tensor(sample(scan_images(calib_dir), calib_size, 0), loaded.preprocessing)
-    out = workdir / tag
-    files = {"fp32": out / "model.fp32.onnx", "vitcompress": out / "model.int8.onnx"}
-    walls = {"vitcompress": t_vc}
     for name, fn in (("onnxruntime", ort_quantize_static), ("nncf", nncf_quantize)):
         t0 = time.perf_counter()
         files[name] = fn(files["fp32"], out / f"model.{name}.onnx", calib)
@@ -84,12 +91,11 @@ def run_model(tag: str, workdir: Path, calib_dir: Path, calib_size: int, eval_di
         row["accuracy"] = {k: summarize(v, labels, label_map, loaded.num_classes)["top1"] for k, v in logits.items()}
         row["agreement"] = {k: fidelity(logits["fp32"], v)["top1_agreement"] for k, v in logits.items() if k != "fp32"}
         row["images"] = int(len(labels))
-    del report
     return row
 
 
 def _fmt_table(rows: list[dict], with_accuracy: bool) -> list[str]:
-    tools = ["vitcompress", "onnxruntime", "nncf"]
+    tools = TOOLS
     head = "| model | tool | "
     head += "top-1 % | drop | agreement % | " if with_accuracy else ""
     head += "fp32/int8 latency | int8 MAC share | size MB | quantize wall s |"
@@ -145,7 +151,8 @@ def main() -> None:
         f"{args.rounds} alternated runs after 5 warm-ups; ratio = fp32 median / int8 median (> 1 is faster). "
         "int8 MAC share: MACs of MatMul/Gemm/Conv that onnxruntime's optimized graph runs in integer kernels. "
         "Peers use their defaults (onnxruntime: QDQ, per-tensor S8S8 MinMax; NNCF: default preset, ONNX backend). "
-        "vitcompress: per-channel symmetric int8 weights, per-tensor asymmetric uint8 inputs of Linear/Conv, everything else float.", "",
+        "vitcompress: per-channel symmetric int8 weights, per-tensor asymmetric uint8 inputs of Linear/Conv (placement "
+        "`partial`), or of Linear only (`vitcompress speed`, placement `speed`: convs stay float), everything else float.", "",
         "### Reference models (CIFAR-10, 32 px): accuracy and speed", "",
         *_fmt_table(acc_rows, True), "",
     ]
