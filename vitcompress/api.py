@@ -25,7 +25,7 @@ from .fileio import atomic_path, prepare_output_dir, write_json  # noqa: F401 (w
 from .models import LoadedModel, checkpoint_dict, family_of, load_model
 from .quant import QuantConfig, float_state_dict, quant_state, quantize_, restore_quantized
 from .quant.fold import prepare_folded_layout
-from .quant.placement import KINDS, get_placement
+from .quant.placement import get_placement, kind_of
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CHECKPOINT = PROJECT_ROOT / "calib" / "cifar10_vit_tiny.pth"
@@ -246,8 +246,7 @@ def integer_promises_broken(model: torch.nn.Module, cfg: QuantConfig, layers: li
     broken = []
     for name in layers:
         m = model.get_submodule(name)
-        kind = next((k for c, k in KINDS.items() if isinstance(m, c)), None)
-        if kind in promised and name in simulated and not m.input_quantizer.spec.per_channel:
+        if kind_of(m) in promised and name in simulated and not m.input_quantizer.spec.per_channel:
             broken.append(name)
     return broken
 

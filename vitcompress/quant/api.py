@@ -5,10 +5,12 @@ Methods register themselves by name; each receives the prepared model (quantizer
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitcompressError
@@ -71,6 +73,24 @@ def run_batches(model: nn.Module, batches: Sequence[torch.Tensor], progress: Pro
             model(x)
             if progress:
                 progress(i + 1, len(batches))
+
+
+@contextlib.contextmanager
+def quantizers_off(model: nn.Module) -> Iterator[None]:
+    """Run the float model inside the block; every quantizer gets its mode back afterwards."""
+    modes = {q: q.mode for _, q in quantizers(model)}
+    for q in modes:
+        q.mode = "off"
+    try:
+        yield
+    finally:
+        for q, mode in modes.items():
+            q.mode = mode
+
+
+def logits_kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """KL(reference ‖ candidate) of two batches of logits (or log-probabilities), mean per image."""
+    return float(F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean"))
 
 
 def set_mode(model: nn.Module, mode: str) -> None:

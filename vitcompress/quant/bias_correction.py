@@ -15,8 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .api import run_batches
-from .modules import TensorQuantizer
+from .api import quantizers_off, run_batches
 
 
 def _channel_mean(out: torch.Tensor, layer: nn.Module) -> torch.Tensor:
@@ -43,13 +42,8 @@ def correct_bias(model: nn.Module, layer_names: Sequence[str], batches: Sequence
     mean matches the float model's on ``batches``; returns the layers corrected (those with a bias)."""
     layers = {n: model.get_submodule(n) for n in layer_names}
     layers = {n: m for n, m in layers.items() if getattr(m, "bias", None) is not None}
-    qs = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
-    modes = {q: q.mode for q in qs}
-    for q in qs:
-        q.mode = "off"
-    float_means = _output_means(model, layers, batches)
-    for q in qs:
-        q.mode = modes[q]
+    with quantizers_off(model):
+        float_means = _output_means(model, layers, batches)
     for name, layer in layers.items():
         # one pass per layer: its input already carries the corrections made upstream
         quant_mean = _output_means(model, {name: layer}, batches)[name]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .observers import Observer, make_observer
-from .spec import QuantSpec, fake_quantize
+from .spec import QuantSpec, broadcast_param, fake_quantize
 
 _EXPORTING = False
 
@@ -76,23 +76,16 @@ class TensorQuantizer(nn.Module):
     def _export_qdq(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         lo8, hi8 = (-128, 127) if spec.signed else (0, 255)
-        if spec.per_channel:
-            # Weights were snapped onto their (possibly clipped) b-bit grid by ``snapped_weights``,
-            # so quantizing them on the int8 grid gives exactly the b-bit codes; per-channel
-            # activations below 8 bits are clipped per channel first (simulated, as below).
-            axis = spec.axis % x.dim()
-            if spec.bits < 8 and not isinstance(x, nn.Parameter):
-                shape = [1] * x.dim()
-                shape[axis] = -1
-                s, z = self.scale.view(shape), self.zero_point.view(shape).float()
-                x = torch.minimum(torch.maximum(x, s * (spec.qmin - z)), s * (spec.qmax - z))
-            return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, axis, lo8, hi8)
-        scale, zp = float(self.scale), int(self.zero_point)
         if spec.bits < 8 and not isinstance(x, nn.Parameter):
-            # Below 8 bits the int8 grid is clipped explicitly: simulated, not a narrower kernel.
-            # (Weights need no clip: ``snapped_weights`` put them on the b-bit grid, and a clip
-            # would keep their QuantizeLinear from being folded into integer codes.)
-            x = torch.clamp(x, scale * (spec.qmin - zp), scale * (spec.qmax - zp))
+            # Below 8 bits the int8 grid is clipped explicitly (per channel where the grid is):
+            # simulated, not a narrower kernel. Weights need no clip: ``snapped_weights`` put them
+            # on the b-bit grid, and a clip would keep their QuantizeLinear from folding into codes.
+            s = broadcast_param(self.scale, x, spec.axis)
+            z = broadcast_param(self.zero_point.float(), x, spec.axis)
+            x = torch.minimum(torch.maximum(x, s * (spec.qmin - z)), s * (spec.qmax - z))
+        if spec.per_channel:
+            return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, spec.axis % x.dim(), lo8, hi8)
+        scale, zp = float(self.scale), int(self.zero_point)
         return torch.fake_quantize_per_tensor_affine(x, scale, zp, lo8, hi8)
 
     def state(self) -> dict:

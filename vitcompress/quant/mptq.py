@@ -23,11 +23,10 @@ from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitcompressError
-from .api import Progress, register_method, run_batches
+from .api import Progress, logits_kl, register_method, run_batches
 from .config import QuantConfig
 from .mixed_precision import average_bits, greedy_mixed_precision
 from .modules import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer, quantizers
@@ -277,7 +276,7 @@ def _capture_inputs(model: nn.Module, names: list[str], batches: Sequence[torch.
 
 
 def _kl_and_agreement(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
-    kl = F.kl_div(F.log_softmax(out, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean").item()
+    kl = logits_kl(ref, out)
     agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item() * 100
     return kl, agree
 

@@ -26,6 +26,11 @@ from .modules import is_wrappable_attention, is_wrappable_weighted
 KINDS = {nn.Linear: "linear", nn.Conv2d: "conv"}
 
 
+def kind_of(module: nn.Module) -> str | None:
+    """'linear' / 'conv' for Linear / Conv2d (and their subclasses), else None."""
+    return next((k for cls, k in KINDS.items() if isinstance(module, cls)), None)
+
+
 @dataclass(frozen=True)
 class Placement:
     name: str
@@ -72,7 +77,7 @@ def plan(model: nn.Module, placement: Placement, extra_skip: tuple[str, ...] = (
     for name, m in model.named_modules():
         skipped_by_pattern = any(fnmatch.fnmatch(name, p) for p in skip)
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            kind = next(k for cls, k in KINDS.items() if isinstance(m, cls))
+            kind = kind_of(m)
             if kind in placement.kinds and is_wrappable_weighted(m) and not skipped_by_pattern:
                 weighted.append(name)
             elif kind in placement.kinds:  # wanted but kept float: a skip pattern or an unsupported subclass

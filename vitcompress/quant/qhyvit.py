@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitcompressError
-from .api import calibrate_observers, register_method
+from .api import calibrate_observers, logits_kl, quantizers_off, register_method
 from .bias_correction import correct_bias
 from .bridge import Bridge, find_bridges, layer_order
 from .config import QuantConfig
@@ -179,18 +179,9 @@ def _record(model: nn.Module, calib: torch.Tensor, targets: list[_Target], bs: i
     return {k: torch.cat(v) for k, v in chunks.items()}
 
 
-def _log_probs(model: nn.Module, x: torch.Tensor, bs: int) -> torch.Tensor:
+def _logits(model: nn.Module, x: torch.Tensor, bs: int) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([F.log_softmax(model(x[i:i + bs]), dim=-1) for i in range(0, len(x), bs)])
-
-
-def _kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> float:
-    return float(F.kl_div(logp, ref_logp, log_target=True, reduction="batchmean"))
-
-
-def _set_all(model: nn.Module, mode_by_q: dict[TensorQuantizer, str]) -> None:
-    for q, mode in mode_by_q.items():
-        q.mode = mode
+        return torch.cat([model(x[i:i + bs]) for i in range(0, len(x), bs)])
 
 
 def _search_quantizer(q: TensorQuantizer, tensor_fn: Callable[[], torch.Tensor], specs: Sequence[QuantSpec],
@@ -224,12 +215,10 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
     opts = QHyViTOptions.from_config(config)
     calib = torch.cat(list(batches))
     calibrate_observers(model, config, batches, None)  # min-max start point (Δ₀)
-    quantizers = {m: m.mode for m in model.modules() if isinstance(m, TensorQuantizer)}
     layers = [n for n, m in model.named_modules() if hasattr(m, "weight_quantizer")]
     example = calib[:1]
-    _set_all(model, {q: "off" for q in quantizers})
-    bridges = find_bridges(model, layers, example) if opts.bridge_reconstruction else []
-    _set_all(model, quantizers)
+    with quantizers_off(model):
+        bridges = find_bridges(model, layers, example) if opts.bridge_reconstruction else []
     bridge_of = {n: br for br in bridges for n in br.layers}
     order = [n for n, _ in layer_order(model, layers, example)]
     alphas = _alpha_grid(opts.alphas)
@@ -241,14 +230,13 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
     widened: dict[str, bool] = {}
     total_steps = opts.rounds * len(order)
     step = 0
-    _set_all(model, {q: "off" for q in quantizers})
-    fp = _record(model, calib, targets, bs, fisher=False)  # float inputs and outputs of every target
-    grads = _record(model, calib, targets, bs, fisher=True, seed=seed) if opts.objective == "hessian" else {}
-    float_logp = _log_probs(model, calib, bs)
-    _set_all(model, {q: "quantize" for q in quantizers})
+    with quantizers_off(model):  # the float model: inputs, outputs, Fisher and logits to match
+        fp = _record(model, calib, targets, bs, fisher=False)
+        grads = _record(model, calib, targets, bs, fisher=True, seed=seed) if opts.objective == "hessian" else {}
+        float_logits = _logits(model, calib, bs)
 
     def end_to_end() -> float:
-        return _kl(float_logp, _log_probs(model, calib, bs))
+        return logits_kl(float_logits, _logits(model, calib, bs))
 
     e2e_history = [end_to_end()]
     for _ in range(opts.rounds):

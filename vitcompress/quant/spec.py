@@ -55,7 +55,8 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> t
     return scale, zero_point
 
 
-def _broadcast(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+def broadcast_param(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """A scale or zero point shaped to broadcast against x along ``axis`` (0-d when per tensor)."""
     if t.dim() == 0 or t.numel() == 1:
         return t.reshape(())
     shape = [1] * x.dim()
@@ -65,15 +66,15 @@ def _broadcast(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
 
 def quantize_to_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Integer codes (as int32) of x; rounding is half-to-even, as ONNX QuantizeLinear does."""
-    s = _broadcast(scale, x, spec.axis)
-    z = _broadcast(zero_point, x, spec.axis)
+    s = broadcast_param(scale, x, spec.axis)
+    z = broadcast_param(zero_point, x, spec.axis)
     return torch.clamp(torch.round(x / s) + z, spec.qmin, spec.qmax).to(torch.int32)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Quantize then dequantize, with a straight-through gradient (used by gradient-based methods)."""
-    s = _broadcast(scale, x, spec.axis)
-    z = _broadcast(zero_point.to(x.dtype), x, spec.axis)
+    s = broadcast_param(scale, x, spec.axis)
+    z = broadcast_param(zero_point.to(x.dtype), x, spec.axis)
     q = torch.clamp(torch.round(x / s) + z, spec.qmin, spec.qmax)
     y = (q - z) * s
     return x + (y - x).detach() if x.requires_grad else y
