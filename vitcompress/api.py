@@ -120,6 +120,13 @@ def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
     progress("export", 1, 2)
     export_info = export_qdq(qmodel, prep.input_size, q_path, onnx_metadata(loaded, "quantized", quantization=common))
     progress("export", 2, 2)
+    progress("coverage", 0, 1)
+    coverage = int8_coverage(q_path)
+    progress("coverage", 1, 1)
+    honest = honest_label(cfg, coverage)  # what onnxruntime runs decides the label: artifact, checkpoint, report
+    if honest != label:
+        label = common["label"] = honest
+        update_metadata(q_path, onnx_metadata(loaded, "quantized", quantization=common))
     ckpt_path = out / f"model.{cfg.label}.pth"
     ckpt = checkpoint_dict(loaded, float_state_dict(qmodel),
                            quant_state={"config": asdict(cfg), "quantizers": quant_state(qmodel),
@@ -144,18 +151,12 @@ def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
         "export": export_info,
         "artifacts": {"fp32": file_info(fp32_path), "quantized": file_info(q_path), "checkpoint": file_info(ckpt_path)},
         "environment": environment(),
+        "coverage": coverage,
         "notes": [],
     }
     if not loaded.accuracy_meaningful:
         report["notes"].append("random weights (--no-pretrained): accuracy numbers are meaningless; latency and size are real")
 
-    progress("coverage", 0, 1)
-    report["coverage"] = coverage = int8_coverage(q_path)
-    progress("coverage", 1, 1)
-    honest = honest_label(cfg, coverage)
-    if honest != label:
-        report["bits"]["label"] = common["label"] = honest
-        update_metadata(q_path, onnx_metadata(loaded, "quantized", quantization=common))
     broken = integer_promises_broken(qmodel, cfg, result.plan.weighted, coverage)
     if broken:
         report["error"] = f"layers expected to run as integer kernels run float: {broken}"
