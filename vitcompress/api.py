@@ -253,7 +253,7 @@ def integer_promises_broken(model: torch.nn.Module, cfg: QuantConfig, layers: li
 
 
 def export(out: Path, model: str | None = None, checkpoint: Path | None = None, pretrained: bool = True,
-           force: bool = False) -> dict:
+           force: bool = False, simplify: bool = False) -> dict:
     """Export a float model (or a quantized checkpoint, as QDQ) to ONNX with its metadata."""
     loaded = load(model, checkpoint, pretrained)
     is_quant = loaded.quant_state is not None
@@ -264,7 +264,7 @@ def export(out: Path, model: str | None = None, checkpoint: Path | None = None, 
         cfg = loaded.quant_state["config"]
         info = export_qdq(loaded.model, loaded.preprocessing.input_size, path, onnx_metadata(loaded, "quantized", quantization=cfg))
     else:
-        info = export_float(loaded.model, loaded.preprocessing.input_size, path, onnx_metadata(loaded, "fp32"))
+        info = export_float(loaded.model, loaded.preprocessing.input_size, path, onnx_metadata(loaded, "fp32"), simplify)
     return {"artifact": str(path), "bytes": path.stat().st_size, **info}
 
 

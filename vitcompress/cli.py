@@ -266,9 +266,10 @@ def export(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint"),
     no_pretrained: bool = typer.Option(False, "--no-pretrained"),
     force: bool = typer.Option(False, "--force"),
+    simplify: bool = typer.Option(False, "--simplify", help="Run onnxsim on a float export (can make it slower in onnxruntime)."),
 ):
-    """Export a float model (simplified) or a quantized checkpoint (QDQ) to ONNX with metadata."""
-    info = _guard(api.export, out, model, checkpoint, not no_pretrained, force)
+    """Export a float model or a quantized checkpoint (QDQ) to ONNX with metadata."""
+    info = _guard(api.export, out, model, checkpoint, not no_pretrained, force, simplify)
     out_console.print(f"wrote {info['artifact']} ({_mb(info['bytes'])})")
 
 
