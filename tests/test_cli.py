@@ -153,7 +153,14 @@ def test_hybrid_quantized_checkpoint_roundtrip(tmp_path):
     assert code == 0, text
     speed = json.loads((tmp_path / "s" / "report.json").read_text())
     assert speed["bits"]["label"] == "int8" and speed["coverage"]["simulated_layers"] == []
-    assert speed["coverage"]["integer_mac_share"] > 0 and speed["quantization"]["quantized_layers"] < report["quantization"]["quantized_layers"]
+    # every conv but the RGB stem runs as QLinearConv, the SiLUs after them as QLinearSigmoid + QLinearMul
+    assert speed["coverage"]["integer_mac_share"] > 0.9 and speed["quantization"]["quantized_silu_gates"] > 0
+    assert speed["quantization"]["quantized_layers"] == report["quantization"]["quantized_layers"] - 1
+    code, text = _run("export", "--checkpoint", tmp_path / "s" / "model.int8.pth", "--out", tmp_path / "se")
+    assert code == 0, text  # the gated SiLUs come back from the checkpoint: the same artifact
+    code, text = _run("check", tmp_path / "se" / "model.quantized.onnx", "--baseline", tmp_path / "s" / "model.int8.onnx",
+                      "--eval", VAL, "--eval-size", 50, "--max-drop", 0, "--json", tmp_path / "sc.json")
+    assert code == 0 and json.loads((tmp_path / "sc.json").read_text())["top1_agreement"] == 100.0, text
     code, text = _run("export", "--checkpoint", tmp_path / "q" / "model.int8.pth", "--out", tmp_path / "e")
     assert code == 0, text
     code, text = _run("check", tmp_path / "e" / "model.quantized.onnx", "--baseline", tmp_path / "q" / "model.int8.onnx",
@@ -168,7 +175,7 @@ def test_placement_auto_picks_the_fastest_within_budget(tmp_path):
     assert code == 0, text
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     auto = report["placement_auto"]
-    assert [c["placement"] for c in auto["candidates"]] == ["speed", "partial"]
+    assert [c["placement"] for c in auto["candidates"]] == ["speed", "linear", "partial"]
     within = [c for c in auto["candidates"] if c["drop"] <= 5]
     assert auto["chosen"] == max(within, key=lambda c: c["speedup"])["placement"]
     assert report["config"]["placement"] == auto["chosen"]

@@ -193,7 +193,7 @@ def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
 
 
 AUTO_PLACEMENT = "auto"
-AUTO_CANDIDATES = ("speed", "partial")  # tried in turn; the fastest one within the accuracy budget wins
+AUTO_CANDIDATES = ("speed", "linear", "partial")  # tried in turn; the fastest one within the accuracy budget wins
 
 
 def _quantize_auto(job: QuantizeJob, progress: ProgressFn) -> dict:

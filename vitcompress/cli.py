@@ -122,7 +122,7 @@ def quantize(
     abits: Optional[int] = typer.Option(None, "--abits", help="Activation bits (overrides --bits)."),
     method: str = typer.Option("minmax", "--method", help="Quantization method."),
     observer: str = typer.Option("minmax", "--observer", help="Activation range observer: minmax, percentile, mse."),
-    placement: str = typer.Option("partial", "--placement", help="partial (Linear/Conv weights and inputs), partial+matmul (also attention products) speed (only what runs as integer kernels: Linear) or auto (the fastest of speed/partial whose measured top-1 drop on --eval stays within --max-drop)."),
+    placement: str = typer.Option("partial", "--placement", help="partial (alias accuracy: Linear/Conv weights and inputs), partial+matmul (also attention products), speed (integer chains onnxruntime fuses: conv outputs and SiLU gates quantized too), linear (Linear only; convs float) or auto (the fastest of speed/linear/partial whose measured top-1 drop on --eval stays within --max-drop)."),
     calib: Path = typer.Option(..., "--calib", help="Calibration images: ImageFolder or flat folder."),
     calib_size: int = typer.Option(256, "--calib-size", help="Images sampled (seeded) for calibration."),
     eval_dir: Optional[Path] = typer.Option(None, "--eval", help="Labelled ImageFolder for accuracy."),

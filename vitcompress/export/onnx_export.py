@@ -23,7 +23,7 @@ from ..errors import VitcompressError
 from ..fileio import atomic_path
 from ..quant.modules import onnx_export_mode, snapped_weights
 
-OPSET = 18  # MobileViTv2's Col2Im needs >= 18
+OPSET = 20  # >= 18 for MobileViTv2's Col2Im; 20 writes GELU as one Gelu node (the Erf pattern breaks under Q/DQ)
 METADATA_KEY = "vitcompress"
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 

@@ -16,9 +16,10 @@ from torch import nn
 from ..errors import VitcompressError
 from .config import QuantConfig
 from .fold import fold_batchnorm
-from .modules import quantizers, wrap_attention, wrap_weighted
+from .modules import quantizers, wrap_attention, wrap_silu, wrap_weighted
 from .spec import QuantSpec
-from .placement import PlacementPlan, get_placement, plan
+from .placement import PlacementPlan, get_placement, kind_of, plan
+from .tracing import consumers_of
 
 Progress = Callable[[int, int], None]  # (done, total)
 QuantMethod = Callable[[nn.Module, QuantConfig, Sequence[torch.Tensor], Progress | None], dict]
@@ -50,20 +51,35 @@ class QuantResult:
             "functional_ops_float": "residual adds, softmax, GELU and normalisation are not quantized"
             + ("" if self.plan.attention else "; attention matmuls are float"),
             "folded_batchnorms": len(self.folded_pairs),
+            **({"quantized_silu_gates": len(self.plan.gated_silu)} if self.plan.gated_silu else {}),
             **self.method_info,
         }
 
 
-def prepare(model: nn.Module, config: QuantConfig, family: str = "") -> PlacementPlan:
-    """Insert quantizers (mode "off") where the placement says; returns the plan."""
-    p = plan(model, get_placement(config.placement), config.skip, family)
+def prepare(model: nn.Module, config: QuantConfig, family: str = "", example: torch.Tensor | None = None,
+            gated_silu: Sequence[str] | None = None) -> PlacementPlan:
+    """Insert quantizers (mode "off") where the placement says; returns the plan.
+
+    A placement with ``gated_silu`` needs ``example`` (to find the SiLUs fed by quantized convs
+    from the dataflow) or the names themselves (``gated_silu``, when restoring a checkpoint)."""
+    placement = get_placement(config.placement)
+    p = plan(model, placement, config.skip, family)
     modules = dict(model.named_modules())
     for name in p.weighted:
         m = modules[name]
         wspec = config.weight_spec_linear  # axis 0 = output channel, for Linear and Conv2d alike
-        wrap_weighted(m, wspec, config.act_spec, config.weight_observer, config.act_observer)
+        wrap_weighted(m, wspec, config.act_spec, config.weight_observer, config.act_observer, placement.conv_outputs)
     for name in p.attention:
         wrap_attention(modules[name], config.act_spec, config.act_observer)
+    if placement.gated_silu:
+        if gated_silu is None:
+            if example is None:
+                raise VitcompressError(f"placement '{placement.name}' needs an example input to trace the model")
+            convs = [n for n in p.weighted if kind_of(modules[n]) == "conv"]
+            gated_silu = consumers_of(model, convs, nn.SiLU, example[:1])
+        for name in gated_silu:
+            wrap_silu(modules[name], config.abits, config.act_observer)
+        p.gated_silu = list(gated_silu)
     return p
 
 
@@ -126,7 +142,7 @@ def quantize_(
         raise VitcompressError("calibration needs at least one image")
     model.eval()
     folded = fold_batchnorm(model, batches[0][:2]) if config.fold_batchnorm else []
-    p = prepare(model, config, family)
+    p = prepare(model, config, family, example=batches[0])
     info = METHODS[config.method](model, config, batches, progress)
     return QuantResult(config, p, info, folded)
 
@@ -139,7 +155,8 @@ def quant_state(model: nn.Module) -> dict:
 def restore_quantized(model: nn.Module, config: QuantConfig, state: dict, family: str = "") -> PlacementPlan:
     """Rebuild a quantized model from a checkpoint's saved quantizer parameters (its weights, with
     BatchNorms already folded and the layout prepared by ``prepare_folded_layout``, are loaded)."""
-    p = prepare(model, config, family)
+    gated = sorted({n.rsplit(".", 1)[0] for n in state if n.endswith(".gate_quantizer")})
+    p = prepare(model, config, family, gated_silu=gated)
     qs = dict(quantizers(model))
     if set(qs) != set(state):
         raise VitcompressError("the checkpoint's quantization state does not match the model's layers")

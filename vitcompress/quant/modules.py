@@ -1,4 +1,4 @@
-"""Quantized module wrappers: Linear, Conv2d, the attention matmuls of timm's Attention.
+"""Quantized module wrappers: Linear, Conv2d, SiLU, the attention matmuls of timm's Attention.
 
 Wrapping swaps the module's class for a subclass that owns ``TensorQuantizer`` children, so the
 parameters (and state-dict keys) stay where timm put them and a wrapped model still loads
@@ -112,9 +112,23 @@ class QuantLinear(nn.Linear):
 class QuantConv2d(nn.Conv2d):
     input_quantizer: TensorQuantizer
     weight_quantizer: TensorQuantizer
+    # output_quantizer: a child only under placements that fuse QLinearConv (no class default:
+    # a class attribute would shadow the registered submodule)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        y = self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        output_quantizer = self._modules.get("output_quantizer")
+        return y if output_quantizer is None else output_quantizer(y)
+
+
+class QuantSiLU(nn.SiLU):
+    """x·Q(sigmoid(x)): with x already quantized (a quantized conv's output) onnxruntime runs this as
+    QLinearSigmoid + QLinearMul (the product is quantized by the consumer's input quantizer)."""
+
+    gate_quantizer: TensorQuantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate_quantizer(torch.sigmoid(x))
 
 
 class QuantMatMul(nn.Module):
@@ -164,12 +178,22 @@ class QuantAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-def wrap_weighted(module: nn.Module, wspec: QuantSpec, aspec: QuantSpec, w_observer: str, a_observer: str) -> None:
-    """Turn an nn.Linear / nn.Conv2d into its quantized subclass, in place."""
+def wrap_weighted(module: nn.Module, wspec: QuantSpec, aspec: QuantSpec, w_observer: str, a_observer: str,
+                  output: bool = False) -> None:
+    """Turn an nn.Linear / nn.Conv2d into its quantized subclass, in place (``output``: convs also
+    quantize their output, with the activation spec)."""
     cls = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}[type(module)]
     module.__class__ = cls
     module.weight_quantizer = TensorQuantizer(wspec, w_observer)
     module.input_quantizer = TensorQuantizer(aspec, a_observer)
+    if output and cls is QuantConv2d:
+        module.output_quantizer = TensorQuantizer(aspec, a_observer)
+
+
+def wrap_silu(module: nn.SiLU, bits: int, a_observer: str) -> None:
+    """Quantize the sigmoid inside a SiLU (unsigned: its range is [0, 1]), in place."""
+    module.__class__ = QuantSiLU
+    module.gate_quantizer = TensorQuantizer(QuantSpec(bits, symmetric=False, per_channel=False), a_observer)
 
 
 def wrap_attention(module: nn.Module, aspec: QuantSpec, a_observer: str) -> None:

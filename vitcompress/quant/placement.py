@@ -1,11 +1,16 @@
 """Which layers are quantized: a placement policy, per model family, kept as data.
 
-"partial" (the default): Linear and Conv2d weights and their input activations; LayerNorm,
-GroupNorm, Softmax, GELU and residual adds stay float. "partial+matmul" also quantizes the
-attention products of timm's Attention blocks. "speed": only the layer kinds that onnxruntime's
-CPU provider runs as integer kernels from our Q/DQ pattern (Linear -> MatMulIntegerToFloat);
-convs stay float, because a conv with quantized inputs but a float output is not fused (it would
-run as DequantizeLinear + float Conv: slower than float, and only simulated).
+"partial" (the default; also called "accuracy"): Linear and Conv2d weights and their input
+activations; LayerNorm, GroupNorm, Softmax, GELU and residual adds stay float. "partial+matmul"
+also quantizes the attention products of timm's Attention blocks. "linear": only Linear layers,
+which onnxruntime's CPU provider fuses from our Q/DQ pattern (DQ -> MatMul becomes
+MatMulIntegerToFloat); convs stay float, because a conv with quantized inputs but a float output
+is not fused (it runs as DequantizeLinear + float Conv: slower than float, and only simulated).
+"speed": Linear and Conv2d, with a Q on each conv's output so onnxruntime fuses QLinearConv, and
+each SiLU fed by a quantized conv computed as x·Q(sigmoid(x)) so it runs as QLinearSigmoid +
+QLinearMul instead of Q/DQ conversions around float ops; convs reading the RGB image stay float
+(an int8 stem conv measured slower than float). On plain ViTs "speed" and "linear" run the same
+integer kernels; on hybrids "speed" is the only placement faster than float (benchmarks/RESULTS.md).
 
 ``integer_kinds`` is the promise a placement makes: every quantized layer of those kinds must run
 as an integer kernel in the exported model, or the quantize command fails (see ``api.quantize``).
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -38,13 +43,19 @@ class Placement:
     attention_matmuls: bool = False
     integer_kinds: tuple[str, ...] = ("linear",)  # kinds that must run as integer kernels once exported
     skip: tuple[str, ...] = ()  # module-name patterns kept float
+    conv_outputs: bool = False  # Q after each quantized conv's output (what onnxruntime needs to fuse QLinearConv)
+    gated_silu: bool = False  # SiLU fed by a quantized conv: its sigmoid is quantized too (QLinearSigmoid + QLinearMul)
+    min_conv_in_channels: int = 1  # convs with fewer input channels (the RGB stem) stay float
 
 
 PLACEMENTS: dict[str, Placement] = {
     "partial": Placement("partial"),
     "partial+matmul": Placement("partial+matmul", attention_matmuls=True),
-    "speed": Placement("speed", kinds=("linear",)),
+    "linear": Placement("linear", kinds=("linear",)),
+    "speed": Placement("speed", integer_kinds=("linear", "conv"), conv_outputs=True, gated_silu=True,
+                       min_conv_in_channels=4),
 }
+ALIASES = {"accuracy": "partial"}
 
 # Per-family adjustments (module-name patterns kept float). Empty today: the partial policy
 # already keeps the sensitive ops float for every supported family.
@@ -53,9 +64,9 @@ FAMILY_SKIP: dict[str, tuple[str, ...]] = {}
 
 def get_placement(name: str) -> Placement:
     try:
-        return PLACEMENTS[name]
+        return PLACEMENTS[ALIASES.get(name, name)]
     except KeyError:
-        raise VitcompressError(f"unknown placement '{name}' (choose from {', '.join(PLACEMENTS)})") from None
+        raise VitcompressError(f"unknown placement '{name}' (choose from {', '.join([*PLACEMENTS, *ALIASES])})") from None
 
 
 @dataclass
@@ -64,6 +75,7 @@ class PlacementPlan:
     attention: list[str]
     float_modules: dict[str, int]  # op type -> count of modules left float
     skipped: list[str]  # weighted modules kept float by a skip pattern or unsupported subclass
+    gated_silu: list[str] = field(default_factory=list)  # SiLU modules whose sigmoid is quantized
 
 
 # Module types whose computation stays float under a partial policy, reported by type name.
@@ -78,7 +90,9 @@ def plan(model: nn.Module, placement: Placement, extra_skip: tuple[str, ...] = (
         skipped_by_pattern = any(fnmatch.fnmatch(name, p) for p in skip)
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             kind = kind_of(m)
-            if kind in placement.kinds and is_wrappable_weighted(m) and not skipped_by_pattern:
+            if kind == "conv" and m.in_channels < placement.min_conv_in_channels:
+                float_counts[type(m).__name__] += 1  # by design (the placement's data), not a skip
+            elif kind in placement.kinds and is_wrappable_weighted(m) and not skipped_by_pattern:
                 weighted.append(name)
             elif kind in placement.kinds:  # wanted but kept float: a skip pattern or an unsupported subclass
                 skipped.append(name)

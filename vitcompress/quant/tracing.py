@@ -18,3 +18,19 @@ def forward_with_hooks(model: nn.Module, example: torch.Tensor, hooks: Iterable[
     finally:
         for h in hooks:
             h.remove()
+
+
+def consumers_of(model: nn.Module, producers: Iterable[str], consumer_type: type, example: torch.Tensor) -> list[str]:
+    """Names of the ``consumer_type`` modules whose input is the very output tensor of one of the
+    ``producers`` (modules in between that pass their input through unchanged do not count as
+    breaking the link: the tensor object is the same)."""
+    produced: dict[int, torch.Tensor] = {}  # holding the tensors keeps their ids from being reused
+    found: list[str] = []
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_hook(lambda mod, inp, out: produced.__setitem__(id(out), out)) for n in producers]
+    for name, m in modules.items():
+        if type(m) is consumer_type:
+            hooks.append(m.register_forward_pre_hook(
+                lambda mod, inp, n=name: found.append(n) if id(inp[0]) in produced and n not in found else None))
+    forward_with_hooks(model, example, hooks)
+    return found
