@@ -40,6 +40,9 @@ RUNS: list[tuple[str, str, dict]] = [  # most informative first: the section is 
     ("ablation", "+ SQ-b + OPT-m (the paper's parts)", dict(method="mptq", wbits=4, abits=4, method_options={"parts": ["sqb", "optm"]})),
     ("ablation", "+ SQ-b + OPT-m + SQ-b on v->proj (ours)", dict(method="mptq", wbits=4, abits=4,
                                                                 method_options={"parts": ["sqb", "optm", "sqb-v"]})),
+    ("ablation", "+ SQ-b + OPT-m + SQ-b on v->proj + range search (ours)",
+     dict(method="mptq", wbits=4, abits=4, method_options={"parts": ["sqb", "optm", "sqb-v", "range"]})),
+    ("ablation", "minmax W4A4 with a 4-bit image input (the default keeps it 8-bit)", dict(wbits=4, abits=4, image_input_bits=4)),
     ("mixed", "mptq greedy MP, 6 avg bits", dict(method="mptq", method_options={"target_bits": 6})),
     ("uniform", "minmax W5A5", dict(wbits=5, abits=5)),
     ("full", "full minmax W5A5", dict(method="mptq", wbits=5, abits=5, **FULL, method_options={"full": True, "parts": []})),
@@ -123,7 +126,7 @@ def write_results(args: argparse.Namespace, rows: dict[str, list[dict]], done: i
         "machine under load from other jobs: compare walls within this table only.", "",
     ]
     titles = {"uniform": "Uniform widths, partial quantization", "mixed": "Greedy mixed precision, partial quantization",
-              "ablation": "Ablation at W4A4 (start: minmax W4A4 above; last step: mptq W4A4 above, which adds the output-error range search)",
+              "ablation": "Ablation at W4A4 (start: minmax W4A4 above; last step: mptq W4A4 above, which adds GPTQ weight rounding (ours) to the rows below; every row but the last keeps the image input at 8 bits)",
               "full": "Full quantization (--full)"}
     for group in ("uniform", "mixed", "ablation", "full"):
         if group in rows:

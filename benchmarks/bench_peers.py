@@ -56,7 +56,10 @@ def ort_quantize_static(fp32: Path, out: Path, calib: torch.Tensor, tuned: bool 
         quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ)
         return out
     pre = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32), str(pre))
+    try:
+        quant_pre_process(str(fp32), str(pre))
+    except Exception:  # its symbolic shape inference gives up on some graphs (MobileViTv2's Col2Im)
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     extra_options={"QDQKeepRemovableActivations": True})

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import REPORT_SCHEMA, ProgressFn, environment, file_info, no_progress, onnx_metadata  # noqa: F401 (REPORT_SCHEMA, ProgressFn re-exported)
+from .cpu import resolve_target
 from .data import LoadStats, load_tensor, label_map_to_model, sample, scan_images
 from .errors import VitcompressError
 from .evaluate import collect_logits, fidelity, onnx_predictor, summarize, torch_predictor
@@ -53,6 +54,7 @@ class QuantizeJob:
     latency_rounds: int = 30
     latency_threads: int = 1
     max_drop: float = 1.0  # --placement auto: top-1 points the chosen placement may lose on the eval set
+    target_cpu: str = "auto"  # int8 kernels of the deployment CPU: auto (this machine), vnni, avx2 (see cpu.py)
 
 
 def load(model: str | None = None, checkpoint: str | Path | None = None, pretrained: bool = True) -> LoadedModel:
@@ -88,7 +90,8 @@ def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
     """Load, calibrate, quantize, export float + QDQ ONNX, evaluate both in onnxruntime, time them."""
     if job.config.placement == AUTO_PLACEMENT:
         return _quantize_auto(job, progress)
-    cfg = job.config
+    target_cpu = resolve_target(job.target_cpu)
+    cfg = replace(job.config, reduce_range=job.config.reduce_range or target_cpu["reduce_range"])
     qname = f"model.{cfg.label}.onnx"
     out = prepare_output_dir(job.out, job.force, ["model.fp32.onnx", qname, "report.json"])
     torch.manual_seed(job.seed)
@@ -145,6 +148,7 @@ def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
         "bits": {"weights": cfg.wbits, "activations": cfg.abits, "label": label,
                  "simulated": cfg.simulated},
         "config": asdict(cfg),
+        "target_cpu": target_cpu,
         "calibration": {"dir": str(job.calib_dir), "requested": job.calib_size, "used": calib_stats.loaded,
                         "skipped": calib_stats.skipped, "seed": job.seed},
         "quantization": {**result.summary(), "seconds": round(method_seconds, 2), "threads": torch.get_num_threads()},

@@ -137,6 +137,7 @@ def quantize(
     skip: list[str] = typer.Option([], "--skip", help="Module-name pattern kept float (repeatable), e.g. 'head' or 'blocks.1*'."),
     full: bool = typer.Option(False, "--full", help="mptq: also quantize attention products, Softmax, GELU and LayerNorm inputs."),
     max_drop: float = typer.Option(1.0, "--max-drop", help="--placement auto: top-1 points the chosen placement may lose on --eval."),
+    target_cpu: str = typer.Option("auto", "--target-cpu", help="int8 kernels of the deployment CPU: auto (this machine), vnni (full-range int8 weights) or avx2 (7-bit weights: no VNNI, so int16 pair sums must not saturate)."),
 ):
     """Calibrate and quantize a model, export fp32 and QDQ ONNX, measure both."""
     if recipe is not None:
@@ -163,7 +164,7 @@ def quantize(
                         skip=tuple(skip))
     job = api.QuantizeJob(out=out, model=model, checkpoint=checkpoint, pretrained=not no_pretrained, config=config,
                           calib_dir=calib, calib_size=calib_size, eval_dir=eval_dir, eval_size=eval_size, seed=seed, force=force,
-                          max_drop=max_drop)
+                          max_drop=max_drop, target_cpu=target_cpu)
     with _progress() as progress:
         report = _guard(api.quantize, job, progress)
     mp = report["quantization"].get("mixed_precision") or {}

@@ -6,7 +6,7 @@ Methods register themselves by name; each receives the prepared model (quantizer
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -18,7 +18,7 @@ from .config import QuantConfig
 from .fold import fold_batchnorm
 from .modules import quantizers, wrap_attention, wrap_silu, wrap_weighted
 from .spec import QuantSpec
-from .placement import PlacementPlan, get_placement, kind_of, plan
+from .placement import PlacementPlan, get_placement, kind_of, plan, reads_image
 from .tracing import consumers_of
 
 Progress = Callable[[int, int], None]  # (done, total)
@@ -52,6 +52,8 @@ class QuantResult:
             + ("" if self.plan.attention else "; attention matmuls are float"),
             "folded_batchnorms": len(self.folded_pairs),
             **({"quantized_silu_gates": len(self.plan.gated_silu)} if self.plan.gated_silu else {}),
+            **({"image_input_bits": {"bits": self.config.image_input_bits, "layers": self.plan.image_readers}}
+               if self.plan.image_readers and self.config.image_input_bits != self.config.abits else {}),
             **self.method_info,
         }
 
@@ -68,7 +70,8 @@ def prepare(model: nn.Module, config: QuantConfig, family: str = "", example: to
     for name in p.weighted:
         m = modules[name]
         wspec = config.weight_spec_linear  # axis 0 = output channel, for Linear and Conv2d alike
-        wrap_weighted(m, wspec, config.act_spec, config.weight_observer, config.act_observer, placement.conv_outputs)
+        aspec = replace(config.act_spec, bits=config.image_input_bits) if reads_image(m) else config.act_spec
+        wrap_weighted(m, wspec, aspec, config.weight_observer, config.act_observer, placement.conv_outputs)
     for name in p.attention:
         wrap_attention(modules[name], config.act_spec, config.act_observer)
     if placement.gated_silu:

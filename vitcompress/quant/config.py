@@ -17,6 +17,9 @@ class QuantConfig:
     placement: which layers get quantized (see ``placement.PLACEMENTS``).
     skip: module-name patterns (fnmatch) kept float in addition to the placement's own.
     fold_batchnorm: fold Conv2d -> BatchNorm2d pairs before quantizing (what a deployed conv computes).
+    reduce_range: weights use 7 bits of their grid (for int8 kernels without VNNI, see ``vitcompress.cpu``).
+    image_input_bits: width of the input quantizer of layers reading the image (``placement.reads_image``):
+        the image is 8-bit data, so by default it keeps 8 bits whatever ``abits`` says.
     method_options: knobs of the chosen method (see each method's options dataclass).
     """
 
@@ -31,17 +34,20 @@ class QuantConfig:
     placement: str = "partial"
     skip: tuple[str, ...] = field(default_factory=tuple)
     fold_batchnorm: bool = True
+    reduce_range: bool = False
+    image_input_bits: int = 8
     method_options: dict = field(default_factory=dict)  # method-specific knobs, e.g. qhyvit's rounds
 
     def __post_init__(self):
-        for name in ("wbits", "abits"):
+        for name in ("wbits", "abits", "image_input_bits"):
             v = getattr(self, name)
             if not isinstance(v, int) or not 2 <= v <= 8:
                 raise VitcompressError(f"{name} must be an integer between 2 and 8, got {v}")
 
     @property
     def weight_spec_linear(self) -> QuantSpec:
-        return QuantSpec(self.wbits, self.weight_symmetric, self.weight_per_channel, axis=0)
+        bits = min(self.wbits, 7) if self.reduce_range else self.wbits
+        return QuantSpec(bits, self.weight_symmetric, self.weight_per_channel, axis=0)
 
     @property
     def act_spec(self) -> QuantSpec:

@@ -27,9 +27,11 @@ from torch import nn
 
 from ..errors import VitcompressError
 from .api import Progress, logits_kl, register_method, run_batches
+from .gptq import gptq_linears
 from .config import QuantConfig
 from .mixed_precision import average_bits, greedy_mixed_precision
 from .modules import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer, quantizers
+from .placement import reads_image
 from .optm import TwoRegionLinear, TwoRegionMatMul, TwoRegionQuantizer, search_two_region
 from .smoothquant import apply_sqb
 from .spec import QuantSpec, fake_quantize, qparams_from_range
@@ -43,7 +45,7 @@ EXPORT_NOTE_OPTM = ("OPT-m activations are exported as two QDQ regions of (b-1)-
                     "product they feed runs as two integer MatMuls on the same integer weights, summed in float "
                     "(twice the MACs of that product)")
 
-PARTS = ("sqb", "optm", "sqb-v", "range")
+PARTS = ("sqb", "optm", "sqb-v", "range", "gptq")
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,8 @@ class MptqOptions:
     parts: parts applied: "sqb", "optm" (the paper's); "sqb-v" (ours: SQ-b on each attention block's
         value -> output projection, exact because Softmax rows sum to 1); "range" (ours: the other
         Linear/Conv inputs get their min-max range shrunk by the fraction minimising the output error);
-        () is plain min-max calibration in the same placement.
+        "gptq" (ours: Linear weights rounded by GPTQ's error compensation once every grid is chosen,
+        see ``gptq.py``); () is plain min-max calibration in the same placement.
     """
 
     full: bool = False
@@ -191,6 +194,10 @@ class _Setup:
     def bits_of(self, qname: str, assignment: dict[str, tuple[int, int]]) -> int:
         unit, role = self.owner[qname]
         w, a = assignment[unit]
+        if role == "w" and self.config.reduce_range:
+            return min(w, 7)  # int8 kernels without VNNI (see vitcompress.cpu)
+        if role == "a" and reads_image(self.model.get_submodule(unit)):
+            return self.config.image_input_bits  # the image is 8-bit data (QuantConfig.image_input_bits)
         return w if role == "w" else a
 
     def set_bits(self, q: TensorQuantizer, bits: int) -> None:
@@ -433,6 +440,8 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
     setup.apply(final)
     for q in setup.qs.values():
         assert q.mode == "quantize"
+    if "gptq" in parts:  # last: it needs every grid fixed, and rounds against the quantized inputs
+        info["mptq"]["gptq_layers"] = len(gptq_linears(model, list(macs), batches))
 
     if range_info:
         info["mptq"]["range_fraction"] = {n.rsplit(".", 1)[0]: by_bits[setup.bits_of(n, final)] for n, by_bits in range_info.items()}

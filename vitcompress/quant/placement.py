@@ -31,6 +31,14 @@ from .modules import is_wrappable_attention, is_wrappable_weighted
 KINDS = {nn.Linear: "linear", nn.Conv2d: "conv"}
 
 
+IMAGE_CHANNELS = 3
+
+
+def reads_image(module: nn.Module) -> bool:
+    """A conv with at most 3 input channels: the stem, reading the (normalised 8-bit) image."""
+    return isinstance(module, nn.Conv2d) and module.in_channels <= IMAGE_CHANNELS
+
+
 def kind_of(module: nn.Module) -> str | None:
     """'linear' / 'conv' for Linear / Conv2d (and their subclasses), else None."""
     return next((k for cls, k in KINDS.items() if isinstance(module, cls)), None)
@@ -45,7 +53,7 @@ class Placement:
     skip: tuple[str, ...] = ()  # module-name patterns kept float
     conv_outputs: bool = False  # Q after each quantized conv's output (what onnxruntime needs to fuse QLinearConv)
     gated_silu: bool = False  # SiLU fed by a quantized conv: its sigmoid is quantized too (QLinearSigmoid + QLinearMul)
-    min_conv_in_channels: int = 1  # convs with fewer input channels (the RGB stem) stay float
+    image_convs: bool = True  # quantize convs reading the image (see ``reads_image``); speed keeps them float
 
 
 PLACEMENTS: dict[str, Placement] = {
@@ -53,7 +61,7 @@ PLACEMENTS: dict[str, Placement] = {
     "partial+matmul": Placement("partial+matmul", attention_matmuls=True),
     "linear": Placement("linear", kinds=("linear",)),
     "speed": Placement("speed", integer_kinds=("linear", "conv"), conv_outputs=True, gated_silu=True,
-                       min_conv_in_channels=4),
+                       image_convs=False),
 }
 ALIASES = {"accuracy": "partial"}
 
@@ -76,6 +84,7 @@ class PlacementPlan:
     float_modules: dict[str, int]  # op type -> count of modules left float
     skipped: list[str]  # weighted modules kept float by a skip pattern or unsupported subclass
     gated_silu: list[str] = field(default_factory=list)  # SiLU modules whose sigmoid is quantized
+    image_readers: list[str] = field(default_factory=list)  # quantized layers reading the image (QuantConfig.image_input_bits)
 
 
 # Module types whose computation stays float under a partial policy, reported by type name.
@@ -90,7 +99,7 @@ def plan(model: nn.Module, placement: Placement, extra_skip: tuple[str, ...] = (
         skipped_by_pattern = any(fnmatch.fnmatch(name, p) for p in skip)
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             kind = kind_of(m)
-            if kind == "conv" and m.in_channels < placement.min_conv_in_channels:
+            if reads_image(m) and not placement.image_convs:
                 float_counts[type(m).__name__] += 1  # by design (the placement's data), not a skip
             elif kind in placement.kinds and is_wrappable_weighted(m) and not skipped_by_pattern:
                 weighted.append(name)
@@ -107,4 +116,6 @@ def plan(model: nn.Module, placement: Placement, extra_skip: tuple[str, ...] = (
         raise VitcompressError("the placement selects no layer to quantize in this model")
     if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         float_counts["MultiheadAttention"] += 1
-    return PlacementPlan(weighted, attention, dict(float_counts), skipped)
+    modules = dict(model.named_modules())
+    return PlacementPlan(weighted, attention, dict(float_counts), skipped,
+                         image_readers=[n for n in weighted if reads_image(modules[n])])
