@@ -157,3 +157,35 @@ def test_int4_packing_halves_weight_storage_and_keeps_the_function(loaded, calib
     a = run_session(make_session(tmp_path / "w4.onnx"), x)
     b = run_session(make_session(tmp_path / "w4p.onnx"), x)
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.98 and np.abs(a - b).max() < 0.1
+
+
+def test_speed_placement_integer_chains_and_family_table(tmp_path):
+    """`speed` on a hybrid: SiLU gates quantized, the RGB stem float, convs fused as QLinearConv;
+    EfficientFormer v2 keeps its talking-head convs float under `speed` only (the family table)."""
+    import timm
+    from torch import nn
+
+    from vitcompress.export import int8_coverage
+    from vitcompress.models import family_of
+    from vitcompress.quant.placement import get_placement, plan
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilevitv2_050", pretrained=False, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    result = quantize_(model, QuantConfig(placement="speed"), [x])
+    assert result.plan.gated_silu and all(type(model.get_submodule(n)).__name__ == "QuantSiLU" for n in result.plan.gated_silu)
+    assert "stem.conv" not in result.plan.weighted
+    export_qdq(model, (3, 64, 64), tmp_path / "m.onnx", {})
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert "Sigmoid" in ops
+    cov = int8_coverage(tmp_path / "m.onnx")
+    assert cov["simulated_layers"] == [] and cov["integer_mac_share"] > 0.9
+
+    ef = timm.create_model("efficientformerv2_s0", pretrained=False)
+    family = family_of("efficientformerv2_s0")
+    heads = {n for n, m in ef.named_modules() if "talking_head" in n and isinstance(m, nn.Conv2d)}
+    assert heads
+    speed = plan(ef, get_placement("speed"), family=family)
+    partial = plan(ef, get_placement("partial"), family=family)
+    assert heads <= set(speed.skipped) and not heads & set(speed.weighted)
+    assert heads <= set(partial.weighted)

@@ -93,7 +93,7 @@ def print_quantize_report(r: dict) -> None:
     if q["kept_float_weighted_layers"]:
         names = q["kept_float_weighted_layers"]
         out_console.print(f"[yellow]warning:[/] {len(names)} Linear/Conv layer(s) the placement selects stayed float "
-                          f"(skip pattern or unsupported subclass): {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}")
+                          f"(a skip pattern, the per-family table in quant/placement.py, or an unsupported subclass): {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}")
     if r["coverage"]["float_islands"]:
         top = r["coverage"]["float_islands"][:3]
         out_console.print("largest float islands: " + ", ".join(f"{i['node']} ({i['op']})" for i in top))
