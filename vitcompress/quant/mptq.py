@@ -35,7 +35,7 @@ from .placement import reads_image
 from .optm import TwoRegionLinear, TwoRegionMatMul, TwoRegionQuantizer, search_two_region
 from .smoothquant import apply_sqb
 from .spec import QuantSpec, fake_quantize, qparams_from_range
-from .tracing import forward_with_hooks
+from .tracing import consumers_of, forward_with_hooks
 
 OPTM_SAMPLE_ROWS = 512  # activation rows kept per OPT-m layer for its search
 OPTM_SAMPLE_IMAGES = 8  # images kept per post-Softmax OPT-m layer
@@ -122,19 +122,8 @@ def wrap_input(module: nn.Module, spec: QuantSpec, observer: str) -> None:
 
 def _post_gelu_linears(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Quantized Linears whose input is exactly a GELU's output tensor (found by dataflow)."""
-    produced: dict[int, torch.Tensor] = {}
-    found: list[str] = []
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.GELU):
-            hooks.append(m.register_forward_hook(lambda mod, i, out: produced.__setitem__(id(out), out)))
-        elif isinstance(m, QuantLinear):
-            def pre(mod, inp, n=name):
-                if produced.get(id(inp[0])) is inp[0] and n not in found:
-                    found.append(n)
-            hooks.append(m.register_forward_pre_hook(pre))
-    forward_with_hooks(model, example, hooks)
-    return found
+    gelus = [n for n, m in model.named_modules() if isinstance(m, nn.GELU)]
+    return consumers_of(model, gelus, QuantLinear, example)
 
 
 def _mac_units(model: nn.Module) -> dict[str, dict[str, str]]:

@@ -29,8 +29,10 @@ def consumers_of(model: nn.Module, producers: Iterable[str], consumer_type: type
     modules = dict(model.named_modules())
     hooks = [modules[n].register_forward_hook(lambda mod, inp, out: produced.__setitem__(id(out), out)) for n in producers]
     for name, m in modules.items():
-        if type(m) is consumer_type:
-            hooks.append(m.register_forward_pre_hook(
-                lambda mod, inp, n=name: found.append(n) if id(inp[0]) in produced and n not in found else None))
+        if isinstance(m, consumer_type):
+            def pre(mod, inp, n=name):
+                if produced.get(id(inp[0])) is inp[0] and n not in found:
+                    found.append(n)
+            hooks.append(m.register_forward_pre_hook(pre))
     forward_with_hooks(model, example, hooks)
     return found
