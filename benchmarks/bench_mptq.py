@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--calib-size", type=int, default=128)
     ap.add_argument("--eval-size", type=int, default=None, help="seeded sample of the val split (default: all of it)")
     ap.add_argument("--only", default=None, help="comma-separated groups to run (uniform, mixed, ablation, full)")
+    ap.add_argument("--match", default=None, help="only the rows whose label contains this text (e.g. W6A6)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     ckpt = args.shared / "zoo" / "cifar10_vit_tiny.pth"
@@ -94,13 +95,13 @@ def main() -> None:
     rows: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for group, label, kwargs in RUNS:
-            if groups and group not in groups:
+            if (groups and group not in groups) or (args.match and args.match not in label):
                 continue
             row = run(label, kwargs, Path(tmp), ckpt, data / "train", data / "val", args.calib_size, args.eval_size)
             rows.setdefault(group, []).append(row)
             print(f"{label}: top-1 {row['top1']:.2f} agreement {row['agreement']:.2f} ({row['wall']:.0f} s)", flush=True)
             write_results(args, rows, done=sum(len(r) for r in rows.values()),
-                          total=sum(1 for g, _, _ in RUNS if not groups or g in groups))
+                          total=sum(1 for g, lab, _ in RUNS if (not groups or g in groups) and (not args.match or args.match in lab)))
 
 
 def write_results(args: argparse.Namespace, rows: dict[str, list[dict]], done: int, total: int) -> None:
@@ -111,7 +112,8 @@ def write_results(args: argparse.Namespace, rows: dict[str, list[dict]], done: i
                            capture_output=True, text=True).stdout.strip()
     any_row = next(iter(rows.values()))[0]
     cmd = "python benchmarks/bench_mptq.py --out benchmarks/RESULTS.md" + (f" --eval-size {args.eval_size}" if args.eval_size else "") \
-        + (f" --calib-size {args.calib_size}" if args.calib_size != 128 else "") + (f" --only {args.only}" if args.only else "")
+        + (f" --calib-size {args.calib_size}" if args.calib_size != 128 else "") + (f" --only {args.only}" if args.only else "") \
+        + (f" --match {args.match}" if args.match else "")
     lines = [
         "## MPTQ-ViT (SQ-b, OPT-m, greedy mixed precision) on cifar10_vit_tiny", "",
         f"Command: `{cmd}` — {dt.date.today().isoformat()}" + ("" if done == total else f" (partial: {done} of {total} runs finished)"), "",
@@ -132,7 +134,8 @@ def write_results(args: argparse.Namespace, rows: dict[str, list[dict]], done: i
         if group in rows:
             lines += [f"### {titles[group]}", "", *table(rows[group]), ""]
     text = "\n".join(lines) + "\n"
-    bench_peers.write_section(args.out, text, "bench_mptq")
+    section = "bench_mptq" + (f"_calib{args.calib_size}" if args.calib_size != 128 else "") + (f"_{args.match}" if args.match else "")
+    bench_peers.write_section(args.out, text, section)
     print(text, flush=True)
 
 
