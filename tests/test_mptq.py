@@ -206,3 +206,26 @@ def test_mptq_flags_need_the_mptq_method(tmp_path):
     r = CliRunner().invoke(app, ["quantize", "--checkpoint", str(BUNDLED_CKPT), "--calib", str(CALIB), "--target-bits", "5",
                                  "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "--method mptq" in r.output
+
+
+def test_mptq_on_swin_exports_exactly(tmp_path):
+    """Swin: SQ-b pairs where a LayerNorm feeds a Linear directly (norm2 -> fc1, patch merging),
+    OPT-m on fc2, GPTQ on every Linear; the QDQ export reproduces the torch simulation."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    from vitcompress.export import export_qdq, make_session
+    from vitcompress.export.runtime import run_session
+
+    torch.manual_seed(0)
+    model = SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(1, 1), num_heads=(2, 2),
+                            num_classes=10).eval()
+    x = torch.randn(16, 3, 32, 32)
+    info = quantize_(model, QuantConfig(method="mptq", wbits=4, abits=4), [x[:8], x[8:]]).method_info["mptq"]
+    paired = {lin for v in info["sqb"].values() for lin in v["linears"]}
+    assert {"layers.0.blocks.0.mlp.fc1", "layers.1.downsample.reduction"} <= paired
+    assert "layers.0.blocks.0.mlp.fc2" in info["optm"] and info["gptq_layers"] > 0
+    export_qdq(model, (3, 32, 32), tmp_path / "swin.onnx", {})
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = run_session(make_session(tmp_path / "swin.onnx"), x.numpy())
+    assert (out.argmax(1) == ref.argmax(1)).mean() == 1.0 and abs(out - ref).max() < 1e-4
