@@ -183,3 +183,11 @@ def test_placement_auto_picks_the_fastest_within_budget(tmp_path):
     code, text = _run("quantize", "--checkpoint", BUNDLED_CKPT, "--calib", CALIB, "--calib-size", 8,
                       "--placement", "auto", "--out", tmp_path / "b")
     assert code == 2 and "needs --eval" in text
+
+
+def test_demo_runs_offline(tmp_path):
+    """`make demo`'s command: every quantize option must reach it (it calls the quantize command)."""
+    code, text = _run("demo", "--out", tmp_path / "d")
+    assert code == 0, text
+    report = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert report["accuracy"]["images"] > 0 and report["bits"]["label"].startswith("int8")
