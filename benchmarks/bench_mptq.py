@@ -50,10 +50,59 @@ RUNS: list[tuple[str, str, dict]] = [  # most informative first: the section is 
     ("full", "full mptq greedy MP, 5 avg bits", dict(method="mptq", **FULL, method_options={"full": True, "target_bits": 5})),
     ("uniform", "minmax W8A8", dict(wbits=8, abits=8)),
     ("uniform", "mptq W8A8", dict(method="mptq", wbits=8, abits=8)),
+    ("peers", "onnxruntime W8A8 (defaults)", dict(peer="onnxruntime")),
+    ("peers", "NNCF W8A8, model_type=TRANSFORMER (SmoothQuant on)", dict(peer="nncf", smooth_quant=True)),
+    ("peers", "NNCF W8A8, model_type=TRANSFORMER, SmoothQuant off", dict(peer="nncf", smooth_quant=False)),
 ]
 
 
+def nncf_transformer(fp32: Path, out: Path, calib: torch.Tensor, smooth_quant: bool) -> Path:
+    import nncf
+    import onnx
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+    dataset = nncf.Dataset([{"input": x[None].numpy()} for x in calib])
+    advanced = None if smooth_quant else AdvancedQuantizationParameters(
+        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))  # a negative alpha switches SmoothQuant off
+    q = nncf.quantize(onnx.load(str(fp32)), dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib),
+                      advanced_parameters=advanced)
+    onnx.save(q, str(out))
+    return out
+
+
+def run_peer(label: str, kwargs: dict, work: Path, ckpt: Path, calib_dir: Path, val: Path, calib_size: int,
+             eval_size: int | None) -> dict:
+    """A peer's W8A8 artifact of the same fp32 export, calibrated on the same images, evaluated the same way."""
+    from vitcompress import load
+    from vitcompress.api import export
+    from vitcompress.data import label_map_to_model, load_tensor, sample, scan_images
+    from vitcompress.evaluate import collect_logits, fidelity, onnx_predictor, summarize
+    from vitcompress.export import int8_coverage, make_session
+
+    t0 = time.perf_counter()
+    fp32 = Path(export(work / "fp32", checkpoint=ckpt, force=True)["artifact"])
+    loaded = load(checkpoint=ckpt)
+    calib = load_tensor(sample(scan_images(calib_dir), calib_size, 0), loaded.preprocessing)
+    out = work / f"{label.split()[0]}_{len(list(work.iterdir()))}.onnx"
+    if kwargs["peer"] == "onnxruntime":
+        bench_peers.ort_quantize_static(fp32, out, calib)
+    else:
+        nncf_transformer(fp32, out, calib, kwargs["smooth_quant"])
+    wall = time.perf_counter() - t0
+    eval_set = sample(scan_images(val, require_labels=True), eval_size, 0)
+    label_map = label_map_to_model(eval_set, loaded.preprocessing.class_names, loaded.num_classes)
+    logits, labels, _ = collect_logits({"fp32": onnx_predictor(make_session(fp32)), "q": onnx_predictor(make_session(out))},
+                                       eval_set, loaded.preprocessing, 100)
+    top1 = {k: summarize(v, labels, label_map, loaded.num_classes)["top1"] for k, v in logits.items()}
+    fid = fidelity(logits["fp32"], logits["q"])
+    return {"label": label, "wall": wall, "fp32": top1["fp32"], "top1": top1["q"], "drop": top1["fp32"] - top1["q"],
+            "agreement": fid["top1_agreement"], "kl": fid["kl"], "export_vs_torch": None,
+            "int_share": int8_coverage(out)["integer_mac_share"], "avg_bits": None, "images": int(len(labels))}
+
+
 def run(label: str, kwargs: dict, work: Path, ckpt: Path, calib: Path, val: Path, calib_size: int, eval_size: int | None) -> dict:
+    if "peer" in kwargs:
+        return run_peer(label, kwargs, work, ckpt, calib, val, calib_size, eval_size)
     t0 = time.perf_counter()
     job = QuantizeJob(out=work / label.replace(" ", "_").replace(",", ""), checkpoint=ckpt, config=QuantConfig(**kwargs),
                       calib_dir=calib, calib_size=calib_size, eval_dir=val, eval_size=eval_size, latency_rounds=3, force=True)
@@ -72,8 +121,9 @@ def table(rows: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         bits = f"{r['avg_bits']:.3f}" if r["avg_bits"] is not None else "–"
+        vs_torch = "–" if r["export_vs_torch"] is None else f"{r['export_vs_torch']:.2f}"
         lines.append(f"| {r['label']} | {bits} | {r['top1']:.2f} | {r['drop']:.2f} | {r['agreement']:.2f} | {r['kl']:.4f} | "
-                     f"{r['export_vs_torch']:.2f} | {100 * r['int_share']:.0f}% | {r['wall']:.0f} |")
+                     f"{vs_torch} | {100 * r['int_share']:.0f}% | {r['wall']:.0f} |")
     return lines
 
 
@@ -129,8 +179,9 @@ def write_results(args: argparse.Namespace, rows: dict[str, list[dict]], done: i
     ]
     titles = {"uniform": "Uniform widths, partial quantization", "mixed": "Greedy mixed precision, partial quantization",
               "ablation": "Ablation at W4A4 (start: minmax W4A4 above; last step: mptq W4A4 above, which adds GPTQ weight rounding (ours) to the rows below; every row but the last keeps the image input at 8 bits)",
-              "full": "Full quantization (--full)"}
-    for group in ("uniform", "mixed", "ablation", "full"):
+              "full": "Full quantization (--full)",
+              "peers": "Peers at W8A8: the same fp32 export and calibration images (ONNX vs torch: not applicable)"}
+    for group in ("uniform", "mixed", "ablation", "full", "peers"):
         if group in rows:
             lines += [f"### {titles[group]}", "", *table(rows[group]), ""]
     text = "\n".join(lines) + "\n"
