@@ -185,7 +185,8 @@ def write_results(args: argparse.Namespace, rows: dict[str, list[dict]], done: i
         if group in rows:
             lines += [f"### {titles[group]}", "", *table(rows[group]), ""]
     text = "\n".join(lines) + "\n"
-    section = "bench_mptq" + (f"_calib{args.calib_size}" if args.calib_size != 128 else "") + (f"_{args.match}" if args.match else "")
+    section = ("bench_mptq" + (f"_calib{args.calib_size}" if args.calib_size != 128 else "")
+               + (f"_{args.only}" if args.only else "") + (f"_{args.match}" if args.match else ""))
     bench_peers.write_section(args.out, text, section)
     print(text, flush=True)
 
