@@ -71,7 +71,8 @@ def prepare(model: nn.Module, config: QuantConfig, family: str = "", example: to
         m = modules[name]
         wspec = config.weight_spec_linear  # axis 0 = output channel, for Linear and Conv2d alike
         aspec = replace(config.act_spec, bits=config.image_input_bits) if reads_image(m) else config.act_spec
-        wrap_weighted(m, wspec, aspec, config.weight_observer, config.act_observer, placement.conv_outputs)
+        wrap_weighted(m, wspec, aspec, config.weight_observer, config.act_observer,
+                      config.act_spec if placement.conv_outputs else None)
     for name in p.attention:
         wrap_attention(modules[name], config.act_spec, config.act_observer)
     if placement.gated_silu:

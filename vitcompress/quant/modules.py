@@ -179,15 +179,15 @@ class QuantAttention(nn.Module):
 
 
 def wrap_weighted(module: nn.Module, wspec: QuantSpec, aspec: QuantSpec, w_observer: str, a_observer: str,
-                  output: bool = False) -> None:
-    """Turn an nn.Linear / nn.Conv2d into its quantized subclass, in place (``output``: convs also
-    quantize their output, with the activation spec)."""
+                  output: QuantSpec | None = None) -> None:
+    """Turn an nn.Linear / nn.Conv2d into its quantized subclass, in place (``output``: a conv also
+    quantizes its output on this grid)."""
     cls = {nn.Linear: QuantLinear, nn.Conv2d: QuantConv2d}[type(module)]
     module.__class__ = cls
     module.weight_quantizer = TensorQuantizer(wspec, w_observer)
     module.input_quantizer = TensorQuantizer(aspec, a_observer)
-    if output and cls is QuantConv2d:
-        module.output_quantizer = TensorQuantizer(aspec, a_observer)
+    if output is not None and cls is QuantConv2d:
+        module.output_quantizer = TensorQuantizer(output, a_observer)
 
 
 def wrap_silu(module: nn.SiLU, bits: int, a_observer: str) -> None:
