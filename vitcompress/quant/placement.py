@@ -69,7 +69,7 @@ ALIASES = {"accuracy": "partial"}
 # docs/quantization.md). EfficientFormer v2's talking-head convs mix attention maps right after a
 # Softmax: quantizing their input turns that Softmax into QLinearSoftmax (about 4x slower than the
 # float Softmax in onnxruntime here) for convs too small to gain anything; keeping them float took
-# efficientformerv2_s0 under `speed` from 1.21x to 1.46x (1 thread, same run).
+# efficientformerv2_s0 under `speed` from 1.21x to 1.46x (1 thread; both measured while other jobs ran).
 FAMILY_SKIP: dict[str, dict[str, tuple[str, ...]]] = {
     "EfficientFormer v2": {"speed": ("*.talking_head1", "*.talking_head2")},
 }
