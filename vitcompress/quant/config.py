@@ -46,8 +46,11 @@ class QuantConfig:
 
     @property
     def weight_spec_linear(self) -> QuantSpec:
-        bits = min(self.wbits, 7) if self.reduce_range else self.wbits
-        return QuantSpec(bits, self.weight_symmetric, self.weight_per_channel, axis=0)
+        return QuantSpec(self.weight_bits(self.wbits), self.weight_symmetric, self.weight_per_channel, axis=0)
+
+    def weight_bits(self, bits: int) -> int:
+        """The grid width weights really get for a requested width (7 at most under reduce_range)."""
+        return min(bits, 7) if self.reduce_range else bits
 
     @property
     def act_spec(self) -> QuantSpec:

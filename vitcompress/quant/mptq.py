@@ -179,15 +179,15 @@ class _Setup:
         self.qs: dict[str, TensorQuantizer] = {n: q for n, q in quantizers(model) if not n.endswith(".coarse")}
         self.bank: dict[tuple[str, int], tuple] = {}
         self.owner: dict[str, tuple[str, str]] = {}  # quantizer -> (unit, "w" or "a")
+        # units reading the image keep config.image_input_bits on their input (derived once: bits_of is hot)
+        self.image_units = {n for n, m in model.named_modules() if reads_image(m)}
 
     def bits_of(self, qname: str, assignment: dict[str, tuple[int, int]]) -> int:
         unit, role = self.owner[qname]
         w, a = assignment[unit]
-        if role == "w" and self.config.reduce_range:
-            return min(w, 7)  # int8 kernels without VNNI (see vitcompress.cpu)
-        if role == "a" and reads_image(self.model.get_submodule(unit)):
-            return self.config.image_input_bits  # the image is 8-bit data (QuantConfig.image_input_bits)
-        return w if role == "w" else a
+        if role == "w":
+            return self.config.weight_bits(w)  # reduce_range: 7 at most (see vitcompress.cpu)
+        return self.config.image_input_bits if unit in self.image_units else a
 
     def set_bits(self, q: TensorQuantizer, bits: int) -> None:
         if isinstance(q, TwoRegionQuantizer):
