@@ -9,6 +9,7 @@ timed alternately in one process (benchmarks notes: ratios of medians, 1 thread,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import platform
 import subprocess
@@ -96,7 +97,9 @@ def run_model(tag: str, workdir: Path, calib_dir: Path, calib_size: int, eval_di
              "nncf": nncf_quantize}
     for name, fn in peers.items():
         t0 = time.perf_counter()
-        files[name] = fn(files["fp32"], out / f"model.{name.replace(' ', '_')}.onnx", calib)
+        # Peers drop temporary files (uuid-named external data) into the working directory.
+        with contextlib.chdir(out):
+            files[name] = fn(files["fp32"].resolve(), (out / f"model.{name.replace(' ', '_')}.onnx").resolve(), calib)
         walls[name] = time.perf_counter() - t0
     row: dict = {"tag": tag, "arch": loaded.arch, "walls": walls, "sizes": {k: p.stat().st_size for k, p in files.items()}}
     row["coverage"] = {k: int8_coverage(p)["integer_mac_share"] for k, p in files.items() if k != "fp32"}
