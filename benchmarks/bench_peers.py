@@ -179,7 +179,7 @@ def main() -> None:
         "QDQKeepRemovableActivations (the fastest settings we found for it). "
         "vitcompress: per-channel symmetric int8 weights, per-tensor asymmetric uint8 activations; placement "
         "`partial` quantizes Linear/Conv inputs (everything else float); `vitcompress speed` (placement `speed`) also "
-        "quantizes conv outputs and the sigmoid of SiLUs so onnxruntime fuses integer chains (RGB stem conv float).", "",
+        "quantizes conv outputs, the sigmoid of SiLUs and the attention products so onnxruntime fuses integer chains (RGB stem conv float).", "",
         "### Reference models (CIFAR-10, 32 px): accuracy and speed", "",
         *_fmt_table(acc_rows, True), "",
     ]

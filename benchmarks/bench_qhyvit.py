@@ -30,13 +30,14 @@ from vitcompress.export import make_session  # noqa: E402
 
 MODELS = ["cifar10_mobilevit_xxs", "cifar10_mobilevitv2_050"]
 _OFF = {"search_granularity": False, "search_scheme": False, "activation_granularity": "none",
-        "bridge_reconstruction": False, "bias_correction": False}
+        "bridge_reconstruction": False, "gptq": False, "bias_correction": False}
 ABLATION = [
     ("scale search only", _OFF),
     ("+ weight granularity", {**_OFF, "search_granularity": True}),
     ("+ activation granularity (depthwise inputs)", {**_OFF, "search_granularity": True, "activation_granularity": "depthwise"}),
     ("+ scheme", {**_OFF, "search_granularity": True, "activation_granularity": "depthwise", "search_scheme": True}),
-    ("+ bridge-block reconstruction (the paper's method)", {"bias_correction": False}),
+    ("+ bridge-block reconstruction (the paper's method)", {"gptq": False, "bias_correction": False}),
+    ("+ GPTQ weight rounding (ours)", {"bias_correction": False}),
     ("+ bias correction (ours; the default)", {}),
 ]
 

@@ -70,12 +70,25 @@ def test_qhyvit_zero_point_report_and_export_agreement(loaded, calib_batches, tm
     from vitcompress.export import export_qdq, make_session
     from vitcompress.export.runtime import run_session
 
+    from vitcompress.quant.api import logits_kl
+
     m = copy.deepcopy(loaded.model)
+    calib = torch.cat(calib_batches)[:16]
+    with torch.no_grad():
+        float_logits = loaded.model(calib)
     result = quantize_(m, QuantConfig(method="qhyvit", wbits=6, abits=6, method_options={"rounds": 1, "alphas": 6}),
-                       [torch.cat(calib_batches)[:16]])
+                       [calib])
     info = result.method_info["qhyvit"]
     assert isinstance(info["zero_point_fix_fired"], int)
     assert len(info["choices"]) == 26 and len(info["objective_per_round"]) == 1
+    # post-search steps are kept only when they lower the calibration KL; a rejected one is undone,
+    # so the model ends exactly at the last recorded KL
+    steps, kl = info["post_search_steps"], info["calibration_kl_per_round"]
+    assert set(steps) == {"gptq", "bias_correction"} and steps["gptq"]["layers"] > 0
+    assert len(kl) == 2 + sum(s["kept"] for s in steps.values())
+    assert all(a > b for a, b in zip(kl[1:], kl[2:]))
+    with torch.no_grad():
+        assert logits_kl(float_logits, m(calib)) == pytest.approx(kl[-1], rel=1e-4)
     export_qdq(m, loaded.preprocessing.input_size, tmp_path / "q.onnx", {})
     from tests.conftest import VAL
     from vitcompress.data import load_tensor, sample, scan_images

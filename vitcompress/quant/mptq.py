@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import VitcompressError
 from .api import Progress, logits_kl, register_method, run_batches
-from .gptq import gptq_linears
+from .gptq import gptq_layers
 from .config import QuantConfig
 from .mixed_precision import average_bits, greedy_mixed_precision
 from .modules import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer, quantizers
@@ -430,7 +430,8 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
     for q in setup.qs.values():
         assert q.mode == "quantize"
     if "gptq" in parts:  # last: it needs every grid fixed, and rounds against the quantized inputs
-        info["mptq"]["gptq_layers"] = len(gptq_linears(model, list(macs), batches))
+        linears = [n for n in macs if isinstance(model.get_submodule(n), nn.Linear)]  # the part rounds Linear weights
+        info["mptq"]["gptq_layers"] = len(gptq_layers(model, linears, batches))
 
     if range_info:
         info["mptq"]["range_fraction"] = {n.rsplit(".", 1)[0]: by_bits[setup.bits_of(n, final)] for n, by_bits in range_info.items()}

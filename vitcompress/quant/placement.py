@@ -6,11 +6,13 @@ also quantizes the attention products of timm's Attention blocks. "linear": only
 which onnxruntime's CPU provider fuses from our Q/DQ pattern (DQ -> MatMul becomes
 MatMulIntegerToFloat); convs stay float, because a conv with quantized inputs but a float output
 is not fused (it runs as DequantizeLinear + float Conv: slower than float, and only simulated).
-"speed": Linear and Conv2d, with a Q on each conv's output so onnxruntime fuses QLinearConv, and
-each SiLU fed by a quantized conv computed as x·Q(sigmoid(x)) so it runs as QLinearSigmoid +
-QLinearMul instead of Q/DQ conversions around float ops; convs reading the RGB image stay float
-(an int8 stem conv measured slower than float). On plain ViTs "speed" and "linear" run the same
-integer kernels; on hybrids "speed" is the only placement faster than float (benchmarks/RESULTS.md).
+"speed": Linear and Conv2d and the attention products of timm's Attention blocks (q·kᵀ runs as
+MatMulIntegerToFloat, attn·v as QLinearMatMul; the Softmax between them stays float), with a Q on
+each conv's output so onnxruntime fuses QLinearConv, and each SiLU fed by a quantized conv
+computed as x·Q(sigmoid(x)) so it runs as QLinearSigmoid + QLinearMul instead of Q/DQ conversions
+around float ops; convs reading the RGB image stay float (an int8 stem conv measured slower than
+float). On plain ViTs "speed" differs from "linear" by the attention products; on hybrids "speed"
+is the only placement faster than float (benchmarks/RESULTS.md).
 
 ``integer_kinds`` is the promise a placement makes: every quantized layer of those kinds must run
 as an integer kernel in the exported model, or the quantize command fails (see ``api.quantize``).
@@ -39,6 +41,11 @@ def reads_image(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.in_channels <= IMAGE_CHANNELS
 
 
+def is_depthwise(module: nn.Module) -> bool:
+    """A conv whose every output channel reads exactly one input channel."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
 def kind_of(module: nn.Module) -> str | None:
     """'linear' / 'conv' for Linear / Conv2d (and their subclasses), else None."""
     return next((k for cls, k in KINDS.items() if isinstance(module, cls)), None)
@@ -61,16 +68,15 @@ PLACEMENTS: dict[str, Placement] = {
     "partial+matmul": Placement("partial+matmul", attention_matmuls=True),
     "linear": Placement("linear", kinds=("linear",)),
     "speed": Placement("speed", integer_kinds=("linear", "conv"), conv_outputs=True, gated_silu=True,
-                       image_convs=False),
+                       image_convs=False, attention_matmuls=True),
 }
 ALIASES = {"accuracy": "partial"}
 
-# Per family and placement: module-name patterns kept float, each decision to be measured (see
+# Per family and placement: module-name patterns kept float, each decision measured (see
 # docs/quantization.md). EfficientFormer v2's talking-head convs mix attention maps right after a
 # Softmax: quantizing their input turns that Softmax into QLinearSoftmax (about 4x slower than the
-# float Softmax here). NOT CONFIRMED: keeping them float measured 1.21x -> 1.46x in one pair of runs
-# under load, but the quiet `make bench` that followed gave 1.21x with them float (1.26x with them
-# quantized in the bench before): re-measure side by side before keeping or dropping this entry.
+# float Softmax here) for convs too small to gain. Side by side (quiet machine, 1 thread, two
+# alternated runs of 40 rounds): 1.25x / 1.19x with them float vs 1.24x / 1.15x quantized.
 FAMILY_SKIP: dict[str, dict[str, tuple[str, ...]]] = {
     "EfficientFormer v2": {"speed": ("*.talking_head1", "*.talking_head2")},
 }

@@ -28,6 +28,10 @@ Interpretations and simplifications (also in docs/qhyvit.md):
 - The α grid has ``alphas`` points in [0.01, 1.2] (the paper scans ~100).
 - Zero-point overflow: asymmetric ranges are widened to include 0 (``qparams_from_range``), and
   the number of activation quantizers whose calibrated range needed it is reported.
+
+After the search (ours, not in the paper): GPTQ weight rounding on the searched grids
+(``gptq.py``), then empirical bias correction (``bias_correction.py``); each is kept only if it
+lowers the whole model's KL on the calibration images, and the report says which were kept.
 """
 from __future__ import annotations
 
@@ -41,9 +45,11 @@ from torch import nn
 from ..errors import VitcompressError
 from .api import calibrate_observers, logits_kl, quantizers_off, register_method
 from .bias_correction import correct_bias
+from .gptq import gptq_layers
 from .bridge import Bridge, find_bridges, layer_order
 from .config import QuantConfig
 from .modules import TensorQuantizer
+from .placement import is_depthwise
 from .spec import QuantSpec, qparams_from_range
 
 
@@ -52,6 +58,7 @@ class QHyViTOptions:
     alphas: int = 40
     rounds: int = 3
     search_granularity: bool = True
+    gptq: bool = True  # ours: GPTQ weight rounding on the searched grids, after the search (gptq.py)
     bias_correction: bool = True  # ours: empirical bias correction after the search (bias_correction.py)
     activation_granularity: str = "depthwise"  # per-channel activation candidates: "depthwise" | "all" | "none"
     search_scheme: bool = True
@@ -99,10 +106,6 @@ class _Target:
 
     def run(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x) if self.bridge is None else self.bridge.forward(model, x)
-
-
-def _is_depthwise(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.groups == layer.in_channels
 
 
 def _label_weights(logp: torch.Tensor, max_exact: int, seed: int):
@@ -255,7 +258,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
             if opts.search_granularity:
                 wspecs.append(QuantSpec(wq.spec.bits, True, False, 0))
             schemes = [aq.spec.symmetric, not aq.spec.symmetric] if opts.search_scheme else [aq.spec.symmetric]
-            per_channel_ok = {"all": True, "depthwise": _is_depthwise(t.layer), "none": False}[opts.activation_granularity]
+            per_channel_ok = {"all": True, "depthwise": is_depthwise(t.layer), "none": False}[opts.activation_granularity]
             granularities = [False, True] if per_channel_ok else [False]
             axis = 1 if isinstance(t.layer, nn.Conv2d) else -1  # channels: NCHW maps, (…, D) tokens
             aspecs = [QuantSpec(aq.spec.bits, sym, pc, axis if pc else 0) for pc in granularities for sym in schemes]
@@ -272,9 +275,26 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
         history.append(round_err)
         e2e_history.append(end_to_end())
 
-    corrected = correct_bias(model, order, batches) if opts.bias_correction else []
-    if corrected:
-        e2e_history.append(end_to_end())
+    # Post-search steps (ours) change weights or biases only; each is kept only if it lowers the
+    # whole model's KL on the calibration images, the search's own end-to-end yardstick.
+    post_steps = {}
+    layer_modules = [model.get_submodule(n) for n in order]
+    for step, enabled, run_step, attr in (("gptq", opts.gptq, gptq_layers, "weight"),
+                                          ("bias_correction", opts.bias_correction, correct_bias, "bias")):
+        if not enabled:
+            continue
+        saved = [(getattr(m, attr), getattr(m, attr).detach().clone()) for m in layer_modules
+                 if getattr(m, attr, None) is not None]
+        changed = run_step(model, order, batches)
+        kl = end_to_end()
+        kept = kl < e2e_history[-1]
+        if kept:
+            e2e_history.append(kl)
+        else:
+            with torch.no_grad():
+                for param, value in saved:
+                    param.copy_(value)
+        post_steps[step] = {"layers": len(changed), "calibration_kl": kl, "kept": kept}
 
     choices = {}
     for name in order:
@@ -290,8 +310,8 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
             "bridge_blocks": [{"block": b.name, "layers": len(b.layers)} for b in bridges],
             "objective_per_round": history,
             "calibration_kl_per_round": e2e_history,  # KL(float ‖ quantized) on the calibration images; [0] = min-max,
-            # then one entry per round, and a last one after bias correction when it ran
-            "bias_corrected_layers": len(corrected),
+            # then one entry per round, then one per post-search step kept
+            "post_search_steps": post_steps,  # gptq / bias_correction: layers changed, calibration KL after, kept?
             "choices": choices,
             "zero_point_fix_fired": overflow,
             "per_channel_activations": sorted(n for n, c in choices.items() if "per-channel" in c["activations"]),
