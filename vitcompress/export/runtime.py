@@ -13,10 +13,12 @@ import onnxruntime as ort
 
 from ..errors import VitcompressError
 
-# Kernels that compute in integers on onnxruntime's CPU provider.
+# Kernels that compute in integers on onnxruntime's CPU provider. Not MatMulNBits: its 4-bit
+# weights are unpacked into a float GEMM (accuracy_level 0), or its input requantized on a grid of
+# its own (level 4), so it is weight-only storage, not our integer arithmetic.
 INTEGER_OPS = frozenset({
     "QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger", "QGemm",
-    "DynamicQuantizeMatMul", "QAttention", "MatMulNBits", "QLinearAdd", "QLinearMul",
+    "DynamicQuantizeMatMul", "QAttention", "QLinearAdd", "QLinearMul",
 })
 COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
 
