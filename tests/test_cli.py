@@ -76,6 +76,8 @@ def test_quantized_checkpoint_reloads_and_exports(quantize_run, tmp_path):
     (["--checkpoint", BUNDLED_CKPT, "--method", "magic"], "unknown method"),
     (["--checkpoint", BUNDLED_CKPT, "--recipe", BUNDLED_CKPT.parent.parent / "recipes" / "w6a6_percentile.yaml", "--bits", "4"], "drop --bits"),
     (["--checkpoint", BUNDLED_CKPT, "--placement", "fastest"], "unknown placement"),
+    (["--checkpoint", BUNDLED_CKPT, "--weight-format", "int3"], "unknown weight format"),
+    (["--checkpoint", BUNDLED_CKPT, "--weight-format", "int4"], "at most 4 bits"),  # the default --wbits is 8
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     code, text = _run("quantize", *args, "--calib", CALIB, "--calib-size", 8, "--out", tmp_path / "o")

@@ -7,7 +7,8 @@ import torch
 from onnx import numpy_helper
 
 from vitcompress.data import load_tensor, sample, scan_images
-from vitcompress.export import export_qdq, make_session, read_metadata
+from vitcompress.errors import VitcompressError
+from vitcompress.export import export_qdq, int8_coverage, make_session, read_metadata
 from vitcompress.export.runtime import run_session
 from vitcompress.quant import QuantConfig, quantize_
 from tests.conftest import VAL
@@ -189,3 +190,30 @@ def test_speed_placement_integer_chains_and_family_table(tmp_path):
     partial = plan(ef, get_placement("partial"), family=family)
     assert heads <= set(speed.skipped) and not heads & set(speed.weighted)
     assert heads <= set(partial.weighted)
+
+
+def test_weight_only_int4_linears_run_packed_and_are_labelled_weight_only(loaded, calib_batches, tmp_path):
+    """--weight-format int4: 4-bit Linear weights become MatMulNBits (packed two per byte, float GEMM);
+    same function as the int8-coded artifact, smaller file, and coverage calls them weight-only,
+    neither integer nor simulated."""
+    m = copy.deepcopy(loaded.model)
+    quantize_(m, QuantConfig(wbits=4, abits=8), calib_batches)
+    plain = export_qdq(m, loaded.preprocessing.input_size, tmp_path / "w4.onnx", {})
+    nbits = export_qdq(m, loaded.preprocessing.input_size, tmp_path / "w4n.onnx", {}, weight_format="int4")
+    linears = sum(isinstance(x, torch.nn.Linear) for x in m.modules())
+    assert plain["weight_only_int4_matmuls"] == 0 and nbits["weight_only_int4_matmuls"] == linears
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "w4n.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == linears
+    assert (tmp_path / "w4n.onnx").stat().st_size < 0.75 * (tmp_path / "w4.onnx").stat().st_size
+    x = torch.cat(calib_batches).numpy()
+    a = run_session(make_session(tmp_path / "w4.onnx"), x)
+    b = run_session(make_session(tmp_path / "w4n.onnx"), x)
+    # the same values through a float GEMM instead of an integer one: equal up to float summation
+    # order, which can flip a rounding at a later quantizer for a few images
+    assert np.median(np.abs(a - b)) < 1e-4 and (a.argmax(1) == b.argmax(1)).mean() >= 0.98
+    cov, cov_plain = int8_coverage(tmp_path / "w4n.onnx"), int8_coverage(tmp_path / "w4.onnx")
+    assert len(cov["weight_only_layers"]) == linears and cov_plain["weight_only_layers"] == []
+    assert cov["simulated_layers"] == cov_plain["simulated_layers"]  # the Linears are not called simulated
+    assert cov["integer_mac_share"] < 0.1 < cov_plain["integer_mac_share"]
+    with pytest.raises(VitcompressError, match="unknown weight format"):
+        export_qdq(m, loaded.preprocessing.input_size, tmp_path / "bad.onnx", {}, weight_format="int3")

@@ -20,7 +20,7 @@ from .cpu import resolve_target
 from .data import LoadStats, load_tensor, label_map_to_model, sample, scan_images
 from .errors import VitcompressError
 from .evaluate import collect_logits, fidelity, onnx_predictor, summarize, torch_predictor
-from .export import (compare_latency, export_float, export_qdq, int8_coverage, make_session, read_metadata,
+from .export import (WEIGHT_FORMATS, compare_latency, export_float, export_qdq, int8_coverage, make_session, read_metadata,
                      update_metadata)
 from .fileio import atomic_path, prepare_output_dir, write_json  # noqa: F401 (write_json re-exported for the CLI)
 from .models import LoadedModel, checkpoint_dict, family_of, load_model
@@ -55,6 +55,7 @@ class QuantizeJob:
     latency_threads: int = 1
     max_drop: float = 1.0  # --placement auto: top-1 points the chosen placement may lose on the eval set
     target_cpu: str = "auto"  # int8 kernels of the deployment CPU: auto (this machine), vnni, avx2 (see cpu.py)
+    weight_format: str = "int8"  # int4: Linear weights of <= 4 bits stored packed as MatMulNBits (float GEMM)
 
 
 def load(model: str | None = None, checkpoint: str | Path | None = None, pretrained: bool = True) -> LoadedModel:
@@ -92,6 +93,10 @@ def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
         return _quantize_auto(job, progress)
     target_cpu = resolve_target(job.target_cpu)
     cfg = replace(job.config, reduce_range=job.config.reduce_range or target_cpu["reduce_range"])
+    if job.weight_format not in WEIGHT_FORMATS:
+        raise VitcompressError(f"unknown weight format '{job.weight_format}' (choose from {', '.join(WEIGHT_FORMATS)})")
+    if job.weight_format == "int4" and cfg.wbits > 4:
+        raise VitcompressError(f"--weight-format int4 packs weights of at most 4 bits; got --wbits {cfg.wbits}")
     qname = f"model.{cfg.label}.onnx"
     out = prepare_output_dir(job.out, job.force, ["model.fp32.onnx", qname, "report.json"])
     torch.manual_seed(job.seed)
@@ -121,7 +126,8 @@ def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
     common = {"method": cfg.method, "wbits": cfg.wbits, "abits": cfg.abits, "label": label}
     export_float(loaded.model, prep.input_size, fp32_path, onnx_metadata(loaded, "fp32"))
     progress("export", 1, 2)
-    export_info = export_qdq(qmodel, prep.input_size, q_path, onnx_metadata(loaded, "quantized", quantization=common))
+    export_info = export_qdq(qmodel, prep.input_size, q_path, onnx_metadata(loaded, "quantized", quantization=common),
+                             weight_format=job.weight_format)
     progress("export", 2, 2)
     progress("coverage", 0, 1)
     coverage = int8_coverage(q_path)
@@ -235,12 +241,15 @@ def _quantize_auto(job: QuantizeJob, progress: ProgressFn) -> dict:
 
 def honest_label(cfg: QuantConfig, coverage: dict) -> str:
     """'int8' only when every quantized layer runs as an integer kernel in the exported model."""
-    label = cfg.label if not cfg.simulated else f"{cfg.label} (simulated on an int8 grid)"
+    notes = ["simulated on an int8 grid"] if cfg.simulated else []
+    weight_only = coverage.get("weight_only_layers") or []
+    if weight_only:
+        notes.append(f"{len(weight_only)} Linear layer(s): packed 4-bit weights computed in float")
     simulated = coverage.get("simulated_layers") or []
     if simulated and not cfg.simulated:
-        label += (f" ({coverage['integer_mac_share']:.0%} of MACs in integer kernels; "
-                  f"{len(simulated)} layer(s) simulated: Q/DQ around a float kernel)")
-    return label
+        notes.append(f"{coverage['integer_mac_share']:.0%} of MACs in integer kernels; "
+                     f"{len(simulated)} layer(s) simulated: Q/DQ around a float kernel")
+    return cfg.label + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def integer_promises_broken(model: torch.nn.Module, cfg: QuantConfig, layers: list[str], coverage: dict) -> list[str]:

@@ -138,6 +138,7 @@ def quantize(
     full: bool = typer.Option(False, "--full", help="mptq: also quantize attention products, Softmax, GELU and LayerNorm inputs."),
     max_drop: float = typer.Option(1.0, "--max-drop", help="--placement auto: top-1 points the chosen placement may lose on --eval."),
     target_cpu: str = typer.Option("auto", "--target-cpu", help="int8 kernels of the deployment CPU: auto (this machine), vnni (full-range int8 weights) or avx2 (7-bit weights: no VNNI, so int16 pair sums must not saturate)."),
+    weight_format: str = typer.Option("int8", "--weight-format", help="int8 (weights stored as int8 codes: integer kernels) or int4 (Linear weights of <= 4 bits packed two per byte as onnxruntime MatMulNBits: about half the size, computed in float)."),
 ):
     """Calibrate and quantize a model, export fp32 and QDQ ONNX, measure both."""
     if recipe is not None:
@@ -164,7 +165,7 @@ def quantize(
                         skip=tuple(skip))
     job = api.QuantizeJob(out=out, model=model, checkpoint=checkpoint, pretrained=not no_pretrained, config=config,
                           calib_dir=calib, calib_size=calib_size, eval_dir=eval_dir, eval_size=eval_size, seed=seed, force=force,
-                          max_drop=max_drop, target_cpu=target_cpu)
+                          max_drop=max_drop, target_cpu=target_cpu, weight_format=weight_format)
     with _progress() as progress:
         report = _guard(api.quantize, job, progress)
     mp = report["quantization"].get("mixed_precision") or {}
@@ -326,7 +327,7 @@ def demo(
     quantize(out=out, model=None, checkpoint=api.DEMO_CHECKPOINT, no_pretrained=False, bits=8, wbits=None, abits=None,
              method="minmax", observer="minmax", placement="partial", calib=api.DEMO_CALIB, calib_size=256,
              eval_dir=api.DEMO_EVAL, eval_size=None, seed=0, force=force, json_out=False, recipe=None,
-             target_bits=None, bit_choices="4,5,6,8", bits_from=None, full=False, skip=[], max_drop=1.0, target_cpu="auto")
+             target_bits=None, bit_choices="4,5,6,8", bits_from=None, full=False, skip=[], max_drop=1.0, target_cpu="auto", weight_format="int8")
 
 
 def main() -> None:

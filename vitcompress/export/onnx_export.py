@@ -239,13 +239,82 @@ def pack_int4_weights(model: onnx.ModelProto) -> int:
     return packed
 
 
+NBITS_BLOCK = 32  # rows of K per MatMulNBits block; each block repeats its column's scale
+
+
+def _pack_nbits(codes: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(K, N) signed 4-bit codes and their per-column (or single) scale in onnxruntime's MatMulNBits
+    layout: uint4 = code + 8 (its default zero point), blocks of ``NBITS_BLOCK`` rows (K padded with
+    zero-valued codes), two codes per byte, low nibble first; scales (N * blocks,), column-major."""
+    k, n = codes.shape
+    blocks = -(-k // NBITS_BLOCK)
+    u = np.full((blocks * NBITS_BLOCK, n), 8, np.uint8)
+    u[:k] = (codes.astype(np.int16) + 8).astype(np.uint8)
+    u = u.T.reshape(n, blocks, NBITS_BLOCK)
+    packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    scales = np.repeat(np.broadcast_to(scale.astype(np.float32).reshape(-1), (n,))[:, None], blocks, 1).reshape(-1)
+    return packed, scales
+
+
+def weight_only_int4_matmuls(model: onnx.ModelProto) -> int:
+    """Replace DQ(int8 weight codes that fit 4 bits, zero points 0) -> MatMul by onnxruntime's
+    MatMulNBits (com.microsoft): the weights are stored packed, two per byte, and the product runs
+    as a float GEMM on them (weight-only: not an integer kernel). Same values, so the same function.
+    Returns how many MatMuls were replaced."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    producer = {o: n for n in g.node for o in n.output}
+    replaced, drop = 0, []
+    for mm in list(g.node):
+        if mm.op_type != "MatMul":
+            continue
+        dq = producer.get(mm.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or len(consumers[dq.output[0]]) != 1:
+            continue
+        codes = numpy_helper.to_array(inits[dq.input[0]])
+        scale = numpy_helper.to_array(inits[dq.input[1]]) if dq.input[1] in inits else None
+        zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in inits else None
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        if (codes.ndim != 2 or codes.dtype != np.int8 or codes.min() < -8 or codes.max() > 7 or scale is None
+                or (zp is not None and zp.any()) or (scale.size > 1 and (axis % 2 != 1 or scale.size != codes.shape[1]))):
+            continue
+        packed, scales = _pack_nbits(codes, scale)
+        base = dq.input[0]
+        g.initializer.extend([numpy_helper.from_array(packed, base + "_nbits"), numpy_helper.from_array(scales, base + "_nbits_scales")])
+        node = helper.make_node("MatMulNBits", [mm.input[0], base + "_nbits", base + "_nbits_scales"], list(mm.output),
+                                name=mm.name, domain="com.microsoft", K=codes.shape[0], N=codes.shape[1], bits=4,
+                                block_size=NBITS_BLOCK)
+        g.node.insert(list(g.node).index(mm), node)
+        drop += [mm, dq]
+        replaced += 1
+    for n in drop:
+        g.node.remove(n)
+    if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _remove_unused(model)
+    return replaced
+
+
+WEIGHT_FORMATS = ("int8", "int4")
+
+
 def export_qdq(model: nn.Module, input_size: tuple[int, int, int], path: str | Path, metadata: dict,
-               pack_int4: bool = False) -> dict:
-    """Export a fake-quantized model as QDQ ONNX with its own calibrated parameters
-    (``pack_int4``: weights of at most 4 bits stored as INT4, see ``pack_int4_weights``)."""
+               pack_int4: bool = False, weight_format: str = "int8") -> dict:
+    """Export a fake-quantized model as QDQ ONNX with its own calibrated parameters.
+
+    ``weight_format="int4"``: Linear weights of at most 4 bits become MatMulNBits (packed, float
+    GEMM, see ``weight_only_int4_matmuls``); ``pack_int4``: the other weights of at most 4 bits are
+    stored as ONNX INT4 (see ``pack_int4_weights``)."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise VitcompressError(f"unknown weight format '{weight_format}' (choose from {', '.join(WEIGHT_FORMATS)})")
     with snapped_weights(model), onnx_export_mode():
         proto = _torch_to_onnx(model, input_size)
     folded = fold_weight_quantizers(proto)
+    nbits = weight_only_int4_matmuls(proto) if weight_format == "int4" else 0
     packed = pack_int4_weights(proto) if pack_int4 else 0
     _set_metadata(proto, metadata)
     _save(proto, Path(path))
@@ -253,4 +322,5 @@ def export_qdq(model: nn.Module, input_size: tuple[int, int, int], path: str | P
     for n in proto.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return {"folded_weight_quantizers": folded, "int4_packed_weights": packed, **counts, "nodes": len(proto.graph.node)}
+    return {"folded_weight_quantizers": folded, "weight_only_int4_matmuls": nbits, "int4_packed_weights": packed,
+            **counts, "nodes": len(proto.graph.node)}

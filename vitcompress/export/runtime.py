@@ -20,7 +20,8 @@ INTEGER_OPS = frozenset({
     "QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger", "QGemm",
     "DynamicQuantizeMatMul", "QAttention", "QLinearAdd", "QLinearMul",
 })
-COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
+COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulNBits"})
+WEIGHT_ONLY_OPS = frozenset({"MatMulNBits"})  # packed low-bit weights, float arithmetic
 
 
 def make_session(path: str | Path, threads: int = 0, optimized_path: str | None = None,
@@ -101,6 +102,8 @@ def _macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     out = shapes.get(node.output[0])
     if out is None:
         return 0
+    if node.op_type in WEIGHT_ONLY_OPS:
+        return int(np.prod(out)) * next(a.i for a in node.attribute if a.name == "K")
     if node.op_type in ("MatMul", "Gemm"):
         a = shapes.get(node.input[0])
         if a is None:
@@ -165,7 +168,7 @@ def int8_coverage(qdq_path: str | Path) -> dict:
             int_macs += macs
         else:
             islands.append({"node": n.name or n.output[0], "layer": module_name_of(n.name), "op": n.op_type,
-                            "macs": macs, "quantized_inputs": len(q)})
+                            "macs": macs, "quantized_inputs": len(q), "weight_only": n.op_type in WEIGHT_ONLY_OPS})
     islands.sort(key=lambda r: -r["macs"])
     op_counts: dict[str, int] = {}
     for n in optimized.graph.node:
@@ -178,7 +181,9 @@ def int8_coverage(qdq_path: str | Path) -> dict:
         "integer_kernels": op_counts,
         "float_islands": islands,
         # layers with quantized inputs that still run a float kernel: simulated, not integer
-        "simulated_layers": [i["layer"] or i["node"] for i in islands if i["quantized_inputs"]],
+        "simulated_layers": [i["layer"] or i["node"] for i in islands if i["quantized_inputs"] and not i["weight_only"]],
+        # layers exported with packed low-bit weights over a float GEMM (by choice: --weight-format int4)
+        "weight_only_layers": [i["layer"] or i["node"] for i in islands if i["weight_only"]],
     }
 
 
