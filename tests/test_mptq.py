@@ -3,6 +3,7 @@ greedy mixed precision meets its budget, and the whole method exports consistent
 import copy
 import random
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -152,11 +153,24 @@ def test_mptq_full_exports_consistently(tmp_path):
     assert "two integer MatMuls" in q["mptq"]["optm_export"]
     assert report["accuracy"]["export_vs_torch_agreement"] >= 98.0
     assert report["accuracy"]["top1_agreement"] >= 90.0
-    # documented limit: the checkpoint is refused on reload rather than rebuilt without its OPT-m regions
-    from vitcompress import load
+    # the checkpoint reloads with its OPT-m regions and LayerNorm/GELU input quantizers: the same artifact
+    from vitcompress.api import export
+    from vitcompress.data import load_tensor, sample, scan_images
+    from vitcompress.export import make_session
+    from vitcompress.export.runtime import run_session
 
-    with pytest.raises(VitcompressError, match="does not match"):
-        load(checkpoint=tmp_path / "out" / "model.w6a6.pth")
+    info = export(tmp_path / "re", checkpoint=tmp_path / "out" / "model.w6a6.pth")
+    x = load_tensor(sample(scan_images(VAL), 64, 0), report_preprocessing(tmp_path / "out" / "model.w6a6.onnx")).numpy()
+    a = run_session(make_session(tmp_path / "out" / "model.w6a6.onnx"), x)
+    b = run_session(make_session(info["artifact"]), x)
+    assert np.array_equal(a.argmax(1), b.argmax(1)) and np.abs(a - b).max() < 1e-4
+
+
+def report_preprocessing(artifact):
+    from vitcompress.data import Preprocessing
+    from vitcompress.export import read_metadata
+
+    return Preprocessing.from_dict(read_metadata(artifact)["preprocessing"])
 
 
 def test_cli_greedy_writes_assignment_that_bits_from_reuses(tmp_path):

@@ -93,10 +93,7 @@ def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
         return _quantize_auto(job, progress)
     target_cpu = resolve_target(job.target_cpu)
     cfg = replace(job.config, reduce_range=job.config.reduce_range or target_cpu["reduce_range"])
-    if job.weight_format not in WEIGHT_FORMATS:
-        raise VitcompressError(f"unknown weight format '{job.weight_format}' (choose from {', '.join(WEIGHT_FORMATS)})")
-    if job.weight_format == "int4" and cfg.wbits > 4:
-        raise VitcompressError(f"--weight-format int4 packs weights of at most 4 bits; got --wbits {cfg.wbits}")
+    _check_weight_format(job.weight_format, cfg.wbits)
     qname = f"model.{cfg.label}.onnx"
     out = prepare_output_dir(job.out, job.force, ["model.fp32.onnx", qname, "report.json"])
     torch.manual_seed(job.seed)
@@ -265,17 +262,28 @@ def integer_promises_broken(model: torch.nn.Module, cfg: QuantConfig, layers: li
     return broken
 
 
+def _check_weight_format(weight_format: str, wbits: int | None) -> None:
+    """int4 packing needs weights of at most 4 bits (None: a float model, which has none)."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise VitcompressError(f"unknown weight format '{weight_format}' (choose from {', '.join(WEIGHT_FORMATS)})")
+    if weight_format == "int4" and (wbits is None or wbits > 4):
+        got = "a float model" if wbits is None else f"--wbits {wbits}"
+        raise VitcompressError(f"--weight-format int4 packs quantized weights of at most 4 bits; got {got}")
+
+
 def export(out: Path, model: str | None = None, checkpoint: Path | None = None, pretrained: bool = True,
-           force: bool = False, simplify: bool = False) -> dict:
+           force: bool = False, simplify: bool = False, weight_format: str = "int8") -> dict:
     """Export a float model (or a quantized checkpoint, as QDQ) to ONNX with its metadata."""
     loaded = load(model, checkpoint, pretrained)
     is_quant = loaded.quant_state is not None
+    _check_weight_format(weight_format, loaded.quant_state["config"]["wbits"] if is_quant else None)
     name = "model.quantized.onnx" if is_quant else "model.fp32.onnx"
     out = prepare_output_dir(out, force, [name])
     path = out / name
     if is_quant:
         cfg = loaded.quant_state["config"]
-        info = export_qdq(loaded.model, loaded.preprocessing.input_size, path, onnx_metadata(loaded, "quantized", quantization=cfg))
+        info = export_qdq(loaded.model, loaded.preprocessing.input_size, path, onnx_metadata(loaded, "quantized", quantization=cfg),
+                          weight_format=weight_format)
     else:
         info = export_float(loaded.model, loaded.preprocessing.input_size, path, onnx_metadata(loaded, "fp32"), simplify)
     return {"artifact": str(path), "bytes": path.stat().st_size, **info}

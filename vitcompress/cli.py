@@ -269,9 +269,10 @@ def export(
     no_pretrained: bool = typer.Option(False, "--no-pretrained"),
     force: bool = typer.Option(False, "--force"),
     simplify: bool = typer.Option(False, "--simplify", help="Run onnxsim on a float export (can make it slower in onnxruntime)."),
+    weight_format: str = typer.Option("int8", "--weight-format", help="Quantized checkpoints: int8 codes, or int4 (Linear weights of <= 4 bits packed as MatMulNBits, computed in float)."),
 ):
     """Export a float model or a quantized checkpoint (QDQ) to ONNX with metadata."""
-    info = _guard(api.export, out, model, checkpoint, not no_pretrained, force, simplify)
+    info = _guard(api.export, out, model, checkpoint, not no_pretrained, force, simplify, weight_format)
     out_console.print(f"wrote {info['artifact']} ({_mb(info['bytes'])})")
 
 
