@@ -20,7 +20,7 @@ from .cpu import resolve_target
 from .data import LoadStats, load_tensor, label_map_to_model, sample, scan_images
 from .errors import VitcompressError
 from .evaluate import collect_logits, fidelity, onnx_predictor, summarize, torch_predictor
-from .export import (WEIGHT_FORMATS, compare_latency, export_float, export_qdq, int8_coverage, make_session, read_metadata,
+from .export import (check_weight_format, compare_latency, export_float, export_qdq, int8_coverage, make_session, read_metadata,
                      update_metadata)
 from .fileio import atomic_path, prepare_output_dir, write_json  # noqa: F401 (write_json re-exported for the CLI)
 from .models import LoadedModel, checkpoint_dict, family_of, load_model
@@ -264,8 +264,7 @@ def integer_promises_broken(model: torch.nn.Module, cfg: QuantConfig, layers: li
 
 def _check_weight_format(weight_format: str, wbits: int | None) -> None:
     """int4 packing needs weights of at most 4 bits (None: a float model, which has none)."""
-    if weight_format not in WEIGHT_FORMATS:
-        raise VitcompressError(f"unknown weight format '{weight_format}' (choose from {', '.join(WEIGHT_FORMATS)})")
+    check_weight_format(weight_format)
     if weight_format == "int4" and (wbits is None or wbits > 4):
         got = "a float model" if wbits is None else f"--wbits {wbits}"
         raise VitcompressError(f"--weight-format int4 packs quantized weights of at most 4 bits; got {got}")

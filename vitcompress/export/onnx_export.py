@@ -302,6 +302,11 @@ def weight_only_int4_matmuls(model: onnx.ModelProto) -> int:
 WEIGHT_FORMATS = ("int8", "int4")
 
 
+def check_weight_format(weight_format: str) -> None:
+    if weight_format not in WEIGHT_FORMATS:
+        raise VitcompressError(f"unknown weight format '{weight_format}' (choose from {', '.join(WEIGHT_FORMATS)})")
+
+
 def export_qdq(model: nn.Module, input_size: tuple[int, int, int], path: str | Path, metadata: dict,
                pack_int4: bool = False, weight_format: str = "int8") -> dict:
     """Export a fake-quantized model as QDQ ONNX with its own calibrated parameters.
@@ -309,8 +314,7 @@ def export_qdq(model: nn.Module, input_size: tuple[int, int, int], path: str | P
     ``weight_format="int4"``: Linear weights of at most 4 bits become MatMulNBits (packed, float
     GEMM, see ``weight_only_int4_matmuls``); ``pack_int4``: the other weights of at most 4 bits are
     stored as ONNX INT4 (see ``pack_int4_weights``)."""
-    if weight_format not in WEIGHT_FORMATS:
-        raise VitcompressError(f"unknown weight format '{weight_format}' (choose from {', '.join(WEIGHT_FORMATS)})")
+    check_weight_format(weight_format)
     with snapped_weights(model), onnx_export_mode():
         proto = _torch_to_onnx(model, input_size)
     folded = fold_weight_quantizers(proto)
