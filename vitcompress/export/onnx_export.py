@@ -203,6 +203,18 @@ def export_float(model: nn.Module, input_size: tuple[int, int, int], path: str |
 INT4_OPSET = 21  # DequantizeLinear takes INT4 from opset 21
 
 
+def _int4_codes(dq: onnx.NodeProto, inits: dict) -> np.ndarray | None:
+    """The int8 weight codes of a DequantizeLinear when they fit 4 bits with zero points of 0."""
+    x = inits.get(dq.input[0])
+    if x is None or x.data_type != onnx.TensorProto.INT8:
+        return None
+    codes = numpy_helper.to_array(x)
+    zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in inits else None
+    if codes.min() < -8 or codes.max() > 7 or (zp is not None and zp.any()):
+        return None
+    return codes
+
+
 def pack_int4_weights(model: onnx.ModelProto) -> int:
     """Store weight codes that fit 4 bits (and have zero points of 0) as ONNX INT4, two per byte,
     and move the graph to opset 21; returns how many weights were packed. The arithmetic is
@@ -216,15 +228,13 @@ def pack_int4_weights(model: onnx.ModelProto) -> int:
                 n.input[k] = alias[i]
     packed = 0
     for n in g.node:
-        if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
+        codes = _int4_codes(n, inits) if n.op_type == "DequantizeLinear" else None
+        if codes is None:
             continue
         x = inits[n.input[0]]
-        codes = numpy_helper.to_array(x)
-        zp = numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 and n.input[2] in inits else None
-        if x.data_type != onnx.TensorProto.INT8 or codes.min() < -8 or codes.max() > 7 or (zp is not None and zp.any()):
-            continue
         x.CopyFrom(helper.make_tensor(x.name, onnx.TensorProto.INT4, codes.shape, codes.flatten().tolist()))
-        if zp is not None:
+        if len(n.input) > 2 and n.input[2] in inits:
+            zp = numpy_helper.to_array(inits[n.input[2]])  # all zero (checked by _int4_codes)
             name = n.input[2] + "_int4"
             if name not in inits:
                 inits[name] = helper.make_tensor(name, onnx.TensorProto.INT4, zp.shape, zp.flatten().tolist())
@@ -263,36 +273,32 @@ def weight_only_int4_matmuls(model: onnx.ModelProto) -> int:
     Returns how many MatMuls were replaced."""
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
+    uses: dict[str, int] = {}
     for n in g.node:
         for i in n.input:
-            consumers.setdefault(i, []).append(n)
+            uses[i] = uses.get(i, 0) + 1
     producer = {o: n for n in g.node for o in n.output}
-    replaced, drop = 0, []
-    for mm in list(g.node):
-        if mm.op_type != "MatMul":
-            continue
-        dq = producer.get(mm.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or len(consumers[dq.output[0]]) != 1:
-            continue
-        codes = numpy_helper.to_array(inits[dq.input[0]])
-        scale = numpy_helper.to_array(inits[dq.input[1]]) if dq.input[1] in inits else None
-        zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in inits else None
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        if (codes.ndim != 2 or codes.dtype != np.int8 or codes.min() < -8 or codes.max() > 7 or scale is None
-                or (zp is not None and zp.any()) or (scale.size > 1 and (axis % 2 != 1 or scale.size != codes.shape[1]))):
+    replaced, dropped, nodes = 0, set(), []
+    for mm in g.node:
+        dq = producer.get(mm.input[1]) if mm.op_type == "MatMul" else None
+        codes = _int4_codes(dq, inits) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        scale = numpy_helper.to_array(inits[dq.input[1]]) if codes is not None and dq.input[1] in inits else None
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) if dq is not None else 1
+        if (scale is None or codes.ndim != 2 or uses[dq.output[0]] != 1
+                or (scale.size > 1 and (axis % 2 != 1 or scale.size != codes.shape[1]))):
+            nodes.append(mm)
             continue
         packed, scales = _pack_nbits(codes, scale)
         base = dq.input[0]
         g.initializer.extend([numpy_helper.from_array(packed, base + "_nbits"), numpy_helper.from_array(scales, base + "_nbits_scales")])
-        node = helper.make_node("MatMulNBits", [mm.input[0], base + "_nbits", base + "_nbits_scales"], list(mm.output),
-                                name=mm.name, domain="com.microsoft", K=codes.shape[0], N=codes.shape[1], bits=4,
-                                block_size=NBITS_BLOCK)
-        g.node.insert(list(g.node).index(mm), node)
-        drop += [mm, dq]
+        nodes.append(helper.make_node("MatMulNBits", [mm.input[0], base + "_nbits", base + "_nbits_scales"], list(mm.output),
+                                      name=mm.name, domain="com.microsoft", K=codes.shape[0], N=codes.shape[1], bits=4,
+                                      block_size=NBITS_BLOCK))
+        dropped.add(id(dq))
         replaced += 1
-    for n in drop:
-        g.node.remove(n)
+    kept = [n for n in nodes if id(n) not in dropped]  # a weight's DQ precedes its MatMul: drop it now
+    del g.node[:]
+    g.node.extend(kept)
     if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     _remove_unused(model)

@@ -35,6 +35,20 @@ def register_method(name: str):
     return deco
 
 
+# A method that adds quantizers beyond the placement registers how to re-create them from a
+# checkpoint's quantizer state (before their values load), so its checkpoints reload.
+Restorer = Callable[[nn.Module, QuantConfig, dict], None]
+RESTORERS: dict[str, Restorer] = {}
+
+
+def register_restorer(name: str):
+    def deco(fn: Restorer) -> Restorer:
+        RESTORERS[name] = fn
+        return fn
+
+    return deco
+
+
 @dataclass
 class QuantResult:
     config: QuantConfig
@@ -161,7 +175,8 @@ def restore_quantized(model: nn.Module, config: QuantConfig, state: dict, family
     BatchNorms already folded and the layout prepared by ``prepare_folded_layout``, are loaded)."""
     gated = sorted({n.rsplit(".", 1)[0] for n in state if n.endswith(".gate_quantizer")})
     p = prepare(model, config, family, gated_silu=gated)
-    _rebuild_method_quantizers(model, config, state)
+    if config.method in RESTORERS:  # quantizers the method added beyond the placement
+        RESTORERS[config.method](model, config, state)
     qs = dict(quantizers(model))
     if set(qs) != set(state):
         raise VitcompressError("the checkpoint's quantization state does not match the model's layers")
@@ -171,26 +186,6 @@ def restore_quantized(model: nn.Module, config: QuantConfig, state: dict, family
         q.spec = QuantSpec(int(st["bits"]), bool(st["symmetric"]), bool(st["per_channel"]), int(st["axis"]))
         q.set_qparams(st["scale"], st["zero_point"])
     return p
-
-
-def _rebuild_method_quantizers(model: nn.Module, config: QuantConfig, state: dict) -> None:
-    """Quantizers a method added beyond the placement (mptq: OPT-m two-region inputs, and under
-    --full LayerNorm/GELU inputs), re-created from the checkpoint's keys before their values load."""
-    from .mptq import wrap_input  # the methods import this module
-    from .optm import TwoRegionLinear, TwoRegionMatMul, TwoRegionQuantizer
-
-    present = {n for n, _ in quantizers(model)}
-    for key, st in state.items():
-        owner_name, attr = key.rsplit(".", 1) if "." in key else ("", key)
-        if st.get("kind") == "opt-m":
-            owner = model.get_submodule(owner_name)
-            owner.__class__ = TwoRegionLinear if isinstance(owner, nn.Linear) else TwoRegionMatMul
-            setattr(owner, attr, TwoRegionQuantizer(int(st["total_bits"]), st.get("observer", "minmax")))
-            getattr(owner, attr).ratio = torch.tensor(float(st["ratio"]))
-        elif key not in present and attr == "input_quantizer":
-            owner = model.get_submodule(owner_name)
-            if isinstance(owner, (nn.LayerNorm, nn.GELU)):
-                wrap_input(owner, config.act_spec, config.act_observer)
 
 
 def float_state_dict(model: nn.Module) -> dict:

@@ -33,15 +33,16 @@ from .spec import fake_quantize
 DAMPENING = 0.01
 
 
-def _inverse_hessian_factor(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹ (dampened; inputs that are always zero made harmless), batched."""
+def _inverse_hessian_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of H⁻¹ (dampened; inputs that are always zero made harmless), batched,
+    and the mask of those dead inputs."""
     h = h.double().clone()
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
     dead = diag == 0  # inputs that are always zero: their weights cannot matter
     diag[dead] = 1.0
     damp = DAMPENING * diag.mean(-1, keepdim=True)
     diag += damp
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True), dead
 
 
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, quantizer: TensorQuantizer, block: int = 128) -> torch.Tensor:
@@ -51,9 +52,8 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, quantizer: TensorQua
     ``hessian`` is (in, in), shared by every output row, or (out, in, in), one per output row."""
     spec, scale, zero_point = quantizer.spec, quantizer.scale, quantizer.zero_point
     w = weight.detach().double().clone()
-    dead = torch.diagonal(hessian, dim1=-2, dim2=-1) == 0
+    hinv, dead = _inverse_hessian_factor(hessian)
     w[dead.expand_as(w)] = 0.0
-    hinv = _inverse_hessian_factor(hessian)
 
     def round_column(col: torch.Tensor) -> torch.Tensor:  # one input column: a weight of every output channel
         return fake_quantize(col.float(), scale, zero_point, spec).double()

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import VitcompressError
-from .api import Progress, logits_kl, register_method, run_batches
+from .api import Progress, logits_kl, register_method, register_restorer, run_batches
 from .gptq import gptq_layers
 from .config import QuantConfig
 from .mixed_precision import average_bits, greedy_mixed_precision
@@ -118,6 +118,22 @@ def wrap_input(module: nn.Module, spec: QuantSpec, observer: str) -> None:
         _INPUT_CLASSES[cls] = type("QuantInput" + cls.__name__, (_QuantizedInput, cls), {})
     module.__class__ = _INPUT_CLASSES[cls]
     module.input_quantizer = TensorQuantizer(spec, observer)
+
+
+@register_restorer("mptq")
+def restore_mptq_quantizers(model: nn.Module, config: QuantConfig, state: dict) -> None:
+    """Re-create OPT-m two-region quantizers and --full LayerNorm/GELU input quantizers from a
+    checkpoint's quantizer state; their values are loaded afterwards by ``restore_quantized``."""
+    present = {n for n, _ in quantizers(model)}
+    for key, st in state.items():
+        owner_name, attr = key.rsplit(".", 1)
+        owner = model.get_submodule(owner_name)
+        if st.get("kind") == "opt-m":
+            owner.__class__ = TwoRegionLinear if isinstance(owner, nn.Linear) else TwoRegionMatMul
+            setattr(owner, attr, TwoRegionQuantizer(int(st["total_bits"]), st.get("observer", "minmax")))
+            getattr(owner, attr).ratio = torch.tensor(float(st["ratio"]))
+        elif key not in present and attr == "input_quantizer" and isinstance(owner, (nn.LayerNorm, nn.GELU)):
+            wrap_input(owner, config.act_spec, config.act_observer)
 
 
 def _post_gelu_linears(model: nn.Module, example: torch.Tensor) -> list[str]:
