@@ -27,26 +27,26 @@ QuantMethod = Callable[[nn.Module, QuantConfig, Sequence[torch.Tensor], Progress
 METHODS: dict[str, QuantMethod] = {}
 
 
-def register_method(name: str):
-    def deco(fn: QuantMethod) -> QuantMethod:
-        METHODS[name] = fn
-        return fn
-
-    return deco
-
-
 # A method that adds quantizers beyond the placement registers how to re-create them from a
 # checkpoint's quantizer state (before their values load), so its checkpoints reload.
 Restorer = Callable[[nn.Module, QuantConfig, dict], None]
 RESTORERS: dict[str, Restorer] = {}
 
 
-def register_restorer(name: str):
-    def deco(fn: Restorer) -> Restorer:
-        RESTORERS[name] = fn
-        return fn
+def _registrar(table: dict):
+    """``@register(name)``: a decorator that files the function under ``name`` in ``table``."""
+    def register(name: str):
+        def deco(fn):
+            table[name] = fn
+            return fn
 
-    return deco
+        return deco
+
+    return register
+
+
+register_method = _registrar(METHODS)
+register_restorer = _registrar(RESTORERS)
 
 
 @dataclass
