@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import tempfile
 import datetime as _dt
 import time
@@ -87,30 +88,54 @@ def _prune_extra(model: torch.nn.Module) -> dict:
     return {"prune_state": state} if state is not None else {}
 
 
-def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
-    """Load, calibrate, quantize, export float + QDQ ONNX, evaluate both in onnxruntime, time them."""
-    if job.config.placement == AUTO_PLACEMENT:
-        return _quantize_auto(job, progress)
-    target_cpu = resolve_target(job.target_cpu)
-    cfg = replace(job.config, reduce_range=job.config.reduce_range or target_cpu["reduce_range"])
-    _check_weight_format(job.weight_format, cfg.wbits)
-    qname = f"model.{cfg.label}.onnx"
-    out = prepare_output_dir(job.out, job.force, ["model.fp32.onnx", qname, "report.json"])
+@dataclass
+class _Prepared:
+    """What every placement tried for one job shares: the float model, its images and its fp32
+    artifact (exported and evaluated once, then copied next to each candidate)."""
+
+    loaded: LoadedModel
+    family: str
+    target_cpu: dict
+    calib: torch.Tensor
+    calib_stats: LoadStats
+    eval_set: list | None = None
+    label_map: dict | None = None
+    fp32_onnx: Path | None = None
+    fp32_eval: tuple | None = None  # (fp32 logits, labels, LoadStats) on eval_set
+
+
+def _prepare(job: QuantizeJob) -> _Prepared:
+    if job.calib_dir is None:
+        raise VitcompressError("calibration images are required: --calib DIR")
+    _check_weight_format(job.weight_format, job.config.wbits)
     torch.manual_seed(job.seed)
     loaded = load(job.model, job.checkpoint, job.pretrained)
     if loaded.quant_state is not None:
         raise VitcompressError(f"{job.checkpoint} is already quantized; start from the float checkpoint")
-    prep = loaded.preprocessing
-    family = family_of(loaded.arch)
-    if job.calib_dir is None:
-        raise VitcompressError("calibration images are required: --calib DIR")
-    calib_set = sample(scan_images(job.calib_dir), job.calib_size, job.seed)
     calib_stats = LoadStats()
-    calib = load_tensor(calib_set, prep, calib_stats)
-    eval_set = None
+    calib = load_tensor(sample(scan_images(job.calib_dir), job.calib_size, job.seed), loaded.preprocessing, calib_stats)
+    prepared = _Prepared(loaded, family_of(loaded.arch), resolve_target(job.target_cpu), calib, calib_stats)
     if job.eval_dir is not None:
-        eval_set = sample(scan_images(job.eval_dir, require_labels=True), job.eval_size, job.seed)
-        label_map = label_map_to_model(eval_set, prep.class_names, loaded.num_classes)
+        prepared.eval_set = sample(scan_images(job.eval_dir, require_labels=True), job.eval_size, job.seed)
+        prepared.label_map = label_map_to_model(prepared.eval_set, loaded.preprocessing.class_names, loaded.num_classes)
+    return prepared
+
+
+def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
+    """Load, calibrate, quantize, export float + QDQ ONNX, evaluate both in onnxruntime, time them."""
+    if job.config.placement == AUTO_PLACEMENT:
+        return _quantize_auto(job, progress)
+    out = prepare_output_dir(job.out, job.force, ["model.fp32.onnx", f"model.{job.config.label}.onnx", "report.json"])
+    return _quantize_prepared(job, _prepare(job), out, progress)
+
+
+def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progress: ProgressFn) -> dict:
+    loaded, family, target_cpu = prepared.loaded, prepared.family, prepared.target_cpu
+    prep, calib, calib_stats = loaded.preprocessing, prepared.calib, prepared.calib_stats
+    eval_set, label_map = prepared.eval_set, prepared.label_map
+    cfg = replace(job.config, reduce_range=job.config.reduce_range or target_cpu["reduce_range"])
+    qname = f"model.{cfg.label}.onnx"
+    torch.manual_seed(job.seed)
 
     qmodel = copy.deepcopy(loaded.model)
     started = time.perf_counter()
@@ -121,7 +146,12 @@ def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
     fp32_path, q_path = out / "model.fp32.onnx", out / qname
     label = honest_label(cfg, {})
     common = {"method": cfg.method, "wbits": cfg.wbits, "abits": cfg.abits, "label": label}
-    export_float(loaded.model, prep.input_size, fp32_path, onnx_metadata(loaded, "fp32"))
+    if prepared.fp32_onnx is None:
+        export_float(loaded.model, prep.input_size, fp32_path, onnx_metadata(loaded, "fp32"))
+        prepared.fp32_onnx = fp32_path
+    else:
+        with atomic_path(fp32_path) as tmp:
+            shutil.copyfile(prepared.fp32_onnx, tmp)
     progress("export", 1, 2)
     export_info = export_qdq(qmodel, prep.input_size, q_path, onnx_metadata(loaded, "quantized", quantization=common),
                              weight_format=job.weight_format)
@@ -174,10 +204,13 @@ def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
             f"simulated there, not integer (details: {out / 'report.json'})")
 
     if eval_set is not None:
-        sessions = {"fp32": make_session(fp32_path), "quantized": make_session(q_path)}
-        predictors = {"fp32": onnx_predictor(sessions["fp32"]), "quantized": onnx_predictor(sessions["quantized"]),
-                      "torch_simulation": torch_predictor(qmodel)}
+        predictors = {"quantized": onnx_predictor(make_session(q_path)), "torch_simulation": torch_predictor(qmodel)}
+        if prepared.fp32_eval is None:
+            predictors["fp32"] = onnx_predictor(make_session(fp32_path))
         logits, labels, stats = collect_logits(predictors, eval_set, prep, 64, lambda d, t: progress("evaluate", d, t))
+        if prepared.fp32_eval is None:
+            prepared.fp32_eval = (logits["fp32"], labels, stats)
+        logits["fp32"] = prepared.fp32_eval[0]
         acc_f = summarize(logits["fp32"], labels, label_map, loaded.num_classes)
         acc_q = summarize(logits["quantized"], labels, label_map, loaded.num_classes)
         report["accuracy"] = {
@@ -212,11 +245,13 @@ def _quantize_auto(job: QuantizeJob, progress: ProgressFn) -> dict:
         raise VitcompressError(f"--max-drop must be >= 0, got {job.max_drop}")
     out = prepare_output_dir(job.out, job.force, ["report.json"])
     trials = []
+    prepared = _prepare(job)  # model, images and the fp32 artifact are shared by every candidate
     with tempfile.TemporaryDirectory(prefix=".auto-", dir=out) as scratch:
         for placement in AUTO_CANDIDATES:
-            trial_job = replace(job, config=replace(job.config, placement=placement), out=Path(scratch) / placement, force=True)
+            trial_job = replace(job, config=replace(job.config, placement=placement))
+            trial_out = prepare_output_dir(Path(scratch) / placement, True, [])
             try:
-                trials.append((placement, quantize(trial_job, progress), None))
+                trials.append((placement, _quantize_prepared(trial_job, prepared, trial_out, progress), None))
             except VitcompressError as e:  # e.g. an integer promise the runtime did not keep
                 trials.append((placement, None, str(e)))
         summary = [{"placement": p, "speedup": r["latency"]["speedup"], "drop": r["accuracy"]["drop"],
