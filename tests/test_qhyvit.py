@@ -76,17 +76,19 @@ def test_qhyvit_zero_point_report_and_export_agreement(loaded, calib_batches, tm
     calib = torch.cat(calib_batches)[:16]
     with torch.no_grad():
         float_logits = loaded.model(calib)
-    result = quantize_(m, QuantConfig(method="qhyvit", wbits=6, abits=6, method_options={"rounds": 1, "alphas": 6}),
+    result = quantize_(m, QuantConfig(method="qhyvit", wbits=6, abits=6, method_options={"rounds": 2, "alphas": 6}),
                        [calib])
     info = result.method_info["qhyvit"]
     assert isinstance(info["zero_point_fix_fired"], int)
-    assert len(info["choices"]) == 26 and len(info["objective_per_round"]) == 1
-    # post-search steps are kept only when they lower the calibration KL; a rejected one is undone,
-    # so the model ends exactly at the last recorded KL
+    assert len(info["choices"]) == 26 and len(info["objective_per_round"]) == 2
+    # the search ends at its round with the lowest calibration KL (0 = min-max); post-search steps
+    # are kept only when they lower it further, a rejected one is undone, so the model ends exactly
+    # at the last recorded KL
     steps, kl = info["post_search_steps"], info["calibration_kl_per_round"]
-    assert set(steps) == {"gptq", "bias_correction"} and steps["gptq"]["layers"] > 0
-    assert len(kl) == 2 + sum(s["kept"] for s in steps.values())
-    assert all(a > b for a, b in zip(kl[1:], kl[2:]))
+    assert set(steps) == {"gptq", "bias_correction", "scale_tuning"} and steps["gptq"]["layers"] > 0
+    assert len(kl) == 4 + sum(s["kept"] for s in steps.values())
+    assert kl[3] == min(kl[:3]) == kl[info["best_round"]]
+    assert all(a > b for a, b in zip(kl[3:], kl[4:]))
     with torch.no_grad():
         assert logits_kl(float_logits, m(calib)) == pytest.approx(kl[-1], rel=1e-4)
     export_qdq(m, loaded.preprocessing.input_size, tmp_path / "q.onnx", {})
@@ -150,3 +152,37 @@ def test_depthwise_inputs_with_uneven_channels_choose_per_channel_activations():
     assert model[2].input_quantizer.spec.per_channel and model[2].input_quantizer.spec.axis == 1
     kl = info["calibration_kl_per_round"]
     assert kl[-1] < kl[0]  # the searched model is closer to float than min-max on the calibration images
+
+
+def test_augmented_calibration_images_are_mirrors_and_shifts():
+    from vitcompress.quant.scale_tuning import augmented
+
+    x = torch.randn(3, 3, 32, 32)
+    a = augmented(x)
+    assert a.shape == (30, 3, 32, 32)
+    assert torch.equal(a[:3], x) and torch.equal(a[3:6], x.flip(-1))
+    assert torch.equal(a[6:9], x.roll(2, -2))  # shifted by 1/16 of the side
+
+
+def test_scale_tuning_lowers_the_kl_from_a_bad_activation_scale():
+    from vitcompress.quant.api import logits_kl, quantizers_off
+    from vitcompress.quant.scale_tuning import augmented, tune_activation_scales
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+    x = torch.randn(16, 3, 8, 8)
+    quantize_(model, QuantConfig(wbits=6, abits=4, fold_batchnorm=False), [x])
+    iq = model[3].input_quantizer
+    iq.set_qparams(iq.scale * 3, iq.zero_point)  # a range 3x too wide: most codes unused
+    images = augmented(x)
+    with torch.no_grad(), quantizers_off(model):
+        ref = model(images)
+    weights = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        before = logits_kl(ref, model(images))
+    tune_activation_scales(model, [model[0].input_quantizer, iq], images, ref, steps=150, lr=0.03, batch_size=32)
+    with torch.no_grad():
+        after = logits_kl(ref, model(images))
+    assert after < 0.5 * before
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))  # only scales move
+    assert "forward" not in vars(iq) and iq.mode == "quantize"

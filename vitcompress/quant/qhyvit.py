@@ -46,6 +46,7 @@ from ..errors import VitcompressError
 from .api import calibrate_observers, logits_kl, quantizers_off, register_method
 from .bias_correction import correct_bias
 from .gptq import gptq_layers
+from .scale_tuning import augmented, tune_activation_scales
 from .bridge import Bridge, find_bridges, layer_order
 from .config import QuantConfig
 from .modules import TensorQuantizer
@@ -60,9 +61,11 @@ class QHyViTOptions:
     search_granularity: bool = True
     gptq: bool = True  # ours: GPTQ weight rounding on the searched grids, after the search (gptq.py)
     bias_correction: bool = True  # ours: empirical bias correction after the search (bias_correction.py)
+    scale_tuning_steps: int = 600  # ours: end-to-end activation-scale tuning after them (scale_tuning.py); 0 = off
     activation_granularity: str = "depthwise"  # per-channel activation candidates: "depthwise" | "all" | "none"
     search_scheme: bool = True
     bridge_reconstruction: bool = True
+    keep_best_round: bool = True  # end with the round whose whole-model calibration KL is lowest (0 = min-max)
     batch_size: int = 32  # images per forward/backward chunk
     weights_alone: bool = False  # search weights with the layer's input quantizer off
     quantized_inputs: bool = False  # feed targets the quantized model's inputs (error accumulated upstream)
@@ -237,12 +240,20 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
         fp = _record(model, calib, targets, bs, fisher=False)
         grads = _record(model, calib, targets, bs, fisher=True, seed=seed) if opts.objective == "hessian" else {}
         float_logits = _logits(model, calib, bs)
+        tuning_images = augmented(calib) if opts.scale_tuning_steps else None
+        tuning_logits = _logits(model, tuning_images, bs) if opts.scale_tuning_steps else None
 
     def end_to_end() -> float:
         return logits_kl(float_logits, _logits(model, calib, bs))
 
+    searched = [q for t in targets for q in (t.layer.weight_quantizer, t.layer.input_quantizer)]
+
+    def snapshot() -> list[tuple]:
+        return [(q.spec, q.scale.clone(), q.zero_point.clone()) for q in searched]
+
     e2e_history = [end_to_end()]
-    for _ in range(opts.rounds):
+    best_round, best = 0, snapshot()
+    for r in range(opts.rounds):
         round_err = 0.0
         inputs = _record(model, calib, targets, bs, fisher=False) if opts.quantized_inputs else fp
         for t in targets:
@@ -274,17 +285,33 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
                 progress(step, total_steps)
         history.append(round_err)
         e2e_history.append(end_to_end())
+        if not opts.keep_best_round or e2e_history[-1] < e2e_history[best_round]:
+            best_round, best = r + 1, snapshot()
+    # Later rounds can raise the whole model's KL (each layer's objective is local): the round with
+    # the lowest calibration KL is the search's result.
+    for q, (spec, scale, zp) in zip(searched, best):
+        q.spec = spec
+        q.set_qparams(scale, zp)
+    e2e_history.append(e2e_history[best_round])
 
-    # Post-search steps (ours) change weights or biases only; each is kept only if it lowers the
+    # Post-search steps (ours) change weights, biases or activation scales; each is kept only if it lowers the
     # whole model's KL on the calibration images, the search's own end-to-end yardstick.
     post_steps = {}
     layer_modules = [model.get_submodule(n) for n in order]
-    for step, enabled, run_step, attr in (("gptq", opts.gptq, gptq_layers, "weight"),
-                                          ("bias_correction", opts.bias_correction, correct_bias, "bias")):
+    input_quantizers = [m.input_quantizer for m in layer_modules if m.input_quantizer.mode == "quantize"]
+
+    def tune_scales(*_) -> list:
+        tune_activation_scales(model, input_quantizers, tuning_images, tuning_logits, opts.scale_tuning_steps,
+                               batch_size=bs, seed=seed)
+        return input_quantizers
+
+    for step, enabled, run_step, saved_of in (
+            ("gptq", opts.gptq, gptq_layers, lambda m: [m.weight]),
+            ("bias_correction", opts.bias_correction, correct_bias, lambda m: [m.bias] if m.bias is not None else []),
+            ("scale_tuning", opts.scale_tuning_steps > 0, tune_scales, lambda m: [m.input_quantizer.scale] if m.input_quantizer in input_quantizers else [])):
         if not enabled:
             continue
-        saved = [(getattr(m, attr), getattr(m, attr).detach().clone()) for m in layer_modules
-                 if getattr(m, attr, None) is not None]
+        saved = [(m, [t.detach().clone() for t in saved_of(m)]) for m in layer_modules]
         changed = run_step(model, order, batches)
         kl = end_to_end()
         kept = kl < e2e_history[-1]
@@ -292,8 +319,9 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
             e2e_history.append(kl)
         else:
             with torch.no_grad():
-                for param, value in saved:
-                    param.copy_(value)
+                for m, values in saved:
+                    for current, value in zip(saved_of(m), values):
+                        current.copy_(value)
         post_steps[step] = {"layers": len(changed), "calibration_kl": kl, "kept": kept}
 
     choices = {}
@@ -310,7 +338,8 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
             "bridge_blocks": [{"block": b.name, "layers": len(b.layers)} for b in bridges],
             "objective_per_round": history,
             "calibration_kl_per_round": e2e_history,  # KL(float ‖ quantized) on the calibration images; [0] = min-max,
-            # then one entry per round, then one per post-search step kept
+            # then one entry per round, then the best round's (the search's result), then one per post-search step kept
+            "best_round": best_round,
             "post_search_steps": post_steps,  # gptq / bias_correction: layers changed, calibration KL after, kept?
             "choices": choices,
             "zero_point_fix_fired": overflow,

@@ -1,0 +1,75 @@
+"""End-to-end tuning of activation scales (ours, a post-search step of Q-HyViT).
+
+After a per-layer search every activation scale was chosen against a local objective. This step
+moves all of them together by gradient descent on the objective that matters, the whole model's
+KL(float logits ‖ quantized logits) on the calibration images, with the rounding's gradient passed
+straight through as in LSQ (Esser et al., "Learned Step Size Quantization"): for x/s rounded to
+an integer grid, d/ds of s·round(x/s) is round(x/s) − x/s inside the clipping range and the grid's
+end outside it. Zero points stay fixed; weights, their grids and the model's parameters are
+untouched, so export is unchanged apart from the scales.
+
+The calibration set is small (32–128 images), so the images are augmented for this step (each
+image, its horizontal mirror, and both shifted by 1/16 of the image side in four directions): one
+set of scales must fit all of them, which measured less overfitting on the val split than the plain
+images (cifar10_mobilevit_xxs, see docs/qhyvit.md). This assumes mirrored and slightly shifted
+images are as natural as the originals, true of photographs.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import TensorQuantizer
+from .spec import broadcast_param
+
+
+def augmented(images: torch.Tensor) -> torch.Tensor:
+    """The images, their mirrors, and both shifted by 1/16 of the side up, down, left and right."""
+    both = torch.cat([images, images.flip(-1)])
+    d = max(1, images.shape[-1] // 16)
+    return torch.cat([both] + [both.roll(shift, dim) for shift in (d, -d) for dim in (-2, -1)])
+
+
+def _lsq_fake_quantize(x: torch.Tensor, log_scale: torch.Tensor, q: TensorQuantizer) -> torch.Tensor:
+    s = broadcast_param(log_scale.exp(), x, q.spec.axis)
+    z = broadcast_param(q.zero_point.to(x.dtype), x, q.spec.axis)
+    xs = x / s
+    rounded = xs + (torch.round(xs) - xs).detach()  # straight-through rounding, gradient reaches s
+    return (torch.clamp(rounded + z, q.spec.qmin, q.spec.qmax) - z) * s
+
+
+def tune_activation_scales(model: nn.Module, quantizers: Sequence[TensorQuantizer], images: torch.Tensor,
+                           float_logits: torch.Tensor, steps: int = 600, lr: float = 1e-3, batch_size: int = 32,
+                           seed: int = 0) -> None:
+    """Adam on log(scale) of ``quantizers`` (all in "quantize" mode) to minimise KL(float ‖ quantized)
+    on ``images`` (``augmented`` calibration images), whose float model logits are ``float_logits``.
+    Sets the tuned scales in place."""
+    ref = float_logits.log_softmax(-1)
+    log_scales = [nn.Parameter(q.scale.detach().clone().log()) for q in quantizers]
+    for q, ls in zip(quantizers, log_scales):
+        q.forward = lambda x, q=q, ls=ls: _lsq_fake_quantize(x, ls, q)  # instance override for this step only
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in grad_flags:
+        p.requires_grad_(False)
+    optimizer = torch.optim.Adam(log_scales, lr=lr)
+    # cosine decay to 0: the last steps settle instead of jumping with each batch's noise
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        for _ in range(steps):
+            idx = torch.randperm(len(images), generator=generator)[:batch_size]
+            loss = F.kl_div(model(images[idx]).log_softmax(-1), ref[idx], log_target=True, reduction="batchmean")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    finally:
+        for q in quantizers:
+            del q.forward  # back to the class's forward
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+    for q, ls in zip(quantizers, log_scales):
+        q.set_qparams(ls.detach().exp(), q.zero_point)
