@@ -29,16 +29,19 @@ from vitcompress.evaluate import collect_logits, fidelity, onnx_predictor, summa
 from vitcompress.export import make_session  # noqa: E402
 
 MODELS = ["cifar10_mobilevit_xxs", "cifar10_mobilevitv2_050"]
+_OURS_OFF = {"keep_best_round": False, "gptq": False, "bias_correction": False, "scale_tuning_steps": 0}
 _OFF = {"search_granularity": False, "search_scheme": False, "activation_granularity": "none",
-        "bridge_reconstruction": False, "gptq": False, "bias_correction": False}
+        "bridge_reconstruction": False, **_OURS_OFF}
 ABLATION = [
     ("scale search only", _OFF),
     ("+ weight granularity", {**_OFF, "search_granularity": True}),
     ("+ activation granularity (depthwise inputs)", {**_OFF, "search_granularity": True, "activation_granularity": "depthwise"}),
     ("+ scheme", {**_OFF, "search_granularity": True, "activation_granularity": "depthwise", "search_scheme": True}),
-    ("+ bridge-block reconstruction (the paper's method)", {"gptq": False, "bias_correction": False}),
-    ("+ GPTQ weight rounding (ours)", {"bias_correction": False}),
-    ("+ bias correction (ours; the default)", {}),
+    ("+ bridge-block reconstruction (the paper's method)", _OURS_OFF),
+    ("+ best round by calibration KL (ours)", {**_OURS_OFF, "keep_best_round": True}),
+    ("+ GPTQ weight rounding (ours)", {"bias_correction": False, "scale_tuning_steps": 0}),
+    ("+ bias correction (ours)", {"scale_tuning_steps": 0}),
+    ("+ activation-scale tuning (ours; the default)", {}),
 ]
 
 
