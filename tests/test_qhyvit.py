@@ -76,7 +76,7 @@ def test_qhyvit_zero_point_report_and_export_agreement(loaded, calib_batches, tm
     calib = torch.cat(calib_batches)[:16]
     with torch.no_grad():
         float_logits = loaded.model(calib)
-    result = quantize_(m, QuantConfig(method="qhyvit", wbits=6, abits=6, method_options={"rounds": 2, "alphas": 6}),
+    result = quantize_(m, QuantConfig(method="qhyvit", wbits=6, abits=6, method_options={"rounds": 2, "alphas": 6, "scale_tuning_steps": 100}),
                        [calib])
     info = result.method_info["qhyvit"]
     assert isinstance(info["zero_point_fix_fired"], int)
@@ -117,7 +117,7 @@ def test_qhyvit_checkpoint_reloads_with_each_layers_grid(tmp_path):
     from vitcompress.cli import app
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("steps:\n  - quantize: {method: qhyvit, wbits: 6, abits: 6, method_options: {rounds: 1, alphas: 6}}\n")
+    recipe.write_text("steps:\n  - quantize: {method: qhyvit, wbits: 6, abits: 6, method_options: {rounds: 1, alphas: 6, scale_tuning_steps: 50}}\n")
     run = CliRunner().invoke
     r = run(app, ["quantize", "--checkpoint", str(BUNDLED_CKPT), "--recipe", str(recipe), "--calib", str(CALIB),
                   "--calib-size", "16", "--out", str(tmp_path / "q")])
