@@ -353,7 +353,8 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
             "calibration_kl_per_round": e2e_history,  # KL(float ‖ quantized) on the calibration images; [0] = min-max,
             # then one entry per round, then the best round's (the search's result), then one per post-search step kept
             "best_round": best_round,
-            "post_search_steps": post_steps,  # gptq / bias_correction: layers changed, calibration KL after, kept?
+            "post_search_steps": post_steps,  # per step: layers changed, KL before/after on the images it is judged on,
+            # calibration KL after, kept?
             "choices": choices,
             "zero_point_fix_fired": overflow,
             "per_channel_activations": sorted(n for n, c in choices.items() if "per-channel" in c["activations"]),
