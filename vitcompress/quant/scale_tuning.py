@@ -27,7 +27,8 @@ from .spec import broadcast_param
 
 
 def augmented(images: torch.Tensor) -> torch.Tensor:
-    """The images, their mirrors, and both shifted by 1/16 of the side up, down, left and right."""
+    """The images, their mirrors, and both shifted by 1/16 of the side up, down, left and right
+    (rolled: the rows or columns that leave one edge re-enter at the other)."""
     both = torch.cat([images, images.flip(-1)])
     d = max(1, images.shape[-1] // 16)
     return torch.cat([both] + [both.roll(shift, dim) for shift in (d, -d) for dim in (-2, -1)])
