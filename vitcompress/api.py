@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .artifacts import REPORT_SCHEMA, ProgressFn, environment, file_info, no_progress, onnx_metadata  # noqa: F401 (REPORT_SCHEMA, ProgressFn re-exported)
@@ -101,7 +102,7 @@ class _Prepared:
     eval_set: list | None = None
     label_map: dict | None = None
     fp32_onnx: Path | None = None
-    fp32_eval: tuple | None = None  # (fp32 logits, labels, LoadStats) on eval_set
+    fp32_logits: np.ndarray | None = None  # the fp32 artifact's logits on eval_set
 
 
 def _prepare(job: QuantizeJob) -> _Prepared:
@@ -205,12 +206,12 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
 
     if eval_set is not None:
         predictors = {"quantized": onnx_predictor(make_session(q_path)), "torch_simulation": torch_predictor(qmodel)}
-        if prepared.fp32_eval is None:
+        if prepared.fp32_logits is None:
             predictors["fp32"] = onnx_predictor(make_session(fp32_path))
         logits, labels, stats = collect_logits(predictors, eval_set, prep, 64, lambda d, t: progress("evaluate", d, t))
-        if prepared.fp32_eval is None:
-            prepared.fp32_eval = (logits["fp32"], labels, stats)
-        logits["fp32"] = prepared.fp32_eval[0]
+        if prepared.fp32_logits is None:
+            prepared.fp32_logits = logits["fp32"]
+        logits["fp32"] = prepared.fp32_logits
         acc_f = summarize(logits["fp32"], labels, label_map, loaded.num_classes)
         acc_q = summarize(logits["quantized"], labels, label_map, loaded.num_classes)
         report["accuracy"] = {

@@ -3,9 +3,8 @@
 After a per-layer search every activation scale was chosen against a local objective. This step
 moves all of them together by gradient descent on the objective that matters, the whole model's
 KL(float logits ‖ quantized logits) on the calibration images, with the rounding's gradient passed
-straight through as in LSQ (Esser et al., "Learned Step Size Quantization"): for x/s rounded to
-an integer grid, d/ds of s·round(x/s) is round(x/s) − x/s inside the clipping range and the grid's
-end outside it. Zero points stay fixed; weights, their grids and the model's parameters are
+straight through as in LSQ (Esser et al., "Learned Step Size Quantization"; ``spec.fake_quantize``
+with a scale that requires grad). Zero points stay fixed; weights, their grids and the model's parameters are
 untouched, so export is unchanged apart from the scales.
 
 The calibration set is small (32–128 images), so the images are augmented for this step (each
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modules import TensorQuantizer
-from .spec import broadcast_param
+from .spec import fake_quantize
 
 
 def augmented(images: torch.Tensor) -> torch.Tensor:
@@ -32,14 +31,6 @@ def augmented(images: torch.Tensor) -> torch.Tensor:
     both = torch.cat([images, images.flip(-1)])
     d = max(1, images.shape[-1] // 16)
     return torch.cat([both] + [both.roll(shift, dim) for shift in (d, -d) for dim in (-2, -1)])
-
-
-def _lsq_fake_quantize(x: torch.Tensor, log_scale: torch.Tensor, q: TensorQuantizer) -> torch.Tensor:
-    s = broadcast_param(log_scale.exp(), x, q.spec.axis)
-    z = broadcast_param(q.zero_point.to(x.dtype), x, q.spec.axis)
-    xs = x / s
-    rounded = xs + (torch.round(xs) - xs).detach()  # straight-through rounding, gradient reaches s
-    return (torch.clamp(rounded + z, q.spec.qmin, q.spec.qmax) - z) * s
 
 
 def tune_activation_scales(model: nn.Module, quantizers: Sequence[TensorQuantizer], images: torch.Tensor,
@@ -51,7 +42,7 @@ def tune_activation_scales(model: nn.Module, quantizers: Sequence[TensorQuantize
     ref = float_logits.log_softmax(-1)
     log_scales = [nn.Parameter(q.scale.detach().clone().log()) for q in quantizers]
     for q, ls in zip(quantizers, log_scales):
-        q.forward = lambda x, q=q, ls=ls: _lsq_fake_quantize(x, ls, q)  # instance override for this step only
+        q.forward = lambda x, q=q, ls=ls: fake_quantize(x, ls.exp(), q.zero_point, q.spec)  # for this step only
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in grad_flags:
         p.requires_grad_(False)

@@ -72,9 +72,16 @@ def quantize_to_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Quantize then dequantize, with a straight-through gradient (used by gradient-based methods)."""
+    """Quantize then dequantize, with a straight-through gradient (used by gradient-based methods).
+
+    When ``scale`` itself requires grad (learned step sizes, ``scale_tuning.py``) the rounding alone
+    is passed straight through, as in LSQ, so the gradient reaches the scale: d/ds of s·round(x/s)
+    is round(x/s) − x/s inside the grid and the grid's end outside it."""
     s = broadcast_param(scale, x, spec.axis)
     z = broadcast_param(zero_point.to(x.dtype), x, spec.axis)
-    q = torch.clamp(torch.round(x / s) + z, spec.qmin, spec.qmax)
+    xs = x / s
+    if scale.requires_grad:
+        return (torch.clamp(xs + (torch.round(xs) - xs).detach() + z, spec.qmin, spec.qmax) - z) * s
+    q = torch.clamp(torch.round(xs) + z, spec.qmin, spec.qmax)
     y = (q - z) * s
     return x + (y - x).detach() if x.requires_grad else y
