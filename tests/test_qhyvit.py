@@ -184,9 +184,12 @@ def test_scale_tuning_lowers_the_kl_from_a_bad_activation_scale():
     weights = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         before = logits_kl(ref, model(images))
-    tune_activation_scales(model, [model[0].input_quantizer, iq], images, ref, steps=150, lr=0.03, batch_size=32)
+    checks = tune_activation_scales(model, [model[0].input_quantizer, iq], images, ref, steps=150, lr=0.03,
+                                    batch_size=32, check_every=25)
     with torch.no_grad():
         after = logits_kl(ref, model(images))
+    assert len(checks) == 1 + 150 // 25 and checks[0] == pytest.approx(before, rel=1e-5)
+    assert after == pytest.approx(min(checks), rel=1e-5)  # the scales of the lowest measured KL are kept
     assert after < 0.5 * before
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))  # only scales move
     assert "forward" not in vars(iq) and iq.mode == "quantize"

@@ -304,9 +304,11 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
     layer_modules = [model.get_submodule(n) for n in order]
     input_quantizers = [m.input_quantizer for m in layer_modules if m.input_quantizer.mode == "quantize"]
 
+    tuning_checks: list[float] = []
+
     def tune_scales(*_) -> list:
-        tune_activation_scales(model, input_quantizers, tuning_images, tuning_logits, opts.scale_tuning_steps,
-                               batch_size=bs, seed=seed)
+        tuning_checks.extend(tune_activation_scales(model, input_quantizers, tuning_images, tuning_logits,
+                                                    opts.scale_tuning_steps, batch_size=bs, seed=seed))
         return input_quantizers
 
     def augmented_kl() -> float:
@@ -336,6 +338,8 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
         post_steps[step] = {"layers": len(changed), "calibration_kl": kl, "kept": kept,
                             "judged_on": "augmented calibration images" if yardstick else "calibration images",
                             "kl_before": before, "kl_after": after}
+        if step == "scale_tuning":
+            post_steps[step]["augmented_kl_checks"] = tuning_checks  # start, then every 50 steps
 
     choices = {}
     for name in order:
