@@ -1,0 +1,100 @@
+"""How much of a quantized model's accuracy is the luck of its grid? And can the calibration set tell?
+
+Takes a quantized checkpoint (the ``model.*.pth`` a ``vitcompress quantize`` run writes) and the float
+model it came from, then re-draws its activation grids many times: every activation scale is
+multiplied by exp(ε·N(0,1)) (ε = 1e-3 by default, far below any step a search or tuning makes).
+For each draw: KL to the float model on the calibration images and on their augmented views
+(what Q-HyViT's post-search steps are judged on), and KL and top-1 agreement on the val images.
+All in the torch simulation (its exported ONNX agrees with it on ≥ 99 % of images).
+
+Reported: the spread of each measure over the draws, and the correlation of the calibration
+measures with the val ones. A near-zero correlation means choices made on the calibration KL
+between candidates of equal quality select noise.
+
+    vitcompress quantize --checkpoint ../shared/zoo/cifar10_mobilevit_xxs.pth --method qhyvit --bits 6 \\
+        --calib ../shared/data/cifar10/train --calib-size 128 --out /tmp/xxs_w6
+    python benchmarks/bench_grid_noise.py --quantized /tmp/xxs_w6/model.w6a6.pth \\
+        --float ../shared/zoo/cifar10_mobilevit_xxs.pth --calib-size 128 --out benchmarks/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_peers  # noqa: E402  (write_section keeps the other sections of RESULTS.md)
+from vitcompress import load  # noqa: E402
+from vitcompress.data import load_tensor, sample, scan_images  # noqa: E402
+from vitcompress.quant.api import logits_kl  # noqa: E402
+from vitcompress.quant.modules import TensorQuantizer  # noqa: E402
+from vitcompress.quant.scale_tuning import augmented  # noqa: E402
+
+
+def _logits(model: torch.nn.Module, images: torch.Tensor, batch: int = 250) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quantized", type=Path, required=True, help="model.*.pth of a quantize run")
+    ap.add_argument("--float", dest="float_ckpt", type=Path, required=True, help="the float checkpoint it came from")
+    ap.add_argument("--shared", type=Path, default=bench_peers.SHARED)
+    ap.add_argument("--calib-size", type=int, required=True, help="as in the quantize run (same seeded sample)")
+    ap.add_argument("--eval-size", type=int, default=None, help="seeded sample of val (default: all of it)")
+    ap.add_argument("--draws", type=int, default=16)
+    ap.add_argument("--jitter", type=float, default=1e-3)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    data = args.shared / "data" / "cifar10"
+    quantized, reference = load(checkpoint=args.quantized), load(checkpoint=args.float_ckpt)
+    model, fp = quantized.model.eval(), reference.model.eval()
+    calib = load_tensor(sample(scan_images(data / "train"), args.calib_size, 0), quantized.preprocessing)
+    val = load_tensor(sample(scan_images(data / "val", require_labels=True), args.eval_size, 0), quantized.preprocessing)
+    views = augmented(calib)
+    sets = {"calib": calib, "augmented": views, "val": val}
+    ref = {k: _logits(fp, x) for k, x in sets.items()}
+    quantizers = [m for n, m in model.named_modules()
+                  if isinstance(m, TensorQuantizer) and m.mode == "quantize" and not n.endswith("weight_quantizer")]
+    start = [q.scale.clone() for q in quantizers]
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for draw in range(args.draws + 1):  # draw 0: the checkpoint's own grids
+        for q, s in zip(quantizers, start):
+            noise = torch.randn(s.shape, generator=generator) if draw else torch.zeros(s.shape)
+            q.set_qparams(s * torch.exp(args.jitter * noise), q.zero_point)
+        out = {k: _logits(model, x) for k, x in sets.items()}
+        agree = float((out["val"].argmax(-1) == ref["val"].argmax(-1)).double().mean() * 100)
+        rows.append([logits_kl(ref[k], out[k]) for k in sets] + [agree])
+        print(draw, [round(v, 5) for v in rows[-1]], flush=True)
+    a = np.array(rows)
+    corr = lambda i, j: float(np.corrcoef(a[1:, i], a[1:, j])[0, 1])  # noqa: E731
+    fmt = lambda i, v: f"{v:.2f}" if i == 3 else f"{v:.5f}"  # noqa: E731  (agreement in %, KLs to 5 places)
+    stats = lambda i: (f"{fmt(i, a[1:, i].mean())} ± {fmt(i, a[1:, i].std())} "  # noqa: E731
+                       f"({fmt(i, a[1:, i].min())}–{fmt(i, a[1:, i].max())})")
+    lines = [f"## Grid noise: {args.quantized.parent.name}/{args.quantized.name}", "",
+             f"Command: `python benchmarks/bench_grid_noise.py {' '.join(sys.argv[1:])}` — {dt.date.today().isoformat()}. "
+             f"{args.draws} draws of every activation scale × exp({args.jitter:g}·N(0,1)) on the checkpoint "
+             f"({len(quantizers)} activation quantizers); torch simulation; {len(calib)} calibration images "
+             f"(seed 0, train), their {len(views)} augmented views, {len(val)} val images.", "",
+             "| measure | checkpoint | over the draws: mean ± std (min–max) |", "|---|---|---|"]
+    names = ["KL, calibration images", "KL, augmented views", "KL, val", "top-1 agreement, val %"]
+    lines += [f"| {n} | {fmt(i, a[0, i])} | {stats(i)} |" for i, n in enumerate(names)]
+    lines += ["", f"Correlation over the draws with the val KL: calibration KL {corr(0, 2):+.2f}, augmented-views KL "
+              f"{corr(1, 2):+.2f}; with val agreement: calibration KL {corr(0, 3):+.2f}, augmented-views KL {corr(1, 3):+.2f}."]
+    text = "\n".join(lines) + "\n"
+    bench_peers.write_section(args.out, text, f"grid_noise_{args.quantized.parent.name}")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
