@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
     ap.add_argument("--eval-size", type=int, default=None, help="seeded subset of val (default: all 5,000)")
     ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument("--work", type=Path, default=None, help="keep each run's output folder here (default: a temp dir)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on a shared machine)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,7 +74,7 @@ def main() -> None:
              "Wall: the method itself (calibration and search; `quantization.seconds` of the report), "
              f"{args.threads} torch thread(s) on this 2-core machine.", ""]
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
         for z in args.models:
             lines = [f"## Q-HyViT on {z}", ""] + head
             ckpt = args.shared / "zoo" / f"{z}.pth"

@@ -1,8 +1,10 @@
+import copy
+
 import torch
 from torch import nn
 
 from vitcompress.quant import QuantConfig, quantize_
-from vitcompress.quant.bias_correction import correct_bias
+from vitcompress.quant.bias_correction import correct_bias, float_output_means
 
 
 def _means(model, x):
@@ -31,3 +33,23 @@ def test_bias_correction_restores_every_layers_float_mean():
     after = _means(model, x)
     for n in float_means:  # exact in expectation over the calibration images, downstream included
         assert torch.allclose(after[n], float_means[n], atol=1e-5)
+
+
+def test_bias_correction_after_rewritten_weights_targets_the_float_model():
+    # GPTQ stores rounded weights, so "quantizers off" is no longer the float model afterwards:
+    # the float means must be taken before, or the rounding's mean shift stays uncorrected.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.rand(32, 3, 8, 8)  # positive mean, like images: a weight shift moves the output mean
+    float_means = _means(model, x)
+    quantize_(model, QuantConfig(wbits=4, abits=8, fold_batchnorm=False), [x])
+    taken_before = float_output_means(model, ["0", "2"], [x])
+    with torch.no_grad():
+        model[0].weight.add_(0.05)  # a weight rewrite with a mean shift, as rounding can leave
+    stale = copy.deepcopy(model)
+    correct_bias(model, ["0", "2"], [x], taken_before)
+    correct_bias(stale, ["0", "2"], [x])  # "float" taken now: includes the rewrite
+    after, after_stale = _means(model, x), _means(stale, x)
+    for n in float_means:
+        assert torch.allclose(after[n], float_means[n], atol=1e-5)
+    assert max(float((after_stale[n] - float_means[n]).abs().max()) for n in float_means) > 0.1

@@ -37,13 +37,24 @@ def _output_means(model: nn.Module, layers: dict[str, nn.Module], batches: Seque
     return {n: s / len(batches) for n, s in sums.items()}
 
 
-def correct_bias(model: nn.Module, layer_names: Sequence[str], batches: Sequence[torch.Tensor]) -> list[str]:
+def float_output_means(model: nn.Module, layer_names: Sequence[str], batches: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-output-channel means of the named layers with every quantizer off. Take them before any
+    step rewrites weights (GPTQ stores its rounded weights): after it, "quantizers off" is no longer
+    the float model, and a correction against it would leave the rounding's mean shift in place."""
+    layers = {n: model.get_submodule(n) for n in layer_names}
+    with quantizers_off(model):
+        return _output_means(model, layers, batches)
+
+
+def correct_bias(model: nn.Module, layer_names: Sequence[str], batches: Sequence[torch.Tensor],
+                 float_means: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Shift the bias of each named layer (in the given execution order) so its quantized output
-    mean matches the float model's on ``batches``; returns the layers corrected (those with a bias)."""
+    mean matches the float model's on ``batches``; returns the layers corrected (those with a bias).
+    ``float_means`` (from ``float_output_means``) is required once the weights are no longer float."""
     layers = {n: model.get_submodule(n) for n in layer_names}
     layers = {n: m for n, m in layers.items() if getattr(m, "bias", None) is not None}
-    with quantizers_off(model):
-        float_means = _output_means(model, layers, batches)
+    if float_means is None:
+        float_means = float_output_means(model, list(layers), batches)
     for name, layer in layers.items():
         # one pass per layer: its input already carries the corrections made upstream
         quant_mean = _output_means(model, {name: layer}, batches)[name]

@@ -46,7 +46,7 @@ from torch import nn
 
 from ..errors import VitcompressError
 from .api import calibrate_observers, logits_kl, quantizers_off, register_method
-from .bias_correction import correct_bias
+from .bias_correction import correct_bias, float_output_means
 from .gptq import gptq_layers
 from .scale_tuning import augmented, tune_activation_scales
 from .bridge import Bridge, find_bridges, layer_order
@@ -304,6 +304,8 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
     layer_modules = [model.get_submodule(n) for n in order]
     input_quantizers = [m.input_quantizer for m in layer_modules if m.input_quantizer.mode == "quantize"]
 
+    # the float model's layer means, taken while the weights are still float (GPTQ rewrites them)
+    float_means = float_output_means(model, order, batches) if opts.bias_correction else None
     tuning_checks: list[float] = []
 
     def tune_scales(*_) -> list:
@@ -316,7 +318,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
 
     for step, enabled, run_step, saved_of, yardstick in (
             ("gptq", opts.gptq, gptq_layers, lambda m: [m.weight], None),
-            ("bias_correction", opts.bias_correction, correct_bias,
+            ("bias_correction", opts.bias_correction, lambda m, o, b: correct_bias(m, o, b, float_means),
              lambda m: [m.bias] if m.bias is not None else [], None),
             ("scale_tuning", opts.scale_tuning_steps > 0, tune_scales,
              lambda m: [m.input_quantizer.scale] if m.input_quantizer in input_quantizers else [], augmented_kl)):
