@@ -61,6 +61,9 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
     ap.add_argument("--eval-size", type=int, default=None, help="seeded subset of val (default: all 5,000)")
     ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument("--no-table", action="store_true", help="only the ablation (no min-max/peer/bit-width table)")
+    ap.add_argument("--ablation-rows", type=int, nargs="+", default=None,
+                    help="1-based rows of the ablation to run (default: all); the runs are deterministic")
     ap.add_argument("--work", type=Path, default=None, help="keep each run's output folder here (default: a temp dir)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on a shared machine)")
     args = ap.parse_args()
@@ -83,7 +86,7 @@ def main() -> None:
             label_map = label_map_to_model(eval_set, loaded.preprocessing.class_names, loaded.num_classes)
             rows = []  # (calib, method, bits, path, wall)
             fp32 = None
-            for n in args.calib_sizes:
+            for n in ([] if args.no_table else args.calib_sizes):
                 for bits in args.bits:
                     for method in ("minmax", "qhyvit"):
                         cfg = QuantConfig(method=method, wbits=bits, abits=bits)
@@ -97,26 +100,32 @@ def main() -> None:
                     rows.append((n, name, "W8A8", path, time.perf_counter() - t0))
             ablation = []
             if not args.no_ablation:
-                for label, opts in ABLATION:
+                for i, (label, opts) in enumerate(ABLATION, 1):
+                    if args.ablation_rows and i not in args.ablation_rows:
+                        continue
                     cfg = QuantConfig(method="qhyvit", wbits=6, abits=6, method_options=opts)
-                    path, wall, _ = _run(work, f"{z}_abl_{len(ablation)}", ckpt, data / "train", args.calib_sizes[0], cfg)
-                    ablation.append((label, path, wall))
+                    path, wall, _ = _run(work, f"{z}_abl_{i}", ckpt, data / "train", args.calib_sizes[0], cfg)
+                    fp32 = fp32 or path.parent / "model.fp32.onnx"
+                    ablation.append((f"{i}. {label}", path, wall))
             files = {"fp32": fp32, **{f"r{i}": r[3] for i, r in enumerate(rows)}, **{f"a{i}": a[1] for i, a in enumerate(ablation)}}
             logits, labels, _ = collect_logits({k: onnx_predictor(make_session(p)) for k, p in files.items()},
                                                eval_set, loaded.preprocessing, 100)
             top1 = {k: summarize(v, labels, label_map, loaded.num_classes)["top1"] for k, v in logits.items()}
-            agree = {k: fidelity(logits["fp32"], v)["top1_agreement"] for k, v in logits.items()}
-            lines += [f"### {z} (float {top1['fp32']:.2f})", "",
+            close = {k: fidelity(logits["fp32"], v) for k, v in logits.items()}
+            agree = {k: c["top1_agreement"] for k, c in close.items()}
+            lines += [f"### {z} (float {top1['fp32']:.2f})", ""]
+            lines += [] if args.no_table else [
                       "| calib images | method | bits | top-1 | drop | agreement % | wall s |", "|---|---|---|---|---|---|---|"]
             for i, (n, method, bits, _, wall) in enumerate(rows):
                 k = f"r{i}"
                 lines.append(f"| {n} | {method} | {bits} | {top1[k]:.2f} | {top1['fp32'] - top1[k]:.2f} | {agree[k]:.2f} | {wall:.0f} |")
             if ablation:
                 lines += ["", f"Ablation at W6A6, {args.calib_sizes[0]} calibration images:", "",
-                          "| step | top-1 | drop | agreement % | wall s |", "|---|---|---|---|---|"]
+                          "| step | top-1 | drop | agreement % | val KL | wall s |", "|---|---|---|---|---|---|"]
                 for i, (label, _, wall) in enumerate(ablation):
                     k = f"a{i}"
-                    lines.append(f"| {label} | {top1[k]:.2f} | {top1['fp32'] - top1[k]:.2f} | {agree[k]:.2f} | {wall:.0f} |")
+                    lines.append(f"| {label} | {top1[k]:.2f} | {top1['fp32'] - top1[k]:.2f} | {agree[k]:.2f} | "
+                                 f"{close[k]['kl']:.5f} | {wall:.0f} |")
             text = "\n".join(lines) + "\n"
             bench_peers.write_section(args.out, text, f"bench_qhyvit_{z}")
             print(text, flush=True)
