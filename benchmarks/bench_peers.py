@@ -204,7 +204,9 @@ def write_section(path: Path, text: str, name: str | None = None) -> None:
         new = head + block + rest.split(end, 1)[1].lstrip("\n")
     else:
         new = old.rstrip("\n") + "\n\n" + block if old else block
-    path.write_text(new)
+    scratch = path.with_name(path.name + ".tmp")
+    scratch.write_text(new)
+    scratch.replace(path)  # atomic: an interrupted benchmark never leaves half a RESULTS.md
 
 
 if __name__ == "__main__":
