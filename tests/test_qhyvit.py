@@ -188,8 +188,8 @@ def test_scale_tuning_lowers_the_kl_from_a_bad_activation_scale():
                                     batch_size=32, check_every=25)
     with torch.no_grad():
         after = logits_kl(ref, model(images))
-    assert len(checks) == 1 + 150 // 25 and checks[0] == pytest.approx(before, rel=1e-5)
-    assert after == pytest.approx(min(checks), rel=1e-5)  # the scales of the lowest measured KL are kept
+    assert len(checks) == 1 + 150 // 25 and checks[0] == pytest.approx(before, rel=1e-4)
+    assert after == pytest.approx(min(checks), rel=1e-4)  # the scales of the lowest measured KL are kept
     assert after < 0.5 * before
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))  # only scales move
     assert "forward" not in vars(iq) and iq.mode == "quantize"

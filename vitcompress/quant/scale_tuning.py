@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .api import logits_kl
 from .modules import TensorQuantizer
 from .spec import fake_quantize
 
@@ -46,8 +47,7 @@ def tune_activation_scales(model: nn.Module, quantizers: Sequence[TensorQuantize
 
     def full_kl() -> float:
         with torch.no_grad():
-            logits = torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-        return float(F.kl_div(logits.log_softmax(-1), ref, log_target=True, reduction="batchmean"))
+            return logits_kl(ref, torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]))
 
     log_scales = [nn.Parameter(q.scale.detach().clone().log()) for q in quantizers]
     for q, ls in zip(quantizers, log_scales):
