@@ -33,14 +33,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_peers  # noqa: E402  (write_section keeps the other sections of RESULTS.md)
 from vitcompress import load  # noqa: E402
 from vitcompress.data import load_tensor, sample, scan_images  # noqa: E402
-from vitcompress.quant.api import logits_kl  # noqa: E402
+from vitcompress.quant.api import batched_logits, logits_kl  # noqa: E402
 from vitcompress.quant.modules import TensorQuantizer  # noqa: E402
 from vitcompress.quant.scale_tuning import augmented  # noqa: E402
-
-
-def _logits(model: torch.nn.Module, images: torch.Tensor, batch: int = 250) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)])
 
 
 def main() -> None:
@@ -62,7 +57,7 @@ def main() -> None:
     val = load_tensor(sample(scan_images(data / "val", require_labels=True), args.eval_size, 0), quantized.preprocessing)
     views = augmented(calib)
     sets = {"calib": calib, "augmented": views, "val": val}
-    ref = {k: _logits(fp, x) for k, x in sets.items()}
+    ref = {k: batched_logits(fp, x, 250) for k, x in sets.items()}
     quantizers = [m for n, m in model.named_modules()
                   if isinstance(m, TensorQuantizer) and m.mode == "quantize" and not n.endswith("weight_quantizer")]
     start = [q.scale.clone() for q in quantizers]
@@ -72,7 +67,7 @@ def main() -> None:
         for q, s in zip(quantizers, start):
             noise = torch.randn(s.shape, generator=generator) if draw else torch.zeros(s.shape)
             q.set_qparams(s * torch.exp(args.jitter * noise), q.zero_point)
-        out = {k: _logits(model, x) for k, x in sets.items()}
+        out = {k: batched_logits(model, x, 250) for k, x in sets.items()}
         agree = float((out["val"].argmax(-1) == ref["val"].argmax(-1)).double().mean() * 100)
         rows.append([logits_kl(ref[k], out[k]) for k in sets] + [agree])
         print(draw, [round(v, 5) for v in rows[-1]], flush=True)

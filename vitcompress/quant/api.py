@@ -109,6 +109,12 @@ def run_batches(model: nn.Module, batches: Sequence[torch.Tensor], progress: Pro
                 progress(i + 1, len(batches))
 
 
+def batched_logits(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The model's outputs for ``images``, computed ``batch_size`` at a time without gradients."""
+    with torch.no_grad():
+        return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
 @contextlib.contextmanager
 def quantizers_off(model: nn.Module) -> Iterator[None]:
     """Run the float model inside the block; every quantizer gets its mode back afterwards."""

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitcompressError
-from .api import calibrate_observers, logits_kl, quantizers_off, register_method
+from .api import batched_logits, calibrate_observers, logits_kl, quantizers_off, register_method
 from .bias_correction import correct_bias, float_output_means
 from .gptq import gptq_layers
 from .scale_tuning import augmented, tune_activation_scales
@@ -187,11 +187,6 @@ def _record(model: nn.Module, calib: torch.Tensor, targets: list[_Target], bs: i
     return {k: torch.cat(v) for k, v in chunks.items()}
 
 
-def _logits(model: nn.Module, x: torch.Tensor, bs: int) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(x[i:i + bs]) for i in range(0, len(x), bs)])
-
-
 def _search_quantizer(q: TensorQuantizer, tensor_fn: Callable[[], torch.Tensor], specs: Sequence[QuantSpec],
                       alphas: torch.Tensor, error: Callable[[], float]) -> tuple[float, bool]:
     """Try every (spec, α) for one quantizer; keep the best by ``error``.
@@ -241,12 +236,12 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
     with quantizers_off(model):  # the float model: inputs, outputs, Fisher and logits to match
         fp = _record(model, calib, targets, bs, fisher=False)
         grads = _record(model, calib, targets, bs, fisher=True, seed=seed) if opts.objective == "hessian" else {}
-        float_logits = _logits(model, calib, bs)
+        float_logits = batched_logits(model, calib, bs)
         tuning_images = augmented(calib) if opts.scale_tuning_steps else None
-        tuning_logits = _logits(model, tuning_images, bs) if opts.scale_tuning_steps else None
+        tuning_logits = batched_logits(model, tuning_images, bs) if opts.scale_tuning_steps else None
 
     def end_to_end() -> float:
-        return logits_kl(float_logits, _logits(model, calib, bs))
+        return logits_kl(float_logits, batched_logits(model, calib, bs))
 
     searched = [q for t in targets for q in (t.layer.weight_quantizer, t.layer.input_quantizer)]
 
@@ -314,7 +309,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
         return input_quantizers
 
     def augmented_kl() -> float:
-        return logits_kl(tuning_logits, _logits(model, tuning_images, bs))
+        return logits_kl(tuning_logits, batched_logits(model, tuning_images, bs))
 
     for step, enabled, run_step, saved_of, yardstick in (
             ("gptq", opts.gptq, gptq_layers, lambda m: [m.weight], None),

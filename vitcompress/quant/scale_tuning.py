@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api import logits_kl
+from .api import batched_logits, logits_kl
 from .modules import TensorQuantizer
 from .spec import fake_quantize
 
@@ -46,8 +46,7 @@ def tune_activation_scales(model: nn.Module, quantizers: Sequence[TensorQuantize
     ref = float_logits.log_softmax(-1)
 
     def full_kl() -> float:
-        with torch.no_grad():
-            return logits_kl(ref, torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]))
+        return logits_kl(ref, batched_logits(model, images, batch_size))
 
     log_scales = [nn.Parameter(q.scale.detach().clone().log()) for q in quantizers]
     for q, ls in zip(quantizers, log_scales):
