@@ -34,7 +34,7 @@ import bench_peers  # noqa: E402  (write_section keeps the other sections of RES
 from vitcompress import load  # noqa: E402
 from vitcompress.data import load_tensor, sample, scan_images  # noqa: E402
 from vitcompress.quant.api import batched_logits, logits_kl  # noqa: E402
-from vitcompress.quant.modules import TensorQuantizer  # noqa: E402
+from vitcompress.quant.modules import quantizers as all_quantizers  # noqa: E402
 from vitcompress.quant.scale_tuning import augmented  # noqa: E402
 
 
@@ -58,8 +58,7 @@ def main() -> None:
     views = augmented(calib)
     sets = {"calib": calib, "augmented": views, "val": val}
     ref = {k: batched_logits(fp, x, 250) for k, x in sets.items()}
-    quantizers = [m for n, m in model.named_modules()
-                  if isinstance(m, TensorQuantizer) and m.mode == "quantize" and not n.endswith("weight_quantizer")]
+    quantizers = [q for n, q in all_quantizers(model) if q.mode == "quantize" and not n.endswith("weight_quantizer")]
     start = [q.scale.clone() for q in quantizers]
     generator = torch.Generator().manual_seed(0)
     rows = []

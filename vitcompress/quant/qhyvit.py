@@ -308,22 +308,22 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
                                                     opts.scale_tuning_steps, batch_size=bs, seed=seed))
         return input_quantizers
 
-    def augmented_kl() -> float:
-        return logits_kl(tuning_logits, batched_logits(model, tuning_images, bs))
+    def tuning_judgement() -> tuple[float, float]:
+        # the augmented-image KL at the start and at the scales tuning kept, as measured by the tuning
+        return tuning_checks[0], min(tuning_checks)
 
-    for step, enabled, run_step, saved_of, yardstick in (
+    for step, enabled, run_step, saved_of, own_judgement in (
             ("gptq", opts.gptq, gptq_layers, lambda m: [m.weight], None),
             ("bias_correction", opts.bias_correction, lambda m, o, b: correct_bias(m, o, b, float_means),
              lambda m: [m.bias] if m.bias is not None else [], None),
             ("scale_tuning", opts.scale_tuning_steps > 0, tune_scales,
-             lambda m: [m.input_quantizer.scale] if m.input_quantizer in input_quantizers else [], augmented_kl)):
+             lambda m: [m.input_quantizer.scale] if m.input_quantizer in input_quantizers else [], tuning_judgement)):
         if not enabled:
             continue
         saved = [(m, [t.detach().clone() for t in saved_of(m)]) for m in layer_modules]
-        before = yardstick() if yardstick else e2e_history[-1]
         changed = run_step(model, order, batches)
         kl = end_to_end()
-        after = yardstick() if yardstick else kl
+        before, after = own_judgement() if own_judgement else (e2e_history[-1], kl)
         kept = after < before
         if kept:
             e2e_history.append(kl)
@@ -333,7 +333,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
                     for current, value in zip(saved_of(m), values):
                         current.copy_(value)
         post_steps[step] = {"layers": len(changed), "calibration_kl": kl, "kept": kept,
-                            "judged_on": "augmented calibration images" if yardstick else "calibration images",
+                            "judged_on": "augmented calibration images" if own_judgement else "calibration images",
                             "kl_before": before, "kl_after": after}
         if step == "scale_tuning":
             post_steps[step]["augmented_kl_checks"] = tuning_checks  # start, then every 50 steps
