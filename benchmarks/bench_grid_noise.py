@@ -26,11 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, add_io_arguments, write_section  # the script's own folder is on sys.path
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_peers  # noqa: E402  (write_section keeps the other sections of RESULTS.md)
 from vitcompress import load  # noqa: E402
 from vitcompress.data import load_tensor, sample, scan_images  # noqa: E402
 from vitcompress.quant.api import batched_logits, logits_kl  # noqa: E402
@@ -42,12 +40,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quantized", type=Path, required=True, help="model.*.pth of a quantize run")
     ap.add_argument("--float", dest="float_ckpt", type=Path, required=True, help="the float checkpoint it came from")
-    ap.add_argument("--shared", type=Path, default=bench_peers.SHARED)
     ap.add_argument("--calib-size", type=int, required=True, help="as in the quantize run (same seeded sample)")
     ap.add_argument("--eval-size", type=int, default=None, help="seeded sample of val (default: all of it)")
     ap.add_argument("--draws", type=int, default=16)
     ap.add_argument("--jitter", type=float, default=1e-3)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    add_io_arguments(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = args.shared / "data" / "cifar10"
@@ -86,7 +83,7 @@ def main() -> None:
     lines += ["", f"Correlation over the draws with the val KL: calibration KL {corr(0, 2):+.2f}, augmented-views KL "
               f"{corr(1, 2):+.2f}; with val agreement: calibration KL {corr(0, 3):+.2f}, augmented-views KL {corr(1, 3):+.2f}."]
     text = "\n".join(lines) + "\n"
-    bench_peers.write_section(args.out, text, f"grid_noise_{args.quantized.parent.name}")
+    write_section(args.out, text, f"grid_noise_{args.quantized.parent.name}")
     print(text)
 
 

@@ -18,14 +18,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, add_io_arguments, write_section  # the script's own folder is on sys.path
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_peers  # noqa: E402  (write_section keeps the other sections of RESULTS.md)
+import bench_peers  # noqa: E402  (the peers, run as the peers benchmark runs them)
 from vitcompress import QuantConfig, QuantizeJob, quantize  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
 FULL = {"placement": "partial+matmul"}
 
 # (group, row label, QuantConfig kwargs)
@@ -129,8 +127,7 @@ def table(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
-    ap.add_argument("--shared", type=Path, default=SHARED)
+    add_io_arguments(ap)
     ap.add_argument("--calib-size", type=int, default=128)
     ap.add_argument("--eval-size", type=int, default=None, help="seeded sample of the val split (default: all of it)")
     ap.add_argument("--only", default=None, help="comma-separated groups to run (uniform, mixed, ablation, full)")
@@ -187,7 +184,7 @@ def write_results(args: argparse.Namespace, rows: dict[str, list[dict]], done: i
     text = "\n".join(lines) + "\n"
     section = ("bench_mptq" + (f"_calib{args.calib_size}" if args.calib_size != 128 else "")
                + (f"_{args.only}" if args.only else "") + (f"_{args.match}" if args.match else ""))
-    bench_peers.write_section(args.out, text, section)
+    write_section(args.out, text, section)
     print(text, flush=True)
 
 

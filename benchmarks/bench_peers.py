@@ -21,7 +21,7 @@ from pathlib import Path
 import onnx
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, add_io_arguments, write_section  # the script's own folder is on sys.path
 sys.path.insert(0, str(ROOT))
 
 from vitcompress import QuantConfig, QuantizeJob, load, quantize  # noqa: E402
@@ -29,7 +29,6 @@ from vitcompress.data import load_tensor, label_map_to_model, sample, scan_image
 from vitcompress.evaluate import collect_logits, fidelity, onnx_predictor, summarize  # noqa: E402
 from vitcompress.export import compare_latency, int8_coverage, make_session  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
 ZOO_MODELS = ["cifar10_vit_tiny", "cifar10_mobilevit_xxs", "cifar10_mobilevitv2_050"]
 SPEED_MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "mobilevitv2_050", "mobilevitv2_100",
                 "efficientformerv2_s0", "efficientformer_l1"]
@@ -140,8 +139,7 @@ def _fmt_table(rows: list[dict], with_accuracy: bool) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
-    ap.add_argument("--shared", type=Path, default=SHARED)
+    add_io_arguments(ap)
     ap.add_argument("--calib-size", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--skip-speed", action="store_true", help="skip the 224-px random-weight models")
@@ -186,27 +184,8 @@ def main() -> None:
     if speed_rows:
         lines += ["### timm models at native size, random weights: speed only", "", *_fmt_table(speed_rows, False), ""]
     text = "\n".join(lines) + "\n"
-    write_section(args.out, text)
+    write_section(args.out, text, "bench_peers")
     print(text)
-
-
-START, END = "<!-- bench_peers:start -->", "<!-- bench_peers:end -->"
-
-
-def write_section(path: Path, text: str, name: str | None = None) -> None:
-    """Replace one benchmark's section of RESULTS.md (between ``<!-- NAME:start/end -->``
-    markers, this script's own by default), keeping whatever else the file holds."""
-    start, end = (f"<!-- {name}:start -->", f"<!-- {name}:end -->") if name else (START, END)
-    block = f"{start}\n{text}{end}\n"
-    old = path.read_text() if path.exists() else ""
-    if start in old and end in old:
-        head, rest = old.split(start, 1)
-        new = head + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        new = old.rstrip("\n") + "\n\n" + block if old else block
-    scratch = path.with_name(path.name + ".tmp")
-    scratch.write_text(new)
-    scratch.replace(path)  # atomic: an interrupted benchmark never leaves half a RESULTS.md
 
 
 if __name__ == "__main__":

@@ -24,14 +24,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, add_io_arguments, write_section  # the script's own folder is on sys.path
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_peers  # noqa: E402
 from vitcompress.prune_api import PruneJob, prune  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
 
 
 def _row(tag: str, r: dict) -> str:
@@ -51,7 +48,7 @@ def _row(tag: str, r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    add_io_arguments(ap)
     ap.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0, 3.0])
     ap.add_argument("--recover-minutes", type=float, default=10.0)
     ap.add_argument("--recover-steps", type=int, default=4000)
@@ -71,8 +68,8 @@ def main() -> None:
         _write(args, rows, 0.0)
         return
     torch.set_num_threads(2)
-    ckpt = SHARED / "zoo" / "cifar10_vit_tiny.pth"
-    train, val = SHARED / "data" / "cifar10" / "train", SHARED / "data" / "cifar10" / "val"
+    ckpt = args.shared / "zoo" / "cifar10_vit_tiny.pth"
+    train, val = args.shared / "data" / "cifar10" / "train", args.shared / "data" / "cifar10" / "val"
     rows, started = [], time.time()
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.work or Path(scratch)
@@ -121,7 +118,7 @@ top-1 on cifar10/val ({args.eval_size or 'all 5000'} images) of the exported ONN
 | model | method | target | speedup final, medians (minima) | speedup search | MACs reduction | params | search | fp32 top-1 | before recovery | after recovery | drop | recovery steps / time |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|
 """ + "\n".join(rows) + "\n" + (f"\n{args.note}\n" if args.note else "")
-    bench_peers.write_section(args.out, text, "bench_prune")
+    write_section(args.out, text, "bench_prune")
     print(f"wrote {args.out}")
 
 

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, add_io_arguments, write_section  # the script's own folder is on sys.path
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_peers  # noqa: E402
 from vitcompress import QuantConfig, QuantizeJob, load, quantize  # noqa: E402
@@ -53,10 +52,9 @@ def _run(work: Path, tag: str, ckpt: Path, calib_dir: Path, n: int, cfg: QuantCo
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    add_io_arguments(ap)
     ap.add_argument("--models", nargs="+", default=MODELS, choices=MODELS,
                     help="one section of RESULTS.md per model, so models can run in separate processes")
-    ap.add_argument("--shared", type=Path, default=bench_peers.SHARED)
     ap.add_argument("--calib-sizes", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
     ap.add_argument("--eval-size", type=int, default=None, help="seeded subset of val (default: all 5,000)")
@@ -127,7 +125,7 @@ def main() -> None:
                     lines.append(f"| {label} | {top1[k]:.2f} | {top1['fp32'] - top1[k]:.2f} | {agree[k]:.2f} | "
                                  f"{close[k]['kl']:.5f} | {wall:.0f} |")
             text = "\n".join(lines) + "\n"
-            bench_peers.write_section(args.out, text, f"bench_qhyvit_{z}")
+            write_section(args.out, text, f"bench_qhyvit_{z}")
             print(text, flush=True)
 
 

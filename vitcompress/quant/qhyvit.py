@@ -37,6 +37,7 @@ whole model's KL on the calibration images, and the report says which were kept.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
@@ -51,7 +52,7 @@ from .gptq import gptq_layers
 from .scale_tuning import augmented, tune_activation_scales
 from .bridge import Bridge, find_bridges, layer_order
 from .config import QuantConfig
-from .modules import TensorQuantizer
+from .modules import TensorQuantizer, quantizers
 from .placement import is_depthwise
 from .spec import QuantSpec, qparams_from_range
 
@@ -62,6 +63,7 @@ class QHyViTOptions:
     rounds: int = 3
     search_granularity: bool = True
     gptq: bool = True  # ours: GPTQ weight rounding on the searched grids, after the search (gptq.py)
+    gptq_float_target: bool = False  # ours: round towards the float model's layer outputs (GPTAQ's objective)
     bias_correction: bool = True  # ours: empirical bias correction after the search (bias_correction.py)
     scale_tuning_steps: int = 600  # ours: end-to-end activation-scale tuning after them (scale_tuning.py); 0 = off
     activation_granularity: str = "depthwise"  # per-channel activation candidates: "depthwise" | "all" | "none"
@@ -312,8 +314,16 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
         # the augmented-image KL at the start and at the scales tuning kept, as measured by the tuning
         return tuning_checks[0], min(tuning_checks)
 
+    def round_weights(m: nn.Module, names: Sequence[str], b: Sequence[torch.Tensor]) -> list[str]:
+        if not opts.gptq_float_target:
+            return gptq_layers(m, names, b)
+        float_model = copy.deepcopy(m)  # its weights are still the float ones: GPTQ is the first step
+        for _, q in quantizers(float_model):
+            q.mode = "off"
+        return gptq_layers(m, names, b, float_model)
+
     for step, enabled, run_step, saved_of, own_judgement in (
-            ("gptq", opts.gptq, gptq_layers, lambda m: [m.weight], None),
+            ("gptq", opts.gptq, round_weights, lambda m: [m.weight], None),
             ("bias_correction", opts.bias_correction, lambda m, o, b: correct_bias(m, o, b, float_means),
              lambda m: [m.bias] if m.bias is not None else [], None),
             ("scale_tuning", opts.scale_tuning_steps > 0, tune_scales,

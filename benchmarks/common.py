@@ -1,0 +1,32 @@
+"""What every benchmark script shares: where the project and ../shared are, the --out/--shared
+arguments, and writing one section of RESULTS.md without touching the others."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+
+def add_io_arguments(ap: argparse.ArgumentParser) -> None:
+    """--out (the RESULTS.md to update) and --shared (the folder with data/ and zoo/)."""
+    ap.add_argument("--out", type=Path, default=RESULTS, help="RESULTS.md to update (its other sections are kept)")
+    ap.add_argument("--shared", type=Path, default=SHARED, help="folder holding data/cifar10 and zoo/")
+
+
+def write_section(path: Path, text: str, name: str) -> None:
+    """Replace one benchmark's section of RESULTS.md (between ``<!-- NAME:start/end -->``
+    markers), keeping whatever else the file holds."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text}{end}\n"
+    old = path.read_text() if path.exists() else ""
+    if start in old and end in old:
+        head, rest = old.split(start, 1)
+        new = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        new = old.rstrip("\n") + "\n\n" + block if old else block
+    scratch = path.with_name(path.name + ".tmp")
+    scratch.write_text(new)
+    scratch.replace(path)  # atomic: an interrupted benchmark never leaves half a RESULTS.md
