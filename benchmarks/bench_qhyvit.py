@@ -38,9 +38,10 @@ ABLATION = [
     ("+ scheme", {**_OFF, "search_granularity": True, "activation_granularity": "depthwise", "search_scheme": True}),
     ("+ bridge-block reconstruction (the paper's method)", _OURS_OFF),
     ("+ best round by calibration KL (ours)", {**_OURS_OFF, "keep_best_round": True}),
-    ("+ GPTQ weight rounding (ours)", {"bias_correction": False, "scale_tuning_steps": 0}),
-    ("+ bias correction (ours)", {"scale_tuning_steps": 0}),
-    ("+ activation-scale tuning (ours; the default)", {}),
+    ("+ GPTQ weight rounding (ours)", {"bias_correction": False, "scale_tuning_steps": 0, "gptq_target": "own"}),
+    ("+ bias correction (ours)", {"scale_tuning_steps": 0, "gptq_target": "own"}),
+    ("+ activation-scale tuning (ours)", {"gptq_target": "own"}),
+    ("+ GPTQ towards the float model's outputs (ours; the default below 8 bits)", {}),
 ]
 
 

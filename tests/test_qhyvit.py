@@ -86,6 +86,7 @@ def test_qhyvit_zero_point_report_and_export_agreement(loaded, calib_batches, tm
     # at the last recorded KL
     steps, kl = info["post_search_steps"], info["calibration_kl_per_round"]
     assert set(steps) == {"gptq", "bias_correction", "scale_tuning"} and steps["gptq"]["layers"] > 0
+    assert steps["gptq"]["target"] == "float"  # "auto" below 8 bits
     assert len(kl) == 4 + sum(s["kept"] for s in steps.values())
     assert kl[3] == min(kl[:3]) == kl[info["best_round"]]
     assert all(st["kept"] == (st["kl_after"] < st["kl_before"]) for st in steps.values())
@@ -136,7 +137,7 @@ def test_unknown_or_invalid_qhyvit_options_are_clear_errors():
     from vitcompress.errors import VitcompressError
 
     model = nn.Sequential(nn.Linear(8, 4))
-    for opts in ({"alpha": 3}, {"activation_granularity": "some"}):
+    for opts in ({"alpha": 3}, {"activation_granularity": "some"}, {"gptq_target": "best"}):
         with pytest.raises(VitcompressError, match="qhyvit"):
             quantize_(copy.deepcopy(model), QuantConfig(method="qhyvit", fold_batchnorm=False, method_options=opts),
                       [torch.randn(4, 8)])
