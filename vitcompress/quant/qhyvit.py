@@ -31,7 +31,8 @@ Interpretations and simplifications (also in docs/qhyvit.md):
 
 The search ends at its round of lowest whole-model KL on the calibration images (later rounds can
 raise it: each layer's objective is local). After the search (ours, not in the paper): GPTQ weight
-rounding on the searched grids (``gptq.py``), empirical bias correction (``bias_correction.py``),
+rounding on the searched grids (``gptq.py``; below 8 bits towards the float model's layer outputs,
+GPTAQ's objective), empirical bias correction (``bias_correction.py``),
 and end-to-end activation-scale tuning (``scale_tuning.py``); each is kept only if it lowers the
 whole model's KL on the calibration images, and the report says which were kept.
 """

@@ -1,0 +1,86 @@
+"""What GPTQ should round towards: each layer's own output (plain GPTQ) or the float model's (GPTAQ).
+
+Takes a quantized checkpoint (the ``model.*.pth`` a ``vitcompress quantize`` run writes) and the
+float model it came from, puts the float weights and biases back under the checkpoint's grids (so
+every scale, granularity and scheme stays as the run chose them), then re-rounds the weights with
+GPTQ once per target and measures each result in the torch simulation: KL to the float model on
+the calibration images, and KL and top-1 agreement on the val images. Only the rounding step
+differs between the rows, so this isolates it (no bias correction, no scale tuning after it).
+
+    python benchmarks/bench_gptq_target.py --quantized /tmp/xxs_w8/model.int8.pth \\
+        --float ../shared/zoo/cifar10_mobilevit_xxs.pth --calib-size 128
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import sys
+from pathlib import Path
+
+import torch
+
+from common import ROOT, add_io_arguments, write_section  # the script's own folder is on sys.path
+sys.path.insert(0, str(ROOT))
+
+from vitcompress import load  # noqa: E402
+from vitcompress.data import load_tensor, sample, scan_images  # noqa: E402
+from vitcompress.quant.api import batched_logits, logits_kl  # noqa: E402
+from vitcompress.quant.bridge import layer_order  # noqa: E402
+from vitcompress.quant.fold import fold_batchnorm  # noqa: E402
+from vitcompress.quant.gptq import gptq_layers  # noqa: E402
+from vitcompress.quant.modules import quantizers  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quantized", type=Path, required=True, help="model.*.pth of a quantize run")
+    ap.add_argument("--float", dest="float_ckpt", type=Path, required=True, help="the float checkpoint it came from")
+    ap.add_argument("--calib-size", type=int, required=True, help="as in the quantize run (same seeded sample)")
+    ap.add_argument("--eval-size", type=int, default=None, help="seeded sample of val (default: all of it)")
+    add_io_arguments(ap)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    data = args.shared / "data" / "cifar10"
+    quantized, reference = load(checkpoint=args.quantized), load(checkpoint=args.float_ckpt)
+    model, fp = quantized.model.eval(), reference.model.eval()
+    calib = load_tensor(sample(scan_images(data / "train"), args.calib_size, 0), quantized.preprocessing)
+    val = load_tensor(sample(scan_images(data / "val", require_labels=True), args.eval_size, 0), quantized.preprocessing)
+    ref = {"calib": batched_logits(fp, calib, 250), "val": batched_logits(fp, val, 250)}
+    fold_batchnorm(fp, calib[:8])  # the float weights as the quantized model holds them (BatchNorm folded)
+    float_params = fp.state_dict()
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            if key.endswith((".weight", ".bias")) and key in float_params and float_params[key].shape == value.shape:
+                value.copy_(float_params[key])
+    layers = [n for n, m in model.named_modules()
+              if getattr(m, "weight_quantizer", None) is not None and m.weight_quantizer.mode == "quantize"]
+    order = [n for n, _ in layer_order(model, layers, calib[:2])]
+    float_model = copy.deepcopy(model)
+    for _, q in quantizers(float_model):
+        q.mode = "off"
+
+    def measure(m) -> list[float]:
+        out = {k: batched_logits(m, x, 250) for k, x in (("calib", calib), ("val", val))}
+        agree = float((out["val"].argmax(-1) == ref["val"].argmax(-1)).double().mean() * 100)
+        return [logits_kl(ref["calib"], out["calib"]), logits_kl(ref["val"], out["val"]), agree]
+
+    rows = [("float weights under the checkpoint's grids (nearest rounding)", measure(model))]
+    for label, target in (("GPTQ, own output (plain)", None), ("GPTQ, float model's output (GPTAQ)", float_model)):
+        m = copy.deepcopy(model)
+        gptq_layers(m, order, list(calib.split(32)), target)
+        rows.append((label, measure(m)))
+        print(rows[-1], flush=True)
+    lines = [f"## GPTQ target: {args.quantized.parent.name}/{args.quantized.name}", "",
+             f"Command: `python benchmarks/bench_gptq_target.py {' '.join(sys.argv[1:])}` — {dt.date.today().isoformat()}. "
+             f"The checkpoint's grids with the float weights put back, then re-rounded; torch simulation; "
+             f"{len(calib)} calibration images (seed 0, train), {len(val)} val images.", "",
+             "| weights | KL, calibration images | KL, val | top-1 agreement, val % |", "|---|---|---|---|"]
+    lines += [f"| {label} | {c:.6f} | {v:.6f} | {a:.2f} |" for label, (c, v, a) in rows]
+    text = "\n".join(lines) + "\n"
+    write_section(args.out, text, f"gptq_target_{args.quantized.parent.name}")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
