@@ -85,14 +85,15 @@ def test_qhyvit_zero_point_report_and_export_agreement(loaded, calib_batches, tm
     # are kept only when they lower it further, a rejected one is undone, so the model ends exactly
     # at the last recorded KL
     steps, kl = info["post_search_steps"], info["calibration_kl_per_round"]
-    assert set(steps) == {"gptq", "bias_correction", "scale_tuning"} and steps["gptq"]["layers"] > 0
-    assert steps["gptq"]["target"] == "float"  # "auto" below 8 bits
+    assert {"gptq", "bias_correction", "scale_tuning"} <= set(steps) and steps["gptq"]["layers"] > 0
+    assert steps["gptq"]["target"] == "float"  # "auto" below 8 bits: towards the float model first,
+    assert ("gptq_own" in steps) == (not steps["gptq"]["kept"])  # plain GPTQ only if that was rejected
     assert len(kl) == 4 + sum(s["kept"] for s in steps.values())
     assert kl[3] == min(kl[:3]) == kl[info["best_round"]]
     assert all(st["kept"] == (st["kl_after"] < st["kl_before"]) for st in steps.values())
     kept_kl = iter(kl[4:])
-    for name in ("gptq", "bias_correction"):  # judged on the calibration images themselves
-        if steps[name]["kept"]:
+    for name in ("gptq", "gptq_own", "bias_correction"):  # judged on the calibration images themselves
+        if name in steps and steps[name]["kept"]:
             assert next(kept_kl) == steps[name]["calibration_kl"] < steps[name]["kl_before"]
     with torch.no_grad():
         assert logits_kl(float_logits, m(calib)) == pytest.approx(kl[-1], rel=1e-4)

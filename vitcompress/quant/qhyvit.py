@@ -320,25 +320,31 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
         # the augmented-image KL at the start and at the scales tuning kept, as measured by the tuning
         return tuning_checks[0], min(tuning_checks)
 
-    gptq_target = opts.gptq_target
-    if gptq_target == "auto":
-        gptq_target = "own" if min(config.wbits, config.abits) >= 8 else "float"
+    # "auto": towards the float model below 8 bits; if that does not lower the calibration KL, plain
+    # GPTQ gets its own chance (mobilevitv2_050 W6A6 at 32 images: float target rejected, own kept)
+    first_target = opts.gptq_target if opts.gptq_target != "auto" else (
+        "own" if min(config.wbits, config.abits) >= 8 else "float")
 
-    def round_weights(m: nn.Module, names: Sequence[str], b: Sequence[torch.Tensor]) -> list[str]:
-        if gptq_target == "own":
-            return gptq_layers(m, names, b)
-        float_model = copy.deepcopy(m)  # its weights are still the float ones: GPTQ is the first step
-        for _, q in quantizers(float_model):
-            q.mode = "off"
-        return gptq_layers(m, names, b, float_model)
+    def round_weights(target: str) -> Callable[..., list[str]]:
+        def run(m: nn.Module, names: Sequence[str], b: Sequence[torch.Tensor]) -> list[str]:
+            if target == "own":
+                return gptq_layers(m, names, b)
+            float_model = copy.deepcopy(m)  # its weights are still the float ones: GPTQ runs first
+            for _, q in quantizers(float_model):
+                q.mode = "off"
+            return gptq_layers(m, names, b, float_model)
+        return run
 
+    weights_of = lambda m: [m.weight]  # noqa: E731
     for step, enabled, run_step, saved_of, own_judgement in (
-            ("gptq", opts.gptq, round_weights, lambda m: [m.weight], None),
-            ("bias_correction", opts.bias_correction, lambda m, o, b: correct_bias(m, o, b, float_means),
+            ("gptq", lambda: opts.gptq, round_weights(first_target), weights_of, None),
+            ("gptq_own", lambda: (opts.gptq and opts.gptq_target == "auto" and first_target == "float"
+                                  and not post_steps["gptq"]["kept"]), round_weights("own"), weights_of, None),
+            ("bias_correction", lambda: opts.bias_correction, lambda m, o, b: correct_bias(m, o, b, float_means),
              lambda m: [m.bias] if m.bias is not None else [], None),
-            ("scale_tuning", opts.scale_tuning_steps > 0, tune_scales,
+            ("scale_tuning", lambda: opts.scale_tuning_steps > 0, tune_scales,
              lambda m: [m.input_quantizer.scale] if m.input_quantizer in input_quantizers else [], tuning_judgement)):
-        if not enabled:
+        if not enabled():
             continue
         saved = [(m, [t.detach().clone() for t in saved_of(m)]) for m in layer_modules]
         changed = run_step(model, order, batches)
@@ -356,7 +362,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
                             "judged_on": "augmented calibration images" if own_judgement else "calibration images",
                             "kl_before": before, "kl_after": after}
         if step == "gptq":
-            post_steps[step]["target"] = gptq_target
+            post_steps[step]["target"] = first_target
         if step == "scale_tuning":
             post_steps[step]["augmented_kl_checks"] = tuning_checks  # start, then every 50 steps
 
