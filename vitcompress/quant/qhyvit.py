@@ -256,7 +256,11 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
     def snapshot() -> list[tuple]:
         return [(q.spec, q.scale.clone(), q.zero_point.clone()) for q in searched]
 
+    def augmented_kl() -> float | None:  # reported beside the calibration KL: the views are not fitted by the search
+        return logits_kl(tuning_logits, batched_logits(model, tuning_images, bs)) if tuning_images is not None else None
+
     e2e_history = [end_to_end()]
+    augmented_history = [augmented_kl()]
     best_round, best = 0, snapshot()
     for r in range(opts.rounds):
         round_err = 0.0
@@ -290,6 +294,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
                 progress(step, total_steps)
         history.append(round_err)
         e2e_history.append(end_to_end())
+        augmented_history.append(augmented_kl())
         if not opts.keep_best_round or e2e_history[-1] < e2e_history[best_round]:
             best_round, best = r + 1, snapshot()
     # Later rounds can raise the whole model's KL (each layer's objective is local): the round with
@@ -381,6 +386,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
             "objective_per_round": history,
             "calibration_kl_per_round": e2e_history,  # KL(float ‖ quantized) on the calibration images; [0] = min-max,
             # then one entry per round, then the best round's (the search's result), then one per post-search step kept
+            "augmented_kl_per_round": augmented_history,  # [0] = min-max, then one per round (scale tuning on)
             "best_round": best_round,
             "post_search_steps": post_steps,  # per step: layers changed, KL before/after on the images it is judged on,
             # calibration KL after, kept?
