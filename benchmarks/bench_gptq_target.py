@@ -25,11 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 from vitcompress import load  # noqa: E402
 from vitcompress.data import load_tensor, sample, scan_images  # noqa: E402
-from vitcompress.quant.api import batched_logits, logits_kl  # noqa: E402
+from vitcompress.quant.api import batched_logits, float_copy, logits_kl  # noqa: E402
 from vitcompress.quant.bridge import layer_order  # noqa: E402
 from vitcompress.quant.fold import fold_batchnorm  # noqa: E402
 from vitcompress.quant.gptq import gptq_layers  # noqa: E402
-from vitcompress.quant.modules import quantizers  # noqa: E402
 
 
 def main() -> None:
@@ -56,9 +55,7 @@ def main() -> None:
     layers = [n for n, m in model.named_modules()
               if getattr(m, "weight_quantizer", None) is not None and m.weight_quantizer.mode == "quantize"]
     order = [n for n, _ in layer_order(model, layers, calib[:2])]
-    float_model = copy.deepcopy(model)
-    for _, q in quantizers(float_model):
-        q.mode = "off"
+    float_model = float_copy(model)
 
     def measure(m) -> list[float]:
         out = {k: batched_logits(m, x, 250) for k, x in (("calib", calib), ("val", val))}

@@ -6,6 +6,7 @@ Methods register themselves by name; each receives the prepared model (quantizer
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -126,6 +127,14 @@ def quantizers_off(model: nn.Module) -> Iterator[None]:
     finally:
         for q, mode in modes.items():
             q.mode = mode
+
+
+def float_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every quantizer off: the float network, same module names."""
+    copy_ = copy.deepcopy(model)
+    for _, q in quantizers(copy_):
+        q.mode = "off"
+    return copy_
 
 
 def logits_kl(reference: torch.Tensor, logits: torch.Tensor) -> float:

@@ -38,7 +38,6 @@ whole model's KL on the calibration images, and the report says which were kept.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
@@ -47,13 +46,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitcompressError
-from .api import batched_logits, calibrate_observers, logits_kl, quantizers_off, register_method
+from .api import batched_logits, calibrate_observers, float_copy, logits_kl, quantizers_off, register_method
 from .bias_correction import correct_bias, float_output_means
 from .gptq import gptq_layers
 from .scale_tuning import augmented, tune_activation_scales
 from .bridge import Bridge, find_bridges, layer_order
 from .config import QuantConfig
-from .modules import TensorQuantizer, quantizers
+from .modules import TensorQuantizer
 from .placement import is_depthwise
 from .spec import QuantSpec, qparams_from_range
 
@@ -334,10 +333,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
         def run(m: nn.Module, names: Sequence[str], b: Sequence[torch.Tensor]) -> list[str]:
             if target == "own":
                 return gptq_layers(m, names, b)
-            float_model = copy.deepcopy(m)  # its weights are still the float ones: GPTQ runs first
-            for _, q in quantizers(float_model):
-                q.mode = "off"
-            return gptq_layers(m, names, b, float_model)
+            return gptq_layers(m, names, b, float_copy(m))  # m's weights are still float: GPTQ runs first
         return run
 
     weights_of = lambda m: [m.weight]  # noqa: E731
