@@ -21,16 +21,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import ROOT, add_io_arguments, write_section  # the script's own folder is on sys.path
+from common import ROOT, add_checkpoint_pair_arguments, add_io_arguments, load_checkpoint_pair, write_section  # the script's own folder is on sys.path
 sys.path.insert(0, str(ROOT))
 
-from vitcompress import load  # noqa: E402
-from vitcompress.data import load_tensor, sample, scan_images  # noqa: E402
 from vitcompress.quant.api import batched_logits, logits_kl  # noqa: E402
 from vitcompress.quant.modules import quantizers as all_quantizers  # noqa: E402
 from vitcompress.quant.scale_tuning import augmented  # noqa: E402
@@ -38,20 +35,13 @@ from vitcompress.quant.scale_tuning import augmented  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quantized", type=Path, required=True, help="model.*.pth of a quantize run")
-    ap.add_argument("--float", dest="float_ckpt", type=Path, required=True, help="the float checkpoint it came from")
-    ap.add_argument("--calib-size", type=int, required=True, help="as in the quantize run (same seeded sample)")
-    ap.add_argument("--eval-size", type=int, default=None, help="seeded sample of val (default: all of it)")
     ap.add_argument("--draws", type=int, default=16)
     ap.add_argument("--jitter", type=float, default=1e-3)
+    add_checkpoint_pair_arguments(ap)
     add_io_arguments(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    data = args.shared / "data" / "cifar10"
-    quantized, reference = load(checkpoint=args.quantized), load(checkpoint=args.float_ckpt)
-    model, fp = quantized.model.eval(), reference.model.eval()
-    calib = load_tensor(sample(scan_images(data / "train"), args.calib_size, 0), quantized.preprocessing)
-    val = load_tensor(sample(scan_images(data / "val", require_labels=True), args.eval_size, 0), quantized.preprocessing)
+    model, fp, calib, val = load_checkpoint_pair(args)
     views = augmented(calib)
     sets = {"calib": calib, "augmented": views, "val": val}
     ref = {k: batched_logits(fp, x, 250) for k, x in sets.items()}

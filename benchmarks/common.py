@@ -30,3 +30,25 @@ def write_section(path: Path, text: str, name: str) -> None:
     scratch = path.with_name(path.name + ".tmp")
     scratch.write_text(new)
     scratch.replace(path)  # atomic: an interrupted benchmark never leaves half a RESULTS.md
+
+
+def add_checkpoint_pair_arguments(ap: argparse.ArgumentParser) -> None:
+    """A quantized checkpoint, the float one it came from, and the images it was calibrated on."""
+    ap.add_argument("--quantized", type=Path, required=True, help="model.*.pth of a quantize run")
+    ap.add_argument("--float", dest="float_ckpt", type=Path, required=True, help="the float checkpoint it came from")
+    ap.add_argument("--calib-size", type=int, required=True, help="as in the quantize run (same seeded sample)")
+    ap.add_argument("--eval-size", type=int, default=None, help="seeded sample of val (default: all of it)")
+
+
+def load_checkpoint_pair(args: argparse.Namespace):
+    """(the quantized model, the float model, calibration images, val images), both models in eval
+    mode; the images as ``vitcompress quantize`` samples them (seed 0) from ../shared's cifar10."""
+    from vitcompress import load
+    from vitcompress.data import load_tensor, sample, scan_images
+
+    data = args.shared / "data" / "cifar10"
+    quantized, reference = load(checkpoint=args.quantized), load(checkpoint=args.float_ckpt)
+    prep = quantized.preprocessing
+    calib = load_tensor(sample(scan_images(data / "train"), args.calib_size, 0), prep)
+    val = load_tensor(sample(scan_images(data / "val", require_labels=True), args.eval_size, 0), prep)
+    return quantized.model.eval(), reference.model.eval(), calib, val
