@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import sys
 
 import torch
 
-from common import ROOT, add_checkpoint_pair_arguments, add_io_arguments, load_checkpoint_pair, write_section  # the script's own folder is on sys.path
+from common import ROOT, add_checkpoint_pair_arguments, add_io_arguments, load_checkpoint_pair, publish  # the script's own folder is on sys.path
 sys.path.insert(0, str(ROOT))
 
 from vitcompress.quant.api import batched_logits, float_copy, logits_kl  # noqa: E402
@@ -58,16 +57,12 @@ def main() -> None:
         gptq_layers(m, order, list(calib.split(32)), target)
         rows.append((label, measure(m)))
         print(rows[-1], flush=True)
-    lines = [f"## GPTQ target: {args.quantized.parent.name}/{args.quantized.name}", "",
-             f"Command: `python benchmarks/bench_gptq_target.py {' '.join(sys.argv[1:])}` — {dt.date.today().isoformat()}. "
-             f"The checkpoint's grids with the float weights put back, then re-rounded; torch simulation; "
-             f"{len(calib)} calibration images (seed 0, train), {len(val)} val images.", "",
-             "| weights | KL, calibration images | KL, val | top-1 agreement, val % |", "|---|---|---|---|"]
-    lines += [f"| {label} | {c:.6f} | {v:.6f} | {a:.2f} |" for label, (c, v, a) in rows]
-    text = "\n".join(lines) + "\n"
-    write_section(args.out, text, f"gptq_target_{args.quantized.parent.name}")
-    print(text)
-
+    publish(args.out, f"gptq_target_{args.quantized.parent.name}",
+            f"GPTQ target: {args.quantized.parent.name}/{args.quantized.name}",
+            f"The checkpoint's grids with the float weights put back, then re-rounded; torch simulation; "
+            f"{len(calib)} calibration images (seed 0, train), {len(val)} val images.",
+            ["weights", "KL, calibration images", "KL, val", "top-1 agreement, val %"],
+            [f"| {label} | {c:.6f} | {v:.6f} | {a:.2f} |" for label, (c, v, a) in rows])
 
 if __name__ == "__main__":
     main()

@@ -19,13 +19,12 @@ between candidates of equal quality select noise.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 
 import numpy as np
 import torch
 
-from common import ROOT, add_checkpoint_pair_arguments, add_io_arguments, load_checkpoint_pair, write_section  # the script's own folder is on sys.path
+from common import ROOT, add_checkpoint_pair_arguments, add_io_arguments, load_checkpoint_pair, publish  # the script's own folder is on sys.path
 sys.path.insert(0, str(ROOT))
 
 from vitcompress.quant.api import batched_logits, logits_kl  # noqa: E402
@@ -62,20 +61,16 @@ def main() -> None:
     fmt = lambda i, v: f"{v:.2f}" if i == 3 else f"{v:.5f}"  # noqa: E731  (agreement in %, KLs to 5 places)
     stats = lambda i: (f"{fmt(i, a[1:, i].mean())} ± {fmt(i, a[1:, i].std())} "  # noqa: E731
                        f"({fmt(i, a[1:, i].min())}–{fmt(i, a[1:, i].max())})")
-    lines = [f"## Grid noise: {args.quantized.parent.name}/{args.quantized.name}", "",
-             f"Command: `python benchmarks/bench_grid_noise.py {' '.join(sys.argv[1:])}` — {dt.date.today().isoformat()}. "
-             f"{args.draws} draws of every activation scale × exp({args.jitter:g}·N(0,1)) on the checkpoint "
-             f"({len(quantizers)} activation quantizers); torch simulation; {len(calib)} calibration images "
-             f"(seed 0, train), their {len(views)} augmented views, {len(val)} val images.", "",
-             "| measure | checkpoint | over the draws: mean ± std (min–max) |", "|---|---|---|"]
     names = ["KL, calibration images", "KL, augmented views", "KL, val", "top-1 agreement, val %"]
-    lines += [f"| {n} | {fmt(i, a[0, i])} | {stats(i)} |" for i, n in enumerate(names)]
-    lines += ["", f"Correlation over the draws with the val KL: calibration KL {corr(0, 2):+.2f}, augmented-views KL "
-              f"{corr(1, 2):+.2f}; with val agreement: calibration KL {corr(0, 3):+.2f}, augmented-views KL {corr(1, 3):+.2f}."]
-    text = "\n".join(lines) + "\n"
-    write_section(args.out, text, f"grid_noise_{args.quantized.parent.name}")
-    print(text)
-
+    publish(args.out, f"grid_noise_{args.quantized.parent.name}",
+            f"Grid noise: {args.quantized.parent.name}/{args.quantized.name}",
+            f"{args.draws} draws of every activation scale × exp({args.jitter:g}·N(0,1)) on the checkpoint "
+            f"({len(quantizers)} activation quantizers); torch simulation; {len(calib)} calibration images "
+            f"(seed 0, train), their {len(views)} augmented views, {len(val)} val images.",
+            ["measure", "checkpoint", "over the draws: mean ± std (min–max)"],
+            [f"| {n} | {fmt(i, a[0, i])} | {stats(i)} |" for i, n in enumerate(names)],
+            f"Correlation over the draws with the val KL: calibration KL {corr(0, 2):+.2f}, augmented-views KL "
+            f"{corr(1, 2):+.2f}; with val agreement: calibration KL {corr(0, 3):+.2f}, augmented-views KL {corr(1, 3):+.2f}.")
 
 if __name__ == "__main__":
     main()

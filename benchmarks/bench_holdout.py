@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
 import sys
 
 import torch
 
-from common import ROOT, add_io_arguments, write_section  # the script's own folder is on sys.path
+from common import ROOT, add_io_arguments, publish  # the script's own folder is on sys.path
 sys.path.insert(0, str(ROOT))
 
 from vitcompress import load  # noqa: E402
@@ -56,16 +55,12 @@ def main() -> None:
         m.eval()
         rows.append((label, opts, [logits_kl(ref[k], batched_logits(m, x, 250)) for k, x in sets.items()]))
         print(rows[-1], flush=True)
-    lines = [f"## Held-out half: {args.model}, W{args.bits}A{args.bits}, {half} + {len(calib) - half} calibration images", "",
-             f"Command: `python benchmarks/bench_holdout.py {' '.join(sys.argv[1:])}` — {dt.date.today().isoformat()}. "
-             f"Fitted on half A of the seeded {len(calib)}-image train sample, KL(float ‖ quantized) on A, on the other "
-             f"half B and on {len(sets['val'])} val images; torch simulation.", "",
-             "| fit on A | method options | KL, A | KL, B | KL, val |", "|---|---|---|---|---|"]
-    lines += [f"| {label} | `{json.dumps(opts)}` | {a:.6f} | {b:.6f} | {v:.6f} |" for label, opts, (a, b, v) in rows]
-    text = "\n".join(lines) + "\n"
-    write_section(args.out, text, f"holdout_{args.model}_{args.calib_size}_w{args.bits}")
-    print(text)
-
+    publish(args.out, f"holdout_{args.model}_{args.calib_size}_w{args.bits}",
+            f"Held-out half: {args.model}, W{args.bits}A{args.bits}, {half} + {len(calib) - half} calibration images",
+            f"Fitted on half A of the seeded {len(calib)}-image train sample, KL(float ‖ quantized) on A, on the other "
+            f"half B and on {len(sets['val'])} val images; torch simulation.",
+            ["fit on A", "method options", "KL, A", "KL, B", "KL, val"],
+            [f"| {label} | `{json.dumps(opts)}` | {a:.6f} | {b:.6f} | {v:.6f} |" for label, opts, (a, b, v) in rows])
 
 if __name__ == "__main__":
     main()

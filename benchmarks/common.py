@@ -3,6 +3,8 @@ arguments, and writing one section of RESULTS.md without touching the others."""
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,3 +54,14 @@ def load_checkpoint_pair(args: argparse.Namespace):
     calib = load_tensor(sample(scan_images(data / "train"), args.calib_size, 0), prep)
     val = load_tensor(sample(scan_images(data / "val", require_labels=True), args.eval_size, 0), prep)
     return quantized.model.eval(), reference.model.eval(), calib, val
+
+
+def publish(out: Path, section: str, title: str, about: str, columns: list[str], rows: list[str], after: str = "") -> None:
+    """Write (and print) one RESULTS.md section: title, the command that made it and the date,
+    what was measured, then a table of ``rows`` (already formatted "| ... |" lines)."""
+    command = f"python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}"
+    lines = [f"## {title}", "", f"Command: `{command}` — {dt.date.today().isoformat()}. {about}", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *rows]
+    text = "\n".join(lines + (["", after] if after else [])) + "\n"
+    write_section(out, text, section)
+    print(text)
