@@ -108,13 +108,12 @@ def _input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return patches.reshape(n, layer.in_channels, k, length).permute(1, 0, 3, 2).reshape(layer.in_channels, -1, k)
 
 
-def _input_statistics(model: nn.Module, layer: nn.Module, batches: Sequence[torch.Tensor],
-                      float_layer: nn.Module | None = None,
+def _input_statistics(model: nn.Module, name: str, batches: Sequence[torch.Tensor],
                       float_model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """H = Σ x̃ x̃ᵀ over the calibration rows of ``layer``'s quantized input x̃ (the model quantized as
-    it is), one per output row for depthwise convs; with ``float_model`` (and its copy of the layer,
-    ``float_layer``) also the cross term Σ (x - x̃) x̃ᵀ, x the float model's input to the layer for
-    the same image."""
+    """H = Σ x̃ x̃ᵀ over the calibration rows of layer ``name``'s quantized input x̃ (the model quantized
+    as it is), one per output row for depthwise convs; with ``float_model`` also the cross term
+    Σ (x - x̃) x̃ᵀ, x the float model's input to the same layer for the same image."""
+    layer = model.get_submodule(name)
     acc: dict[str, torch.Tensor] = {}
     float_rows: list[torch.Tensor] = []
 
@@ -129,8 +128,8 @@ def _input_statistics(model: nn.Module, layer: nn.Module, batches: Sequence[torc
         float_rows.append(_input_rows(mod, inp[0].detach()).double())
 
     handles = [layer.register_forward_pre_hook(hook)]
-    if float_layer is not None:
-        handles.append(float_layer.register_forward_pre_hook(float_hook))
+    if float_model is not None:
+        handles.append(float_model.get_submodule(name).register_forward_pre_hook(float_hook))
     try:
         with torch.no_grad():
             for x in batches:
@@ -185,8 +184,7 @@ def gptq_layers(model: nn.Module, names: Sequence[str], batches: Sequence[torch.
         wq = getattr(layer, "weight_quantizer", None)
         if wq is None or wq.mode != "quantize" or not supports_gptq(layer):
             continue
-        float_layer = float_model.get_submodule(name) if float_model is not None else None
-        h, cross = _input_statistics(model, layer, batches, float_layer, float_model)
+        h, cross = _input_statistics(model, name, batches, float_model)
         with torch.no_grad():
             w2d = layer.weight.reshape(layer.weight.shape[0], -1)
             if cross is not None:
