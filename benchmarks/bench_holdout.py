@@ -26,8 +26,10 @@ from vitcompress.quant.api import batched_logits, logits_kl  # noqa: E402
 
 SEARCH_ONLY = {"gptq": False, "bias_correction": False, "scale_tuning_steps": 0}
 FITS = [("min-max", "minmax", {}),
-        ("Q-HyViT search (default candidates)", "qhyvit", SEARCH_ONLY),
-        ("Q-HyViT search, no per-channel activation candidates", "qhyvit", {**SEARCH_ONLY, "activation_granularity": "none"})]
+        ("Q-HyViT search, candidates scored in sample", "qhyvit", {**SEARCH_ONLY, "crossfit": False}),
+        ("Q-HyViT search, no per-channel activation candidates", "qhyvit",
+         {**SEARCH_ONLY, "crossfit": False, "activation_granularity": "none"}),
+        ("Q-HyViT search, candidates scored by 2-fold cross-fit (default)", "qhyvit", SEARCH_ONLY)]
 
 
 def main() -> None:

@@ -41,7 +41,8 @@ def test_search_never_increases_the_objective_and_fixes_a_bad_start():
     wq = layer.weight_quantizer
     wq.set_qparams(wq.scale * 0.05, wq.zero_point)  # a terrible starting scale
 
-    def error():
+    def error(half=None):
+        assert half is None  # a weight's range does not depend on the images: no cross-fit
         with torch.no_grad():
             return float((layer(x) - target).pow(2).sum())
 
@@ -49,10 +50,43 @@ def test_search_never_increases_the_objective_and_fixes_a_bad_start():
         layer.input_quantizer.mode = "off"
         target = nn.functional.linear(x, layer.weight, layer.bias)
         start = error()
-        best, _ = _search_quantizer(wq, lambda: layer.weight, [QuantSpec(4, True, True, 0), QuantSpec(4, True, False, 0)],
+        best, _, _ = _search_quantizer(wq, lambda: layer.weight, [QuantSpec(4, True, True, 0), QuantSpec(4, True, False, 0)],
                                     torch.linspace(0.01, 1.2, 40), error)
     assert best == pytest.approx(error())
     assert best < 0.1 * start
+
+
+def _spiky(n, seed):
+    """Inputs whose channels 4-7 are near 0 but for one rare spike each, in a random image."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([4 * torch.randn(n, 4, generator=g), 0.1 * torch.randn(n, 4, generator=g)], 1)
+    rows = torch.randperm(n, generator=g)[:4]
+    x[rows, torch.arange(4, 8)] = 6.0
+    return x
+
+
+def test_crossfit_rejects_per_channel_ranges_that_only_fit_their_own_images():
+    x, unseen = _spiky(64, 0), _spiky(64, 1)
+    x[:32, 4:] = 0.1 * torch.randn(32, 4, generator=torch.Generator().manual_seed(2))  # spikes in the 2nd half only
+    x[32:36, 4:] = torch.eye(4) * 6.0
+    model = nn.Sequential(nn.Linear(8, 8))
+    quantize_(model, QuantConfig(wbits=8, abits=8, fold_batchnorm=False), [x])
+    aq = model[0].input_quantizer
+    specs = [QuantSpec(8, True, False, 0), QuantSpec(8, True, True, 1)]
+
+    def error_on(data):
+        def error(half=None):
+            rows = data if half is None else data[:32] if half == 0 else data[32:]
+            with torch.no_grad():
+                return float((aq(rows) - rows).pow(2).sum() / len(data))
+        return error
+
+    chosen = {}
+    for n_images in (0, 64):  # in-sample, then cross-fit
+        _search_quantizer(aq, lambda: x, specs, torch.linspace(0.5, 1.2, 8), error_on(x), n_images=n_images)
+        chosen[n_images] = (aq.spec.per_channel, error_on(unseen)())
+    assert chosen[0][0] and not chosen[64][0]  # in-sample per-channel ranges win; the cross-fit sees them clip
+    assert chosen[64][1] < 0.5 * chosen[0][1]  # and on images neither saw, its choice is the better one
 
 
 def test_zero_point_overflow_is_fixed_and_counted():

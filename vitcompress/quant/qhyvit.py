@@ -26,6 +26,10 @@ Interpretations and simplifications (also in docs/qhyvit.md):
 - Scheme is searched for activations (symmetric int8 vs asymmetric uint8). Weights stay
   symmetric: asymmetric int8 weights do not map to onnxruntime's integer kernels.
 - The α grid has ``alphas`` points in [0.01, 1.2] (the paper scans ~100).
+- Ours: activation candidates are scored by a 2-fold cross-fit (``crossfit``): the range is taken
+  on one half of the calibration images and the error measured on the other, both ways; the kept
+  candidate's range is then taken on all of them. The paper scores in sample; on few images that
+  picks per-channel ranges that clip unseen images (docs/qhyvit.md).
 - Zero-point overflow: asymmetric ranges are widened to include 0 (``qparams_from_range``), and
   the number of activation quantizers whose calibrated range needed it is reported.
 
@@ -71,6 +75,10 @@ class QHyViTOptions:
     scale_tuning_steps: int = 600  # ours: end-to-end activation-scale tuning after them (scale_tuning.py); 0 = off
     activation_granularity: str = "depthwise"  # per-channel activation candidates: "depthwise" | "all" | "none"
     search_scheme: bool = True
+    # ours: activation candidates (α, granularity, scheme) scored by a 2-fold cross-fit over the
+    # calibration images (range from one half, error on the other): per-channel ranges fit on few
+    # images overfit (docs/qhyvit.md, "Why W8A8 at 32 images ends below min-max")
+    crossfit: bool = True
     bridge_reconstruction: bool = True
     keep_best_round: bool = True  # end with the round whose whole-model calibration KL is lowest (0 = min-max)
     batch_size: int = 32  # images per forward/backward chunk
@@ -194,29 +202,67 @@ def _record(model: nn.Module, calib: torch.Tensor, targets: list[_Target], bs: i
     return {k: torch.cat(v) for k, v in chunks.items()}
 
 
+def _rows(n_rows: int, n_images: int, half: int | None) -> slice:
+    """Rows of a recorded tensor that belong to one half of the calibration images (None: all).
+
+    Recorded tensors are image-major: the first dimension is the image, or image × patch inside
+    MobileViT's unfolded transformer (timm reshapes (B, C, P, N) to (B·P, N, C))."""
+    if half is None:
+        return slice(None)
+    cut = (n_images // 2) * (n_rows // n_images)
+    return slice(0, cut) if half == 0 else slice(cut, n_rows)
+
+
 def _search_quantizer(q: TensorQuantizer, tensor_fn: Callable[[], torch.Tensor], specs: Sequence[QuantSpec],
-                      alphas: torch.Tensor, error: Callable[[], float]) -> tuple[float, bool]:
+                      alphas: torch.Tensor, error: Callable[[int | None], float], current_alpha: float = 1.0,
+                      n_images: int = 0) -> tuple[float, float, bool]:
     """Try every (spec, α) for one quantizer; keep the best by ``error``.
 
-    Returns the best error and whether the kept range had to be widened to include 0 (an
-    asymmetric range entirely on one side of 0: the zero-point overflow case)."""
-    def excludes_zero(spec: QuantSpec, lo: torch.Tensor, hi: torch.Tensor) -> bool:
-        return not spec.symmetric and bool(((lo > 0) | (hi < 0)).any())
+    ``n_images`` ≥ 2 turns on the 2-fold cross-fit (ours): each candidate's range is taken on one
+    half of the calibration images and its error measured on the other half, both ways, so a
+    range that only fits the images it was taken on (per-channel activation ranges on a few
+    images: rare channels' peaks unseen) loses to one that carries over. The kept candidate's
+    range is then taken on all images. ``error(half)`` is the objective summed over that half's
+    images (None: all) divided by the number of all images, so the two halves add up.
 
-    best = (error(), q.spec, q.scale.clone(), q.zero_point.clone(), excludes_zero(q.spec, *_range(tensor_fn(), q.spec)))
+    Returns the best error, its α and whether the kept range had to be widened to include 0 (an
+    asymmetric range entirely on one side of 0: the zero-point overflow case)."""
+    tensor = tensor_fn()
+    folds = n_images >= 2 and tensor.shape[0] % n_images == 0
+
+    def fitted(spec: QuantSpec, alpha: float, half: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = _range(tensor[_rows(tensor.shape[0], n_images, half)], spec)
+        return lo * alpha, hi * alpha
+
+    def score(spec: QuantSpec, alpha: float) -> float:
+        q.spec = spec
+        if not folds:
+            q.set_qparams(*qparams_from_range(*fitted(spec, alpha, None), spec))
+            return error(None)
+        total = 0.0
+        for fit, held in ((0, 1), (1, 0)):
+            q.set_qparams(*qparams_from_range(*fitted(spec, alpha, fit), spec))
+            total += error(held)
+        return total
+
+    # the current parameters are a candidate, scored like the others, so no step raises the objective
+    start = (q.spec, q.scale.clone(), q.zero_point.clone())
+    best = (score(q.spec, current_alpha) if folds else error(None), None, current_alpha)
     for spec in specs:
-        lo0, hi0 = _range(tensor_fn(), spec)
-        for a in alphas:
-            lo, hi = lo0 * a, hi0 * a
-            scale, zp = qparams_from_range(lo, hi, spec)
-            q.spec = spec
-            q.set_qparams(scale, zp)
-            err = error()
+        for a in alphas.tolist():
+            err = score(spec, a)
             if err < best[0]:
-                best = (err, spec, scale, zp, excludes_zero(spec, lo, hi))
-    q.spec = best[1]
-    q.set_qparams(best[2], best[3])
-    return best[0], best[4]
+                best = (err, spec, a)
+    err, spec, alpha = best
+    if spec is None:  # the current parameters stay as they were
+        spec = q.spec = start[0]
+        q.set_qparams(start[1], start[2])
+        lo, hi = fitted(spec, alpha, None)
+    else:
+        q.spec = spec
+        lo, hi = fitted(spec, alpha, None)
+        q.set_qparams(*qparams_from_range(lo, hi, spec))
+    return err, alpha, not spec.symmetric and bool(((lo > 0) | (hi < 0)).any())
 
 
 @register_method("qhyvit")
@@ -238,6 +284,8 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
     targets = [_Target(model, n, bridge_of.get(n)) for n in order]
     history = []
     widened: dict[str, bool] = {}
+    alpha_of: dict[TensorQuantizer, float] = {}  # each quantizer's current α (1 = the min-max start)
+    n_images = len(calib)
     total_steps = opts.rounds * len(order)
     step = 0
     with quantizers_off(model):  # the float model: inputs, outputs, Fisher and logits to match
@@ -268,9 +316,10 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
             x_fp, o_fp = inputs["in:" + t.key], fp["out:" + t.key]
             g2 = grads["g2:" + t.key] if opts.objective == "hessian" else torch.ones_like(o_fp)
 
-            def error() -> float:
+            def error(half: int | None) -> float:
+                x, o, w = (v[_rows(len(v), n_images, half)] for v in (x_fp, o_fp, g2))
                 with torch.no_grad():
-                    return float((g2 * (t.run(model, x_fp) - o_fp).pow(2)).sum() / len(x_fp))
+                    return float((w * (t.run(model, x) - o).pow(2)).sum() / len(x_fp))
 
             wq, aq = t.layer.weight_quantizer, t.layer.input_quantizer
             wspecs = [QuantSpec(wq.spec.bits, True, True, 0)]
@@ -284,9 +333,11 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
             aq_mode = aq.mode
             if opts.weights_alone:
                 aq.mode = "off"
-            _search_quantizer(wq, lambda: t.layer.weight, wspecs, alphas, error)
+            _, alpha_of[wq] = _search_quantizer(wq, lambda: t.layer.weight, wspecs, alphas, error, alpha_of.get(wq, 1.0))[:2]
             aq.mode = aq_mode
-            err, widened[t.name] = _search_quantizer(aq, lambda: fp["layer:" + t.name], aspecs, alphas, error)
+            err, alpha_of[aq], widened[t.name] = _search_quantizer(
+                aq, lambda: fp["layer:" + t.name], aspecs, alphas, error, alpha_of.get(aq, 1.0),
+                n_images if opts.crossfit else 0)
             round_err += err
             step += 1
             if progress:
