@@ -98,3 +98,26 @@ def test_float_target_compensates_upstream_error():
             errors[target] = float((m(x) - want).pow(2).mean())
         assert torch.equal(m[1].weight_quantizer(m[1].weight), m[1].weight)  # still exactly on the grid
     assert errors["float model"] < 0.8 * errors["own output"], errors
+
+
+def test_float_target_of_a_depthwise_conv_is_each_channels_ridge_fit():
+    from vitcompress.quant.gptq import DAMPENING, _input_rows, float_output_target
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+    x = torch.randn(6, 4, 8, 8)
+    x_q = 0.9 * x + 0.01 * torch.randn_like(x)  # the quantized input: shrunk upstream, plus noise
+    rows, rows_q = (_input_rows(conv, t).double() for t in (x, x_q))  # (channels, rows, 9)
+    h = rows_q.transpose(1, 2) @ rows_q
+    cross = (rows - rows_q).transpose(1, 2) @ rows_q
+    w = conv.weight.detach().reshape(4, 9).double()
+    target = float_output_target(w, h, cross)
+    for c in range(4):  # per channel: argmin ||X w - X̃ w*||² + λ ||w* - w||², λ the GPTQ dampening
+        lam = DAMPENING * torch.diagonal(h[c]).mean()
+        a = torch.cat([rows_q[c], lam.sqrt() * torch.eye(9, dtype=torch.float64)])
+        b = torch.cat([rows[c] @ w[c], lam.sqrt() * w[c]])
+        assert torch.allclose(target[c], torch.linalg.lstsq(a, b.unsqueeze(1)).solution.squeeze(1), atol=1e-8)
+    float_out = rows @ w.unsqueeze(-1)
+    err_plain = (rows_q @ w.unsqueeze(-1) - float_out).pow(2).sum()
+    err_target = (rows_q @ target.unsqueeze(-1) - float_out).pow(2).sum()
+    assert err_target < 0.1 * err_plain  # the shrinkage is undone; only the noise is left

@@ -77,7 +77,7 @@ class QHyViTOptions:
     search_scheme: bool = True
     # ours: activation candidates (α, granularity, scheme) scored by a 2-fold cross-fit over the
     # calibration images (range from one half, error on the other): per-channel ranges fit on few
-    # images overfit (docs/qhyvit.md, "Why W8A8 at 32 images ends below min-max")
+    # images overfit (docs/qhyvit.md, "Why W8A8 at 32 images ended below min-max")
     crossfit: bool = True
     bridge_reconstruction: bool = True
     keep_best_round: bool = True  # end with the round whose whole-model calibration KL is lowest (0 = min-max)
