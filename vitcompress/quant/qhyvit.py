@@ -28,7 +28,7 @@ Interpretations and simplifications (also in docs/qhyvit.md):
 - The α grid has ``alphas`` points in [0.01, 1.2] (the paper scans ~100).
 - Ours: activation candidates are scored by a 2-fold cross-fit (``crossfit``): the range is taken
   on one half of the calibration images and the error measured on the other, both ways; the kept
-  candidate's range is then taken on all of them. The paper scores in sample; on few images that
+  candidate's range is α × the mean of the halves' ranges. The paper scores in sample; on few images that
   picks per-channel ranges that clip unseen images (docs/qhyvit.md).
 - Zero-point overflow: asymmetric ranges are widened to include 0 (``qparams_from_range``), and
   the number of activation quantizers whose calibrated range needed it is reported.
@@ -221,8 +221,10 @@ def _search_quantizer(q: TensorQuantizer, tensor_fn: Callable[[], torch.Tensor],
     ``n_images`` ≥ 2 turns on the 2-fold cross-fit (ours): each candidate's range is taken on one
     half of the calibration images and its error measured on the other half, both ways, so a
     range that only fits the images it was taken on (per-channel activation ranges on a few
-    images: rare channels' peaks unseen) loses to one that carries over. The kept candidate's
-    range is then taken on all images. ``error(half)`` is the objective summed over that half's
+    images: rare channels' peaks unseen) loses to one that carries over. The kept candidate is
+    then set as validated: α × the mean of the two halves' ranges (α × the range of all images
+    would be wider than what was scored: at W4A4 on mobilevitv2_050, 128 images, val KL 0.119
+    against 0.110). ``error(half)`` is the objective summed over that half's
     images (None: all) divided by the number of all images, so the two halves add up.
 
     Returns the best error, its α and whether the kept range had to be widened to include 0 (an
@@ -260,7 +262,11 @@ def _search_quantizer(q: TensorQuantizer, tensor_fn: Callable[[], torch.Tensor],
         lo, hi = fitted(spec, alpha, None)
     else:
         q.spec = spec
-        lo, hi = fitted(spec, alpha, None)
+        if folds:  # the estimator the cross-fit validated: α × a half's range (both halves averaged)
+            (lo0, hi0), (lo1, hi1) = fitted(spec, alpha, 0), fitted(spec, alpha, 1)
+            lo, hi = (lo0 + lo1) / 2, (hi0 + hi1) / 2
+        else:
+            lo, hi = fitted(spec, alpha, None)
         q.set_qparams(*qparams_from_range(lo, hi, spec))
     return err, alpha, not spec.symmetric and bool(((lo > 0) | (hi < 0)).any())
 
