@@ -218,7 +218,8 @@ def _search_quantizer(q: TensorQuantizer, tensor_fn: Callable[[], torch.Tensor],
                       n_images: int = 0) -> tuple[float, float, bool]:
     """Try every (spec, α) for one quantizer; keep the best by ``error``.
 
-    ``n_images`` ≥ 2 turns on the 2-fold cross-fit (ours): each candidate's range is taken on one
+    ``n_images`` ≥ 2 turns on the 2-fold cross-fit (ours) where the tensor's rows split by image
+    (else candidates are scored in sample): each candidate's range is taken on one
     half of the calibration images and its error measured on the other half, both ways, so a
     range that only fits the images it was taken on (per-channel activation ranges on a few
     images: rare channels' peaks unseen) loses to one that carries over. The kept candidate is
@@ -290,7 +291,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
     targets = [_Target(model, n, bridge_of.get(n)) for n in order]
     history = []
     widened: dict[str, bool] = {}
-    alpha_of: dict[TensorQuantizer, float] = {}  # each quantizer's current α (1 = the min-max start)
+    alpha_of: dict[TensorQuantizer, float] = {}  # each activation quantizer's current α (1 = the min-max start)
     n_images = len(calib)
     total_steps = opts.rounds * len(order)
     step = 0
@@ -339,7 +340,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
             aq_mode = aq.mode
             if opts.weights_alone:
                 aq.mode = "off"
-            _, alpha_of[wq] = _search_quantizer(wq, lambda: t.layer.weight, wspecs, alphas, error, alpha_of.get(wq, 1.0))[:2]
+            _search_quantizer(wq, lambda: t.layer.weight, wspecs, alphas, error)
             aq.mode = aq_mode
             err, alpha_of[aq], widened[t.name] = _search_quantizer(
                 aq, lambda: fp["layer:" + t.name], aspecs, alphas, error, alpha_of.get(aq, 1.0),
