@@ -64,5 +64,6 @@ def main() -> None:
             ["fit on A", "method options", "KL, A", "KL, B", "KL, val"],
             [f"| {label} | `{json.dumps(opts)}` | {a:.6f} | {b:.6f} | {v:.6f} |" for label, opts, (a, b, v) in rows])
 
+
 if __name__ == "__main__":
     main()

@@ -233,8 +233,12 @@ def _search_quantizer(q: TensorQuantizer, tensor_fn: Callable[[], torch.Tensor],
     tensor = tensor_fn()
     folds = n_images >= 2 and tensor.shape[0] % n_images == 0
 
+    ranges: dict[tuple[QuantSpec, int | None], tuple[torch.Tensor, torch.Tensor]] = {}  # one reduction per spec and half, not per α
+
     def fitted(spec: QuantSpec, alpha: float, half: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = _range(tensor[_rows(tensor.shape[0], n_images, half)], spec)
+        if (spec, half) not in ranges:
+            ranges[spec, half] = _range(tensor[_rows(tensor.shape[0], n_images, half)], spec)
+        lo, hi = ranges[spec, half]
         return lo * alpha, hi * alpha
 
     def score(spec: QuantSpec, alpha: float) -> float:
