@@ -10,7 +10,10 @@ Our choices (not from a ViT paper; an extra step wherever a method offers it):
 - x is the layer's input as the quantized model feeds it (after its own input quantizer, with every
   layer before it already quantized and rounded), layers taken in execution order: each layer
   compensates what it will really see.
-- Dampening: 1 % of the mean diagonal of H is added (GPTQ's default), columns in natural order.
+- Dampening: 1 % of the mean diagonal of H is added (GPTQ's default). Columns go in natural order,
+  or with ``act_order`` in decreasing order of H's diagonal (GPTQ's "act-order"): the inputs that
+  carry the most energy are rounded first, while many columns are left to absorb their error.
+  Depthwise convs (a few columns per channel) keep natural order.
 - Convolutions: a dense conv is a Linear over its unfolded input patches (columns in the weight's
   (in, kh, kw) order); a depthwise conv's output channels each read one input channel, so each has
   its own k×k Hessian and is rounded alone. Other grouped convs keep nearest rounding.
@@ -48,11 +51,18 @@ def _inverse_hessian_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True), dead
 
 
-def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, quantizer: TensorQuantizer, block: int = 128) -> torch.Tensor:
+def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, quantizer: TensorQuantizer, block: int = 128,
+               act_order: bool = False) -> torch.Tensor:
     """Round ``weight`` (out x in) onto ``quantizer``'s grid column by column, compensating each
     column's error on the remaining ones through the inverse Hessian; returns the rounded weight.
 
-    ``hessian`` is (in, in), shared by every output row, or (out, in, in), one per output row."""
+    ``hessian`` is (in, in), shared by every output row, or (out, in, in), one per output row.
+    ``act_order``: take the columns of a shared Hessian in decreasing order of its diagonal."""
+    if act_order and hessian.dim() == 2:
+        # the grid is per output row, so permuting input columns leaves every weight's grid as it is
+        perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+        rounded = gptq_round(weight[:, perm], hessian[perm][:, perm], quantizer, block)
+        return rounded[:, torch.argsort(perm)]
     spec, scale, zero_point = quantizer.spec, quantizer.scale, quantizer.zero_point
     w = weight.detach().double().clone()
     hinv, dead = _inverse_hessian_factor(hessian)
@@ -166,7 +176,7 @@ def float_output_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torc
 
 
 def gptq_layers(model: nn.Module, names: Sequence[str], batches: Sequence[torch.Tensor],
-                float_model: nn.Module | None = None) -> list[str]:
+                float_model: nn.Module | None = None, act_order: bool = False) -> list[str]:
     """GPTQ-round the weights of the named quantized layers (see ``supports_gptq``), in the given
     (execution) order; every quantizer must already hold its final parameters. Returns the layers
     rounded.
@@ -177,7 +187,7 @@ def gptq_layers(model: nn.Module, names: Sequence[str], batches: Sequence[torch.
     carries from the layers before it (the asymmetric objective of GPTAQ, arXiv 2504.02692; we solve
     for the target once and round it, where GPTAQ folds the term into its column updates). Layers
     with fewer than ``MIN_ROWS_PER_INPUT`` calibration rows per weight input keep the plain
-    objective."""
+    objective. ``act_order``: see ``gptq_round``."""
     done = []
     for name in names:
         layer = model.get_submodule(name)
@@ -189,6 +199,6 @@ def gptq_layers(model: nn.Module, names: Sequence[str], batches: Sequence[torch.
             w2d = layer.weight.reshape(layer.weight.shape[0], -1)
             if cross is not None:
                 w2d = float_output_target(w2d, h, cross)
-            layer.weight.copy_(gptq_round(w2d, h, wq).reshape(layer.weight.shape))
+            layer.weight.copy_(gptq_round(w2d, h, wq, act_order=act_order).reshape(layer.weight.shape))
         done.append(name)
     return done
