@@ -31,6 +31,7 @@ MODELS = ["cifar10_mobilevit_xxs", "cifar10_mobilevitv2_050"]
 _OURS_OFF = {"crossfit": False, "keep_best_round": False, "gptq": False, "bias_correction": False, "scale_tuning_steps": 0}
 _OFF = {"search_granularity": False, "search_scheme": False, "activation_granularity": "none",
         "bridge_reconstruction": False, **_OURS_OFF}
+_NATURAL = {"crossfit": False, "gptq_act_order": False}  # GPTQ rows before the cross-fit and act-order
 ABLATION = [
     ("scale search only", _OFF),
     ("+ weight granularity", {**_OFF, "search_granularity": True}),
@@ -38,11 +39,12 @@ ABLATION = [
     ("+ scheme", {**_OFF, "search_granularity": True, "activation_granularity": "depthwise", "search_scheme": True}),
     ("+ bridge-block reconstruction (the paper's method)", _OURS_OFF),
     ("+ best round by calibration KL (ours)", {**_OURS_OFF, "keep_best_round": True}),
-    ("+ GPTQ weight rounding (ours)", {"crossfit": False, "bias_correction": False, "scale_tuning_steps": 0, "gptq_target": "own"}),
-    ("+ bias correction (ours)", {"crossfit": False, "scale_tuning_steps": 0, "gptq_target": "own"}),
-    ("+ activation-scale tuning (ours)", {"crossfit": False, "gptq_target": "own"}),
-    ("+ GPTQ towards the float model's outputs (ours; the default below 8 bits)", {"crossfit": False}),
-    ("+ activation candidates scored by 2-fold cross-fit (ours; the default)", {}),
+    ("+ GPTQ weight rounding (ours)", {**_NATURAL, "bias_correction": False, "scale_tuning_steps": 0, "gptq_target": "own"}),
+    ("+ bias correction (ours)", {**_NATURAL, "scale_tuning_steps": 0, "gptq_target": "own"}),
+    ("+ activation-scale tuning (ours)", {**_NATURAL, "gptq_target": "own"}),
+    ("+ GPTQ towards the float model's outputs (ours; the default below 8 bits)", _NATURAL),
+    ("+ activation candidates scored by 2-fold cross-fit (ours)", {"gptq_act_order": False}),
+    ("+ GPTQ act-order (ours; the default)", {}),
 ]
 
 
