@@ -59,7 +59,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, quantizer: TensorQua
     ``hessian`` is (in, in), shared by every output row, or (out, in, in), one per output row.
     ``act_order``: take the columns of a shared Hessian in decreasing order of its diagonal."""
     if act_order and hessian.dim() == 2:
-        # the grid is per output row, so permuting input columns leaves every weight's grid as it is
+        # grids are per output row (or per tensor): permuting input columns leaves every weight on its grid
         perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
         rounded = gptq_round(weight[:, perm], hessian[perm][:, perm], quantizer, block)
         return rounded[:, torch.argsort(perm)]
