@@ -244,6 +244,13 @@ def _search_quantizer(q: TensorQuantizer, tensor_fn: Callable[[], torch.Tensor],
         lo, hi = ranges[spec, half]
         return lo * alpha, hi * alpha
 
+    def kept(spec: QuantSpec, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if not folds:
+            return fitted(spec, alpha, None)
+        # the estimator the cross-fit validated: α × a half's range (both halves averaged)
+        (lo0, hi0), (lo1, hi1) = fitted(spec, alpha, 0), fitted(spec, alpha, 1)
+        return (lo0 + lo1) / 2, (hi0 + hi1) / 2
+
     def score(spec: QuantSpec, alpha: float) -> float:
         q.spec = spec
         if not folds:
@@ -267,14 +274,10 @@ def _search_quantizer(q: TensorQuantizer, tensor_fn: Callable[[], torch.Tensor],
     if spec is None:  # the current parameters stay as they were
         spec = q.spec = start[0]
         q.set_qparams(start[1], start[2])
-        lo, hi = fitted(spec, alpha, None)
+        lo, hi = kept(spec, alpha)  # only for the overflow count: the kept estimator on this tensor
     else:
         q.spec = spec
-        if folds:  # the estimator the cross-fit validated: α × a half's range (both halves averaged)
-            (lo0, hi0), (lo1, hi1) = fitted(spec, alpha, 0), fitted(spec, alpha, 1)
-            lo, hi = (lo0 + lo1) / 2, (hi0 + hi1) / 2
-        else:
-            lo, hi = fitted(spec, alpha, None)
+        lo, hi = kept(spec, alpha)
         q.set_qparams(*qparams_from_range(lo, hi, spec))
     return err, alpha, not spec.symmetric and bool(((lo > 0) | (hi < 0)).any())
 
