@@ -175,9 +175,12 @@ def main() -> None:
         "Peers use their defaults (onnxruntime: QDQ, per-tensor S8S8 MinMax; NNCF: default preset, ONNX backend); "
         "`onnxruntime tuned` adds its shape pre-processing, per-channel weights, uint8 activations and "
         "QDQKeepRemovableActivations (the fastest settings we found for it). "
-        "vitcompress: per-channel symmetric int8 weights, per-tensor asymmetric uint8 activations; placement "
+        "vitcompress: per-channel symmetric int8 weights, per-tensor asymmetric uint8 activations (with VNNI, "
+        "the second operand of attention products on the int8 grid, run with the session entry the artifact's "
+        "metadata names; every other artifact runs with onnxruntime's defaults, the peers' fastest); placement "
         "`partial` quantizes Linear/Conv inputs (everything else float); `vitcompress speed` (placement `speed`) also "
-        "quantizes conv outputs, the sigmoid of SiLUs and the attention products so onnxruntime fuses integer chains (RGB stem conv float).", "",
+        "quantizes conv outputs, the sigmoid of SiLUs and the attention products so onnxruntime fuses integer chains "
+        "(a 3×3 RGB stem conv float, a patch embedding quantized).", "",
         "### Reference models (CIFAR-10, 32 px): accuracy and speed", "",
         *_fmt_table(acc_rows, True), "",
     ]

@@ -1,4 +1,4 @@
-"""--target-cpu: VNNI keeps full-range int8 weights; AVX2 without VNNI gets 7-bit weights."""
+"""--target-cpu: VNNI keeps full-range int8 weights (and int8 attention operands); AVX2 without VNNI gets 7-bit weights."""
 import numpy as np
 import onnx
 import pytest
@@ -16,6 +16,8 @@ def test_target_resolution():
     assert resolve_target("auto", {"avx2", "avx512_vnni"})["reduce_range"] is False
     assert resolve_target("auto", {"avx2", "fma"})["reduce_range"] is True
     assert resolve_target("avx2")["reduce_range"] is True and resolve_target("vnni")["reduce_range"] is False
+    # int8 second operands of attention products only where int32 accumulation cannot saturate
+    assert resolve_target("vnni")["signed_matmul_operands"] is True and resolve_target("avx2")["signed_matmul_operands"] is False
     with pytest.raises(VitcompressError, match="unknown --target-cpu"):
         resolve_target("arm")
 

@@ -8,7 +8,8 @@ from onnx import numpy_helper
 
 from vitcompress.data import load_tensor, sample, scan_images
 from vitcompress.errors import VitcompressError
-from vitcompress.export import export_qdq, int8_coverage, make_session, read_metadata
+from vitcompress.export import export_qdq, int8_coverage, make_session, read_metadata, session_config
+from vitcompress.export.onnx_export import INT8_QDQ_ALLOWED
 from vitcompress.export.runtime import run_session
 from vitcompress.quant import QuantConfig, quantize_
 from tests.conftest import VAL
@@ -217,3 +218,46 @@ def test_weight_only_int4_linears_run_packed_and_are_labelled_weight_only(loaded
     assert cov["integer_mac_share"] < 0.1 < cov_plain["integer_mac_share"]
     with pytest.raises(VitcompressError, match="unknown weight format"):
         export_qdq(m, loaded.preprocessing.input_size, tmp_path / "bad.onnx", {}, weight_format="int3")
+
+
+def _optimized_zero_point_types(path, tmp_path, op_type: str) -> list[int]:
+    """Element types of the B-operand zero points of ``op_type`` nodes in onnxruntime's optimized graph."""
+    opt = tmp_path / f"{path.stem}.opt.onnx"
+    make_session(path, 1, str(opt))
+    g = onnx.load(str(opt)).graph
+    inits = {i.name: i.data_type for i in g.initializer}
+    b_zp = {"QLinearMatMul": 5, "MatMulIntegerToFloat": 5}[op_type]
+    return [inits.get(n.input[b_zp]) for n in g.node if n.op_type == op_type and "attn" in n.name]
+
+
+def test_signed_attention_operands_keep_every_value_and_reach_the_u8s8_kernels(loaded, calib_batches, tmp_path):
+    m = copy.deepcopy(loaded.model)
+    quantize_(m, QuantConfig(placement="speed"), calib_batches)
+    size = loaded.preprocessing.input_size
+    plain = export_qdq(m, size, tmp_path / "u8.onnx", {"k": "v"})
+    signed = export_qdq(m, size, tmp_path / "s8.onnx", {"k": "v"}, signed_matmul_operands=True)
+    attention_blocks = sum(1 for mod in m.modules() if hasattr(mod, "qk_matmul"))
+    assert attention_blocks and signed["signed_matmul_operands"] == 2 * attention_blocks  # kᵀ and v of each block
+    assert plain["signed_matmul_operands"] == 0
+    assert session_config(tmp_path / "u8.onnx") == {} and session_config(tmp_path / "s8.onnx") == INT8_QDQ_ALLOWED
+    # The session config travels with the artifact: onnxruntime keeps the int8 operands (without
+    # it, its x86 default turns them back into uint8).
+    s8, u8 = onnx.TensorProto.INT8, onnx.TensorProto.UINT8
+    assert _optimized_zero_point_types(tmp_path / "s8.onnx", tmp_path, "QLinearMatMul") == [s8] * attention_blocks
+    assert _optimized_zero_point_types(tmp_path / "u8.onnx", tmp_path, "QLinearMatMul") == [u8] * attention_blocks
+    # Same grid values: the integer products are exact, so the logits match.
+    x = load_tensor(sample(scan_images(VAL), 64, 0), loaded.preprocessing).numpy()
+    got_u8 = run_session(make_session(tmp_path / "u8.onnx"), x)
+    got_s8 = run_session(make_session(tmp_path / "s8.onnx"), x)
+    np.testing.assert_allclose(got_s8, got_u8, rtol=0, atol=1e-5)
+
+
+def test_speed_keeps_small_image_convs_float_and_quantizes_patch_embeddings():
+    from torch import nn
+
+    from vitcompress.quant.placement import IMAGE_CONV_MIN_REDUCTION, get_placement, plan, reduction_size
+
+    model = nn.ModuleDict({"stem": nn.Conv2d(3, 8, 3), "patch_embed": nn.Conv2d(3, 8, 16, stride=16), "fc": nn.Linear(8, 4)})
+    assert reduction_size(model["stem"]) < IMAGE_CONV_MIN_REDUCTION <= reduction_size(model["patch_embed"])
+    assert plan(model, get_placement("speed")).weighted == ["patch_embed", "fc"]
+    assert plan(model, get_placement("partial")).weighted == ["stem", "patch_embed", "fc"]

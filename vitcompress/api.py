@@ -155,7 +155,7 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
             shutil.copyfile(prepared.fp32_onnx, tmp)
     progress("export", 1, 2)
     export_info = export_qdq(qmodel, prep.input_size, q_path, onnx_metadata(loaded, "quantized", quantization=common),
-                             weight_format=job.weight_format)
+                             weight_format=job.weight_format, signed_matmul_operands=target_cpu["signed_matmul_operands"])
     progress("export", 2, 2)
     progress("coverage", 0, 1)
     coverage = int8_coverage(q_path)
@@ -317,8 +317,9 @@ def export(out: Path, model: str | None = None, checkpoint: Path | None = None, 
     path = out / name
     if is_quant:
         cfg = loaded.quant_state["config"]
+        # Full-range weights mean the checkpoint was made for a VNNI target (see vitcompress.cpu).
         info = export_qdq(loaded.model, loaded.preprocessing.input_size, path, onnx_metadata(loaded, "quantized", quantization=cfg),
-                          weight_format=weight_format)
+                          weight_format=weight_format, signed_matmul_operands=not cfg.get("reduce_range", False))
     else:
         info = export_float(loaded.model, loaded.preprocessing.input_size, path, onnx_metadata(loaded, "fp32"), simplify)
     return {"artifact": str(path), "bytes": path.stat().st_size, **info}

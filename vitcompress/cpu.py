@@ -6,7 +6,9 @@ pairs of u8·s8 products into int16 first (vpmaddubsw), which saturates when bot
 their full range: 255·127·2 > 32767. onnxruntime's guidance for such CPUs is ``reduce_range``:
 7-bit weights (−64..63 on the int8 grid), which keeps every pair sum in range. We do the same:
 ``--target-cpu avx2`` (or ``auto`` on a machine without VNNI) quantizes weights on 7 bits of the
-int8 grid; ``vnni`` keeps all 8.
+int8 grid; ``vnni`` keeps all 8. With VNNI the second operand of an activation-by-activation
+product (attention's kᵀ and v) is also exported on the int8 grid, so onnxruntime runs u8·s8
+instead of its slower u8·u8 GEMM (``export.onnx_export.sign_activation_matmul_operands``).
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ def cpu_flags() -> set[str]:
 
 
 def resolve_target(target: str, flags: set[str] | None = None) -> dict:
-    """{"target", "vnni", "reduce_range", "why"} for ``--target-cpu`` (auto: this machine)."""
+    """{"target", "vnni", "reduce_range", "signed_matmul_operands", "why"} for ``--target-cpu``
+    (auto: this machine)."""
     if target not in TARGETS:
         raise VitcompressError(f"unknown --target-cpu '{target}' (choose from {', '.join(TARGETS)})")
     if target == "auto":
@@ -40,5 +43,6 @@ def resolve_target(target: str, flags: set[str] | None = None) -> dict:
     else:
         vnni = target == "vnni"
         why = f"--target-cpu {target}"
-    return {"target": target, "vnni": vnni, "reduce_range": not vnni,
-            "why": why + ("; full-range int8 weights" if vnni else "; 7-bit weights so AVX2's int16 pair sums cannot saturate")}
+    return {"target": target, "vnni": vnni, "reduce_range": not vnni, "signed_matmul_operands": vnni,
+            "why": why + ("; full-range int8 weights, int8 second operands of attention products" if vnni
+                          else "; 7-bit weights and uint8 attention operands so AVX2's int16 pair sums cannot saturate")}

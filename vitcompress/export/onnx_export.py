@@ -26,6 +26,11 @@ from ..quant.modules import onnx_export_mode, snapped_weights
 OPSET = 20  # >= 18 for MobileViTv2's Col2Im; 20 writes GELU as one Gelu node (the Erf pattern breaks under Q/DQ)
 METADATA_KEY = "vitcompress"
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+# Metadata entry: onnxruntime session config entries the artifact needs to run as exported.
+SESSION_CONFIG_KEY = "onnxruntime_session_config"
+# onnxruntime's x86 default rewrites every int8 Q/DQ pair of an activation to uint8
+# (QDQS8ToU8Transformer); this entry keeps the int8 operands ``sign_activation_matmul_operands`` made.
+INT8_QDQ_ALLOWED = {"session.qdqisint8allowed": "1"}
 
 
 def _torch_to_onnx(model: nn.Module, input_size: tuple[int, int, int]) -> onnx.ModelProto:
@@ -67,18 +72,7 @@ def _const_value(name: str, inits: dict, consts: dict) -> np.ndarray | None:
 def fold_weight_quantizers(model: onnx.ModelProto) -> int:
     """Replace QuantizeLinear(constant float) with constant integer codes; returns how many."""
     g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    consts = {}
-    for n in g.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    consts[n.output[0]] = numpy_helper.to_array(a.t)
-    for n in g.node:  # the exporter shares equal buffers (e.g. zero points) through Identity
-        if n.op_type == "Identity":
-            v = _const_value(n.input[0], inits, consts)
-            if v is not None:
-                consts[n.output[0]] = v
+    inits, consts = _graph_constants(g)
     folded, keep = 0, []
     for n in g.node:
         if n.op_type == "QuantizeLinear":
@@ -136,6 +130,58 @@ def _fold_weight_transposes(model: onnx.ModelProto) -> None:
         g.node.remove(t)
 
 
+def _graph_constants(g: onnx.GraphProto) -> tuple[dict, dict]:
+    """Initializers by name, and the values of Constant nodes (and of Identity nodes over either)."""
+    inits = {i.name: i for i in g.initializer}
+    consts = {}
+    for n in g.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = numpy_helper.to_array(a.t)
+    for n in g.node:  # the exporter shares equal buffers (e.g. zero points) through Identity
+        if n.op_type == "Identity":
+            v = _const_value(n.input[0], inits, consts)
+            if v is not None:
+                consts[n.output[0]] = v
+    return inits, consts
+
+
+def sign_activation_matmul_operands(model: onnx.ModelProto) -> int:
+    """Move the second operand of activation-by-activation MatMuls (q·kᵀ's kᵀ, attn·v's v) from the
+    uint8 grid to the int8 grid: codes and zero point shifted by -128, so every dequantized value is
+    unchanged. onnxruntime's x86 integer GEMMs multiply uint8 by int8 natively (VNNI); uint8 by
+    uint8 takes a slower path (measured 2x slower on attention-sized products). Only for VNNI
+    targets: without VNNI, full-range int8 operands can saturate AVX2's int16 pair sums (see
+    ``vitcompress.cpu``). The artifact then needs ``INT8_QDQ_ALLOWED`` in its session config.
+    Returns how many operands were moved."""
+    g = model.graph
+    inits, consts = _graph_constants(g)
+    producer = {o: n for n in g.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    moved = 0
+    for mm in g.node:
+        if mm.op_type != "MatMul":
+            continue
+        dq = producer.get(mm.input[1])
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear" or uses[dq.output[0]] != 1 or uses[q.output[0]] != 1:
+            continue  # a weight (folded codes, no QuantizeLinear) or a shared activation
+        zq = _const_value(q.input[2], inits, consts) if len(q.input) > 2 else None
+        zdq = _const_value(dq.input[2], inits, consts) if len(dq.input) > 2 else None
+        if zq is None or zdq is None or zq.dtype != np.uint8 or zdq.dtype != np.uint8 or zq.size != 1 or not np.array_equal(zq, zdq):
+            continue
+        name = q.output[0] + "_zero_point_int8"
+        g.initializer.append(numpy_helper.from_array((zq.astype(np.int16) - 128).astype(np.int8), name))
+        q.input[2] = dq.input[2] = name
+        moved += 1
+    _remove_unused(model)
+    return moved
+
+
 def _remove_unused(model: onnx.ModelProto) -> None:
     g = model.graph
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
@@ -159,16 +205,25 @@ def _set_metadata(model: onnx.ModelProto, metadata: dict) -> None:
     model.producer_name = "vitcompress"
 
 
-def read_metadata(path: str | Path) -> dict:
-    """The preprocessing/provenance dict stored in an artifact by ``export``."""
+def _stored_metadata(path: str | Path) -> dict | None:
     try:
         m = onnx.load(str(path), load_external_data=False)
     except Exception as e:
         raise VitcompressError(f"cannot read ONNX file {path}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
-    for p in m.metadata_props:
-        if p.key == METADATA_KEY:
-            return json.loads(p.value)
-    raise VitcompressError(f"{path} carries no vitcompress metadata (preprocessing unknown); it was not exported by vitcompress")
+    return next((json.loads(p.value) for p in m.metadata_props if p.key == METADATA_KEY), None)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The preprocessing/provenance dict stored in an artifact by ``export``."""
+    metadata = _stored_metadata(path)
+    if metadata is None:
+        raise VitcompressError(f"{path} carries no vitcompress metadata (preprocessing unknown); it was not exported by vitcompress")
+    return metadata
+
+
+def session_config(path: str | Path) -> dict[str, str]:
+    """The onnxruntime session config entries an artifact was exported for ({} for other files)."""
+    return dict((_stored_metadata(path) or {}).get(SESSION_CONFIG_KEY, {}))
 
 
 def update_metadata(path: str | Path, updates: dict) -> None:
@@ -314,23 +369,28 @@ def check_weight_format(weight_format: str) -> None:
 
 
 def export_qdq(model: nn.Module, input_size: tuple[int, int, int], path: str | Path, metadata: dict,
-               pack_int4: bool = False, weight_format: str = "int8") -> dict:
+               pack_int4: bool = False, weight_format: str = "int8", signed_matmul_operands: bool = False) -> dict:
     """Export a fake-quantized model as QDQ ONNX with its own calibrated parameters.
 
     ``weight_format="int4"``: Linear weights of at most 4 bits become MatMulNBits (packed, float
     GEMM, see ``weight_only_int4_matmuls``); ``pack_int4``: the other weights of at most 4 bits are
-    stored as ONNX INT4 (see ``pack_int4_weights``)."""
+    stored as ONNX INT4 (see ``pack_int4_weights``); ``signed_matmul_operands`` (VNNI targets): see
+    ``sign_activation_matmul_operands``."""
     check_weight_format(weight_format)
     with snapped_weights(model), onnx_export_mode():
         proto = _torch_to_onnx(model, input_size)
     folded = fold_weight_quantizers(proto)
+    signed = sign_activation_matmul_operands(proto) if signed_matmul_operands else 0
     nbits = weight_only_int4_matmuls(proto) if weight_format == "int4" else 0
     packed = pack_int4_weights(proto) if pack_int4 else 0
+    if signed:
+        metadata = {**metadata, SESSION_CONFIG_KEY: {**metadata.get(SESSION_CONFIG_KEY, {}), **INT8_QDQ_ALLOWED}}
     _set_metadata(proto, metadata)
     _save(proto, Path(path))
     counts = {}
     for n in proto.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return {"folded_weight_quantizers": folded, "weight_only_int4_matmuls": nbits, "int4_packed_weights": packed,
+    return {"folded_weight_quantizers": folded, "signed_matmul_operands": signed, "weight_only_int4_matmuls": nbits,
+            "int4_packed_weights": packed,
             **counts, "nodes": len(proto.graph.node)}

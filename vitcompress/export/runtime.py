@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import VitcompressError
+from .onnx_export import session_config
 
 # Kernels that compute in integers on onnxruntime's CPU provider. Not MatMulNBits: its 4-bit
 # weights are unpacked into a float GEMM (accuracy_level 0), or its input requantized on a grid of
@@ -31,6 +32,8 @@ def make_session(path: str | Path, threads: int = 0, optimized_path: str | None 
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = level
     opts.log_severity_level = 3
+    for key, value in session_config(path).items():  # what the artifact was exported for (its metadata)
+        opts.add_session_config_entry(key, value)
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
     try:

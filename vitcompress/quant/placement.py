@@ -10,8 +10,9 @@ is not fused (it runs as DequantizeLinear + float Conv: slower than float, and o
 MatMulIntegerToFloat, attn·v as QLinearMatMul; the Softmax between them stays float), with a Q on
 each conv's output so onnxruntime fuses QLinearConv, and each SiLU fed by a quantized conv
 computed as x·Q(sigmoid(x)) so it runs as QLinearSigmoid + QLinearMul instead of Q/DQ conversions
-around float ops; convs reading the RGB image stay float (an int8 stem conv measured slower than
-float). On plain ViTs "speed" differs from "linear" by the attention products; on hybrids "speed"
+around float ops; convs reading the RGB image stay float when each output reads few inputs (a 3×3
+stem, 27 products per output, measured slower in int8) and are quantized when they are
+patchifying GEMMs (a 16×16 patch embedding, 768 products per output, measured faster). On plain ViTs "speed" differs from "linear" by the attention products; on hybrids "speed"
 is the only placement faster than float (benchmarks/RESULTS.md).
 
 ``integer_kinds`` is the promise a placement makes: every quantized layer of those kinds must run
@@ -41,6 +42,11 @@ def reads_image(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.in_channels <= IMAGE_CHANNELS
 
 
+def reduction_size(module: nn.Module) -> int:
+    """Products summed per output value of a conv: input channels per group times kernel area."""
+    return (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
+
+
 def is_depthwise(module: nn.Module) -> bool:
     """A conv whose every output channel reads exactly one input channel."""
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
@@ -60,15 +66,21 @@ class Placement:
     skip: tuple[str, ...] = ()  # module-name patterns kept float
     conv_outputs: bool = False  # Q after each quantized conv's output (what onnxruntime needs to fuse QLinearConv)
     gated_silu: bool = False  # SiLU fed by a quantized conv: its sigmoid is quantized too (QLinearSigmoid + QLinearMul)
-    image_convs: bool = True  # quantize convs reading the image (see ``reads_image``); speed keeps them float
+    # Convs reading the image (see ``reads_image``) are quantized only when each output sums at
+    # least this many products (``reduction_size``); 0 quantizes them all.
+    image_conv_min_reduction: int = 0
 
+
+# Measured with onnxruntime 1.31, 1 thread (docs/quantization.md): int8 lost on a 3×3 RGB stem (27
+# products per output) and won on deit's 16×16 patch embedding (768).
+IMAGE_CONV_MIN_REDUCTION = 64
 
 PLACEMENTS: dict[str, Placement] = {
     "partial": Placement("partial"),
     "partial+matmul": Placement("partial+matmul", attention_matmuls=True),
     "linear": Placement("linear", kinds=("linear",)),
     "speed": Placement("speed", integer_kinds=("linear", "conv"), conv_outputs=True, gated_silu=True,
-                       image_convs=False, attention_matmuls=True),
+                       image_conv_min_reduction=IMAGE_CONV_MIN_REDUCTION, attention_matmuls=True),
 }
 ALIASES = {"accuracy": "partial"}
 
@@ -111,7 +123,7 @@ def plan(model: nn.Module, placement: Placement, extra_skip: tuple[str, ...] = (
         skipped_by_pattern = any(fnmatch.fnmatch(name, p) for p in skip)
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             kind = kind_of(m)
-            if reads_image(m) and not placement.image_convs:
+            if reads_image(m) and reduction_size(m) < placement.image_conv_min_reduction:
                 float_counts[type(m).__name__] += 1  # by design (the placement's data), not a skip
             elif kind in placement.kinds and is_wrappable_weighted(m) and not skipped_by_pattern:
                 weighted.append(name)
