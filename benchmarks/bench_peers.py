@@ -5,6 +5,7 @@ artifact is evaluated in one pass over the same validation images, in onnxruntim
 timed alternately in one process (benchmarks notes: ratios of medians, 1 thread, batch 1).
 
     python benchmarks/bench_peers.py --out benchmarks/RESULTS.md
+    python benchmarks/bench_peers.py --skip-zoo --speed-models deit_tiny_patch16_224 --section NAME  # a subset, its own section
 """
 from __future__ import annotations
 
@@ -143,6 +144,11 @@ def main() -> None:
     ap.add_argument("--calib-size", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--skip-speed", action="store_true", help="skip the 224-px random-weight models")
+    ap.add_argument("--speed-models", nargs="+", default=SPEED_MODELS, metavar="MODEL",
+                    help="the random-weight models to time (default: all six of the speed issue)")
+    ap.add_argument("--skip-zoo", action="store_true", help="skip the reference models (accuracy rows)")
+    ap.add_argument("--section", default="bench_peers",
+                    help="RESULTS.md section to write (a re-run of a subset goes to a section of its own)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     zoo, data = args.shared / "zoo", args.shared / "data" / "cifar10"
@@ -150,10 +156,11 @@ def main() -> None:
         sys.exit(f"error: {zoo} not found (the benchmark needs the shared reference models and images)")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        acc_rows = [run_model(z, work, data / "train", args.calib_size, data / "val", checkpoint=zoo / f"{z}.pth",
-                              rounds=args.rounds) for z in ZOO_MODELS]
+        acc_rows = [] if args.skip_zoo else [
+            run_model(z, work, data / "train", args.calib_size, data / "val", checkpoint=zoo / f"{z}.pth",
+                      rounds=args.rounds) for z in ZOO_MODELS]
         speed_rows = [] if args.skip_speed else [
-            run_model(m, work, data / "train", 32, None, model=m, rounds=args.rounds) for m in SPEED_MODELS]
+            run_model(m, work, data / "train", 32, None, model=m, rounds=args.rounds) for m in args.speed_models]
     import nncf
     import onnxruntime
     import timm
@@ -161,9 +168,10 @@ def main() -> None:
     flags = subprocess.run(["bash", "-c", "lscpu | grep -o -w -E 'avx2|avx512f|avx512_vnni|avx_vnni|amx_int8' | sort -u | tr '\\n' ' '"],
                            capture_output=True, text=True).stdout.strip()
     lines = [
-        "## W8A8 side by side: vitcompress minmax vs onnxruntime quantize_static vs NNCF", "",
-        f"Command: `python benchmarks/bench_peers.py --out benchmarks/RESULTS.md` (via `make bench`) — "
-        f"{dt.date.today().isoformat()}", "",
+        "## W8A8 side by side: vitcompress minmax vs onnxruntime quantize_static vs NNCF"
+        + ("" if args.section == "bench_peers" else f" (re-run of a subset: {args.section})"), "",
+        f"Command: `python {' '.join(['benchmarks/bench_peers.py', *sys.argv[1:]])}` (`make bench` runs it with "
+        f"`--out benchmarks/RESULTS.md` alone) — {dt.date.today().isoformat()}", "",
         f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, nncf {nncf.__version__}, timm {timm.__version__}, "
         f"python {platform.python_version()}; CPU flags: {flags}", "",
         f"Calibration: {args.calib_size} images sampled (seed 0) from `shared/data/cifar10/train`, the same tensor for every tool. "
@@ -181,13 +189,13 @@ def main() -> None:
         "`partial` quantizes Linear/Conv inputs (everything else float); `vitcompress speed` (placement `speed`) also "
         "quantizes conv outputs, the sigmoid of SiLUs and the attention products so onnxruntime fuses integer chains "
         "(a 3×3 RGB stem conv float, a patch embedding quantized).", "",
-        "### Reference models (CIFAR-10, 32 px): accuracy and speed", "",
-        *_fmt_table(acc_rows, True), "",
     ]
+    if acc_rows:
+        lines += ["### Reference models (CIFAR-10, 32 px): accuracy and speed", "", *_fmt_table(acc_rows, True), ""]
     if speed_rows:
         lines += ["### timm models at native size, random weights: speed only", "", *_fmt_table(speed_rows, False), ""]
     text = "\n".join(lines) + "\n"
-    write_section(args.out, text, "bench_peers")
+    write_section(args.out, text, args.section)
     print(text)
 
 
