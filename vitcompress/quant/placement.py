@@ -12,8 +12,9 @@ each conv's output so onnxruntime fuses QLinearConv, and each SiLU fed by a quan
 computed as x·Q(sigmoid(x)) so it runs as QLinearSigmoid + QLinearMul instead of Q/DQ conversions
 around float ops; convs reading the RGB image stay float when each output reads few inputs (a 3×3
 stem, 27 products per output, measured slower in int8) and are quantized when they are
-patchifying GEMMs (a 16×16 patch embedding, 768 products per output, measured faster). On plain ViTs "speed" differs from "linear" by the attention products; on hybrids "speed"
-is the only placement faster than float (benchmarks/RESULTS.md).
+patchifying GEMMs (a 16×16 patch embedding, 768 products per output, measured faster). On plain
+ViTs "speed" differs from "linear" by the attention products (and the patch embedding); on hybrids
+"speed" is the only placement faster than float (benchmarks/RESULTS.md).
 
 ``integer_kinds`` is the promise a placement makes: every quantized layer of those kinds must run
 as an integer kernel in the exported model, or the quantize command fails (see ``api.quantize``).
@@ -74,6 +75,7 @@ class Placement:
 # Measured with onnxruntime 1.31, 1 thread (docs/quantization.md): int8 lost on a 3×3 RGB stem (27
 # products per output) and won on deit's 16×16 patch embedding (768).
 IMAGE_CONV_MIN_REDUCTION = 64
+
 
 PLACEMENTS: dict[str, Placement] = {
     "partial": Placement("partial"),
