@@ -78,6 +78,52 @@ def test_batchnorm_folding_keeps_function_and_reloads(tmp_path):
     assert all("BatchNormalization" != n.op_type for n in _onnx_nodes(m, x, tmp_path))
 
 
+class _LayerScaleNet(torch.nn.Module):
+    """Four layer scales: after a conv + BatchNorm, after a Linear, after a GELU (not foldable), and
+    one whose producer's output also feeds the residual (folding would change it)."""
+
+    def __init__(self):
+        from timm.layers import LayerScale, LayerScale2d
+
+        super().__init__()
+        self.conv, self.bn, self.ls_bn = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), LayerScale2d(8, 0.1)
+        self.conv2, self.act, self.ls_act = torch.nn.Conv2d(8, 8, 1), torch.nn.GELU(), LayerScale2d(8, 0.1)
+        self.conv3, self.ls_shared = torch.nn.Conv2d(8, 8, 1), LayerScale2d(8, 0.1)
+        self.fc, self.ls_fc = torch.nn.Linear(8, 4), LayerScale(4, 0.1)
+        for ls in (self.ls_bn, self.ls_act, self.ls_shared, self.ls_fc):
+            torch.nn.init.uniform_(ls.gamma, 0.05, 2.0)
+        self.bn.running_mean.uniform_(-0.5, 0.5)
+        self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        x = self.ls_bn(self.bn(self.conv(x)))
+        x = self.ls_act(self.act(self.conv2(x)))
+        y = self.conv3(x)
+        x = y + self.ls_shared(y)
+        return self.ls_fc(self.fc(x.mean((2, 3))))
+
+
+def test_layer_scale_folding_is_exact_skips_unsafe_pairs_and_reloads(tmp_path):
+    from vitcompress.quant.fold import fold_batchnorm, fold_layer_scale, prepare_folded_scales
+
+    torch.manual_seed(0)
+    m, x = _LayerScaleNet().eval(), torch.randn(2, 3, 8, 8)
+    ref = m(x)
+    scales = fold_layer_scale(m, x)
+    assert scales == [("bn", "ls_bn"), ("fc", "ls_fc")]  # not after the GELU, not the shared output
+    fold_batchnorm(m, x)  # carries ls_bn's gamma from the BatchNorm's affine into the conv
+    torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+    muls = [n for n in _onnx_nodes(m, x, tmp_path) if n.op_type == "Mul"]
+    assert len(muls) == 2  # the two unfolded layer scales remain
+    fresh = _LayerScaleNet().eval()
+    prepare_folded_scales(fresh, scales)
+    fresh.load_state_dict(m.state_dict())
+    assert type(fresh.ls_fc).__name__ == "FoldedLayerScale" and torch.all(fresh.ls_fc.gamma == 1)
+    torch.testing.assert_close(fresh(x), ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(VitcompressError, match="layer scale"):
+        prepare_folded_scales(fresh, [("fc", "missing")])
+
+
 def _onnx_nodes(model, x, tmp_path):
     from vitcompress.export import export_float
 

@@ -27,7 +27,7 @@ from .export import (check_weight_format, compare_latency, export_float, export_
 from .fileio import atomic_path, prepare_output_dir, write_json  # noqa: F401 (write_json re-exported for the CLI)
 from .models import LoadedModel, checkpoint_dict, family_of, load_model
 from .quant import QuantConfig, float_state_dict, quant_state, quantize_, restore_quantized
-from .quant.fold import prepare_folded_layout
+from .quant.fold import prepare_folded_layout, prepare_folded_scales
 from .quant.placement import get_placement, kind_of
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -77,8 +77,9 @@ def _layout_for_checkpoint(model: torch.nn.Module, checkpoint: dict) -> None:
         from .prune.structure import apply_prune_state
 
         apply_prune_state(model, checkpoint["prune_state"])
-    pairs = (checkpoint.get("quant_state") or {}).get("folded_pairs") or []
-    prepare_folded_layout(model, [tuple(p) for p in pairs])
+    quant_state = checkpoint.get("quant_state") or {}
+    prepare_folded_scales(model, [tuple(p) for p in quant_state.get("folded_scales") or []])
+    prepare_folded_layout(model, [tuple(p) for p in quant_state.get("folded_pairs") or []])
 
 
 def _prune_extra(model: torch.nn.Module) -> dict:
@@ -167,7 +168,8 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
     ckpt_path = out / f"model.{cfg.label}.pth"
     ckpt = checkpoint_dict(loaded, float_state_dict(qmodel),
                            quant_state={"config": asdict(cfg), "quantizers": quant_state(qmodel),
-                                        "folded_pairs": [list(p) for p in result.folded_pairs]},
+                                        "folded_pairs": [list(p) for p in result.folded_pairs],
+                                        "folded_scales": [list(p) for p in result.folded_scales]},
                            provenance={"source": loaded.source, **common}, **_prune_extra(loaded.model))
     with atomic_path(ckpt_path) as tmp:
         torch.save(ckpt, tmp)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import VitcompressError
 from .config import QuantConfig
-from .fold import fold_batchnorm
+from .fold import fold_batchnorm, fold_layer_scale
 from .modules import quantizers, wrap_attention, wrap_silu, wrap_weighted
 from .spec import QuantSpec
 from .placement import PlacementPlan, get_placement, kind_of, plan, reads_image
@@ -56,6 +56,7 @@ class QuantResult:
     plan: PlacementPlan
     method_info: dict = field(default_factory=dict)
     folded_pairs: list[tuple[str, str]] = field(default_factory=list)  # (conv, batchnorm)
+    folded_scales: list[tuple[str, str]] = field(default_factory=list)  # (producer, layer scale)
 
     def summary(self) -> dict:
         return {
@@ -66,6 +67,7 @@ class QuantResult:
             "functional_ops_float": "residual adds, softmax, GELU and normalisation are not quantized"
             + ("" if self.plan.attention else "; attention matmuls are float"),
             "folded_batchnorms": len(self.folded_pairs),
+            **({"folded_layer_scales": len(self.folded_scales)} if self.folded_scales else {}),
             **({"quantized_silu_gates": len(self.plan.gated_silu)} if self.plan.gated_silu else {}),
             **({"image_input_bits": {"bits": self.config.image_input_bits, "layers": self.plan.image_readers}}
                if self.plan.image_readers and self.config.image_input_bits != self.config.abits else {}),
@@ -174,10 +176,13 @@ def quantize_(
     if not batches:
         raise VitcompressError("calibration needs at least one image")
     model.eval()
+    # Layer scales first: one that follows a BatchNorm moves into its affine, which BatchNorm folding
+    # then carries into the conv.
+    scales = fold_layer_scale(model, batches[0][:2]) if config.fold_layer_scale else []
     folded = fold_batchnorm(model, batches[0][:2]) if config.fold_batchnorm else []
     p = prepare(model, config, family, example=batches[0])
     info = METHODS[config.method](model, config, batches, progress)
-    return QuantResult(config, p, info, folded)
+    return QuantResult(config, p, info, folded, scales)
 
 
 def quant_state(model: nn.Module) -> dict:

@@ -17,6 +17,8 @@ class QuantConfig:
     placement: which layers get quantized (see ``placement.PLACEMENTS``).
     skip: module-name patterns (fnmatch) kept float in addition to the placement's own.
     fold_batchnorm: fold Conv2d -> BatchNorm2d pairs before quantizing (what a deployed conv computes).
+    fold_layer_scale: move timm's layer scales (per-channel branch scales) into the layer feeding
+        them before quantizing: exact in float, one Mul fewer per residual branch once exported.
     reduce_range: weights use 7 bits of their grid (for int8 kernels without VNNI, see ``vitcompress.cpu``).
     image_input_bits: width of the input quantizer of layers reading the image (``placement.reads_image``):
         the image is 8-bit data, so by default it keeps 8 bits whatever ``abits`` says.
@@ -34,6 +36,7 @@ class QuantConfig:
     placement: str = "partial"
     skip: tuple[str, ...] = field(default_factory=tuple)
     fold_batchnorm: bool = True
+    fold_layer_scale: bool = True
     reduce_range: bool = False
     image_input_bits: int = 8
     method_options: dict = field(default_factory=dict)  # method-specific knobs, e.g. qhyvit's rounds
