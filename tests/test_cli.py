@@ -193,3 +193,14 @@ def test_demo_runs_offline(tmp_path):
     assert code == 0, text
     report = json.loads((tmp_path / "d" / "report.json").read_text())
     assert report["accuracy"]["images"] > 0 and report["bits"]["label"].startswith("int8")
+
+
+@pytest.mark.parametrize("target, signed", [("vnni", True), ("avx2", False)])
+def test_speed_on_vnni_names_the_session_config_its_attention_operands_need(tmp_path, target, signed):
+    code, text = _run("quantize", "--checkpoint", BUNDLED_CKPT, "--calib", CALIB, "--calib-size", 16,
+                      "--placement", "speed", "--target-cpu", target, "--out", tmp_path / "q")
+    assert code == 0, text
+    export = json.loads((tmp_path / "q" / "report.json").read_text())["export"]
+    assert (export["signed_matmul_operands"] > 0) is signed
+    assert ("deploy with onnxruntime session config session.qdqisint8allowed=1" in " ".join(text.split())) is signed
+    assert export["onnxruntime_session_config"] == ({"session.qdqisint8allowed": "1"} if signed else {})

@@ -62,6 +62,14 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def _print_session_config(export_info: dict) -> None:
+    entries = export_info.get("onnxruntime_session_config")
+    if entries:
+        out_console.print("deploy with onnxruntime session config " + ", ".join(f"{k}={v}" for k, v in entries.items())
+                          + " (kept in the artifact's metadata; without it the attention products run u8·u8: same results, slower)",
+                          highlight=False)
+
+
 def _size_latency_rows(t: Table, r: dict, kind: str, speedup_label: str) -> None:
     """Size, median latency and speedup of fp32 vs the compressed artifact (``kind``)."""
     a, lat = r["artifacts"], r["latency"]
@@ -99,6 +107,7 @@ def print_quantize_report(r: dict) -> None:
         out_console.print("largest float islands: " + ", ".join(f"{i['node']} ({i['op']})" for i in top))
     if r["coverage"].get("simulated_layers"):
         out_console.print(f"simulated (Q/DQ around a float kernel): {len(r['coverage']['simulated_layers'])} layer(s)")
+    _print_session_config(r["export"])
     if acc:
         out_console.print(f"eval: {acc['images']} images from {acc['eval_dir']} ({acc['skipped']} unreadable skipped); "
                           f"exported vs torch simulation agreement {acc['export_vs_torch_agreement']:.2f}%")
@@ -274,6 +283,7 @@ def export(
     """Export a float model or a quantized checkpoint (QDQ) to ONNX with metadata."""
     info = _guard(api.export, out, model, checkpoint, not no_pretrained, force, simplify, weight_format)
     out_console.print(f"wrote {info['artifact']} ({_mb(info['bytes'])})")
+    _print_session_config(info)
 
 
 @app.command()

@@ -392,5 +392,5 @@ def export_qdq(model: nn.Module, input_size: tuple[int, int, int], path: str | P
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return {"folded_weight_quantizers": folded, "signed_matmul_operands": signed, "weight_only_int4_matmuls": nbits,
-            "int4_packed_weights": packed,
+            "int4_packed_weights": packed, SESSION_CONFIG_KEY: metadata.get(SESSION_CONFIG_KEY, {}),
             **counts, "nodes": len(proto.graph.node)}
