@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-qhyvit bench-mptq bench-prune install clean
+.PHONY: demo test bench bench-caps bench-qhyvit bench-mptq bench-prune install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)
 # Each writes its own section of benchmarks/RESULTS.md; they need ../shared (reference models, CIFAR-10).
 bench: $(STAMP)
 	$(PY) benchmarks/bench_peers.py --out benchmarks/RESULTS.md
+
+bench-caps: $(STAMP)
+	$(PY) benchmarks/bench_speed_caps.py --out benchmarks/RESULTS.md
 
 bench-qhyvit: $(STAMP)
 	$(PY) benchmarks/bench_qhyvit.py --out benchmarks/RESULTS.md
