@@ -24,14 +24,19 @@ def _folded_forward(self, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-_FOLDED_CLASSES: dict[type, type] = {}
+_FOLDED_CLASSES: dict[tuple[type, object], type] = {}
+
+
+def _swap_forward(module: nn.Module, forward) -> None:
+    """Give ``module`` a "Folded" subclass of its class with ``forward`` (state-dict keys unchanged)."""
+    key = (type(module), forward)
+    if key not in _FOLDED_CLASSES:
+        _FOLDED_CLASSES[key] = type("Folded" + type(module).__name__, (type(module),), {"forward": forward})
+    module.__class__ = _FOLDED_CLASSES[key]
 
 
 def _mark_folded(bn: nn.Module) -> None:
-    cls = type(bn)
-    if cls not in _FOLDED_CLASSES:
-        _FOLDED_CLASSES[cls] = type("Folded" + cls.__name__, (cls,), {"forward": _folded_forward})
-    bn.__class__ = _FOLDED_CLASSES[cls]
+    _swap_forward(bn, _folded_forward)
 
 
 def _direct_pairs(model: nn.Module, example: torch.Tensor, is_producer, is_consumer) -> list[tuple[str, str]]:
@@ -138,14 +143,8 @@ def _identity_forward(self, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-_FOLDED_SCALE_CLASSES: dict[type, type] = {}
-
-
 def _mark_scale_folded(ls: nn.Module) -> None:
-    cls = type(ls)
-    if cls not in _FOLDED_SCALE_CLASSES:
-        _FOLDED_SCALE_CLASSES[cls] = type("Folded" + cls.__name__, (cls,), {"forward": _identity_forward})
-    ls.__class__ = _FOLDED_SCALE_CLASSES[cls]
+    _swap_forward(ls, _identity_forward)
 
 
 def find_layer_scale_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
