@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .artifacts import REPORT_SCHEMA, ProgressFn, environment, file_info, no_progress, onnx_metadata  # noqa: F401 (REPORT_SCHEMA, ProgressFn re-exported)
-from .cpu import resolve_target
+from .cpu import resolve_target, signed_matmul_operands
 from .data import LoadStats, load_tensor, label_map_to_model, sample, scan_images
 from .errors import VitcompressError
 from .evaluate import collect_logits, fidelity, onnx_predictor, summarize, torch_predictor
@@ -156,7 +156,7 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
             shutil.copyfile(prepared.fp32_onnx, tmp)
     progress("export", 1, 2)
     export_info = export_qdq(qmodel, prep.input_size, q_path, onnx_metadata(loaded, "quantized", quantization=common),
-                             weight_format=job.weight_format, signed_matmul_operands=target_cpu["signed_matmul_operands"])
+                             weight_format=job.weight_format, signed_matmul_operands=signed_matmul_operands(cfg.reduce_range))
     progress("export", 2, 2)
     progress("coverage", 0, 1)
     coverage = int8_coverage(q_path)
@@ -319,9 +319,8 @@ def export(out: Path, model: str | None = None, checkpoint: Path | None = None, 
     path = out / name
     if is_quant:
         cfg = loaded.quant_state["config"]
-        # Full-range weights mean the checkpoint was made for a VNNI target (see vitcompress.cpu).
         info = export_qdq(loaded.model, loaded.preprocessing.input_size, path, onnx_metadata(loaded, "quantized", quantization=cfg),
-                          weight_format=weight_format, signed_matmul_operands=not cfg.get("reduce_range", False))
+                          weight_format=weight_format, signed_matmul_operands=signed_matmul_operands(cfg.get("reduce_range", False)))
     else:
         info = export_float(loaded.model, loaded.preprocessing.input_size, path, onnx_metadata(loaded, "fp32"), simplify)
     return {"artifact": str(path), "bytes": path.stat().st_size, **info}

@@ -30,6 +30,12 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
+def signed_matmul_operands(reduce_range: bool) -> bool:
+    """Whether attention products get int8 second operands: only with full-range weights, i.e. for
+    a VNNI target (a 7-bit target is one whose int16 pair sums could saturate)."""
+    return not reduce_range
+
+
 def resolve_target(target: str, flags: set[str] | None = None) -> dict:
     """{"target", "vnni", "reduce_range", "signed_matmul_operands", "why"} for ``--target-cpu``
     (auto: this machine)."""
@@ -43,6 +49,6 @@ def resolve_target(target: str, flags: set[str] | None = None) -> dict:
     else:
         vnni = target == "vnni"
         why = f"--target-cpu {target}"
-    return {"target": target, "vnni": vnni, "reduce_range": not vnni, "signed_matmul_operands": vnni,
+    return {"target": target, "vnni": vnni, "reduce_range": not vnni, "signed_matmul_operands": signed_matmul_operands(not vnni),
             "why": why + ("; full-range int8 weights, int8 second operands of attention products" if vnni
                           else "; 7-bit weights and uint8 attention operands so AVX2's int16 pair sums cannot saturate")}

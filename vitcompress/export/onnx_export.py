@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -99,16 +100,19 @@ def fold_weight_quantizers(model: onnx.ModelProto) -> int:
     return folded
 
 
+def _dataflow(g: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], Counter]:
+    """Each tensor's producing node, and how many node inputs read each tensor."""
+    producer = {o: n for n in g.node for o in n.output}
+    uses = Counter(i for n in g.node for i in n.input)
+    return producer, uses
+
+
 def _fold_weight_transposes(model: onnx.ModelProto) -> None:
     """DQ(int const) -> Transpose becomes DQ(transposed int const): the exporter writes Linear
     weights as a Transpose before MatMul, which would hide the weight from onnxruntime's fusions."""
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
+    producer, consumers = _dataflow(g)
     drop = []
     for t in g.node:
         if t.op_type != "Transpose":
@@ -157,11 +161,7 @@ def sign_activation_matmul_operands(model: onnx.ModelProto) -> int:
     Returns how many operands were moved."""
     g = model.graph
     inits, consts = _graph_constants(g)
-    producer = {o: n for n in g.node for o in n.output}
-    uses: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
+    producer, uses = _dataflow(g)
     moved = 0
     for mm in g.node:
         if mm.op_type != "MatMul":
@@ -328,11 +328,7 @@ def weight_only_int4_matmuls(model: onnx.ModelProto) -> int:
     Returns how many MatMuls were replaced."""
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    uses: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
-    producer = {o: n for n in g.node for o in n.output}
+    producer, uses = _dataflow(g)
     replaced, dropped, nodes = 0, set(), []
     for mm in g.node:
         dq = producer.get(mm.input[1]) if mm.op_type == "MatMul" else None
