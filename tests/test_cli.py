@@ -144,7 +144,8 @@ def test_hybrid_quantized_checkpoint_roundtrip(tmp_path):
     torch.save({"format": ZOO_FORMAT, "arch": "mobilevit_xxs", "kwargs": {}, "num_classes": 10,
                 "classes": sorted(p.name for p in VAL.iterdir()), "input_size": [3, 64, 64],
                 "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "state_dict": m.state_dict()}, tmp_path / "z.pth")
-    code, text = _run("quantize", "--checkpoint", tmp_path / "z.pth", "--calib", CALIB, "--calib-size", 16, "--out", tmp_path / "q")
+    code, text = _run("quantize", "--checkpoint", tmp_path / "z.pth", "--calib", CALIB, "--calib-size", 16,
+                      "--placement", "partial", "--out", tmp_path / "q")
     assert code == 0, text
     report = json.loads((tmp_path / "q" / "report.json").read_text())
     assert report["quantization"]["folded_batchnorms"] > 0
@@ -182,9 +183,22 @@ def test_placement_auto_picks_the_fastest_within_budget(tmp_path):
     assert auto["chosen"] == max(within, key=lambda c: c["speedup"])["placement"]
     assert report["config"]["placement"] == auto["chosen"]
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["model.fp32.onnx", "model.int8.onnx", "model.int8.pth", "report.json"]
+    # without --eval: label-free, agreement with fp32 on calibration-folder images calibration did not see
     code, text = _run("quantize", "--checkpoint", BUNDLED_CKPT, "--calib", CALIB, "--calib-size", 8,
-                      "--placement", "auto", "--out", tmp_path / "b")
-    assert code == 2 and "needs --eval" in text
+                      "--placement", "auto", "--max-drop", "5", "--out", tmp_path / "b")
+    assert code == 0, text
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert "held-out calibration images" in report["placement_auto"]["judged_on"]
+    assert report["holdout_fidelity"]["images"] == 64 and "accuracy" not in report
+    chosen = next(c for c in report["placement_auto"]["candidates"] if c["placement"] == report["placement_auto"]["chosen"])
+    assert chosen["top1_agreement"] >= 95 and chosen["within_budget"]
+    # a calibration folder with nothing left to hold out and no --eval: one line, exit 2
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in sorted(CALIB.rglob("*.jpg"))[:4]:
+        shutil.copy(p, few / p.name)
+    code, text = _run("quantize", "--checkpoint", BUNDLED_CKPT, "--calib", few, "--calib-size", 8, "--out", tmp_path / "c")
+    assert code == 2 and "needs images to judge accuracy" in text
 
 
 def test_demo_runs_offline(tmp_path):

@@ -18,17 +18,18 @@ import numpy as np
 import torch
 
 from .artifacts import REPORT_SCHEMA, ProgressFn, environment, file_info, no_progress, onnx_metadata  # noqa: F401 (REPORT_SCHEMA, ProgressFn re-exported)
-from .cpu import resolve_target, signed_matmul_operands
-from .data import LoadStats, load_tensor, label_map_to_model, sample, scan_images
+from .cpu import compatibility, resolve_target, signed_matmul_operands
+from .data import LoadStats, load_tensor, label_map_to_model, sample, scan_images, without
 from .errors import VitcompressError
 from .evaluate import collect_logits, fidelity, onnx_predictor, summarize, torch_predictor
-from .export import (check_weight_format, compare_latency, export_float, export_qdq, int8_coverage, make_session, read_metadata,
-                     update_metadata)
+from .export import (artifact_numerics, check_weight_format, compare_latency, export_float, export_qdq, get_runtime, int8_coverage,
+                     open_session, read_metadata, update_metadata)
+from .export.runtime import DEFAULT_RUNTIME, runtime_info
 from .fileio import atomic_path, prepare_output_dir, write_json  # noqa: F401 (write_json re-exported for the CLI)
 from .models import LoadedModel, checkpoint_dict, family_of, load_model
 from .quant import QuantConfig, float_state_dict, quant_state, quantize_, restore_quantized
 from .quant.fold import prepare_folded_layout, prepare_folded_scales
-from .quant.placement import get_placement, kind_of
+from .quant.placement import default_placement_order, get_placement, kind_of
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CHECKPOINT = PROJECT_ROOT / "calib" / "cifar10_vit_tiny.pth"
@@ -58,6 +59,8 @@ class QuantizeJob:
     max_drop: float = 1.0  # --placement auto: top-1 points the chosen placement may lose on the eval set
     target_cpu: str = "auto"  # int8 kernels of the deployment CPU: auto (this machine), vnni, avx2 (see cpu.py)
     weight_format: str = "int8"  # int4: Linear weights of <= 4 bits stored packed as MatMulNBits (float GEMM)
+    runtime: str = DEFAULT_RUNTIME  # where accuracy, latency and integer coverage are measured
+    holdout_size: int = 64  # --placement auto without --eval: calibration-folder images it judges agreement on
 
 
 def load(model: str | None = None, checkpoint: str | Path | None = None, pretrained: bool = True) -> LoadedModel:
@@ -104,6 +107,8 @@ class _Prepared:
     label_map: dict | None = None
     fp32_onnx: Path | None = None
     fp32_logits: np.ndarray | None = None  # the fp32 artifact's logits on eval_set
+    holdout_set: object | None = None  # unlabelled images kept out of calibration (auto without --eval)
+    holdout_fp32_logits: np.ndarray | None = None
 
 
 def _prepare(job: QuantizeJob) -> _Prepared:
@@ -114,9 +119,14 @@ def _prepare(job: QuantizeJob) -> _Prepared:
     loaded = load(job.model, job.checkpoint, job.pretrained)
     if loaded.quant_state is not None:
         raise VitcompressError(f"{job.checkpoint} is already quantized; start from the float checkpoint")
+    get_runtime(job.runtime)  # a missing optional runtime fails before any work
     calib_stats = LoadStats()
-    calib = load_tensor(sample(scan_images(job.calib_dir), job.calib_size, job.seed), loaded.preprocessing, calib_stats)
+    calib_images = scan_images(job.calib_dir)
+    calib_sample = sample(calib_images, job.calib_size, job.seed)
+    calib = load_tensor(calib_sample, loaded.preprocessing, calib_stats)
     prepared = _Prepared(loaded, family_of(loaded.arch), resolve_target(job.target_cpu), calib, calib_stats)
+    if job.eval_dir is None and job.config.placement in MEASURED_PLACEMENTS:
+        prepared.holdout_set = sample(without(calib_images, calib_sample), job.holdout_size, job.seed)
     if job.eval_dir is not None:
         prepared.eval_set = sample(scan_images(job.eval_dir, require_labels=True), job.eval_size, job.seed)
         prepared.label_map = label_map_to_model(prepared.eval_set, loaded.preprocessing.class_names, loaded.num_classes)
@@ -125,7 +135,10 @@ def _prepare(job: QuantizeJob) -> _Prepared:
 
 def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
     """Load, calibrate, quantize, export float + QDQ ONNX, evaluate both in onnxruntime, time them."""
-    if job.config.placement == AUTO_PLACEMENT:
+    if job.config.placement == DEFAULT_PLACEMENT and (job.config.method_options or {}).get("layer_bits"):
+        # per-layer bits (--bits-from) name the quantized layers of the placement they were made with
+        job = replace(job, config=replace(job.config, placement=FIXED_LAYERS_PLACEMENT))
+    if job.config.placement in MEASURED_PLACEMENTS:
         return _quantize_auto(job, progress)
     out = prepare_output_dir(job.out, job.force, ["model.fp32.onnx", f"model.{job.config.label}.onnx", "report.json"])
     return _quantize_prepared(job, _prepare(job), out, progress)
@@ -155,16 +168,19 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
         with atomic_path(fp32_path) as tmp:
             shutil.copyfile(prepared.fp32_onnx, tmp)
     progress("export", 1, 2)
-    export_info = export_qdq(qmodel, prep.input_size, q_path, onnx_metadata(loaded, "quantized", quantization=common),
+    metadata = onnx_metadata(loaded, "quantized", quantization=common, target_cpu=target_cpu)
+    export_info = export_qdq(qmodel, prep.input_size, q_path, metadata,
                              weight_format=job.weight_format, signed_matmul_operands=signed_matmul_operands(cfg.reduce_range))
     progress("export", 2, 2)
     progress("coverage", 0, 1)
-    coverage = int8_coverage(q_path)
+    coverage = int8_coverage(q_path, job.runtime)
+    # The placements promise onnxruntime's fusions; on another runtime its own coverage labels the artifact.
+    ort_coverage = coverage if job.runtime == DEFAULT_RUNTIME else int8_coverage(q_path)
     progress("coverage", 1, 1)
-    honest = honest_label(cfg, coverage)  # what onnxruntime runs decides the label: artifact, checkpoint, report
+    honest = honest_label(cfg, coverage)  # what the runtime runs decides the label: artifact, checkpoint, report
     if honest != label:
         label = common["label"] = honest
-        update_metadata(q_path, onnx_metadata(loaded, "quantized", quantization=common))
+        update_metadata(q_path, {"quantization": common})
     ckpt_path = out / f"model.{cfg.label}.pth"
     ckpt = checkpoint_dict(loaded, float_state_dict(qmodel),
                            quant_state={"config": asdict(cfg), "quantizers": quant_state(qmodel),
@@ -185,6 +201,7 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
                  "simulated": cfg.simulated},
         "config": asdict(cfg),
         "target_cpu": target_cpu,
+        "cpu_compatibility": compatibility(export_info["numerics"]),
         "calibration": {"dir": str(job.calib_dir), "requested": job.calib_size, "used": calib_stats.loaded,
                         "skipped": calib_stats.skipped, "seed": job.seed},
         "quantization": {**result.summary(), "seconds": round(method_seconds, 2), "threads": torch.get_num_threads()},
@@ -197,7 +214,9 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
     if not loaded.accuracy_meaningful:
         report["notes"].append("random weights (--no-pretrained): accuracy numbers are meaningless; latency and size are real")
 
-    broken = integer_promises_broken(qmodel, cfg, result.plan.weighted, coverage)
+    if report["cpu_compatibility"]["note"]:
+        report["notes"].append(report["cpu_compatibility"]["note"])
+    broken = integer_promises_broken(qmodel, cfg, result.plan.weighted, ort_coverage)
     if broken:
         report["error"] = f"layers expected to run as integer kernels run float: {broken}"
         write_json(out / "report.json", report)
@@ -207,9 +226,9 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
             f"simulated there, not integer (details: {out / 'report.json'})")
 
     if eval_set is not None:
-        predictors = {"quantized": onnx_predictor(make_session(q_path)), "torch_simulation": torch_predictor(qmodel)}
+        predictors = {"quantized": onnx_predictor(open_session(q_path, job.runtime)), "torch_simulation": torch_predictor(qmodel)}
         if prepared.fp32_logits is None:
-            predictors["fp32"] = onnx_predictor(make_session(fp32_path))
+            predictors["fp32"] = onnx_predictor(open_session(fp32_path, job.runtime))
         logits, labels, stats = collect_logits(predictors, eval_set, prep, 64, lambda d, t: progress("evaluate", d, t))
         if prepared.fp32_logits is None:
             prepared.fp32_logits = logits["fp32"]
@@ -218,16 +237,19 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
         acc_q = summarize(logits["quantized"], labels, label_map, loaded.num_classes)
         report["accuracy"] = {
             "eval_dir": str(job.eval_dir), "images": stats.loaded, "skipped": stats.skipped,
-            "measured_on": "exported ONNX files in onnxruntime",
+            "measured_on": f"exported ONNX files in {job.runtime}",
             "fp32": acc_f, "quantized": acc_q,
             "drop": acc_f["top1"] - acc_q["top1"],
             **fidelity(logits["fp32"], logits["quantized"]),
             "export_vs_torch_agreement": fidelity(logits["torch_simulation"], logits["quantized"])["top1_agreement"],
         }
 
+    if prepared.holdout_set is not None:
+        report["holdout_fidelity"] = _holdout_fidelity(prepared, fp32_path, q_path, job.runtime, progress)
+
     progress("latency", 0, 1)
     lat = compare_latency({"fp32": fp32_path, "quantized": q_path}, (1, *prep.input_size),
-                          threads=job.latency_threads, rounds=job.latency_rounds)
+                          threads=job.latency_threads, rounds=job.latency_rounds, runtime=job.runtime)
     lat["speedup"] = lat["fp32"]["median_ms"] / lat["quantized"]["median_ms"]
     report["latency"] = lat
     progress("latency", 1, 1)
@@ -235,41 +257,105 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
     return report
 
 
-AUTO_PLACEMENT = "auto"
-AUTO_CANDIDATES = ("speed", "linear", "partial")  # tried in turn; the fastest one within the accuracy budget wins
+def _holdout_fidelity(prepared: _Prepared, fp32_path: Path, q_path: Path, runtime: str, progress: ProgressFn) -> dict:
+    """Agreement and KL of the quantized artifact with the fp32 one on calibration-folder images that
+    calibration did not see: a label-free accuracy check (a top-1 drop is at most the disagreement)."""
+    predictors = {"quantized": onnx_predictor(open_session(q_path, runtime))}
+    if prepared.holdout_fp32_logits is None:
+        predictors["fp32"] = onnx_predictor(open_session(fp32_path, runtime))
+    logits, _, stats = collect_logits(predictors, prepared.holdout_set, prepared.loaded.preprocessing, 64,
+                                      lambda d, t: progress("agreement", d, t))
+    if prepared.holdout_fp32_logits is None:
+        prepared.holdout_fp32_logits = logits["fp32"]
+    return {"images": stats.loaded, "dir": str(prepared.holdout_set.root),
+            **fidelity(prepared.holdout_fp32_logits, logits["quantized"])}
+
+
+AUTO_PLACEMENT = "auto"  # every candidate measured; the fastest within the accuracy budget wins
+DEFAULT_PLACEMENT = "default"  # candidates in the order of placement.DEFAULT_RULES; the first faster than float within budget wins
+MEASURED_PLACEMENTS = (AUTO_PLACEMENT, DEFAULT_PLACEMENT)
+FIXED_LAYERS_PLACEMENT = "partial"  # what a recipe's mixed-precision step (and so a bits file) uses by default
+AUTO_CANDIDATES = ("speed", "linear", "partial")
+
+
+def _auto_budget_kept(report: dict, max_drop: float) -> tuple[bool, str]:
+    """Whether a candidate keeps the accuracy budget, and the measurement that says so: the top-1
+    drop on --eval, or else (no labels) agreement with fp32 on held-out calibration images, which
+    bounds the drop: >= 100 - max_drop % agreement means at most max_drop points lost."""
+    if "accuracy" in report:
+        return report["accuracy"]["drop"] <= max_drop, f"top-1 drop {report['accuracy']['drop']:.2f}"
+    agreement = report["holdout_fidelity"]["top1_agreement"]
+    return agreement >= 100.0 - max_drop, f"agreement {agreement:.2f}%"
 
 
 def _quantize_auto(job: QuantizeJob, progress: ProgressFn) -> dict:
-    """--placement auto: run every candidate placement, measure speed and accuracy of each exported
-    artifact, keep the fastest whose top-1 drop on the eval set is within ``job.max_drop``."""
-    if job.eval_dir is None:
-        raise VitcompressError("--placement auto chooses by measured accuracy: it needs --eval DIR")
+    """--placement auto / default: quantize with candidate placements, measure speed and accuracy of
+    each exported artifact on ``job.runtime``, judge accuracy by ``job.max_drop`` (top-1 drop on
+    --eval, or agreement with fp32 on held-out calibration images).
+
+    auto measures every candidate and keeps the fastest within budget. default (the CLI's) tries
+    the order that ``placement.DEFAULT_RULES`` gives for this runtime, family and CPU and keeps the
+    first faster than float within budget (the same choice from run to run); when none is, the
+    fastest within budget."""
     if job.max_drop < 0:
         raise VitcompressError(f"--max-drop must be >= 0, got {job.max_drop}")
     out = prepare_output_dir(job.out, job.force, ["report.json"])
     trials = []
     prepared = _prepare(job)  # model, images and the fp32 artifact are shared by every candidate
+    if prepared.holdout_set is not None and len(prepared.holdout_set) == 0:
+        raise VitcompressError(f"--placement auto needs images to judge accuracy on: --eval DIR, or more images in "
+                               f"{job.calib_dir} than --calib-size {job.calib_size} (the rest are held out)")
+    judged_on = ("top-1 drop on --eval" if prepared.eval_set is not None else
+                 f"agreement with fp32 on {len(prepared.holdout_set)} held-out calibration images (no --eval)")
+    first_good = job.config.placement == DEFAULT_PLACEMENT
+    rule = default_placement_order(job.runtime, prepared.family, prepared.target_cpu["built_on"]["isa"])
+    candidates = rule.order if first_good else AUTO_CANDIDATES
     with tempfile.TemporaryDirectory(prefix=".auto-", dir=out) as scratch:
-        for placement in AUTO_CANDIDATES:
+        for placement in candidates:
             trial_job = replace(job, config=replace(job.config, placement=placement))
             trial_out = prepare_output_dir(Path(scratch) / placement, True, [])
             try:
-                trials.append((placement, _quantize_prepared(trial_job, prepared, trial_out, progress), None))
+                r = _quantize_prepared(trial_job, prepared, trial_out, progress)
+                trials.append((placement, r, None))
             except VitcompressError as e:  # e.g. an integer promise the runtime did not keep
                 trials.append((placement, None, str(e)))
-        summary = [{"placement": p, "speedup": r["latency"]["speedup"], "drop": r["accuracy"]["drop"],
-                    "top1_agreement": r["accuracy"]["top1_agreement"]} if r else {"placement": p, "error": err}
-                   for p, r, err in trials]
-        ok = [(p, r) for p, r, _ in trials if r and r["accuracy"]["drop"] <= job.max_drop]
+                continue
+            if first_good and r["latency"]["speedup"] > 1.0 and _auto_budget_kept(r, job.max_drop)[0]:
+                break
+        summary = []
+        for p, r, err in trials:
+            if r is None:
+                summary.append({"placement": p, "error": err})
+                continue
+            kept, measured = _auto_budget_kept(r, job.max_drop)
+            summary.append({"placement": p, "speedup": r["latency"]["speedup"], "within_budget": kept, "measured": measured,
+                            **({"drop": r["accuracy"]["drop"], "top1_agreement": r["accuracy"]["top1_agreement"]}
+                               if "accuracy" in r else {"top1_agreement": r["holdout_fidelity"]["top1_agreement"]})})
+        ok = [(p, r) for (p, r, _), t in zip(trials, summary) if t.get("within_budget")]
         if not ok:
-            raise VitcompressError(f"no placement keeps the top-1 drop within {job.max_drop:g} points: "
-                                   + "; ".join(f"{t['placement']}: " + (f"drop {t['drop']:.2f}" if "drop" in t else t["error"])
-                                               for t in summary))
-        chosen, report = max(ok, key=lambda pr: pr[1]["latency"]["speedup"])
+            raise VitcompressError(f"no placement keeps the accuracy within {job.max_drop:g} points ({judged_on}): "
+                                   + "; ".join(f"{t['placement']}: {t.get('measured', t.get('error'))}" for t in summary))
+        faster = [(p, r) for p, r in ok if r["latency"]["speedup"] > 1.0]
+        if first_good and faster:
+            chosen, report = faster[0]
+        else:
+            chosen, report = max(ok, key=lambda pr: pr[1]["latency"]["speedup"])
         for f in (Path(scratch) / chosen).iterdir():
             if f.name != "report.json":
                 os.replace(f, out / f.name)
-    report["placement_auto"] = {"max_drop": job.max_drop, "chosen": chosen, "candidates": summary}
+    speed = report["latency"]["speedup"]
+    if first_good and speed > 1.0:
+        why = (f"first of {'/'.join(rule.order)} (order for {job.runtime}, {prepared.family}, {prepared.target_cpu['built_on']['isa']}: "
+               f"{rule.reason}) measured faster than fp32 ({speed:.2f}x) within {job.max_drop:g} points, judged by {judged_on}")
+    else:
+        why = (f"fastest measured on {job.runtime} ({speed:.2f}x vs fp32) of the placements within {job.max_drop:g} points, "
+               f"judged by {judged_on}")
+    if speed < 1.0:
+        why += "; no placement is faster than float on this CPU"
+        report["notes"].append(f"every placement is slower than float here ({job.runtime}, {report['cpu_compatibility']['cpu']['isa']}): "
+                               f"the fastest is {speed:.2f}x")
+    report["placement_auto"] = {"mode": job.config.placement, "max_drop": job.max_drop, "chosen": chosen, "judged_on": judged_on, "why": why,
+                                "candidates": summary}
     write_json(out / "report.json", report)
     return report
 
@@ -328,18 +414,21 @@ def export(out: Path, model: str | None = None, checkpoint: Path | None = None, 
 
 def check(artifact: Path, eval_dir: Path, max_drop: float, baseline: Path | None = None, model: str | None = None,
           checkpoint: Path | None = None, pretrained: bool = True, eval_size: int | None = None, seed: int = 0,
-          progress: ProgressFn = no_progress) -> dict:
-    """Evaluate an exported artifact against its float baseline; ``passed`` when drop <= max_drop."""
-    if max_drop < 0:
-        raise VitcompressError(f"--max-drop must be >= 0, got {max_drop}")
+          progress: ProgressFn = no_progress, runtime: str = DEFAULT_RUNTIME) -> dict:
+    """Evaluate an exported artifact against its float baseline on ``runtime``; ``passed`` when
+    drop <= max_drop. The report says whether the artifact's integer numerics are exact on this CPU
+    (``cpu_compatibility``): the gate still stands on what was measured here."""
+    if not (max_drop >= 0 and np.isfinite(max_drop)):
+        raise VitcompressError(f"--max-drop must be a finite number >= 0, got {max_drop}")
     meta = read_metadata(artifact)
+    get_runtime(runtime)
     from .data import Preprocessing
 
     prep = Preprocessing.from_dict(meta["preprocessing"])
     num_classes = int(meta.get("num_classes") or 0)
-    predictors = {"artifact": onnx_predictor(make_session(artifact))}
+    predictors = {"artifact": onnx_predictor(open_session(artifact, runtime))}
     if baseline is not None:
-        predictors["baseline"] = onnx_predictor(make_session(baseline))
+        predictors["baseline"] = onnx_predictor(open_session(baseline, runtime))
         base_desc = str(baseline)
     elif model is not None or checkpoint is not None:
         loaded = load(model, checkpoint, pretrained)
@@ -364,4 +453,7 @@ def check(artifact: Path, eval_dir: Path, max_drop: float, baseline: Path | None
         **fidelity(logits["baseline"], logits["artifact"]),
         "passed": bool(drop <= max_drop),
         "artifact_label": (meta.get("quantization") or {}).get("label", meta.get("kind")),
+        "runtime": runtime_info(runtime),
+        "built_for": meta.get("target_cpu"),
+        "cpu_compatibility": compatibility(artifact_numerics(artifact)),
     }

@@ -74,7 +74,8 @@ def _size_latency_rows(t: Table, r: dict, kind: str, speedup_label: str) -> None
     """Size, median latency and speedup of fp32 vs the compressed artifact (``kind``)."""
     a, lat = r["artifacts"], r["latency"]
     t.add_row("size", _mb(a["fp32"]["bytes"]), _mb(a[kind]["bytes"]))
-    t.add_row(f"latency ms (ORT, {lat['fp32']['threads']} thread, batch 1, median)",
+    rt = lat["fp32"].get("runtime") or {"name": "onnxruntime", "version": ""}
+    t.add_row(f"latency ms ({rt['name']} {rt['version']}, {lat['fp32']['threads']} thread, batch 1, median)",
               f"{lat['fp32']['median_ms']:.3f}", f"{lat[kind]['median_ms']:.3f}")
     t.add_row(speedup_label, "", f"{lat['speedup']:.2f}x")
 
@@ -113,9 +114,9 @@ def print_quantize_report(r: dict) -> None:
                           f"exported vs torch simulation agreement {acc['export_vs_torch_agreement']:.2f}%")
     auto = r.get("placement_auto")
     if auto:
-        tried = "; ".join(f"{c['placement']}: " + (f"{c['speedup']:.2f}x, drop {c['drop']:.2f}" if "speedup" in c else c["error"])
+        tried = "; ".join(f"{c['placement']}: " + (f"{c['speedup']:.2f}x, {c['measured']}" if "speedup" in c else c["error"])
                           for c in auto["candidates"])
-        out_console.print(f"placement auto (max drop {auto['max_drop']:g}): chose {auto['chosen']} — {tried}", highlight=False)
+        out_console.print(f"placement {auto['mode']}: chose {auto['chosen']}, {auto['why']} — {tried}", highlight=False)
     for note in r["notes"]:
         out_console.print(f"[yellow]note:[/] {note}")
 
@@ -131,7 +132,7 @@ def quantize(
     abits: Optional[int] = typer.Option(None, "--abits", help="Activation bits (overrides --bits)."),
     method: str = typer.Option("minmax", "--method", help="Quantization method."),
     observer: str = typer.Option("minmax", "--observer", help="Activation range observer: minmax, percentile, mse."),
-    placement: str = typer.Option("partial", "--placement", help="partial (alias accuracy: Linear/Conv weights and inputs), partial+matmul (also attention products), speed (integer chains onnxruntime fuses: conv outputs and SiLU gates quantized too), linear (Linear only; convs float) or auto (the fastest of speed/linear/partial whose measured top-1 drop on --eval stays within --max-drop)."),
+    placement: str = typer.Option("default", "--placement", help="default (placements tried in the order of the per-runtime/family/CPU table; the first measured faster than float on this CPU within --max-drop is kept: top-1 drop on --eval, or else disagreement with fp32 on held-out calibration images), auto (all of speed/linear/partial measured, the fastest within --max-drop kept), partial (alias accuracy: Linear/Conv weights and inputs), partial+matmul (also attention products), speed (integer chains onnxruntime fuses: conv outputs and SiLU gates quantized too) or linear (Linear only; convs float)."),
     calib: Path = typer.Option(..., "--calib", help="Calibration images: ImageFolder or flat folder."),
     calib_size: int = typer.Option(256, "--calib-size", help="Images sampled (seeded) for calibration."),
     eval_dir: Optional[Path] = typer.Option(None, "--eval", help="Labelled ImageFolder for accuracy."),
@@ -145,8 +146,9 @@ def quantize(
     bits_from: Optional[Path] = typer.Option(None, "--bits-from", help="mptq: per-layer bits YAML written by a --target-bits run."),
     skip: list[str] = typer.Option([], "--skip", help="Module-name pattern kept float (repeatable), e.g. 'head' or 'blocks.1*'."),
     full: bool = typer.Option(False, "--full", help="mptq: also quantize attention products, Softmax, GELU and LayerNorm inputs."),
-    max_drop: float = typer.Option(1.0, "--max-drop", help="--placement auto: top-1 points the chosen placement may lose on --eval."),
-    target_cpu: str = typer.Option("auto", "--target-cpu", help="int8 kernels of the deployment CPU: auto (this machine), vnni (full-range int8 weights) or avx2 (7-bit weights: no VNNI, so int16 pair sums must not saturate)."),
+    max_drop: float = typer.Option(1.0, "--max-drop", help="--placement default/auto: top-1 points the chosen placement may lose (on --eval, or as disagreement on held-out calibration images)."),
+    target_cpu: str = typer.Option("auto", "--target-cpu", help="int8 kernels of the deployment CPU: auto (this machine), portable (7-bit weights, uint8 attention operands: exact on every CPU; pick it when the deployment CPU is unknown), vnni (full-range int8: exact only with VNNI/AMX/ARM dot product, faster there); avx2 = portable."),
+    runtime: str = typer.Option("onnxruntime", "--runtime", help="Where accuracy, latency and integer coverage are measured: onnxruntime or openvino (pip install 'vitcompress[openvino]')."),
     weight_format: str = typer.Option("int8", "--weight-format", help="int8 (weights stored as int8 codes: integer kernels) or int4 (Linear weights of <= 4 bits packed two per byte as onnxruntime MatMulNBits: about half the size, computed in float)."),
 ):
     """Calibrate and quantize a model, export fp32 and QDQ ONNX, measure both."""
@@ -155,7 +157,7 @@ def quantize(
 
         given = [flag for flag, value, default in (
             ("--bits", bits, 8), ("--wbits", wbits, None), ("--abits", abits, None), ("--method", method, "minmax"),
-            ("--observer", observer, "minmax"), ("--placement", placement, "partial"), ("--target-bits", target_bits, None),
+            ("--observer", observer, "minmax"), ("--placement", placement, "default"), ("--target-bits", target_bits, None),
             ("--bit-choices", bit_choices, "4,5,6,8"), ("--bits-from", bits_from, None), ("--skip", skip, []),
             ("--full", full, False)) if value != default]
         if given:
@@ -174,7 +176,7 @@ def quantize(
                         skip=tuple(skip))
     job = api.QuantizeJob(out=out, model=model, checkpoint=checkpoint, pretrained=not no_pretrained, config=config,
                           calib_dir=calib, calib_size=calib_size, eval_dir=eval_dir, eval_size=eval_size, seed=seed, force=force,
-                          max_drop=max_drop, target_cpu=target_cpu, weight_format=weight_format)
+                          max_drop=max_drop, target_cpu=target_cpu, weight_format=weight_format, runtime=runtime)
     with _progress() as progress:
         report = _guard(api.quantize, job, progress)
     mp = report["quantization"].get("mixed_precision") or {}
@@ -297,17 +299,21 @@ def check(
     eval_size: Optional[int] = typer.Option(None, "--eval-size"),
     seed: int = typer.Option(0, "--seed"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
+    runtime: str = typer.Option("onnxruntime", "--runtime", help="onnxruntime or openvino (pip install 'vitcompress[openvino]')."),
 ):
     """CI gate: exit 0 when the artifact's top-1 drop is within --max-drop, 1 when not, 2 on bad input."""
     with _progress() as progress:
-        r = _guard(api.check, artifact, eval_dir, max_drop, baseline, model, checkpoint, True, eval_size, seed, progress)
+        r = _guard(api.check, artifact, eval_dir, max_drop, baseline, model, checkpoint, True, eval_size, seed, progress, runtime)
+    if r["cpu_compatibility"]["note"]:
+        console.print(f"[yellow]warning:[/] {r['cpu_compatibility']['note']}", highlight=False, soft_wrap=True)
     if json_file is not None:
         _guard(api.write_json, json_file, r)
     verdict = "[bold green]PASS[/]" if r["passed"] else "[bold red]FAIL[/]"
     out_console.print(
         f"{verdict} {artifact.name}: top-1 {r['artifact_accuracy']['top1']:.2f}% vs baseline "
         f"{r['baseline_accuracy']['top1']:.2f}% -> drop {r['drop']:.2f} (max {r['max_drop']:.2f}); "
-        f"agreement {r['top1_agreement']:.2f}%, KL {r['kl']:.4f}, {r['images']} images", highlight=False)
+        f"agreement {r['top1_agreement']:.2f}%, KL {r['kl']:.4f}, {r['images']} images "
+        f"({r['runtime']['name']} {r['runtime']['version']}, {r['cpu_compatibility']['cpu']['isa']})", highlight=False)
     raise typer.Exit(0 if r["passed"] else EXIT_FAIL)
 
 
@@ -330,15 +336,16 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), "--out"),
     force: bool = typer.Option(True, "--force/--no-force", help="Overwrite the demo folder (default yes)."),
 ):
-    """Quantize the bundled reference model (W8A8 minmax) on the bundled images, offline."""
+    """Quantize the bundled reference model (W8A8 minmax, placement chosen by measurement) on the bundled images, offline."""
     for p in (api.DEMO_CHECKPOINT, api.DEMO_CALIB, api.DEMO_EVAL):
         if not p.exists():
             _fail(f"bundled demo file missing: {p} (run from a source checkout)")
     out_console.print(f"demo: {api.DEMO_CHECKPOINT.name}, calibration {api.DEMO_CALIB}, evaluation {api.DEMO_EVAL}")
     quantize(out=out, model=None, checkpoint=api.DEMO_CHECKPOINT, no_pretrained=False, bits=8, wbits=None, abits=None,
-             method="minmax", observer="minmax", placement="partial", calib=api.DEMO_CALIB, calib_size=256,
+             method="minmax", observer="minmax", placement="default", calib=api.DEMO_CALIB, calib_size=256,
              eval_dir=api.DEMO_EVAL, eval_size=None, seed=0, force=force, json_out=False, recipe=None,
-             target_bits=None, bit_choices="4,5,6,8", bits_from=None, full=False, skip=[], max_drop=1.0, target_cpu="auto", weight_format="int8")
+             target_bits=None, bit_choices="4,5,6,8", bits_from=None, full=False, skip=[], max_drop=1.0, target_cpu="auto", weight_format="int8",
+             runtime="onnxruntime")
 
 
 def main() -> None:

@@ -1,23 +1,76 @@
-"""Which int8 kernels the deployment CPU has, and what that asks of the quantized weights.
+"""Which int8 kernels a CPU has, which numerics an artifact needs, and whether the two agree.
 
-onnxruntime's x86 int8 GEMMs multiply uint8 activations by int8 weights. With AVX-512 VNNI (or
-AVX-VNNI / AMX) the products are accumulated straight into int32. Without VNNI, AVX2 kernels add
-pairs of u8·s8 products into int16 first (vpmaddubsw), which saturates when both operands use
-their full range: 255·127·2 > 32767. onnxruntime's guidance for such CPUs is ``reduce_range``:
-7-bit weights (−64..63 on the int8 grid), which keeps every pair sum in range. We do the same:
-``--target-cpu avx2`` (or ``auto`` on a machine without VNNI) quantizes weights on 7 bits of the
-int8 grid; ``vnni`` keeps all 8. With VNNI the second operand of an activation-by-activation
-product (attention's kᵀ and v) is also exported on the int8 grid, so onnxruntime runs u8·s8
-instead of its slower u8·u8 GEMM (``export.onnx_export.sign_activation_matmul_operands``).
+Rules as data, each with its reason (the figures live in docs/quantization.md):
+
+- ``ISAS``: the int8 instruction sets onnxruntime and OpenVINO dispatch on, best first. What
+  matters for exactness is how u8·s8 products are summed. VNNI (AVX-512 VNNI, AVX-VNNI), AMX and
+  ARM's dot-product instructions accumulate them straight into int32. AVX2 and AVX-512 without
+  VNNI add *pairs* of u8·s8 products into int16 first (vpmaddubsw), which saturates when both
+  operands use their full range: 255·127·2 > 32767.
+- ``TARGETS``: what ``--target-cpu`` asks of the artifact. ``portable`` keeps every weight on 7
+  bits (−64..63: 255·64·2 = 32640 fits int16) and attention products' operands uint8, so it is
+  exact on every CPU; ``vnni`` keeps all 8 bits of the weights and exports attention products'
+  second operand as int8 (u8·s8 kernels, faster), which is exact only where products accumulate
+  in int32. ``avx2`` is the older name of ``portable``.
+- What an artifact needs is read from the artifact itself (``artifact_numerics``: its largest
+  weight code and its int8 activation operands), so a hand-made or re-exported file is judged by
+  what it holds, not by what it claims.
 """
 from __future__ import annotations
 
+import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import VitcompressError
 
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-TARGETS = ("auto", "vnni", "avx2")
+# Largest |weight code| whose u8·s8 pair sums fit int16: 255 · (64 + 64) = 32640 <= 32767.
+PAIR_SAFE_WEIGHT_CODE = 64
+
+
+@dataclass(frozen=True)
+class Isa:
+    """One int8 instruction set: the /proc/cpuinfo flags that reveal it, and whether u8·s8
+    products accumulate in int32 (``int32_dot``: full-range operands are exact)."""
+
+    name: str
+    flags: tuple[str, ...]
+    int32_dot: bool
+    reason: str
+
+
+ISAS: tuple[Isa, ...] = (
+    Isa("amx", ("amx_int8",), True, "AMX tiles accumulate int8 products in int32"),
+    Isa("avx512_vnni", ("avx512_vnni",), True, "vpdpbusd accumulates u8·s8 products in int32"),
+    Isa("avx_vnni", ("avx_vnni",), True, "vpdpbusd (VEX) accumulates u8·s8 products in int32"),
+    Isa("avx512", ("avx512bw",), False, "vpmaddubsw adds u8·s8 pairs in int16: full-range operands can saturate"),
+    Isa("avx2", ("avx2",), False, "vpmaddubsw adds u8·s8 pairs in int16: full-range operands can saturate"),
+    Isa("arm_dotprod", ("asimddp",), True, "sdot/udot accumulate int8 products in int32"),
+    Isa("arm_neon", ("asimd", "neon"), True, "widening multiplies accumulate in int32"),
+    Isa("x86_sse", ("sse4_1", "ssse3", "sse2"), True, "products widened to int16 then pmaddwd into int32"),
+)
+UNKNOWN_ISA = Isa("unknown", (), False, "CPU flags unreadable: assume pair sums in int16")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What ``--target-cpu`` asks of the weights and of attention products' operands."""
+
+    name: str
+    reduce_range: bool  # weights on 7 bits of the int8 grid
+    signed_matmul_operands: bool  # attention products' second operand int8 (u8·s8 kernels)
+    reason: str
+
+
+TARGETS: dict[str, Target] = {
+    "portable": Target("portable", True, False,
+                       "7-bit weights and uint8 attention operands: exact on every CPU, VNNI or not"),
+    "vnni": Target("vnni", False, True,
+                   "full-range int8 weights, int8 second operands of attention products: exact only on CPUs "
+                   "whose int8 products accumulate in int32 (VNNI, AMX, ARM dot product)"),
+}
+TARGET_ALIASES = {"avx2": "portable"}
+TARGET_CHOICES = ("auto", *TARGETS, *TARGET_ALIASES)
 
 
 def cpu_flags() -> set[str]:
@@ -30,25 +83,75 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name, e.g. 'AMD EPYC' ('' where unknown)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("model name", "Model", "CPU part"))), "")
+    return line.partition(":")[2].strip() or platform.processor()
+
+
+def detect_isa(flags: set[str] | None = None) -> Isa:
+    """The best int8 instruction set among ``flags`` (this machine's by default)."""
+    flags = cpu_flags() if flags is None else flags
+    return next((isa for isa in ISAS if any(f in flags for f in isa.flags)), UNKNOWN_ISA)
+
+
+def this_cpu(flags: set[str] | None = None) -> dict:
+    """{"model", "isa", "int32_dot"}: what a report or an artifact records about a CPU."""
+    isa = detect_isa(flags)
+    return {"model": cpu_model(), "isa": isa.name, "int32_dot": isa.int32_dot}
+
+
 def signed_matmul_operands(reduce_range: bool) -> bool:
     """Whether attention products get int8 second operands: only with full-range weights, i.e. for
-    a VNNI target (a 7-bit target is one whose int16 pair sums could saturate)."""
+    a ``vnni`` target (a 7-bit target is one meant for CPUs whose pair sums could saturate)."""
     return not reduce_range
 
 
 def resolve_target(target: str, flags: set[str] | None = None) -> dict:
-    """{"target", "vnni", "reduce_range", "signed_matmul_operands", "why"} for ``--target-cpu``
-    (auto: this machine)."""
-    if target not in TARGETS:
-        raise VitcompressError(f"unknown --target-cpu '{target}' (choose from {', '.join(TARGETS)})")
+    """{"target", "resolved", "vnni", "reduce_range", "signed_matmul_operands", "built_on", "why"}
+    for ``--target-cpu`` (auto: ``vnni`` where this CPU accumulates int8 products in int32, else
+    ``portable``)."""
+    if target not in TARGET_CHOICES:
+        raise VitcompressError(f"unknown --target-cpu '{target}' (choose from {', '.join(TARGET_CHOICES)})")
+    built_on = this_cpu(flags)
     if target == "auto":
-        flags = cpu_flags() if flags is None else flags
-        found = sorted(f for f in VNNI_FLAGS if f in flags)
-        vnni = bool(found)
-        why = f"this machine has {', '.join(found)}" if vnni else "this machine has no VNNI flag"
+        isa = detect_isa(flags)
+        chosen = TARGETS["vnni" if isa.int32_dot else "portable"]
+        why = f"this CPU ({built_on['model'] or 'unknown model'}) has {isa.name}: {isa.reason}"
     else:
-        vnni = target == "vnni"
+        chosen = TARGETS[TARGET_ALIASES.get(target, target)]
         why = f"--target-cpu {target}"
-    return {"target": target, "vnni": vnni, "reduce_range": not vnni, "signed_matmul_operands": signed_matmul_operands(not vnni),
-            "why": why + ("; full-range int8 weights, int8 second operands of attention products" if vnni
-                          else "; 7-bit weights and uint8 attention operands so AVX2's int16 pair sums cannot saturate")}
+    return {"target": target, "resolved": chosen.name, "vnni": not chosen.reduce_range,
+            "reduce_range": chosen.reduce_range, "signed_matmul_operands": chosen.signed_matmul_operands,
+            "built_on": built_on, "why": f"{why}; {chosen.reason}"}
+
+
+def target_of_numerics(max_weight_code: int, signed_operands: int) -> str:
+    """The target whose guarantees an artifact holding these numerics meets."""
+    return "portable" if max_weight_code <= PAIR_SAFE_WEIGHT_CODE and signed_operands == 0 else "vnni"
+
+
+def compatibility(numerics: dict | None, flags: set[str] | None = None) -> dict:
+    """Whether an artifact with ``numerics`` (see ``artifact_numerics``) computes exactly on this CPU.
+
+    {"exact": bool | None, "cpu": this_cpu(), "note": one line or ""}; exact is None for an
+    artifact that records no numerics (a float model, or an old export)."""
+    cpu = this_cpu(flags)
+    if not numerics:
+        return {"exact": None, "cpu": cpu, "note": ""}
+    needs_int32 = numerics.get("target") == "vnni"
+    exact = cpu["int32_dot"] or not needs_int32
+    note = "" if exact else (
+        f"this artifact needs int32 accumulation of int8 products (full-range weights: largest code "
+        f"{numerics.get('max_weight_code')}, {numerics.get('signed_matmul_operands', 0)} int8 activation operands) but this CPU "
+        f"({cpu['model'] or 'unknown model'}, {cpu['isa']}) adds pairs in int16, which can saturate: results are not exact "
+        f"here; rebuild it with --target-cpu portable")
+    return {"exact": exact, "cpu": cpu, "note": note}
+
+
+__all__ = ["ISAS", "TARGETS", "Isa", "Target", "compatibility", "cpu_flags", "cpu_model", "detect_isa",
+           "resolve_target", "signed_matmul_operands", "target_of_numerics", "this_cpu"]

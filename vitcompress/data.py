@@ -132,9 +132,18 @@ def sample(image_set: ImageSet, n: int | None, seed: int) -> ImageSet:
         return image_set
     if n <= 0:
         raise VitcompressError(f"sample size must be positive, got {n}")
-    idx = sorted(random.Random(seed).sample(range(len(image_set)), n))
+    return _subset(image_set, sorted(random.Random(seed).sample(range(len(image_set)), n)))
+
+
+def _subset(image_set: ImageSet, idx: Sequence[int]) -> ImageSet:
     labels = tuple(image_set.labels[i] for i in idx) if image_set.labels is not None else None
     return replace(image_set, paths=tuple(image_set.paths[i] for i in idx), labels=labels)
+
+
+def without(image_set: ImageSet, taken: ImageSet) -> ImageSet:
+    """The images of ``image_set`` that are not in ``taken`` (e.g. those calibration did not see)."""
+    used = set(taken.paths)
+    return _subset(image_set, [i for i, p in enumerate(image_set.paths) if p not in used])
 
 
 @dataclass

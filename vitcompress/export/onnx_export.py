@@ -20,6 +20,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from ..cpu import target_of_numerics
 from ..errors import VitcompressError
 from ..fileio import atomic_path
 from ..quant.modules import onnx_export_mode, snapped_weights
@@ -32,6 +33,7 @@ SESSION_CONFIG_KEY = "onnxruntime_session_config"
 # onnxruntime's x86 default rewrites every int8 Q/DQ pair of an activation to uint8
 # (QDQS8ToU8Transformer); this entry keeps the int8 operands ``sign_activation_matmul_operands`` made.
 INT8_QDQ_ALLOWED = {"session.qdqisint8allowed": "1"}
+NUMERICS_KEY = "numerics"  # what the integer kernels need of the CPU (see integer_numerics)
 
 
 def _torch_to_onnx(model: nn.Module, input_size: tuple[int, int, int]) -> onnx.ModelProto:
@@ -205,7 +207,7 @@ def _set_metadata(model: onnx.ModelProto, metadata: dict) -> None:
     model.producer_name = "vitcompress"
 
 
-def _stored_metadata(path: str | Path) -> dict | None:
+def stored_metadata(path: str | Path) -> dict | None:
     try:
         m = onnx.load(str(path), load_external_data=False)
     except Exception as e:
@@ -215,15 +217,34 @@ def _stored_metadata(path: str | Path) -> dict | None:
 
 def read_metadata(path: str | Path) -> dict:
     """The preprocessing/provenance dict stored in an artifact by ``export``."""
-    metadata = _stored_metadata(path)
+    metadata = stored_metadata(path)
     if metadata is None:
         raise VitcompressError(f"{path} carries no vitcompress metadata (preprocessing unknown); it was not exported by vitcompress")
     return metadata
 
 
+def integer_numerics(model: onnx.ModelProto, signed_operands: int) -> dict:
+    """What the artifact's integer kernels need of the CPU, read from what it holds: its largest
+    int8 weight code and its int8 activation operands (see ``vitcompress.cpu``)."""
+    inits = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    peak = 0
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            codes = numpy_helper.to_array(inits[n.input[0]])
+            if codes.size:
+                peak = max(peak, int(np.abs(codes.astype(np.int32)).max()))
+    return {"max_weight_code": peak, "signed_matmul_operands": signed_operands,
+            "target": target_of_numerics(peak, signed_operands)}
+
+
+def artifact_numerics(path: str | Path) -> dict | None:
+    """The numerics an artifact recorded at export (None: a float model or an older export)."""
+    return (stored_metadata(path) or {}).get(NUMERICS_KEY)
+
+
 def session_config(path: str | Path) -> dict[str, str]:
     """The onnxruntime session config entries an artifact was exported for ({} for other files)."""
-    return dict((_stored_metadata(path) or {}).get(SESSION_CONFIG_KEY, {}))
+    return dict((stored_metadata(path) or {}).get(SESSION_CONFIG_KEY, {}))
 
 
 def update_metadata(path: str | Path, updates: dict) -> None:
@@ -381,6 +402,8 @@ def export_qdq(model: nn.Module, input_size: tuple[int, int, int], path: str | P
     packed = pack_int4_weights(proto) if pack_int4 else 0
     if signed:
         metadata = {**metadata, SESSION_CONFIG_KEY: {**metadata.get(SESSION_CONFIG_KEY, {}), **INT8_QDQ_ALLOWED}}
+    numerics = integer_numerics(proto, signed)
+    metadata = {**metadata, NUMERICS_KEY: numerics}
     _set_metadata(proto, metadata)
     _save(proto, Path(path))
     counts = {}
@@ -388,5 +411,5 @@ def export_qdq(model: nn.Module, input_size: tuple[int, int, int], path: str | P
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return {"folded_weight_quantizers": folded, "signed_matmul_operands": signed, "weight_only_int4_matmuls": nbits,
-            "int4_packed_weights": packed, SESSION_CONFIG_KEY: metadata.get(SESSION_CONFIG_KEY, {}),
+            "int4_packed_weights": packed, SESSION_CONFIG_KEY: metadata.get(SESSION_CONFIG_KEY, {}), NUMERICS_KEY: numerics,
             **counts, "nodes": len(proto.graph.node)}

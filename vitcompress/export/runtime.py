@@ -1,18 +1,39 @@
-"""onnxruntime sessions, side-by-side latency, and int8 coverage of an exported model."""
+"""Runtimes (onnxruntime by default, OpenVINO as an option), side-by-side latency, and int8 coverage."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import statistics
 import tempfile
 import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Union
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from ..errors import VitcompressError
-from .onnx_export import session_config
+from ..registry import lookup
+from ..cpu import compatibility
+from .onnx_export import NUMERICS_KEY, SESSION_CONFIG_KEY, stored_metadata
+
+
+class CpuMismatchWarning(UserWarning):
+    """An artifact whose integer numerics are not exact on the CPU running it (see ``vitcompress.cpu``)."""
+
+
+def _runtime_needs(path: str | Path) -> dict:
+    """The artifact's metadata as a runtime needs it; warns when its numerics are not exact on this CPU."""
+    stored = stored_metadata(path) or {}
+    note = compatibility(stored.get(NUMERICS_KEY))["note"]
+    if note:
+        warnings.warn(f"{Path(path).name}: {note}", CpuMismatchWarning, stacklevel=3)
+    return stored
 
 # Kernels that compute in integers on onnxruntime's CPU provider. Not MatMulNBits: its 4-bit
 # weights are unpacked into a float GEMM (accuracy_level 0), or its input requantized on a grid of
@@ -25,6 +46,19 @@ COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulNBits
 WEIGHT_ONLY_OPS = frozenset({"MatMulNBits"})  # packed low-bit weights, float arithmetic
 
 
+class OrtSession:
+    """An onnxruntime session as the runtimes share it: called on a batch, returns the logits."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, session: ort.InferenceSession):
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
+
+
 def make_session(path: str | Path, threads: int = 0, optimized_path: str | None = None,
                  level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
     opts = ort.SessionOptions()
@@ -32,7 +66,7 @@ def make_session(path: str | Path, threads: int = 0, optimized_path: str | None 
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = level
     opts.log_severity_level = 3
-    for key, value in session_config(path).items():  # what the artifact was exported for (its metadata)
+    for key, value in _runtime_needs(path).get(SESSION_CONFIG_KEY, {}).items():  # what the artifact was exported for
         opts.add_session_config_entry(key, value)
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
@@ -43,33 +77,93 @@ def make_session(path: str | Path, threads: int = 0, optimized_path: str | None 
         raise VitcompressError(f"onnxruntime cannot load {path}: {msg[:300]}") from None
 
 
-def run_session(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+def _open_onnxruntime(path: str | Path, threads: int) -> OrtSession:
+    return OrtSession(make_session(path, threads))
+
+
+def _open_openvino(path: str | Path, threads: int):
+    from .openvino_runtime import open_session
+
+    _runtime_needs(path)
+    return open_session(path, threads)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """An inference engine that runs our ONNX files as they are (no conversion step for the user)."""
+
+    name: str
+    module: str  # the Python package that provides it
+    install: str  # how to get it when it is missing (optional extras)
+    open: Callable[[str | Path, int], Callable[[np.ndarray], np.ndarray]]
+
+    def version(self) -> str:
+        return importlib.import_module(self.module).__version__.split("-")[0]
+
+    def available(self) -> bool:
+        return importlib.util.find_spec(self.module) is not None
+
+
+RUNTIMES: dict[str, Runtime] = {
+    "onnxruntime": Runtime("onnxruntime", "onnxruntime", "pip install onnxruntime", _open_onnxruntime),
+    "openvino": Runtime("openvino", "openvino", "pip install 'vitcompress[openvino]'", _open_openvino),
+}
+DEFAULT_RUNTIME = "onnxruntime"
+
+
+def get_runtime(name: str) -> Runtime:
+    """The runtime called ``name``; one line naming the install command when its package is missing."""
+    runtime = lookup(RUNTIMES, name, "runtime")
+    if not runtime.available():
+        raise VitcompressError(f"runtime '{name}' is not installed: {runtime.install}")
+    return runtime
+
+
+def open_session(path: str | Path, runtime: str = DEFAULT_RUNTIME, threads: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+    """A session of ``runtime`` over an exported file: called on a float batch, returns the logits."""
+    return get_runtime(runtime).open(path, threads)
+
+
+def runtime_info(name: str) -> dict:
+    """{"name", "version"} of a runtime, for every latency a report shows."""
+    return {"name": name, "version": get_runtime(name).version()}
+
+
+def run_session(session, x: np.ndarray) -> np.ndarray:
+    """Logits of an onnxruntime InferenceSession or of any ``open_session`` result."""
+    if callable(session):
+        return session(x)
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-def compare_latency(paths: dict[str, str | Path], input_shape: tuple[int, ...], threads: int = 1,
-                    rounds: int = 30, warmup: int = 5, seed: int = 0) -> dict[str, dict]:
+Candidate = Union[str, Path, tuple]  # a path (default runtime) or (path, runtime name)
+
+
+def compare_latency(paths: dict[str, Candidate], input_shape: tuple[int, ...], threads: int = 1,
+                    rounds: int = 30, warmup: int = 5, seed: int = 0, runtime: str = DEFAULT_RUNTIME) -> dict[str, dict]:
     """Median latency (ms) of several models, timed alternately in one process.
 
     Alternating A B B A ... spreads machine noise evenly, so the ratio of medians holds even when
-    absolute times drift (see benchmarking notes).
+    absolute times drift (see benchmarking notes). Each entry is a path run by ``runtime``, or a
+    (path, runtime) pair, so one run can put the same file on two runtimes side by side.
     """
-    sessions = {name: make_session(p, threads) for name, p in paths.items()}
+    runtimes = {name: (p if isinstance(p, tuple) else (p, runtime)) for name, p in paths.items()}
+    sessions = {name: open_session(p, rt, threads) for name, (p, rt) in runtimes.items()}
     x = np.random.default_rng(seed).standard_normal(input_shape).astype(np.float32)
     names = list(sessions)
     for name in names:
         for _ in range(warmup):
-            run_session(sessions[name], x)
+            sessions[name](x)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
             t0 = time.perf_counter()
-            run_session(sessions[name], x)
+            sessions[name](x)
             times[name].append((time.perf_counter() - t0) * 1e3)
     return {
         n: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "rounds": rounds, "threads": threads,
-            "batch": input_shape[0]}
+            "batch": input_shape[0], "runtime": runtime_info(runtimes[n][1])}
         for n, t in times.items()
     }
 
@@ -122,29 +216,29 @@ def _macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     return 0
 
 
-def int8_coverage(qdq_path: str | Path) -> dict:
-    """Share of MACs that onnxruntime runs in integer kernels, and the float islands.
-
-    Each compute node (MatMul/Gemm/Conv) of the exported graph is identified by the quantized
-    tensors feeding its DequantizeLinear inputs; it counts as integer when a node of an integer
-    kernel type in onnxruntime's optimized graph carries its name (onnxruntime names fused kernels
-    after the node they replace) or consumes one of those quantized tensors; each integer kernel
-    is matched to one compute node at most.
-    """
-    model = onnx.load(str(qdq_path))
-    compute_nodes = [n for n in model.graph.node if n.op_type in COMPUTE_OPS]
-    shapes = _measured_shapes(model, {t for n in compute_nodes for t in (*n.input[:2], n.output[0])})
+def _compute_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, int, frozenset]]:
+    """(node, MACs at batch 1, quantized tensors feeding its DequantizeLinear inputs) of every
+    MatMul/Gemm/Conv of an exported graph."""
+    nodes = [n for n in model.graph.node if n.op_type in COMPUTE_OPS]
+    shapes = _measured_shapes(model, {t for n in nodes for t in (*n.input[:2], n.output[0])})
     producer = {o: n for n in model.graph.node for o in n.output}
     compute = []
-    for n in model.graph.node:
-        if n.op_type not in COMPUTE_OPS:
-            continue
+    for n in nodes:
         qinputs = set()
         for i in n.input[:2]:
             p = producer.get(i)
             if p is not None and p.op_type == "DequantizeLinear":
                 qinputs.add(p.input[0])
         compute.append((n, _macs(n, shapes), frozenset(qinputs)))
+    return compute
+
+
+def _onnxruntime_integer(qdq_path: str | Path, compute: list) -> tuple[list[bool], dict[str, int]]:
+    """Which compute nodes onnxruntime's optimized graph runs as integer kernels, and those kernels' counts.
+
+    A compute node counts as integer when a node of an integer kernel type carries its name
+    (onnxruntime names fused kernels after the node they replace) or consumes one of its quantized
+    tensors; each integer kernel is matched to one compute node at most."""
     with tempfile.TemporaryDirectory() as d:
         opt_path = os.path.join(d, "optimized.onnx")
         make_session(qdq_path, 1, opt_path, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
@@ -153,11 +247,10 @@ def int8_coverage(qdq_path: str | Path) -> dict:
     integer_inputs = [set(n.input) for n in integer_nodes]
     claimed = [False] * len(integer_nodes)
     by_name = {n.name: k for k, n in enumerate(integer_nodes) if n.name}
-    total = sum(m for _, m, _ in compute) or 1
-    int_macs, islands = 0, []
-    for n, macs, q in compute:
-        # onnxruntime names a fused kernel after the node it replaces; failing that, one shared
-        # quantized input identifies it (fusions may rename a weight or an s8->u8 activation).
+    flags = []
+    for n, _, q in compute:
+        # failing the name, one shared quantized input identifies the kernel (fusions may rename
+        # a weight or an s8->u8 activation).
         best = by_name.get(n.name) if n.name else None
         if best is not None and claimed[best]:
             best = None
@@ -168,16 +261,38 @@ def int8_coverage(qdq_path: str | Path) -> dict:
                 best, best_overlap = k, overlap
         if best is not None:
             claimed[best] = True
+        flags.append(best is not None)
+    return flags, dict(Counter(n.op_type for n in integer_nodes))
+
+
+def _openvino_integer(qdq_path: str | Path, compute: list) -> tuple[list[bool], dict[str, int]]:
+    from .openvino_runtime import integer_layers
+
+    layers = integer_layers(qdq_path)  # original ONNX node name -> the executed layer's type, if integer
+    flags = [bool(n.name) and n.name in layers for n, _, _ in compute]
+    return flags, dict(Counter(layers.values()))
+
+
+INTEGER_KERNELS = {"onnxruntime": _onnxruntime_integer, "openvino": _openvino_integer}
+
+
+def int8_coverage(qdq_path: str | Path, runtime: str = DEFAULT_RUNTIME) -> dict:
+    """Share of MACs that ``runtime`` runs in integer kernels, and the float islands."""
+    get_runtime(runtime)
+    model = onnx.load(str(qdq_path))
+    compute = _compute_nodes(model)
+    integer, op_counts = lookup(INTEGER_KERNELS, runtime, "runtime")(qdq_path, compute)
+    total = sum(m for _, m, _ in compute) or 1
+    int_macs, islands = 0, []
+    for (n, macs, q), is_int in zip(compute, integer):
+        if is_int:
             int_macs += macs
         else:
             islands.append({"node": n.name or n.output[0], "layer": module_name_of(n.name), "op": n.op_type,
                             "macs": macs, "quantized_inputs": len(q), "weight_only": n.op_type in WEIGHT_ONLY_OPS})
     islands.sort(key=lambda r: -r["macs"])
-    op_counts: dict[str, int] = {}
-    for n in optimized.graph.node:
-        if n.op_type in INTEGER_OPS:
-            op_counts[n.op_type] = op_counts.get(n.op_type, 0) + 1
     return {
+        "runtime": runtime_info(runtime),
         "integer_mac_share": int_macs / total,
         "total_macs": total,
         "integer_macs": int_macs,

@@ -96,6 +96,37 @@ FAMILY_SKIP: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+@dataclass(frozen=True)
+class DefaultRule:
+    """Which placements the default (``--placement default``) tries, in order, for a runtime, a
+    model family and a CPU's int8 ISA (fnmatch patterns): the first one measured faster than float
+    within the accuracy budget is kept, so the choice is the same from run to run."""
+
+    runtime: str
+    family: str
+    isa: str
+    order: tuple[str, ...]
+    reason: str
+
+
+# First match wins. Figures in docs/quantization.md ("The default placement").
+DEFAULT_RULES: tuple[DefaultRule, ...] = (
+    DefaultRule("onnxruntime", "*", "*", ("speed", "linear", "partial"),
+                "onnxruntime fuses the speed placement's chains (QLinearConv, QLinearSigmoid, integer attention "
+                "products) and leaves partial's quantized convs as Q/DQ around float convs; speed was the fastest "
+                "placement on every family measured, with VNNI and with AVX2 only"),
+    DefaultRule("openvino", "*", "*", ("speed", "partial", "linear"),
+                "OpenVINO's CPU plugin runs the quantized convs of partial artifacts as u8 kernels too; speed adds "
+                "integer attention products and conv outputs"),
+)
+
+
+def default_placement_order(runtime: str, family: str, isa: str) -> DefaultRule:
+    """The rule for this runtime, family and ISA (the last rule's order when none matches)."""
+    return next((r for r in DEFAULT_RULES if fnmatch.fnmatch(runtime, r.runtime) and fnmatch.fnmatch(family, r.family)
+                 and fnmatch.fnmatch(isa, r.isa)), DEFAULT_RULES[-1])
+
+
 def get_placement(name: str) -> Placement:
     try:
         return PLACEMENTS[ALIASES.get(name, name)]

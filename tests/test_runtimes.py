@@ -1,0 +1,75 @@
+"""Runtimes: the same QDQ file on onnxruntime and OpenVINO, their versions in every report, and a
+missing optional runtime as one line."""
+import copy
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from vitcompress.cli import app
+from vitcompress.data import load_tensor, sample, scan_images
+from vitcompress.errors import VitcompressError
+from vitcompress.export import RUNTIMES, compare_latency, export_float, export_qdq, int8_coverage, open_session
+from vitcompress.quant import QuantConfig, quantize_
+from vitcompress.quant.placement import DEFAULT_RULES, default_placement_order, get_placement
+from tests.conftest import VAL
+
+
+@pytest.fixture(scope="module")
+def artifacts(loaded, calib_batches, tmp_path_factory):
+    d = tmp_path_factory.mktemp("rt")
+    m = copy.deepcopy(loaded.model)
+    quantize_(m, QuantConfig(placement="speed", reduce_range=True), calib_batches)
+    export_qdq(m, loaded.preprocessing.input_size, d / "q.onnx", {"preprocessing": loaded.preprocessing.to_dict(), "num_classes": 10})
+    export_float(loaded.model, loaded.preprocessing.input_size, d / "f.onnx", {"preprocessing": loaded.preprocessing.to_dict(),
+                                                                              "num_classes": 10})
+    return d
+
+
+def test_openvino_runs_the_same_qdq_file_as_onnxruntime(loaded, artifacts):
+    x = load_tensor(sample(scan_images(VAL), 200, 0), loaded.preprocessing).numpy()
+    ort_q, ov_q = open_session(artifacts / "q.onnx", "onnxruntime")(x), open_session(artifacts / "q.onnx", "openvino")(x)
+    assert (ort_q.argmax(1) == ov_q.argmax(1)).mean() >= 0.97
+    ort_f, ov_f = open_session(artifacts / "f.onnx", "onnxruntime")(x), open_session(artifacts / "f.onnx", "openvino")(x)
+    np.testing.assert_allclose(ov_f, ort_f, atol=1e-3)  # fp32 means fp32 on OpenVINO too (no bf16 on bf16 CPUs)
+
+
+def test_coverage_and_latency_name_their_runtime(artifacts):
+    cov = int8_coverage(artifacts / "q.onnx", "openvino")
+    assert cov["runtime"]["name"] == "openvino" and cov["integer_mac_share"] > 0.5
+    assert cov["integer_kernels"].get("FullyConnected", 0) > 0
+    lat = compare_latency({"fp32_ort": artifacts / "f.onnx", "int8_ov": (artifacts / "q.onnx", "openvino")}, (1, 3, 32, 32), rounds=3, warmup=1)
+    assert lat["fp32_ort"]["runtime"]["name"] == "onnxruntime" and lat["int8_ov"]["runtime"]["name"] == "openvino"
+    assert all(v["runtime"]["version"] for v in lat.values())
+
+
+def test_a_missing_runtime_is_one_line_naming_the_install(monkeypatch, artifacts):
+    monkeypatch.setattr(type(RUNTIMES["openvino"]), "available", lambda self: False)
+    with pytest.raises(VitcompressError, match=r"runtime 'openvino' is not installed: pip install 'vitcompress\[openvino\]'"):
+        open_session(artifacts / "q.onnx", "openvino")
+    with pytest.raises(VitcompressError, match="unknown runtime 'tensorrt'"):
+        open_session(artifacts / "q.onnx", "tensorrt")
+
+
+def test_check_on_openvino_reports_runtime_and_cpu(artifacts, tmp_path):
+    runner = CliRunner()
+    args = ["check", str(artifacts / "q.onnx"), "--baseline", str(artifacts / "f.onnx"), "--eval", str(VAL), "--eval-size", "50",
+            "--max-drop", "5", "--json", str(tmp_path / "r.json")]
+    r = runner.invoke(app, args + ["--runtime", "openvino"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["runtime"]["name"] == "openvino" and report["cpu_compatibility"]["exact"] is True  # a portable artifact
+    r = runner.invoke(app, args + ["--runtime", "nope"])
+    assert r.exit_code == 2 and "unknown runtime 'nope'" in r.output
+    r = runner.invoke(app, args[:-4] + ["--max-drop", "nan"])
+    assert r.exit_code == 2 and "finite" in r.output
+
+
+def test_default_placement_rules_are_data_that_resolve_for_every_runtime():
+    for runtime in RUNTIMES:
+        rule = default_placement_order(runtime, "MobileViT v2", "avx2")
+        assert rule.runtime == runtime and rule.reason and rule.order
+        assert all(get_placement(p) for p in rule.order)
+    assert default_placement_order("onnxruntime", "DeiT", "avx512_vnni").order[0] == "speed"
+    assert {r.runtime for r in DEFAULT_RULES} == set(RUNTIMES)

@@ -1,0 +1,67 @@
+"""OpenVINO as a second runtime: the same QDQ ONNX file, read directly by its CPU plugin.
+
+The CPU plugin would compute a float model in bf16 on CPUs that have bf16 instructions (AVX-512
+BF16, AMX) unless told otherwise; we pin ``INFERENCE_PRECISION_HINT=f32`` so that "fp32" means
+fp32 on every CPU and the accuracy of a float artifact is the same as in onnxruntime. int8 parts
+of a QDQ file run in int8 whatever that hint says (they are given by the graph, not by the hint).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import VitcompressError
+
+# Latency of one request at a time, on the threads asked for: the deployment this tool measures.
+COMPILE_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+INTEGER_PRECISIONS = frozenset({"u8", "i8"})
+EXECUTED_COMPUTE_LAYERS = frozenset({"Convolution", "FullyConnected", "MatMul", "GroupConvolution", "Deconvolution"})
+
+
+class OpenVinoSession:
+    """A compiled OpenVINO model with one infer request: called on a batch, returns the logits."""
+
+    runtime = "openvino"
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        result = self.request.infer({0: x})
+        return np.array(result[self.compiled.output(0)], copy=True)
+
+
+def compile_model(path: str | Path, threads: int = 0):
+    import openvino as ov
+
+    config = dict(COMPILE_CONFIG)
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    try:
+        core = ov.Core()
+        return core.compile_model(core.read_model(str(path)), "CPU", config)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VitcompressError(f"openvino cannot load {path}: {msg[:300]}") from None
+
+
+def open_session(path: str | Path, threads: int = 0) -> OpenVinoSession:
+    return OpenVinoSession(compile_model(path, threads))
+
+
+def integer_layers(path: str | Path) -> dict[str, str]:
+    """{original ONNX node name: executed layer type} for each compute layer the CPU plugin runs on
+    integer inputs (its runtime precision u8/i8), read from the compiled model's execution graph."""
+    executed = compile_model(path, 1).get_runtime_model()
+    layers = {}
+    for op in executed.get_ordered_ops():
+        info = op.get_rt_info()
+        if info["runtimePrecision"].astype(str) not in INTEGER_PRECISIONS:
+            continue
+        kind = info["layerType"].astype(str)
+        if kind in EXECUTED_COMPUTE_LAYERS:
+            # the first original name is the compute node itself; the rest are the Q/DQ it absorbed
+            layers[info["originalLayersNames"].astype(str).split(",")[0]] = kind
+    return layers
