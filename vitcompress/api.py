@@ -281,7 +281,10 @@ AUTO_CANDIDATES = ("speed", "linear", "partial")
 def _auto_budget_kept(report: dict, max_drop: float) -> tuple[bool, str]:
     """Whether a candidate keeps the accuracy budget, and the measurement that says so: the top-1
     drop on --eval, or else (no labels) agreement with fp32 on held-out calibration images, which
-    bounds the drop: >= 100 - max_drop % agreement means at most max_drop points lost."""
+    bounds the drop: >= 100 - max_drop % agreement means at most max_drop points lost. Random
+    weights (--no-pretrained) have no accuracy to keep: only speed decides."""
+    if report["model"]["weights"] == "random":
+        return True, "random weights: accuracy not judged"
     if "accuracy" in report:
         return report["accuracy"]["drop"] <= max_drop, f"top-1 drop {report['accuracy']['drop']:.2f}"
     agreement = report["holdout_fidelity"]["top1_agreement"]

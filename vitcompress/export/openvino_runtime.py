@@ -52,8 +52,8 @@ def open_session(path: str | Path, threads: int = 0) -> OpenVinoSession:
 
 
 def integer_layers(path: str | Path) -> dict[str, str]:
-    """{original ONNX node name: executed layer type} for each compute layer the CPU plugin runs on
-    integer inputs (its runtime precision u8/i8), read from the compiled model's execution graph."""
+    """{original ONNX node name: executed layer type} for the nodes fused into each compute layer the
+    CPU plugin runs on integer inputs (runtime precision u8/i8), read from its execution graph."""
     executed = compile_model(path, 1).get_runtime_model()
     layers = {}
     for op in executed.get_ordered_ops():
@@ -62,6 +62,7 @@ def integer_layers(path: str | Path) -> dict[str, str]:
             continue
         kind = info["layerType"].astype(str)
         if kind in EXECUTED_COMPUTE_LAYERS:
-            # the first original name is the compute node itself; the rest are the Q/DQ it absorbed
-            layers[info["originalLayersNames"].astype(str).split(",")[0]] = kind
+            # the original names are the compute node and the Q/DQ (and bias Add) it absorbed
+            for name in info["originalLayersNames"].astype(str).split(","):
+                layers[name] = kind
     return layers

@@ -84,7 +84,8 @@ def _open_onnxruntime(path: str | Path, threads: int) -> OrtSession:
 def _open_openvino(path: str | Path, threads: int):
     from .openvino_runtime import open_session
 
-    _runtime_needs(path)
+    if Path(path).suffix == ".onnx":  # OpenVINO also reads its own IR (.xml), which carries no metadata of ours
+        _runtime_needs(path)
     return open_session(path, threads)
 
 
@@ -268,9 +269,9 @@ def _onnxruntime_integer(qdq_path: str | Path, compute: list) -> tuple[list[bool
 def _openvino_integer(qdq_path: str | Path, compute: list) -> tuple[list[bool], dict[str, int]]:
     from .openvino_runtime import integer_layers
 
-    layers = integer_layers(qdq_path)  # original ONNX node name -> the executed layer's type, if integer
+    layers = integer_layers(qdq_path)  # original ONNX node name -> the executed integer layer's type
     flags = [bool(n.name) and n.name in layers for n, _, _ in compute]
-    return flags, dict(Counter(layers.values()))
+    return flags, dict(Counter(layers[n.name] for (n, _, _), is_int in zip(compute, flags) if is_int))
 
 
 INTEGER_KERNELS = {"onnxruntime": _onnxruntime_integer, "openvino": _openvino_integer}
