@@ -21,7 +21,7 @@ import torch
 from common import ROOT, add_checkpoint_pair_arguments, add_io_arguments, load_checkpoint_pair, publish  # the script's own folder is on sys.path
 sys.path.insert(0, str(ROOT))
 
-from vitcompress.quant.api import batched_logits, float_copy, logits_kl  # noqa: E402
+from vitcompress.quant.calibration import batched_logits, float_copy, logits_kl  # noqa: E402
 from vitcompress.quant.bridge import layer_order  # noqa: E402
 from vitcompress.quant.fold import fold_batchnorm  # noqa: E402
 from vitcompress.quant.gptq import gptq_layers  # noqa: E402

@@ -27,7 +27,7 @@ import torch
 from common import ROOT, add_checkpoint_pair_arguments, add_io_arguments, load_checkpoint_pair, publish  # the script's own folder is on sys.path
 sys.path.insert(0, str(ROOT))
 
-from vitcompress.quant.api import batched_logits, logits_kl  # noqa: E402
+from vitcompress.quant.calibration import batched_logits, logits_kl  # noqa: E402
 from vitcompress.quant.modules import quantizers as all_quantizers  # noqa: E402
 from vitcompress.quant.scale_tuning import augmented  # noqa: E402
 

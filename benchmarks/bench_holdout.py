@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from vitcompress import load  # noqa: E402
 from vitcompress.data import load_tensor, sample, scan_images  # noqa: E402
 from vitcompress.quant import QuantConfig, quantize_  # noqa: E402
-from vitcompress.quant.api import batched_logits, logits_kl  # noqa: E402
+from vitcompress.quant.calibration import batched_logits, logits_kl  # noqa: E402
 
 SEARCH_ONLY = {"gptq": False, "bias_correction": False, "scale_tuning_steps": 0}
 FITS = [("min-max", "minmax", {}),

@@ -81,7 +81,7 @@ def test_float_target_compensates_upstream_error():
 
     from vitcompress.quant import QuantConfig, quantize_
     from vitcompress.quant.gptq import gptq_layers
-    from vitcompress.quant.api import float_copy
+    from vitcompress.quant.calibration import float_copy
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))

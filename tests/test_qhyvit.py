@@ -104,7 +104,7 @@ def test_qhyvit_zero_point_report_and_export_agreement(loaded, calib_batches, tm
     from vitcompress.export import export_qdq, make_session
     from vitcompress.export.runtime import run_session
 
-    from vitcompress.quant.api import logits_kl
+    from vitcompress.quant.calibration import logits_kl
 
     m = copy.deepcopy(loaded.model)
     calib = torch.cat(calib_batches)[:16]
@@ -205,7 +205,7 @@ def test_augmented_calibration_images_are_mirrors_and_shifts():
 
 
 def test_scale_tuning_lowers_the_kl_from_a_bad_activation_scale():
-    from vitcompress.quant.api import logits_kl, quantizers_off
+    from vitcompress.quant.calibration import logits_kl, quantizers_off
     from vitcompress.quant.scale_tuning import augmented, tune_activation_scales
 
     torch.manual_seed(0)

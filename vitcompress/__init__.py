@@ -4,7 +4,7 @@
     loaded = load("deit", checkpoint="deit.pth")
     quantize_(loaded.model, QuantConfig(wbits=8, abits=8), calibration_batches)
 """
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 from .api import QuantizeJob, check, export, load, quantize  # noqa: E402
 from .errors import VitcompressError  # noqa: E402

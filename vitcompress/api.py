@@ -26,9 +26,9 @@ from .export import (artifact_numerics, check_weight_format, compare_latency, ex
                      open_session, read_metadata, update_metadata)
 from .export.runtime import DEFAULT_RUNTIME, runtime_info
 from .fileio import atomic_path, prepare_output_dir, write_json  # noqa: F401 (write_json re-exported for the CLI)
-from .models import LoadedModel, checkpoint_dict, family_of, load_model
-from .quant import QuantConfig, float_state_dict, quant_state, quantize_, restore_quantized
-from .quant.fold import prepare_folded_layout, prepare_folded_scales
+from .checkpoints import load, prune_extra
+from .models import LoadedModel, checkpoint_dict, family_of
+from .quant import QuantConfig, float_state_dict, quant_state, quantize_
 from .quant.placement import default_placement_order, get_placement, kind_of
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -61,36 +61,6 @@ class QuantizeJob:
     weight_format: str = "int8"  # int4: Linear weights of <= 4 bits stored packed as MatMulNBits (float GEMM)
     runtime: str = DEFAULT_RUNTIME  # where accuracy, latency and integer coverage are measured
     holdout_size: int = 64  # --placement auto without --eval: calibration-folder images it judges agreement on
-
-
-def load(model: str | None = None, checkpoint: str | Path | None = None, pretrained: bool = True) -> LoadedModel:
-    """load_model, plus re-applying the quantizers of a checkpoint written by `quantize`."""
-    loaded = load_model(model, checkpoint, pretrained, before_load=_layout_for_checkpoint)
-    if loaded.quant_state is not None:
-        state = loaded.quant_state
-        cfg = QuantConfig(**{**state["config"], "skip": tuple(state["config"].get("skip", ()))})
-        restore_quantized(loaded.model, cfg, state["quantizers"], family_of(loaded.arch))
-    return loaded
-
-
-def _layout_for_checkpoint(model: torch.nn.Module, checkpoint: dict) -> None:
-    """Shape a fresh model like the checkpoint's: pruned structure (heads / MLP widths) first,
-    then BatchNorm-folded weights of a quantized checkpoint."""
-    if checkpoint.get("prune_state") is not None:
-        from .prune.structure import apply_prune_state
-
-        apply_prune_state(model, checkpoint["prune_state"])
-    quant_state = checkpoint.get("quant_state") or {}
-    prepare_folded_scales(model, [tuple(p) for p in quant_state.get("folded_scales") or []])
-    prepare_folded_layout(model, [tuple(p) for p in quant_state.get("folded_pairs") or []])
-
-
-def _prune_extra(model: torch.nn.Module) -> dict:
-    """The pruned structure a model was loaded with, so its compressed checkpoint reloads too."""
-    from .prune.structure import PRUNE_STATE_ATTR
-
-    state = getattr(model, PRUNE_STATE_ATTR, None)
-    return {"prune_state": state} if state is not None else {}
 
 
 @dataclass
@@ -135,8 +105,9 @@ def _prepare(job: QuantizeJob) -> _Prepared:
 
 def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
     """Load, calibrate, quantize, export float + QDQ ONNX, evaluate both in onnxruntime, time them."""
-    if job.config.placement == DEFAULT_PLACEMENT and (job.config.method_options or {}).get("layer_bits"):
-        # per-layer bits (--bits-from) name the quantized layers of the placement they were made with
+    if job.config.placement == DEFAULT_PLACEMENT and (job.config.method != "minmax" or job.config.method_options.get("layer_bits")):
+        # A method's search (qhyvit, mptq) and per-layer bits (--bits-from) are defined on the layers
+        # of the placement they were made with: the measured choice is the baseline method's.
         job = replace(job, config=replace(job.config, placement=FIXED_LAYERS_PLACEMENT))
     if job.config.placement in MEASURED_PLACEMENTS:
         return _quantize_auto(job, progress)
@@ -186,7 +157,7 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
                            quant_state={"config": asdict(cfg), "quantizers": quant_state(qmodel),
                                         "folded_pairs": [list(p) for p in result.folded_pairs],
                                         "folded_scales": [list(p) for p in result.folded_scales]},
-                           provenance={"source": loaded.source, **common}, **_prune_extra(loaded.model))
+                           provenance={"source": loaded.source, **common}, **prune_extra(loaded.model))
     with atomic_path(ckpt_path) as tmp:
         torch.save(ckpt, tmp)
 
@@ -244,6 +215,12 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
             "export_vs_torch_agreement": fidelity(logits["torch_simulation"], logits["quantized"])["top1_agreement"],
         }
 
+    if "path" in (report["quantization"].get("mixed_precision") or {}):
+        # a greedy mixed-precision walk: its assignment (reused by --bits-from) and its Pareto plot
+        from .mptq_files import write_mixed_precision_files
+
+        for name, path in write_mixed_precision_files(out, report).items():
+            report["artifacts"][name] = file_info(path)
     if prepared.holdout_set is not None:
         report["holdout_fidelity"] = _holdout_fidelity(prepared, fp32_path, q_path, job.runtime, progress)
 
@@ -274,7 +251,7 @@ def _holdout_fidelity(prepared: _Prepared, fp32_path: Path, q_path: Path, runtim
 AUTO_PLACEMENT = "auto"  # every candidate measured; the fastest within the accuracy budget wins
 DEFAULT_PLACEMENT = "default"  # candidates in the order of placement.DEFAULT_RULES; the first faster than float within budget wins
 MEASURED_PLACEMENTS = (AUTO_PLACEMENT, DEFAULT_PLACEMENT)
-FIXED_LAYERS_PLACEMENT = "partial"  # what a recipe's mixed-precision step (and so a bits file) uses by default
+FIXED_LAYERS_PLACEMENT = "partial"  # the default of the methods beyond minmax (their searches are defined on it)
 AUTO_CANDIDATES = ("speed", "linear", "partial")
 
 
@@ -417,12 +394,14 @@ def export(out: Path, model: str | None = None, checkpoint: Path | None = None, 
 
 def check(artifact: Path, eval_dir: Path, max_drop: float, baseline: Path | None = None, model: str | None = None,
           checkpoint: Path | None = None, pretrained: bool = True, eval_size: int | None = None, seed: int = 0,
-          progress: ProgressFn = no_progress, runtime: str = DEFAULT_RUNTIME) -> dict:
+          progress: ProgressFn = no_progress, runtime: str = DEFAULT_RUNTIME, min_agreement: float | None = None) -> dict:
     """Evaluate an exported artifact against its float baseline on ``runtime``; ``passed`` when
-    drop <= max_drop. The report says whether the artifact's integer numerics are exact on this CPU
+    drop <= max_drop (and top-1 agreement >= ``min_agreement`` %, when given). The report says whether the artifact's integer numerics are exact on this CPU
     (``cpu_compatibility``): the gate still stands on what was measured here."""
     if not (max_drop >= 0 and np.isfinite(max_drop)):
         raise VitcompressError(f"--max-drop must be a finite number >= 0, got {max_drop}")
+    if min_agreement is not None and not 0 <= min_agreement <= 100:
+        raise VitcompressError(f"--min-agreement must be a percentage between 0 and 100, got {min_agreement}")
     meta = read_metadata(artifact)
     get_runtime(runtime)
     from .data import Preprocessing
@@ -449,12 +428,13 @@ def check(artifact: Path, eval_dir: Path, max_drop: float, baseline: Path | None
     acc_a = summarize(logits["artifact"], labels, label_map, num_classes)
     acc_b = summarize(logits["baseline"], labels, label_map, num_classes)
     drop = acc_b["top1"] - acc_a["top1"]
+    agreement = fidelity(logits["baseline"], logits["artifact"])
     return {
         "schema": REPORT_SCHEMA, "command": "check", "artifact": str(artifact), "baseline": base_desc,
         "eval_dir": str(eval_dir), "images": stats.loaded, "skipped": stats.skipped,
         "artifact_accuracy": acc_a, "baseline_accuracy": acc_b, "drop": drop, "max_drop": max_drop,
-        **fidelity(logits["baseline"], logits["artifact"]),
-        "passed": bool(drop <= max_drop),
+        **agreement, "min_agreement": min_agreement,
+        "passed": bool(drop <= max_drop and (min_agreement is None or agreement["top1_agreement"] >= min_agreement)),
         "artifact_label": (meta.get("quantization") or {}).get("label", meta.get("kind")),
         "runtime": runtime_info(runtime),
         "built_for": meta.get("target_cpu"),

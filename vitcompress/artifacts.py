@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .models import LoadedModel
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)

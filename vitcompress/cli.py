@@ -153,7 +153,7 @@ def quantize(
 ):
     """Calibrate and quantize a model, export fp32 and QDQ ONNX, measure both."""
     if recipe is not None:
-        from .recipe import load_recipe
+        from .recipe import quantize_step
 
         given = [flag for flag, value, default in (
             ("--bits", bits, 8), ("--wbits", wbits, None), ("--abits", abits, None), ("--method", method, "minmax"),
@@ -163,10 +163,7 @@ def quantize(
         if given:
             _fail(f"--recipe sets the quantization; drop {', '.join(given)} or put them in the recipe")
 
-        steps = _guard(load_recipe, recipe)
-        if len(steps) != 1 or not isinstance(steps[0], api.QuantConfig):
-            _fail(f"recipe {recipe}: `quantize` runs exactly one quantize step")
-        config = steps[0]
+        config = _guard(quantize_step, recipe).quant
     else:
         from .mptq_files import mptq_cli_options
 
@@ -180,10 +177,6 @@ def quantize(
     with _progress() as progress:
         report = _guard(api.quantize, job, progress)
     mp = report["quantization"].get("mixed_precision") or {}
-    if "path" in mp:  # a greedy mixed-precision walk: its assignment (for --bits-from) and Pareto plot
-        from .mptq_files import write_mixed_precision_files
-
-        _guard(write_mixed_precision_files, out, report)
     if json_out:
         print(json.dumps(report, indent=2))
     else:
@@ -315,6 +308,47 @@ def check(
         f"agreement {r['top1_agreement']:.2f}%, KL {r['kl']:.4f}, {r['images']} images "
         f"({r['runtime']['name']} {r['runtime']['version']}, {r['cpu_compatibility']['cpu']['isa']})", highlight=False)
     raise typer.Exit(0 if r["passed"] else EXIT_FAIL)
+
+
+def _step_summary(kind: str, report: dict) -> str:
+    """One line of what a step measured."""
+    if kind == "check":
+        verdict = "PASS" if report["passed"] else "FAIL"
+        bar = f"max drop {report['max_drop']:.2f}" + (f", min agreement {report['min_agreement']:.1f}%" if report.get("min_agreement") is not None else "")
+        return (f"{verdict}: drop {report['drop']:.2f} ({bar}); agreement {report['top1_agreement']:.2f}%, "
+                f"{report['images']} images, {report['runtime']['name']}")
+    speed = (report.get("latency") or {}).get("speedup")
+    label = report.get("bits", {}).get("label") or report.get("pruning", {}).get("label", "")
+    acc = report.get("accuracy") or {}
+    drop = acc.get("drop", acc.get("drop_after_recovery"))
+    return f"{label}" + (f", {speed:.2f}x vs fp32" if speed else "") + (f", top-1 drop {drop:.2f}" if drop is not None else "")
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe file (schema vitcompress-recipe/1)."),
+    out: Path = typer.Option(..., "--out", help="Run folder: one sub-folder per step, manifest.json."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe field: quantize.wbits=6, 2.max_drop=0.5, data.eval_size=500, seed=1 (repeatable)."),
+    force: bool = typer.Option(False, "--force", help="Redo every step, and overwrite a folder that holds something else."),
+    json_out: bool = typer.Option(False, "--json", help="Print manifest.json to stdout."),
+):
+    """Run a recipe (prune -> quantize -> check ...); finished steps whose inputs did not change are reused."""
+    from .pipeline import load_recipe, run_recipe
+
+    parsed = _guard(load_recipe, recipe, set_)
+
+    def on_step(result) -> None:
+        out_console.print(f"{result.index:>2}. {result.kind:<9} {result.status:<6} {_step_summary(result.kind, result.report)} "
+                          f"[{result.folder.name}/]", highlight=False)
+
+    with _progress() as progress:
+        manifest = _guard(run_recipe, parsed, out, force, progress, on_step)
+    if json_out:
+        print(json.dumps(manifest, indent=2))
+    final = manifest["final_artifact"]
+    out_console.print(f"{'passed' if manifest['passed'] else 'FAILED'}: {out}/manifest.json"
+                      + (f"; final artifact {out}/{final}" if final else ""), highlight=False)
+    raise typer.Exit(0 if manifest["passed"] else EXIT_FAIL)
 
 
 @app.command()

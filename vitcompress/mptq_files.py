@@ -106,9 +106,11 @@ def mptq_cli_options(method: str, target_bits: float | None, bit_choices: str, b
     return options
 
 
-def write_mixed_precision_files(out: Path, report: dict) -> None:
+def write_mixed_precision_files(out: Path, report: dict) -> dict[str, Path]:
     """bits.yaml (the assignment, for --bits-from) and pareto.png (the walk) beside report.json."""
     mp = report["quantization"]["mixed_precision"]
     full = bool(report["quantization"].get("mptq", {}).get("full", False))
-    write_bits_yaml(Path(out) / "bits.yaml", mp, report["model"]["arch"], full)
-    plot_pareto(Path(out) / "pareto.png", mp, f"{report['model']['arch']} greedy mixed precision, target {mp['target_bits']:g} bits")
+    files = {"bits": Path(out) / "bits.yaml", "pareto": Path(out) / "pareto.png"}
+    write_bits_yaml(files["bits"], mp, report["model"]["arch"], full)
+    plot_pareto(files["pareto"], mp, f"{report['model']['arch']} greedy mixed precision, target {mp['target_bits']:g} bits")
+    return files

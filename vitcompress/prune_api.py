@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .api import load
+from .checkpoints import load
 from .artifacts import REPORT_SCHEMA, ProgressFn, environment, file_info, no_progress, onnx_metadata
 from .data import LoadStats, label_map_to_model, load_tensor, sample, scan_images
 from .errors import VitcompressError

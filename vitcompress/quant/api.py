@@ -1,53 +1,26 @@
 """The public quantization call: ``quantize_(model, config, calibration_batches)``.
 
-Methods register themselves by name; each receives the prepared model (quantizers inserted, in
-"off" mode) and the calibration batches, and leaves every quantizer frozen.
+Methods register themselves by name (``registry.py``); each receives the prepared model (quantizers
+inserted, in "off" mode) and the calibration batches, and leaves every quantizer frozen.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitcompressError
+from ..registry import lookup
+from . import minmax  # noqa: F401  (registers the "minmax" method)
 from .config import QuantConfig
 from .fold import fold_batchnorm, fold_layer_scale
 from .modules import quantizers, wrap_attention, wrap_silu, wrap_weighted
 from .spec import QuantSpec
 from .placement import PlacementPlan, get_placement, kind_of, plan, reads_image
+from .registry import METHODS, RESTORERS, Progress
 from .tracing import consumers_of
-
-Progress = Callable[[int, int], None]  # (done, total)
-QuantMethod = Callable[[nn.Module, QuantConfig, Sequence[torch.Tensor], Progress | None], dict]
-
-METHODS: dict[str, QuantMethod] = {}
-
-
-# A method that adds quantizers beyond the placement registers how to re-create them from a
-# checkpoint's quantizer state (before their values load), so its checkpoints reload.
-Restorer = Callable[[nn.Module, QuantConfig, dict], None]
-RESTORERS: dict[str, Restorer] = {}
-
-
-def _registrar(table: dict):
-    """``@register(name)``: a decorator that files the function under ``name`` in ``table``."""
-    def register(name: str):
-        def deco(fn):
-            table[name] = fn
-            return fn
-
-        return deco
-
-    return register
-
-
-register_method = _registrar(METHODS)
-register_restorer = _registrar(RESTORERS)
 
 
 @dataclass
@@ -104,64 +77,6 @@ def prepare(model: nn.Module, config: QuantConfig, family: str = "", example: to
     return p
 
 
-def run_batches(model: nn.Module, batches: Sequence[torch.Tensor], progress: Progress | None = None) -> None:
-    with torch.no_grad():
-        for i, x in enumerate(batches):
-            model(x)
-            if progress:
-                progress(i + 1, len(batches))
-
-
-def batched_logits(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The model's outputs for ``images``, computed ``batch_size`` at a time without gradients."""
-    with torch.no_grad():
-        return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-
-
-@contextlib.contextmanager
-def quantizers_off(model: nn.Module) -> Iterator[None]:
-    """Run the float model inside the block; every quantizer gets its mode back afterwards."""
-    modes = {q: q.mode for _, q in quantizers(model)}
-    for q in modes:
-        q.mode = "off"
-    try:
-        yield
-    finally:
-        for q, mode in modes.items():
-            q.mode = mode
-
-
-def float_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every quantizer off: the float network, same module names."""
-    copy_ = copy.deepcopy(model)
-    for _, q in quantizers(copy_):
-        q.mode = "off"
-    return copy_
-
-
-def logits_kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
-    """KL(reference ‖ candidate) of two batches of logits (or log-probabilities), mean per image."""
-    return float(F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean"))
-
-
-def set_mode(model: nn.Module, mode: str) -> None:
-    for _, q in quantizers(model):
-        if mode == "observe":
-            q.observe()
-        else:
-            q.mode = mode
-
-
-@register_method("minmax")
-def calibrate_observers(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor], progress: Progress | None) -> dict:
-    """Baseline PTQ: one calibration pass with the configured observers, then freeze."""
-    set_mode(model, "observe")
-    run_batches(model, batches, progress)
-    for _, q in quantizers(model):
-        q.freeze()
-    return {"observers": {"weights": config.weight_observer, "activations": config.act_observer}}
-
-
 def quantize_(
     model: nn.Module,
     config: QuantConfig,
@@ -170,8 +85,7 @@ def quantize_(
     family: str = "",
 ) -> QuantResult:
     """Quantize ``model`` in place (fake-quant simulation) and return what was done."""
-    if config.method not in METHODS:
-        raise VitcompressError(f"unknown method '{config.method}' (choose from {', '.join(sorted(METHODS))})")
+    method = lookup(METHODS, config.method, "method")
     batches = list(calibration)
     if not batches:
         raise VitcompressError("calibration needs at least one image")
@@ -181,7 +95,7 @@ def quantize_(
     scales = fold_layer_scale(model, batches[0][:2]) if config.fold_layer_scale else []
     folded = fold_batchnorm(model, batches[0][:2]) if config.fold_batchnorm else []
     p = prepare(model, config, family, example=batches[0])
-    info = METHODS[config.method](model, config, batches, progress)
+    info = method(model, config, batches, progress)
     return QuantResult(config, p, info, folded, scales)
 
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .api import quantizers_off, run_batches
+from .calibration import quantizers_off, run_batches
 
 
 def _channel_mean(out: torch.Tensor, layer: nn.Module) -> torch.Tensor:

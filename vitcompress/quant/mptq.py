@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import VitcompressError
-from .api import Progress, logits_kl, register_method, register_restorer, run_batches
+from .calibration import logits_kl, run_batches
+from .registry import Progress, register_method, register_restorer
 from .gptq import gptq_layers
 from .config import QuantConfig
 from .mixed_precision import average_bits, greedy_mixed_precision

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api import batched_logits, logits_kl
+from .calibration import batched_logits, logits_kl
 from .modules import TensorQuantizer
 from .spec import fake_quantize
 

@@ -1,0 +1,185 @@
+"""Pipeline steps: each a typed config and a ``run(config, state, folder, progress) -> state``.
+
+A step reads the model the previous step left (``RunState.checkpoint``) and the run's images,
+writes its artifacts into its own folder through the Python API behind the commands
+(``api.quantize``, ``prune_api.prune``, ``api.check``), and hands on the new model, the artifact
+to gate and the float baseline. New steps plug in by adding a ``StepSpec`` to ``STEPS``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from ..artifacts import ProgressFn
+from ..errors import VitcompressError
+from ..fileio import write_json
+from ..quant import QuantConfig
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What flows from step to step."""
+
+    model: str | None  # timm name, when the run starts from one
+    checkpoint: Path | None  # the current model's checkpoint (a later step loads it)
+    pretrained: bool
+    calib: Path | None
+    eval: Path | None
+    eval_size: int | None
+    seed: int
+    artifact: Path | None = None  # the latest exported model: what a check step gates
+    baseline: Path | None = None  # float ONNX of the model the recipe started from
+    passed: bool | None = None  # the last check's verdict
+
+    def require(self, what: str, value: Any, step: str) -> Any:
+        if value is None:
+            raise VitcompressError(f"step '{step}' needs {what}")
+        return value
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    method: str = "lpvit"
+    target_speedup: float | None = None
+    target_flops: float | None = None
+    block: str = "unit"
+    tile: tuple[int, ...] = (16, 16)
+    min_keep: float = 0.05
+    calib_size: int = 1024
+    recover_steps: int = 0
+    recover_size: int = 5000
+    recover_minutes: float = 10.0
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """A quantize step: ``QuantConfig``'s fields (given flat in the recipe) and the job's own."""
+
+    quant: QuantConfig = field(default_factory=lambda: QuantConfig(placement="default"))
+    calib_size: int = 256
+    target_cpu: str = "auto"
+    runtime: str = "onnxruntime"
+    max_drop: float = 1.0  # placement default/auto: top-1 points a placement may lose
+    weight_format: str = "int8"
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    max_drop: float = 1.0
+    min_agreement: float | None = None  # top-1 agreement with the baseline, %
+    eval_size: int | None = None  # default: the recipe's data.eval_size
+    runtime: str = "onnxruntime"
+
+
+def _run_prune(opts: PruneOptions, state: RunState, folder: Path, progress: ProgressFn) -> tuple[RunState, dict]:
+    from ..prune_api import PruneJob, prune
+
+    job = PruneJob(out=folder, model=state.model, checkpoint=state.checkpoint, pretrained=state.pretrained,
+                   method=opts.method, target_speedup=opts.target_speedup, target_flops=opts.target_flops, block=opts.block,
+                   tile=tuple(opts.tile), min_keep=opts.min_keep, calib_dir=state.require("data.calib", state.calib, "prune"),
+                   calib_size=opts.calib_size, eval_dir=state.eval, eval_size=state.eval_size, recover_steps=opts.recover_steps,
+                   recover_size=opts.recover_size, recover_minutes=opts.recover_minutes, seed=state.seed, force=True)
+    report = prune(job, progress)
+    return replace(state, model=None, checkpoint=folder / "model.pruned.pth", artifact=folder / "model.pruned.onnx",
+                   baseline=state.baseline or folder / "model.fp32.onnx"), report
+
+
+def _run_quantize(opts: QuantizeOptions, state: RunState, folder: Path, progress: ProgressFn) -> tuple[RunState, dict]:
+    from ..api import QuantizeJob, quantize
+
+    job = QuantizeJob(out=folder, model=state.model, checkpoint=state.checkpoint, pretrained=state.pretrained, config=opts.quant,
+                      calib_dir=state.require("data.calib", state.calib, "quantize"), calib_size=opts.calib_size,
+                      eval_dir=state.eval, eval_size=state.eval_size, seed=state.seed, force=True, max_drop=opts.max_drop,
+                      target_cpu=opts.target_cpu, weight_format=opts.weight_format, runtime=opts.runtime)
+    report = quantize(job, progress)
+    files = report["artifacts"]
+    return replace(state, model=None, checkpoint=folder / files["checkpoint"]["path"], artifact=folder / files["quantized"]["path"],
+                   baseline=state.baseline or folder / files["fp32"]["path"]), report
+
+
+def _run_check(opts: CheckOptions, state: RunState, folder: Path, progress: ProgressFn) -> tuple[RunState, dict]:
+    from ..api import check
+
+    report = check(state.require("an exported artifact (a prune or quantize step before it)", state.artifact, "check"),
+                   state.require("data.eval", state.eval, "check"), opts.max_drop,
+                   baseline=state.require("a float baseline", state.baseline, "check"),
+                   eval_size=opts.eval_size or state.eval_size, seed=state.seed, progress=progress, runtime=opts.runtime,
+                   min_agreement=opts.min_agreement)
+    write_json(folder / "report.json", report)
+    return replace(state, passed=report["passed"]), report
+
+
+def _build_default(spec: "StepSpec", fields: dict, build: Callable) -> Any:
+    return build(spec.config, fields)
+
+
+def _build_quantize(spec: "StepSpec", fields: dict, build: Callable) -> QuantizeOptions:
+    """Flat recipe keys: QuantConfig's go to the quantization config, the rest to the step."""
+    quant_keys = {f.name for f in dataclasses.fields(QuantConfig)}
+    own = {k: v for k, v in fields.items() if k not in quant_keys}
+    quant = build(QuantConfig, {"placement": "default", **{k: v for k, v in fields.items() if k in quant_keys}},
+                  extra_valid=sorted(own))
+    step = build(QuantizeOptions, own, extra_valid=sorted(quant_keys))
+    return replace(step, quant=quant)
+
+
+def _no_checks(config: Any, error: Callable[[str, str], Exception]) -> None:
+    pass
+
+
+def _validate_prune(opts: PruneOptions, error: Callable[[str, str], Exception]) -> None:
+    if (opts.target_speedup is None) == (opts.target_flops is None):
+        raise error("target_speedup", "give exactly one of target_speedup and target_flops")
+
+
+def _validate_quantize(opts: QuantizeOptions, error: Callable[[str, str], Exception]) -> None:
+    """Names a recipe can get wrong, checked before any work starts."""
+    from ..cpu import TARGET_CHOICES
+    from ..export.onnx_export import WEIGHT_FORMATS
+    from ..export.runtime import RUNTIMES
+    from ..quant import METHODS
+    from ..quant.placement import ALIASES, PLACEMENTS
+
+    placements = ("default", "auto", *PLACEMENTS, *ALIASES)
+    for name, value, choices in (("method", opts.quant.method, sorted(METHODS)), ("placement", opts.quant.placement, placements),
+                                 ("target_cpu", opts.target_cpu, TARGET_CHOICES), ("runtime", opts.runtime, tuple(RUNTIMES)),
+                                 ("weight_format", opts.weight_format, WEIGHT_FORMATS)):
+        if value not in choices:
+            raise error(name, f"unknown {name} '{value}' (choose from {', '.join(choices)})")
+    if opts.calib_size <= 0:
+        raise error("calib_size", f"expected a positive number of images, got {opts.calib_size}")
+
+
+def _validate_check(opts: CheckOptions, error: Callable[[str, str], Exception]) -> None:
+    import math
+
+    if not (math.isfinite(opts.max_drop) and opts.max_drop >= 0):
+        raise error("max_drop", f"expected a finite number >= 0, got {opts.max_drop}")
+    if opts.min_agreement is not None and not 0 <= opts.min_agreement <= 100:
+        raise error("min_agreement", f"expected a percentage between 0 and 100, got {opts.min_agreement}")
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """A kind of step: its config dataclass, how a recipe mapping becomes one, its checks, its run."""
+
+    name: str
+    config: type
+    run: Callable[[Any, RunState, Path, ProgressFn], tuple[RunState, dict]]
+    validate: Callable[[Any, Callable[[str, str], Exception]], None] = _no_checks
+    build: Callable[["StepSpec", dict, Callable], Any] = _build_default
+    needs: tuple[str, ...] = ("calib",)  # the recipe's data folders the step reads
+
+
+STEPS: dict[str, StepSpec] = {
+    "prune": StepSpec("prune", PruneOptions, _run_prune, _validate_prune),
+    "quantize": StepSpec("quantize", QuantizeOptions, _run_quantize, _validate_quantize, _build_quantize),
+    "check": StepSpec("check", CheckOptions, _run_check, _validate_check, needs=("eval",)),
+}
+
+
+def options_dict(options: Any) -> dict:
+    """A step config as plain data (for hashing and the manifest)."""
+    return dataclasses.asdict(options)

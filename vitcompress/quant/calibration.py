@@ -1,0 +1,60 @@
+"""Running a model over calibration images, and switching its quantizers: what every method shares."""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import quantizers
+from .registry import Progress
+
+def run_batches(model: nn.Module, batches: Sequence[torch.Tensor], progress: Progress | None = None) -> None:
+    with torch.no_grad():
+        for i, x in enumerate(batches):
+            model(x)
+            if progress:
+                progress(i + 1, len(batches))
+
+
+def batched_logits(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The model's outputs for ``images``, computed ``batch_size`` at a time without gradients."""
+    with torch.no_grad():
+        return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+@contextlib.contextmanager
+def quantizers_off(model: nn.Module) -> Iterator[None]:
+    """Run the float model inside the block; every quantizer gets its mode back afterwards."""
+    modes = {q: q.mode for _, q in quantizers(model)}
+    for q in modes:
+        q.mode = "off"
+    try:
+        yield
+    finally:
+        for q, mode in modes.items():
+            q.mode = mode
+
+
+def float_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every quantizer off: the float network, same module names."""
+    copy_ = copy.deepcopy(model)
+    for _, q in quantizers(copy_):
+        q.mode = "off"
+    return copy_
+
+
+def logits_kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """KL(reference ‖ candidate) of two batches of logits (or log-probabilities), mean per image."""
+    return float(F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean"))
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    for _, q in quantizers(model):
+        if mode == "observe":
+            q.observe()
+        else:
+            q.mode = mode
