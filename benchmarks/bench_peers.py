@@ -30,6 +30,7 @@ from vitcompress import QuantConfig, QuantizeJob, load, quantize  # noqa: E402
 from vitcompress.data import load_tensor, label_map_to_model, sample, scan_images  # noqa: E402
 from vitcompress.evaluate import collect_logits, fidelity, onnx_predictor, summarize  # noqa: E402
 from vitcompress.cpu import this_cpu  # noqa: E402
+from vitcompress.errors import VitcompressError  # noqa: E402
 from vitcompress.export import compare_latency, int8_coverage, open_session  # noqa: E402
 
 ZOO_MODELS = ["cifar10_vit_tiny", "cifar10_mobilevit_xxs", "cifar10_mobilevitv2_050"]
@@ -132,9 +133,16 @@ def run_model(tag: str, workdir: Path, calib_dir: Path, calib_size: int, eval_di
             files[name] = fn(files["fp32"].resolve(), (out / f"model.{name.replace(' ', '_')}.onnx").resolve(), calib)
         walls[name] = time.perf_counter() - t0
     row: dict = {"tag": tag, "arch": loaded.arch, "walls": walls, "chosen": chosen,
-                 "sizes": {k: _size(p) for k, p in files.items()}}
-    row["coverage"] = {(t, rt): int8_coverage(files[t], rt)["integer_mac_share"] for t, rt in ROWS if files[t].suffix == ".onnx"}
+                 "sizes": {k: _size(p) for k, p in files.items()}, "failed": {}}
     entries = {("fp32", rt): (files["fp32"], rt) for rt in RUNTIMES} | {(t, rt): (files[t], rt) for t, rt in ROWS}
+    for key, (path, rt) in list(entries.items()):  # a file a runtime cannot load is a row that says so, not a crash
+        try:
+            open_session(path, rt, 1)
+        except VitcompressError as e:
+            row["failed"][key] = str(e).split(": ", 2)[-1][:80] or "cannot load"
+            del entries[key]
+    row["coverage"] = {(t, rt): int8_coverage(files[t], rt)["integer_mac_share"] for t, rt in ROWS
+                       if files[t].suffix == ".onnx" and (t, rt) in entries}
     lat = compare_latency({f"{t}@{rt}": v for (t, rt), v in entries.items()}, (1, *loaded.preprocessing.input_size),
                           threads=1, rounds=rounds)
     row["latency"] = {key: lat[f"{key[0]}@{key[1]}"]["median_ms"] for key in entries}
@@ -145,7 +153,8 @@ def run_model(tag: str, workdir: Path, calib_dir: Path, calib_size: int, eval_di
         preds = {key: onnx_predictor(open_session(p, rt)) for key, (p, rt) in entries.items()}
         logits, labels, _ = collect_logits(preds, eval_set, loaded.preprocessing, 100)
         row["accuracy"] = {k: summarize(v, labels, label_map, loaded.num_classes)["top1"] for k, v in logits.items()}
-        row["agreement"] = {(t, rt): fidelity(logits[("fp32", rt)], logits[(t, rt)])["top1_agreement"] for t, rt in ROWS}
+        row["agreement"] = {(t, rt): fidelity(logits[("fp32", rt)], logits[(t, rt)])["top1_agreement"] for t, rt in ROWS
+                            if (t, rt) in entries}
         row["images"] = int(len(labels))
     return row
 
@@ -166,6 +175,9 @@ def _fmt_table(rows: list[dict], with_accuracy: bool) -> list[str]:
         for t, rt in ROWS:
             name = f"{t} ({r['chosen'][t]})" if t in r["chosen"] else t
             cells = f"| {r['tag']} | {name} | {rt} | "
+            if (t, rt) in r["failed"]:
+                lines.append(cells + f"{'– | – | – | ' if with_accuracy else ''}{rt} cannot load it: {r['failed'][(t, rt)]} | | | | |")
+                continue
             if with_accuracy:
                 acc = r["accuracy"][(t, rt)]
                 cells += f"{acc:.2f} | {r['accuracy'][('fp32', rt)] - acc:.2f} | {r['agreement'][(t, rt)]:.2f} | "

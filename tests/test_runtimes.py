@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from vitcompress.cli import app
 from vitcompress.data import load_tensor, sample, scan_images
 from vitcompress.errors import VitcompressError
+from vitcompress.export.runtime import CpuMismatchWarning
 from vitcompress.export import RUNTIMES, compare_latency, export_float, export_qdq, int8_coverage, open_session
 from vitcompress.quant import QuantConfig, quantize_
 from vitcompress.quant.placement import DEFAULT_RULES, default_placement_order, get_placement
@@ -19,11 +20,12 @@ from tests.conftest import VAL
 @pytest.fixture(scope="module")
 def artifacts(loaded, calib_batches, tmp_path_factory):
     d = tmp_path_factory.mktemp("rt")
-    m = copy.deepcopy(loaded.model)
-    quantize_(m, QuantConfig(placement="speed", reduce_range=True), calib_batches)
-    export_qdq(m, loaded.preprocessing.input_size, d / "q.onnx", {"preprocessing": loaded.preprocessing.to_dict(), "num_classes": 10})
-    export_float(loaded.model, loaded.preprocessing.input_size, d / "f.onnx", {"preprocessing": loaded.preprocessing.to_dict(),
-                                                                              "num_classes": 10})
+    meta = {"preprocessing": loaded.preprocessing.to_dict(), "num_classes": 10}
+    for name, reduce_range in (("q.onnx", True), ("full_range.onnx", False)):  # portable, and vnni (full-range weights)
+        m = copy.deepcopy(loaded.model)
+        quantize_(m, QuantConfig(placement="speed", reduce_range=reduce_range), calib_batches)
+        export_qdq(m, loaded.preprocessing.input_size, d / name, meta)
+    export_float(loaded.model, loaded.preprocessing.input_size, d / "f.onnx", meta)
     return d
 
 
@@ -73,3 +75,21 @@ def test_default_placement_rules_are_data_that_resolve_for_every_runtime():
         assert all(get_placement(p) for p in rule.order)
     assert default_placement_order("onnxruntime", "DeiT", "avx512_vnni").order[0] == "speed"
     assert {r.runtime for r in DEFAULT_RULES} == set(RUNTIMES)
+
+
+def test_check_of_a_vnni_artifact_on_a_cpu_without_int32_dot_products_says_so(artifacts, tmp_path, monkeypatch):
+    """The gate still measures (and stands on what it measured), and the mismatch is one line and in the report."""
+    import vitcompress.cpu
+
+    monkeypatch.setattr(vitcompress.cpu, "cpu_flags", lambda: {"avx2", "fma"})  # what an AVX2-only machine reports
+    runner = CliRunner()
+    args = ["check", str(artifacts / "full_range.onnx"), "--baseline", str(artifacts / "f.onnx"), "--eval", str(VAL),
+            "--eval-size", "50", "--max-drop", "5", "--json", str(tmp_path / "r.json")]
+    with pytest.warns(CpuMismatchWarning, match="full_range.onnx"):  # every session opened on it says so too
+        r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "warning:" in r.output and "rebuild it with --target-cpu portable" in " ".join(r.output.split())
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["cpu_compatibility"]["exact"] is False and report["cpu_compatibility"]["cpu"]["isa"] == "avx2"
+    r = runner.invoke(app, ["check", str(artifacts / "q.onnx"), *args[2:]])  # the portable artifact: nothing to say
+    assert r.exit_code == 0 and "warning:" not in r.output

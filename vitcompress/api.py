@@ -9,7 +9,6 @@ import copy
 import os
 import shutil
 import tempfile
-import datetime as _dt
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -17,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import REPORT_SCHEMA, ProgressFn, environment, file_info, no_progress, onnx_metadata  # noqa: F401 (REPORT_SCHEMA, ProgressFn re-exported)
+from .artifacts import (RANDOM_WEIGHTS_NOTE, REPORT_SCHEMA, ProgressFn, calibration_images, environment, evaluation_images,  # noqa: F401
+                        file_info, no_progress, onnx_metadata, report_head, save_checkpoint)
 from .cpu import compatibility, resolve_target, signed_matmul_operands
-from .data import LoadStats, load_tensor, label_map_to_model, sample, scan_images, without
+from .data import label_map_to_model, sample, scan_images, without
 from .errors import VitcompressError
 from .evaluate import collect_logits, fidelity, onnx_predictor, summarize, torch_predictor
 from .export import (artifact_numerics, check_weight_format, compare_latency, export_float, export_qdq, get_runtime, int8_coverage,
@@ -27,7 +27,7 @@ from .export import (artifact_numerics, check_weight_format, compare_latency, ex
 from .export.runtime import DEFAULT_RUNTIME, runtime_info
 from .fileio import atomic_path, prepare_output_dir, write_json  # noqa: F401 (write_json re-exported for the CLI)
 from .checkpoints import load, prune_extra
-from .models import LoadedModel, checkpoint_dict, family_of
+from .models import LoadedModel, family_of
 from .quant import QuantConfig, float_state_dict, quant_state, quantize_
 from .quant.placement import default_placement_order, get_placement, kind_of
 
@@ -72,7 +72,7 @@ class _Prepared:
     family: str
     target_cpu: dict
     calib: torch.Tensor
-    calib_stats: LoadStats
+    calibration: dict  # the report's "calibration" entry
     eval_set: list | None = None
     label_map: dict | None = None
     fp32_onnx: Path | None = None
@@ -90,16 +90,12 @@ def _prepare(job: QuantizeJob) -> _Prepared:
     if loaded.quant_state is not None:
         raise VitcompressError(f"{job.checkpoint} is already quantized; start from the float checkpoint")
     get_runtime(job.runtime)  # a missing optional runtime fails before any work
-    calib_stats = LoadStats()
-    calib_images = scan_images(job.calib_dir)
-    calib_sample = sample(calib_images, job.calib_size, job.seed)
-    calib = load_tensor(calib_sample, loaded.preprocessing, calib_stats)
-    prepared = _Prepared(loaded, family_of(loaded.arch), resolve_target(job.target_cpu), calib, calib_stats)
+    calib, calib_images, calib_sample, calibration = calibration_images(loaded, job.calib_dir, job.calib_size, job.seed)
+    prepared = _Prepared(loaded, family_of(loaded.arch), resolve_target(job.target_cpu), calib, calibration)
     if job.eval_dir is None and job.config.placement in MEASURED_PLACEMENTS:
         prepared.holdout_set = sample(without(calib_images, calib_sample), job.holdout_size, job.seed)
     if job.eval_dir is not None:
-        prepared.eval_set = sample(scan_images(job.eval_dir, require_labels=True), job.eval_size, job.seed)
-        prepared.label_map = label_map_to_model(prepared.eval_set, loaded.preprocessing.class_names, loaded.num_classes)
+        prepared.eval_set, prepared.label_map = evaluation_images(loaded, job.eval_dir, job.eval_size, job.seed)
     return prepared
 
 
@@ -117,7 +113,7 @@ def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
 
 def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progress: ProgressFn) -> dict:
     loaded, family, target_cpu = prepared.loaded, prepared.family, prepared.target_cpu
-    prep, calib, calib_stats = loaded.preprocessing, prepared.calib, prepared.calib_stats
+    prep, calib = loaded.preprocessing, prepared.calib
     eval_set, label_map = prepared.eval_set, prepared.label_map
     cfg = replace(job.config, reduce_range=job.config.reduce_range or target_cpu["reduce_range"])
     qname = f"model.{cfg.label}.onnx"
@@ -153,28 +149,21 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
         label = common["label"] = honest
         update_metadata(q_path, {"quantization": common})
     ckpt_path = out / f"model.{cfg.label}.pth"
-    ckpt = checkpoint_dict(loaded, float_state_dict(qmodel),
-                           quant_state={"config": asdict(cfg), "quantizers": quant_state(qmodel),
-                                        "folded_pairs": [list(p) for p in result.folded_pairs],
-                                        "folded_scales": [list(p) for p in result.folded_scales]},
-                           provenance={"source": loaded.source, **common}, **prune_extra(loaded.model))
-    with atomic_path(ckpt_path) as tmp:
-        torch.save(ckpt, tmp)
+    save_checkpoint(ckpt_path, loaded, float_state_dict(qmodel),
+                    quant_state={"config": asdict(cfg), "quantizers": quant_state(qmodel),
+                                 "folded_pairs": [list(p) for p in result.folded_pairs],
+                                 "folded_scales": [list(p) for p in result.folded_scales]},
+                    provenance={"source": loaded.source, **common}, **prune_extra(loaded.model))
 
     report = {
-        "schema": REPORT_SCHEMA,
-        "command": "quantize",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"arch": loaded.arch, "family": family, "source": loaded.source, "weights": loaded.weights,
-                  "num_classes": loaded.num_classes, "input_size": list(prep.input_size)},
+        **report_head("quantize", loaded),
         "method": cfg.method,
         "bits": {"weights": cfg.wbits, "activations": cfg.abits, "label": label,
                  "simulated": cfg.simulated},
         "config": asdict(cfg),
         "target_cpu": target_cpu,
         "cpu_compatibility": compatibility(export_info["numerics"]),
-        "calibration": {"dir": str(job.calib_dir), "requested": job.calib_size, "used": calib_stats.loaded,
-                        "skipped": calib_stats.skipped, "seed": job.seed},
+        "calibration": prepared.calibration,
         "quantization": {**result.summary(), "seconds": round(method_seconds, 2), "threads": torch.get_num_threads()},
         "export": export_info,
         "artifacts": {"fp32": file_info(fp32_path), "quantized": file_info(q_path), "checkpoint": file_info(ckpt_path)},
@@ -183,7 +172,7 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
         "notes": [],
     }
     if not loaded.accuracy_meaningful:
-        report["notes"].append("random weights (--no-pretrained): accuracy numbers are meaningless; latency and size are real")
+        report["notes"].append(RANDOM_WEIGHTS_NOTE)
 
     if report["cpu_compatibility"]["note"]:
         report["notes"].append(report["cpu_compatibility"]["note"])
@@ -421,7 +410,7 @@ def check(artifact: Path, eval_dir: Path, max_drop: float, baseline: Path | None
     else:
         raise VitcompressError("a baseline is required: --baseline FLOAT.onnx, or --model/--checkpoint")
     eval_set = sample(scan_images(eval_dir, require_labels=True), eval_size, seed)
-    label_map = label_map_to_model(eval_set, prep.class_names, num_classes)
+    label_map = label_map_to_model(eval_set, prep.class_names, num_classes)  # check has no loaded model: the artifact's metadata
     logits, labels, stats = collect_logits(predictors, eval_set, prep, 64, lambda d, t: progress("evaluate", d, t))
     if logits["artifact"].shape != logits["baseline"].shape:
         raise VitcompressError(f"artifact and baseline disagree on the output shape: {logits['artifact'].shape[1:]} vs {logits['baseline'].shape[1:]}")

@@ -9,7 +9,6 @@ proxy, no measurement loop). Algorithms live in prune/; this module wires files 
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import math
 import tempfile
 from dataclasses import asdict, dataclass
@@ -18,13 +17,14 @@ from pathlib import Path
 import torch
 
 from .checkpoints import load
-from .artifacts import REPORT_SCHEMA, ProgressFn, environment, file_info, no_progress, onnx_metadata
-from .data import LoadStats, label_map_to_model, load_tensor, sample, scan_images
+from .artifacts import (RANDOM_WEIGHTS_NOTE, ProgressFn, calibration_images, environment, evaluation_images, file_info, no_progress,
+                        onnx_metadata, report_head, save_checkpoint)
+from .data import load_tensor, sample, scan_images
 from .errors import VitcompressError
 from .evaluate import collect_logits, fidelity, onnx_predictor, summarize
 from .export import compare_latency, export_float, make_session
-from .fileio import atomic_path, prepare_output_dir, write_json
-from .models import LoadedModel, checkpoint_dict, family_of
+from .fileio import prepare_output_dir, write_json
+from .models import LoadedModel
 from .prune.baseline import MagnitudePruner
 from .prune.lpvit import LPViTConfig, LPViTPruner, Plan, apply_plan
 from .prune.recover import RecoverConfig, distill
@@ -199,12 +199,10 @@ def prune(job: PruneJob, progress: ProgressFn = no_progress) -> dict:
     if loaded.quant_state is not None:
         raise VitcompressError(f"{job.checkpoint} is quantized; prune the float checkpoint, then quantize the result")
     prep = loaded.preprocessing
-    calib_stats = LoadStats()
-    calib = load_tensor(sample(scan_images(job.calib_dir), job.calib_size, job.seed), prep, calib_stats)
+    calib, _, _, calibration = calibration_images(loaded, job.calib_dir, job.calib_size, job.seed)
     eval_set = None
     if job.eval_dir is not None:
-        eval_set = sample(scan_images(job.eval_dir, require_labels=True), job.eval_size, job.seed)
-        label_map = label_map_to_model(eval_set, prep.class_names, loaded.num_classes)
+        eval_set, label_map = evaluation_images(loaded, job.eval_dir, job.eval_size, job.seed)
 
     p = _Pruning(job, loaded, calib, progress)
     label = SPARSE_LABEL if job.block == "tile" else DENSE_LABEL
@@ -243,16 +241,11 @@ def prune(job: PruneJob, progress: ProgressFn = no_progress) -> dict:
         meta = onnx_metadata(loaded, "pruned", pruning={"method": job.method, "label": label})
         export_info = export_float(pruned, prep.input_size, pruned_path, meta)
         ckpt_path = out / "model.pruned.pth"
-        with atomic_path(ckpt_path) as tmp_ckpt:
-            torch.save(checkpoint_dict(loaded, pruned.state_dict(), prune_state=state,
-                                       provenance={"source": loaded.source, "method": job.method, "label": label}), tmp_ckpt)
+        save_checkpoint(ckpt_path, loaded, pruned.state_dict(), prune_state=state,
+                        provenance={"source": loaded.source, "method": job.method, "label": label})
 
         report = {
-            "schema": REPORT_SCHEMA,
-            "command": "prune",
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "model": {"arch": loaded.arch, "family": family_of(loaded.arch), "source": loaded.source,
-                      "weights": loaded.weights, "num_classes": loaded.num_classes, "input_size": list(prep.input_size)},
+            **report_head("prune", loaded),
             "method": job.method,
             "target": ({"speedup": job.target_speedup, "measured": True} if job.target_speedup is not None
                        else {"macs_reduction": job.target_flops, "measured": False}),
@@ -267,8 +260,7 @@ def prune(job: PruneJob, progress: ProgressFn = no_progress) -> dict:
                 "config": asdict(p.config) if job.method == "lpvit" else {"min_keep": job.min_keep},
             },
             "iterations": iterations,
-            "calibration": {"dir": str(job.calib_dir), "requested": job.calib_size, "used": calib_stats.loaded,
-                            "skipped": calib_stats.skipped, "seed": job.seed},
+            "calibration": calibration,
             "recovery": recovery,
             "export": export_info,
             "artifacts": {"fp32": file_info(fp32_path), "pruned": file_info(pruned_path),
@@ -279,7 +271,7 @@ def prune(job: PruneJob, progress: ProgressFn = no_progress) -> dict:
         if job.block == "tile":
             report["notes"].append(f"tile sparsity: {SPARSE_LABEL} (zeroed tiles run in dense kernels)")
         if not loaded.accuracy_meaningful:
-            report["notes"].append("random weights (--no-pretrained): accuracy numbers are meaningless; latency is real")
+            report["notes"].append(RANDOM_WEIGHTS_NOTE)
 
         if eval_set is not None:
             predictors = {"fp32": onnx_predictor(make_session(fp32_path)),
