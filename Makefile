@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-caps bench-qhyvit bench-mptq bench-prune install clean
+.PHONY: demo test bench bench-caps bench-qhyvit bench-mptq bench-prune recipes install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,5 +36,11 @@ bench-mptq: $(STAMP)
 bench-prune: $(STAMP)
 	$(PY) benchmarks/bench_prune.py --out benchmarks/RESULTS.md
 
+# Every shipped pipeline recipe on the shared reference models (../shared), each into runs/<name>;
+# a re-run reuses finished steps. Fails on the first recipe whose check step fails.
+recipes: $(STAMP)
+	for r in recipes/mobilevit_w8a8_fast recipes/mobilevitv2_w6a6_qhyvit recipes/deit_w4a4_mptq recipes/deit_mp5_greedy recipes/deit_prune2x_w8a8; do \
+		$(VENV)/bin/vitcompress run $$r.yaml --out runs/$$(basename $$r) || exit $$?; done
+
 clean:
-	rm -rf demo-out bench-out .pytest_cache
+	rm -rf demo-out bench-out runs .pytest_cache

@@ -31,16 +31,17 @@ from vitcompress.data import load_tensor, label_map_to_model, sample, scan_image
 from vitcompress.evaluate import collect_logits, fidelity, onnx_predictor, summarize  # noqa: E402
 from vitcompress.cpu import this_cpu  # noqa: E402
 from vitcompress.errors import VitcompressError  # noqa: E402
+from vitcompress.quant.placement import CANDIDATES  # noqa: E402
 from vitcompress.export import compare_latency, int8_coverage, open_session  # noqa: E402
 
 ZOO_MODELS = ["cifar10_vit_tiny", "cifar10_mobilevit_xxs", "cifar10_mobilevitv2_050"]
 SPEED_MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "mobilevitv2_050", "mobilevitv2_100",
                 "efficientformerv2_s0", "efficientformer_l1"]
-# vitcompress rows: tool name -> (placement, the runtime its quantize job measures on); "default" is
-# what the CLI does without a placement flag (see vitcompress/quant/placement.py)
+# vitcompress rows: tool name -> (placement or candidate, the runtime its quantize job measures on);
+# "default" is what the CLI does without a placement flag (see vitcompress/quant/placement.py)
 OURS = {"vitcompress default": ("default", "onnxruntime"), "vitcompress default --runtime openvino": ("default", "openvino"),
         "vitcompress partial": ("partial", "onnxruntime"), "vitcompress speed": ("speed", "onnxruntime"),
-        "vitcompress linear": ("linear", "onnxruntime")}
+        "vitcompress linear": ("linear", "onnxruntime"), "vitcompress matmul-int8": ("matmul-int8", "onnxruntime")}
 ONNX_PEERS = ["onnxruntime", "onnxruntime tuned", "nncf onnx"]
 RUNTIMES = ["onnxruntime", "openvino"]
 # (tool, runtime) rows: every QDQ ONNX file on both runtimes, but a file made for one runtime (the
@@ -112,8 +113,11 @@ def run_model(tag: str, workdir: Path, calib_dir: Path, calib_size: int, eval_di
     for tool, (placement, runtime) in OURS.items():
         t0 = time.perf_counter()
         folder = out / f"{placement}_{runtime}"
+        candidate = CANDIDATES.get(placement)
+        config = (QuantConfig(placement=candidate.placement, act_symmetric=candidate.act_symmetric) if candidate
+                  else QuantConfig(placement=placement))
         job = QuantizeJob(out=folder, model=model, checkpoint=checkpoint, pretrained=checkpoint is not None,
-                          config=QuantConfig(placement=placement), calib_dir=calib_dir, calib_size=calib_size,
+                          config=config, calib_dir=calib_dir, calib_size=calib_size,
                           latency_rounds=rounds if placement == "default" else 3, force=True, runtime=runtime)
         # no eval_dir: the default chooses on held-out train images, never on the val it is reported on
         report = quantize(job)
@@ -243,7 +247,8 @@ def main() -> None:
         "vitcompress: per-channel symmetric int8 weights, per-tensor asymmetric uint8 activations, `--target-cpu auto`; "
         "`vitcompress default` is what `vitcompress quantize` does without a placement flag (the placement it chose in "
         "brackets, judged on held-out train images, never on val); the other rows force one placement "
-        "(see docs/quantization.md).", "",
+        "(see docs/quantization.md; `matmul-int8`: Linear/Conv and attention products with signed symmetric int8 "
+        "activations, a candidate of the default on OpenVINO).", "",
     ]
     if acc_rows:
         lines += ["### Reference models (CIFAR-10, 32 px): accuracy and speed", "", *_fmt_table(acc_rows, True), ""]

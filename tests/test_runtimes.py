@@ -13,7 +13,7 @@ from vitcompress.errors import VitcompressError
 from vitcompress.export.runtime import CpuMismatchWarning
 from vitcompress.export import RUNTIMES, compare_latency, export_float, export_qdq, int8_coverage, open_session
 from vitcompress.quant import QuantConfig, quantize_
-from vitcompress.quant.placement import DEFAULT_RULES, default_placement_order, get_placement
+from vitcompress.quant.placement import CANDIDATES, DEFAULT_RULES, default_placement_order, get_placement
 from tests.conftest import VAL
 
 
@@ -72,7 +72,7 @@ def test_default_placement_rules_are_data_that_resolve_for_every_runtime():
     for runtime in RUNTIMES:
         rule = default_placement_order(runtime, "MobileViT v2", "avx2")
         assert rule.runtime == runtime and rule.reason and rule.order
-        assert all(get_placement(p) for p in rule.order)
+        assert all(get_placement(CANDIDATES[c].placement) for c in rule.order)
     assert default_placement_order("onnxruntime", "DeiT", "avx512_vnni").order[0] == "speed"
     assert {r.runtime for r in DEFAULT_RULES} == set(RUNTIMES)
 
@@ -93,3 +93,12 @@ def test_check_of_a_vnni_artifact_on_a_cpu_without_int32_dot_products_says_so(ar
     assert report["cpu_compatibility"]["exact"] is False and report["cpu_compatibility"]["cpu"]["isa"] == "avx2"
     r = runner.invoke(app, ["check", str(artifacts / "q.onnx"), *args[2:]])  # the portable artifact: nothing to say
     assert r.exit_code == 0 and "warning:" not in r.output
+
+
+def test_signed_activations_make_a_vnni_artifact(loaded, calib_batches, tmp_path):
+    """Symmetric (int8) activations multiply int8 by int8: the file says it needs int32 accumulation."""
+    m = copy.deepcopy(loaded.model)
+    quantize_(m, QuantConfig(placement="partial+matmul", act_symmetric=True, reduce_range=True), calib_batches)
+    info = export_qdq(m, loaded.preprocessing.input_size, tmp_path / "s.onnx", {})
+    assert info["numerics"]["signed_activations"] > 0 and info["numerics"]["max_weight_code"] <= 64
+    assert info["numerics"]["target"] == "vnni"

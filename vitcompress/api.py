@@ -29,7 +29,7 @@ from .fileio import atomic_path, prepare_output_dir, write_json  # noqa: F401 (w
 from .checkpoints import load, prune_extra
 from .models import LoadedModel, family_of
 from .quant import QuantConfig, float_state_dict, quant_state, quantize_
-from .quant.placement import default_placement_order, get_placement, kind_of
+from .quant.placement import CANDIDATES, default_placement_order, get_placement, kind_of
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CHECKPOINT = PROJECT_ROOT / "calib" / "cifar10_vit_tiny.pth"
@@ -60,7 +60,10 @@ class QuantizeJob:
     target_cpu: str = "auto"  # int8 kernels of the deployment CPU: auto (this machine), vnni, avx2 (see cpu.py)
     weight_format: str = "int8"  # int4: Linear weights of <= 4 bits stored packed as MatMulNBits (float GEMM)
     runtime: str = DEFAULT_RUNTIME  # where accuracy, latency and integer coverage are measured
-    holdout_size: int = 64  # --placement auto without --eval: calibration-folder images it judges agreement on
+    holdout_size: int = 256  # --placement default/auto without --eval: calibration-folder images it judges agreement on
+    # ... and the agreement with fp32 (%) it asks of them. Not a bound on the top-1 drop (that would be
+    # 100 - max_drop): W8A8 artifacts agreeing 97-98 % lost 0.0-0.3 point on the reference models.
+    min_agreement: float = 97.0
 
 
 @dataclass
@@ -214,9 +217,14 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
         report["holdout_fidelity"] = _holdout_fidelity(prepared, fp32_path, q_path, job.runtime, progress)
 
     progress("latency", 0, 1)
-    lat = compare_latency({"fp32": fp32_path, "quantized": q_path}, (1, *prep.input_size),
-                          threads=job.latency_threads, rounds=job.latency_rounds, runtime=job.runtime)
+    entries = {"fp32": fp32_path, "quantized": q_path}
+    if job.runtime != DEFAULT_RUNTIME:  # speedups are judged against the fastest float deployment too
+        entries[f"fp32_{DEFAULT_RUNTIME}"] = (fp32_path, DEFAULT_RUNTIME)
+    lat = compare_latency(entries, (1, *prep.input_size), threads=job.latency_threads, rounds=job.latency_rounds,
+                          runtime=job.runtime)
     lat["speedup"] = lat["fp32"]["median_ms"] / lat["quantized"]["median_ms"]
+    fastest_fp32 = min(v["median_ms"] for k, v in lat.items() if k.startswith("fp32"))
+    lat["speedup_vs_fastest_fp32"] = fastest_fp32 / lat["quantized"]["median_ms"]
     report["latency"] = lat
     progress("latency", 1, 1)
     write_json(out / "report.json", report)
@@ -241,20 +249,24 @@ AUTO_PLACEMENT = "auto"  # every candidate measured; the fastest within the accu
 DEFAULT_PLACEMENT = "default"  # candidates in the order of placement.DEFAULT_RULES; the first faster than float within budget wins
 MEASURED_PLACEMENTS = (AUTO_PLACEMENT, DEFAULT_PLACEMENT)
 FIXED_LAYERS_PLACEMENT = "partial"  # the default of the methods beyond minmax (their searches are defined on it)
-AUTO_CANDIDATES = ("speed", "linear", "partial")
+AUTO_CANDIDATES = ("speed", "linear", "partial", "matmul-int8")
+MIN_INTEGER_SHARE = 0.5  # a candidate must run most of its MACs in integer kernels to stand for "int8"
 
 
-def _auto_budget_kept(report: dict, max_drop: float) -> tuple[bool, str]:
-    """Whether a candidate keeps the accuracy budget, and the measurement that says so: the top-1
-    drop on --eval, or else (no labels) agreement with fp32 on held-out calibration images, which
-    bounds the drop: >= 100 - max_drop % agreement means at most max_drop points lost. Random
+def _auto_budget_kept(report: dict, max_drop: float, min_agreement: float) -> tuple[bool, str]:
+    """Whether a candidate keeps the budget, and the measurement that says so: most of its MACs in
+    integer kernels, and the top-1 drop on --eval within ``max_drop``, or else (no labels) top-1
+    agreement with fp32 on held-out calibration images of at least ``min_agreement`` %. Random
     weights (--no-pretrained) have no accuracy to keep: only speed decides."""
+    share = report["coverage"]["integer_mac_share"]
+    if share < MIN_INTEGER_SHARE:  # e.g. `linear` on a model without Linear layers: a float model, not an int8 one
+        return False, f"only {share:.0%} of MACs in integer kernels"
     if report["model"]["weights"] == "random":
         return True, "random weights: accuracy not judged"
     if "accuracy" in report:
         return report["accuracy"]["drop"] <= max_drop, f"top-1 drop {report['accuracy']['drop']:.2f}"
     agreement = report["holdout_fidelity"]["top1_agreement"]
-    return agreement >= 100.0 - max_drop, f"agreement {agreement:.2f}%"
+    return agreement >= min_agreement, f"agreement {agreement:.2f}%"
 
 
 def _quantize_auto(job: QuantizeJob, progress: ProgressFn) -> dict:
@@ -274,14 +286,20 @@ def _quantize_auto(job: QuantizeJob, progress: ProgressFn) -> dict:
     if prepared.holdout_set is not None and len(prepared.holdout_set) == 0:
         raise VitcompressError(f"--placement auto needs images to judge accuracy on: --eval DIR, or more images in "
                                f"{job.calib_dir} than --calib-size {job.calib_size} (the rest are held out)")
-    judged_on = ("top-1 drop on --eval" if prepared.eval_set is not None else
-                 f"agreement with fp32 on {len(prepared.holdout_set)} held-out calibration images (no --eval)")
+    judged_on = (f"top-1 drop on --eval <= {job.max_drop:g}" if prepared.eval_set is not None else
+                 f"agreement with fp32 >= {job.min_agreement:g}% on {len(prepared.holdout_set)} held-out calibration images (no --eval)")
     first_good = job.config.placement == DEFAULT_PLACEMENT
     rule = default_placement_order(job.runtime, prepared.family, prepared.target_cpu["built_on"]["isa"])
     candidates = rule.order if first_good else AUTO_CANDIDATES
     with tempfile.TemporaryDirectory(prefix=".auto-", dir=out) as scratch:
         for placement in candidates:
-            trial_job = replace(job, config=replace(job.config, placement=placement))
+            candidate = CANDIDATES[placement]
+            if candidate.act_symmetric and not prepared.target_cpu["signed_matmul_operands"]:
+                # int8 activations need int32 accumulation: not for a portable target
+                trials.append((placement, None, f"signed activations need a vnni target (this one is {prepared.target_cpu['resolved']})"))
+                continue
+            trial_job = replace(job, config=replace(job.config, placement=candidate.placement,
+                                                    act_symmetric=job.config.act_symmetric or candidate.act_symmetric))
             trial_out = prepare_output_dir(Path(scratch) / placement, True, [])
             try:
                 r = _quantize_prepared(trial_job, prepared, trial_out, progress)
@@ -289,20 +307,20 @@ def _quantize_auto(job: QuantizeJob, progress: ProgressFn) -> dict:
             except VitcompressError as e:  # e.g. an integer promise the runtime did not keep
                 trials.append((placement, None, str(e)))
                 continue
-            if first_good and r["latency"]["speedup"] > 1.0 and _auto_budget_kept(r, job.max_drop)[0]:
+            if first_good and r["latency"]["speedup"] > 1.0 and _auto_budget_kept(r, job.max_drop, job.min_agreement)[0]:
                 break
         summary = []
         for p, r, err in trials:
             if r is None:
                 summary.append({"placement": p, "error": err})
                 continue
-            kept, measured = _auto_budget_kept(r, job.max_drop)
+            kept, measured = _auto_budget_kept(r, job.max_drop, job.min_agreement)
             summary.append({"placement": p, "speedup": r["latency"]["speedup"], "within_budget": kept, "measured": measured,
                             **({"drop": r["accuracy"]["drop"], "top1_agreement": r["accuracy"]["top1_agreement"]}
                                if "accuracy" in r else {"top1_agreement": r["holdout_fidelity"]["top1_agreement"]})})
         ok = [(p, r) for (p, r, _), t in zip(trials, summary) if t.get("within_budget")]
         if not ok:
-            raise VitcompressError(f"no placement keeps the accuracy within {job.max_drop:g} points ({judged_on}): "
+            raise VitcompressError(f"no placement keeps the budget ({judged_on}, most MACs in integer kernels): "
                                    + "; ".join(f"{t['placement']}: {t.get('measured', t.get('error'))}" for t in summary))
         faster = [(p, r) for p, r in ok if r["latency"]["speedup"] > 1.0]
         if first_good and faster:
@@ -315,10 +333,9 @@ def _quantize_auto(job: QuantizeJob, progress: ProgressFn) -> dict:
     speed = report["latency"]["speedup"]
     if first_good and speed > 1.0:
         why = (f"first of {'/'.join(rule.order)} (order for {job.runtime}, {prepared.family}, {prepared.target_cpu['built_on']['isa']}: "
-               f"{rule.reason}) measured faster than fp32 ({speed:.2f}x) within {job.max_drop:g} points, judged by {judged_on}")
+               f"{rule.reason}) measured faster than fp32 ({speed:.2f}x) within budget: {judged_on}")
     else:
-        why = (f"fastest measured on {job.runtime} ({speed:.2f}x vs fp32) of the placements within {job.max_drop:g} points, "
-               f"judged by {judged_on}")
+        why = f"fastest measured on {job.runtime} ({speed:.2f}x vs fp32) of the placements within budget: {judged_on}"
     if speed < 1.0:
         why += "; no placement is faster than float on this CPU"
         report["notes"].append(f"every placement is slower than float here ({job.runtime}, {report['cpu_compatibility']['cpu']['isa']}): "

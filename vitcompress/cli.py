@@ -78,6 +78,8 @@ def _size_latency_rows(t: Table, r: dict, kind: str, speedup_label: str) -> None
     t.add_row(f"latency ms ({rt['name']} {rt['version']}, {lat['fp32']['threads']} thread, batch 1, median)",
               f"{lat['fp32']['median_ms']:.3f}", f"{lat[kind]['median_ms']:.3f}")
     t.add_row(speedup_label, "", f"{lat['speedup']:.2f}x")
+    if "fp32_onnxruntime" in lat:
+        t.add_row("speedup vs the fastest fp32 (either runtime)", "", f"{lat['speedup_vs_fastest_fp32']:.2f}x")
 
 
 def print_quantize_report(r: dict) -> None:
@@ -146,7 +148,8 @@ def quantize(
     bits_from: Optional[Path] = typer.Option(None, "--bits-from", help="mptq: per-layer bits YAML written by a --target-bits run."),
     skip: list[str] = typer.Option([], "--skip", help="Module-name pattern kept float (repeatable), e.g. 'head' or 'blocks.1*'."),
     full: bool = typer.Option(False, "--full", help="mptq: also quantize attention products, Softmax, GELU and LayerNorm inputs."),
-    max_drop: float = typer.Option(1.0, "--max-drop", help="--placement default/auto: top-1 points the chosen placement may lose (on --eval, or as disagreement on held-out calibration images)."),
+    max_drop: float = typer.Option(1.0, "--max-drop", help="--placement default/auto: top-1 points the chosen placement may lose on --eval."),
+    min_agreement: float = typer.Option(97.0, "--min-agreement", help="--placement default/auto without --eval: top-1 agreement with fp32 (%) asked on held-out calibration images."),
     target_cpu: str = typer.Option("auto", "--target-cpu", help="int8 kernels of the deployment CPU: auto (this machine), portable (7-bit weights, uint8 attention operands: exact on every CPU; pick it when the deployment CPU is unknown), vnni (full-range int8: exact only with VNNI/AMX/ARM dot product, faster there); avx2 = portable."),
     runtime: str = typer.Option("onnxruntime", "--runtime", help="Where accuracy, latency and integer coverage are measured: onnxruntime or openvino (pip install 'vitcompress[openvino]')."),
     weight_format: str = typer.Option("int8", "--weight-format", help="int8 (weights stored as int8 codes: integer kernels) or int4 (Linear weights of <= 4 bits packed two per byte as onnxruntime MatMulNBits: about half the size, computed in float)."),
@@ -173,7 +176,8 @@ def quantize(
                         skip=tuple(skip))
     job = api.QuantizeJob(out=out, model=model, checkpoint=checkpoint, pretrained=not no_pretrained, config=config,
                           calib_dir=calib, calib_size=calib_size, eval_dir=eval_dir, eval_size=eval_size, seed=seed, force=force,
-                          max_drop=max_drop, target_cpu=target_cpu, weight_format=weight_format, runtime=runtime)
+                          max_drop=max_drop, min_agreement=min_agreement, target_cpu=target_cpu, weight_format=weight_format,
+                          runtime=runtime)
     with _progress() as progress:
         report = _guard(api.quantize, job, progress)
     mp = report["quantization"].get("mixed_precision") or {}
@@ -378,8 +382,8 @@ def demo(
     quantize(out=out, model=None, checkpoint=api.DEMO_CHECKPOINT, no_pretrained=False, bits=8, wbits=None, abits=None,
              method="minmax", observer="minmax", placement="default", calib=api.DEMO_CALIB, calib_size=256,
              eval_dir=api.DEMO_EVAL, eval_size=None, seed=0, force=force, json_out=False, recipe=None,
-             target_bits=None, bit_choices="4,5,6,8", bits_from=None, full=False, skip=[], max_drop=1.0, target_cpu="auto", weight_format="int8",
-             runtime="onnxruntime")
+             target_bits=None, bit_choices="4,5,6,8", bits_from=None, full=False, skip=[], max_drop=1.0, min_agreement=97.0, target_cpu="auto",
+             weight_format="int8", runtime="onnxruntime")
 
 
 def main() -> None:

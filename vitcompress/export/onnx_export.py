@@ -233,8 +233,16 @@ def integer_numerics(model: onnx.ModelProto, signed_operands: int) -> dict:
             codes = numpy_helper.to_array(inits[n.input[0]])
             if codes.size:
                 peak = max(peak, int(np.abs(codes.astype(np.int32)).max()))
-    return {"max_weight_code": peak, "signed_matmul_operands": signed_operands,
-            "target": target_of_numerics(peak, signed_operands)}
+    # activations quantized on the signed grid (symmetric activations, or the operands moved by
+    # sign_activation_matmul_operands): int8·int8 products, exact only with int32 accumulation
+    all_inits, consts = _graph_constants(model.graph)
+    signed_activations = 0
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and len(n.input) > 2:
+            zp = _const_value(n.input[2], all_inits, consts)
+            signed_activations += int(zp is not None and zp.dtype == np.int8)
+    return {"max_weight_code": peak, "signed_matmul_operands": signed_operands, "signed_activations": signed_activations,
+            "target": target_of_numerics(peak, signed_operands + signed_activations)}
 
 
 def artifact_numerics(path: str | Path) -> dict | None:
