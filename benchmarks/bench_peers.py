@@ -109,7 +109,7 @@ def _size(path: Path) -> int:
 def run_model(tag: str, workdir: Path, calib_dir: Path, calib_size: int, eval_dir: Path | None,
               model: str | None = None, checkpoint: Path | None = None, rounds: int = 30) -> dict:
     out = workdir / tag
-    files, walls, chosen = {}, {}, {}
+    files, walls, chosen, failed_tools = {}, {}, {}, {}
     for tool, (placement, runtime) in OURS.items():
         t0 = time.perf_counter()
         folder = out / f"{placement}_{runtime}"
@@ -120,7 +120,11 @@ def run_model(tag: str, workdir: Path, calib_dir: Path, calib_size: int, eval_di
                           config=config, calib_dir=calib_dir, calib_size=calib_size,
                           latency_rounds=rounds if placement == "default" else 3, force=True, runtime=runtime)
         # no eval_dir: the default chooses on held-out train images, never on the val it is reported on
-        report = quantize(job)
+        try:
+            report = quantize(job)
+        except VitcompressError as e:  # e.g. no candidate keeps the budget: a row that says so
+            failed_tools[tool] = str(e)[:160]
+            continue
         if placement == "default":
             chosen[tool] = report["placement_auto"]["chosen"]
         walls[tool] = time.perf_counter() - t0
@@ -137,13 +141,14 @@ def run_model(tag: str, workdir: Path, calib_dir: Path, calib_size: int, eval_di
             files[name] = fn(files["fp32"].resolve(), (out / f"model.{name.replace(' ', '_')}.onnx").resolve(), calib)
         walls[name] = time.perf_counter() - t0
     row: dict = {"tag": tag, "arch": loaded.arch, "walls": walls, "chosen": chosen,
-                 "sizes": {k: _size(p) for k, p in files.items()}, "failed": {}}
-    entries = {("fp32", rt): (files["fp32"], rt) for rt in RUNTIMES} | {(t, rt): (files[t], rt) for t, rt in ROWS}
+                 "sizes": {k: _size(p) for k, p in files.items()},
+                 "failed": {(t, rt): f"quantize failed: {failed_tools[t]}" for t, rt in ROWS if t in failed_tools}}
+    entries = {("fp32", rt): (files["fp32"], rt) for rt in RUNTIMES} | {(t, rt): (files[t], rt) for t, rt in ROWS if t in files}
     for key, (path, rt) in list(entries.items()):  # a file a runtime cannot load is a row that says so, not a crash
         try:
             open_session(path, rt, 1)
         except VitcompressError as e:
-            row["failed"][key] = str(e).split(": ", 2)[-1][:80] or "cannot load"
+            row["failed"][key] = f"{rt} cannot load it: " + (str(e).split(": ", 2)[-1][:80] or "?")
             del entries[key]
     row["coverage"] = {(t, rt): int8_coverage(files[t], rt)["integer_mac_share"] for t, rt in ROWS
                        if files[t].suffix == ".onnx" and (t, rt) in entries}
@@ -180,7 +185,7 @@ def _fmt_table(rows: list[dict], with_accuracy: bool) -> list[str]:
             name = f"{t} ({r['chosen'][t]})" if t in r["chosen"] else t
             cells = f"| {r['tag']} | {name} | {rt} | "
             if (t, rt) in r["failed"]:
-                lines.append(cells + f"{'– | – | – | ' if with_accuracy else ''}{rt} cannot load it: {r['failed'][(t, rt)]} | | | | |")
+                lines.append(cells + f"{'– | – | – | ' if with_accuracy else ''}{r['failed'][(t, rt)]} | | | | |")
                 continue
             if with_accuracy:
                 acc = r["accuracy"][(t, rt)]

@@ -250,17 +250,17 @@ DEFAULT_PLACEMENT = "default"  # candidates in the order of placement.DEFAULT_RU
 MEASURED_PLACEMENTS = (AUTO_PLACEMENT, DEFAULT_PLACEMENT)
 FIXED_LAYERS_PLACEMENT = "partial"  # the default of the methods beyond minmax (their searches are defined on it)
 AUTO_CANDIDATES = ("speed", "linear", "partial", "matmul-int8")
-MIN_INTEGER_SHARE = 0.5  # a candidate must run most of its MACs in integer kernels to stand for "int8"
+MIN_INTEGER_SHARE = 0.0  # a candidate must run more than this share of MACs in integer kernels (0: any), or it is a float model
 
 
 def _auto_budget_kept(report: dict, max_drop: float, min_agreement: float) -> tuple[bool, str]:
-    """Whether a candidate keeps the budget, and the measurement that says so: most of its MACs in
+    """Whether a candidate keeps the budget, and the measurement that says so: some of its MACs in
     integer kernels, and the top-1 drop on --eval within ``max_drop``, or else (no labels) top-1
     agreement with fp32 on held-out calibration images of at least ``min_agreement`` %. Random
     weights (--no-pretrained) have no accuracy to keep: only speed decides."""
     share = report["coverage"]["integer_mac_share"]
-    if share < MIN_INTEGER_SHARE:  # e.g. `linear` on a model without Linear layers: a float model, not an int8 one
-        return False, f"only {share:.0%} of MACs in integer kernels"
+    if share <= MIN_INTEGER_SHARE:  # e.g. `linear` on a model without Linear layers: a float model, not an int8 one
+        return False, f"{share:.0%} of MACs in integer kernels"
     if report["model"]["weights"] == "random":
         return True, "random weights: accuracy not judged"
     if "accuracy" in report:
@@ -320,8 +320,9 @@ def _quantize_auto(job: QuantizeJob, progress: ProgressFn) -> dict:
                                if "accuracy" in r else {"top1_agreement": r["holdout_fidelity"]["top1_agreement"]})})
         ok = [(p, r) for (p, r, _), t in zip(trials, summary) if t.get("within_budget")]
         if not ok:
-            raise VitcompressError(f"no placement keeps the budget ({judged_on}, most MACs in integer kernels): "
-                                   + "; ".join(f"{t['placement']}: {t.get('measured', t.get('error'))}" for t in summary))
+            raise VitcompressError(f"no placement keeps the budget ({judged_on}, MACs in integer kernels): "
+                                   + "; ".join(f"{t['placement']}: {t.get('measured', t.get('error'))}" for t in summary)
+                                   + "; choose one with --placement, or set the budget (--eval with --max-drop, --min-agreement)")
         faster = [(p, r) for p, r in ok if r["latency"]["speedup"] > 1.0]
         if first_good and faster:
             chosen, report = faster[0]

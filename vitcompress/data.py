@@ -55,15 +55,17 @@ class Preprocessing:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict, interpolation: str = "bicubic", crop_pct: float = 0.875, resize_mode: str = "crop") -> "Preprocessing":
+        """From an artifact's metadata or a checkpoint; the keyword arguments are the defaults of
+        fields the source may leave out (timm's eval transform unless the format says otherwise)."""
         try:
             return cls(
                 input_size=tuple(int(v) for v in d["input_size"]),
                 mean=tuple(float(v) for v in d["mean"]),
                 std=tuple(float(v) for v in d["std"]),
-                interpolation=str(d.get("interpolation", "bicubic")),
-                crop_pct=float(d.get("crop_pct", 0.875)),
-                resize_mode=str(d.get("resize_mode", "crop")),
+                interpolation=str(d.get("interpolation", interpolation)),
+                crop_pct=float(d.get("crop_pct", crop_pct)),
+                resize_mode=str(d.get("resize_mode", resize_mode)),
                 class_names=tuple(d["class_names"]) if d.get("class_names") else None,
             )
         except (KeyError, TypeError, ValueError) as e:

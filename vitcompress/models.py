@@ -255,15 +255,8 @@ def _from_zoo(obj: dict, path: Path, name: str | None,
     model.eval()
     classes = obj.get("classes")
     if "input_size" in obj:
-        prep = Preprocessing(
-            input_size=tuple(int(v) for v in obj["input_size"]),
-            mean=tuple(float(v) for v in obj["mean"]),
-            std=tuple(float(v) for v in obj["std"]),
-            interpolation=str(obj.get("interpolation", "bilinear")),
-            crop_pct=float(obj.get("crop_pct", 1.0)),
-            resize_mode=str(obj.get("resize_mode", "exact")),
-            class_names=tuple(classes) if classes else None,
-        )
+        # zoo files describe small fixed-size inputs: resized exactly unless they say otherwise
+        prep = Preprocessing.from_dict({**obj, "class_names": classes}, interpolation="bilinear", crop_pct=1.0, resize_mode="exact")
     else:
         prep = _preprocessing_from_timm(model, classes)
     return LoadedModel(
