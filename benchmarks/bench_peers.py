@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import pickle
 import datetime as dt
 import platform
 import sys
@@ -41,7 +42,7 @@ SPEED_MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "mobilevitv2_
 # "default" is what the CLI does without a placement flag (see vitcompress/quant/placement.py)
 OURS = {"vitcompress default": ("default", "onnxruntime"), "vitcompress default --runtime openvino": ("default", "openvino"),
         "vitcompress partial": ("partial", "onnxruntime"), "vitcompress speed": ("speed", "onnxruntime"),
-        "vitcompress linear": ("linear", "onnxruntime"), "vitcompress matmul-int8": ("matmul-int8", "onnxruntime")}
+        "vitcompress linear": ("linear", "onnxruntime"), "vitcompress matmul-int8": ("matmul-int8", "openvino")}
 ONNX_PEERS = ["onnxruntime", "onnxruntime tuned", "nncf onnx"]
 RUNTIMES = ["onnxruntime", "openvino"]
 # (tool, runtime) rows: every QDQ ONNX file on both runtimes, but a file made for one runtime (the
@@ -107,7 +108,20 @@ def _size(path: Path) -> int:
 
 
 def run_model(tag: str, workdir: Path, calib_dir: Path, calib_size: int, eval_dir: Path | None,
-              model: str | None = None, checkpoint: Path | None = None, rounds: int = 30) -> dict:
+              model: str | None = None, checkpoint: Path | None = None, rounds: int = 30, cache: Path | None = None) -> dict:
+    """One model's row; with ``cache``, a row measured before (same tag) is read back instead."""
+    cached = cache / f"{tag}.pkl" if cache else None
+    if cached is not None and cached.exists():
+        return pickle.loads(cached.read_bytes())
+    row = _measure_model(tag, workdir, calib_dir, calib_size, eval_dir, model, checkpoint, rounds)
+    if cached is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        cached.write_bytes(pickle.dumps(row))
+    return row
+
+
+def _measure_model(tag: str, workdir: Path, calib_dir: Path, calib_size: int, eval_dir: Path | None,
+                   model: str | None, checkpoint: Path | None, rounds: int) -> dict:
     out = workdir / tag
     files, walls, chosen, failed_tools = {}, {}, {}, {}
     for tool, (placement, runtime) in OURS.items():
@@ -151,7 +165,7 @@ def run_model(tag: str, workdir: Path, calib_dir: Path, calib_size: int, eval_di
             row["failed"][key] = f"{rt} cannot load it: " + (str(e).split(": ", 2)[-1][:80] or "?")
             del entries[key]
     row["coverage"] = {(t, rt): int8_coverage(files[t], rt)["integer_mac_share"] for t, rt in ROWS
-                       if files[t].suffix == ".onnx" and (t, rt) in entries}
+                       if (t, rt) in entries and files[t].suffix == ".onnx"}
     lat = compare_latency({f"{t}@{rt}": v for (t, rt), v in entries.items()}, (1, *loaded.preprocessing.input_size),
                           threads=1, rounds=rounds)
     row["latency"] = {key: lat[f"{key[0]}@{key[1]}"]["median_ms"] for key in entries}
@@ -206,6 +220,8 @@ def main() -> None:
     ap.add_argument("--speed-models", nargs="+", default=SPEED_MODELS, metavar="MODEL",
                     help="the random-weight models to time (default: all six of the speed issue)")
     ap.add_argument("--skip-zoo", action="store_true", help="skip the reference models (accuracy rows)")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="keep each model's measured row here and read it back on a re-run (pickles this script wrote)")
     ap.add_argument("--section", default=None,
                     help="RESULTS.md section to write (default bench_peers_<ISA>: one table per CPU ISA; a re-run of a "
                          "subset goes to a section of its own)")
@@ -220,9 +236,9 @@ def main() -> None:
         work = Path(tmp)
         acc_rows = [] if args.skip_zoo else [
             run_model(z, work, data / "train", args.calib_size, data / "val", checkpoint=zoo / f"{z}.pth",
-                      rounds=args.rounds) for z in ZOO_MODELS]
+                      rounds=args.rounds, cache=args.cache) for z in ZOO_MODELS]
         speed_rows = [] if args.skip_speed else [
-            run_model(m, work, data / "train", 32, None, model=m, rounds=args.rounds) for m in args.speed_models]
+            run_model(m, work, data / "train", 32, None, model=m, rounds=args.rounds, cache=args.cache) for m in args.speed_models]
     import nncf
     import onnxruntime
     import openvino

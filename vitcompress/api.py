@@ -143,9 +143,7 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
                              weight_format=job.weight_format, signed_matmul_operands=signed_matmul_operands(cfg.reduce_range))
     progress("export", 2, 2)
     progress("coverage", 0, 1)
-    coverage = int8_coverage(q_path, job.runtime)
-    # The placements promise onnxruntime's fusions; on another runtime its own coverage labels the artifact.
-    ort_coverage = coverage if job.runtime == DEFAULT_RUNTIME else int8_coverage(q_path)
+    coverage = int8_coverage(q_path, job.runtime)  # what the runtime runs: the label and the integer promise
     progress("coverage", 1, 1)
     honest = honest_label(cfg, coverage)  # what the runtime runs decides the label: artifact, checkpoint, report
     if honest != label:
@@ -179,13 +177,13 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
 
     if report["cpu_compatibility"]["note"]:
         report["notes"].append(report["cpu_compatibility"]["note"])
-    broken = integer_promises_broken(qmodel, cfg, result.plan.weighted, ort_coverage)
+    broken = integer_promises_broken(qmodel, cfg, result.plan.weighted, coverage)
     if broken:
         report["error"] = f"layers expected to run as integer kernels run float: {broken}"
         write_json(out / "report.json", report)
         raise VitcompressError(
             f"{len(broken)} layer(s) that placement '{cfg.placement}' must run as integer kernels ended up float in "
-            f"onnxruntime ({', '.join(broken[:4])}{', ...' if len(broken) > 4 else ''}); the artifact would be "
+            f"{job.runtime} ({', '.join(broken[:4])}{', ...' if len(broken) > 4 else ''}); the artifact would be "
             f"simulated there, not integer (details: {out / 'report.json'})")
 
     if eval_set is not None:
