@@ -62,7 +62,11 @@ def integer_layers(path: str | Path) -> dict[str, str]:
             continue
         kind = info["layerType"].astype(str)
         if kind in EXECUTED_COMPUTE_LAYERS:
-            # the original names are the compute node and the Q/DQ (and bias Add) it absorbed
+            # the original names are the compute node and the Q/DQ (and bias Add) it absorbed, some
+            # renamed by OpenVINO's passes under the node's own path ("/head/fc/MatMul/Dequantization
+            # Multiply", "/stem/conv/Conv/WithoutBiases"): every path prefix stands for its node too
             for name in info["originalLayersNames"].astype(str).split(","):
-                layers[name] = kind
+                parts = name.split("/")
+                for end in range(2, len(parts) + 1):
+                    layers.setdefault("/".join(parts[:end]), kind)
     return layers
