@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-caps bench-qhyvit bench-mptq bench-prune recipes install clean
+.PHONY: demo test bench bench-caps bench-qhyvit bench-mptq bench-prune recipes bench-recipes install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench-prune: $(STAMP)
 recipes: $(STAMP)
 	for r in recipes/mobilevit_w8a8_fast recipes/mobilevitv2_w6a6_qhyvit recipes/deit_w4a4_mptq recipes/deit_mp5_greedy recipes/deit_prune2x_w8a8; do \
 		$(VENV)/bin/vitcompress run $$r.yaml --out runs/$$(basename $$r) || exit $$?; done
+
+# The recipes' table in RESULTS.md (reuses the runs of `make recipes`).
+bench-recipes: $(STAMP)
+	$(PY) benchmarks/bench_recipes.py --out benchmarks/RESULTS.md
 
 clean:
 	rm -rf demo-out bench-out runs .pytest_cache

@@ -56,13 +56,12 @@ class QuantizeJob:
     batch_size: int = 32
     latency_rounds: int = 30
     latency_threads: int = 1
-    max_drop: float = 1.0  # --placement auto: top-1 points the chosen placement may lose on the eval set
-    target_cpu: str = "auto"  # int8 kernels of the deployment CPU: auto (this machine), vnni, avx2 (see cpu.py)
+    max_drop: float = 1.0  # --placement default/auto: top-1 points the chosen placement may lose on the eval set
+    target_cpu: str = "auto"  # int8 kernels of the deployment CPU: auto (this machine), portable, vnni (see cpu.py)
     weight_format: str = "int8"  # int4: Linear weights of <= 4 bits stored packed as MatMulNBits (float GEMM)
     runtime: str = DEFAULT_RUNTIME  # where accuracy, latency and integer coverage are measured
     holdout_size: int = 256  # --placement default/auto without --eval: calibration-folder images it judges agreement on
-    # ... and the agreement with fp32 (%) it asks of them. Not a bound on the top-1 drop (that would be
-    # 100 - max_drop): W8A8 artifacts agreeing 97-98 % lost 0.0-0.3 point on the reference models.
+    # ... and the agreement with fp32 (%) it asks of them (why 97: docs/quantization.md, "The default placement")
     min_agreement: float = 97.0
 
 
@@ -103,7 +102,7 @@ def _prepare(job: QuantizeJob) -> _Prepared:
 
 
 def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
-    """Load, calibrate, quantize, export float + QDQ ONNX, evaluate both in onnxruntime, time them."""
+    """Load, calibrate, quantize, export float + QDQ ONNX, evaluate and time both on ``job.runtime``."""
     if job.config.placement == DEFAULT_PLACEMENT and (job.config.method != "minmax" or job.config.method_options.get("layer_bits")):
         # A method's search (qhyvit, mptq) and per-layer bits (--bits-from) are defined on the layers
         # of the placement they were made with: the measured choice is the baseline method's.
