@@ -35,7 +35,7 @@ def main() -> None:
         prune = reports.get("prune")
         bar = f"≤ {c['max_drop']:g}" + (f", ≥ {c['min_agreement']:g} %" if c.get("min_agreement") is not None else "")
         rows.append(f"| `{name}` | {q.get('bits', {}).get('label', '–')} | "
-                    f"{(prune['latency']['speedup'] if prune else float('nan')):.2f}× | {q['latency']['speedup']:.2f}× | "
+                    f"{(format(prune['latency']['speedup'], '.2f') + '×') if prune else '–'} | {q['latency']['speedup']:.2f}× | "
                     f"{c['baseline_accuracy']['top1']:.2f} | {c['artifact_accuracy']['top1']:.2f} | {c['drop']:.2f} | "
                     f"{c['top1_agreement']:.2f} | {bar} | {'pass' if c['passed'] else 'FAIL'} |")
     cpu = this_cpu()
