@@ -176,11 +176,11 @@ def _section(doc: _Mapping, key: str, where: _Where) -> _Mapping:
     return value
 
 
-def _resolve_path(base: Path, value: Path | None, where: _Where, line: int, name: str) -> Path | None:
+def _resolve_path(base: Path, value: Path | None, where: _Where, line: int, name: str, must_exist: bool = True) -> Path | None:
     if value is None:
         return None
     path = value if value.is_absolute() else (base / value)
-    if not path.exists():
+    if must_exist and not path.exists():
         raise where.error(line, name, f"no such file or folder: {value} (relative paths are read from the recipe's folder)")
     return path.resolve()
 
@@ -217,7 +217,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), r
     """Parse and validate a recipe file; any problem is a one-line VitcompressError.
 
     ``require_schema=False`` reads a bare step list (what `quantize --recipe` takes: the model and
-    images come from its flags), without the schema line or the data the steps need."""
+    images come from its flags), without the schema line, the data the steps need or the files the
+    recipe names."""
     path = Path(path)
     where = _Where(path)
     try:
@@ -241,11 +242,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), r
     model_doc = _section(doc, "model", where)
     model = build_dataclass(ModelSource, model_doc, where, model_doc.line or 1, "model")
     model = dataclasses.replace(model, checkpoint=_resolve_path(base, model.checkpoint, where, model_doc.lines.get("checkpoint", 1),
-                                                               "model.checkpoint"))
+                                                               "model.checkpoint", require_schema))
     data_doc = _section(doc, "data", where)
     data = build_dataclass(DataSource, data_doc, where, data_doc.line or 1, "data")
-    data = dataclasses.replace(data, calib=_resolve_path(base, data.calib, where, data_doc.lines.get("calib", 1), "data.calib"),
-                               eval=_resolve_path(base, data.eval, where, data_doc.lines.get("eval", 1), "data.eval"))
+    data = dataclasses.replace(data, calib=_resolve_path(base, data.calib, where, data_doc.lines.get("calib", 1), "data.calib",
+                                                         require_schema),
+                               eval=_resolve_path(base, data.eval, where, data_doc.lines.get("eval", 1), "data.eval", require_schema))
     seed = doc.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise where.error(doc.lines.get("seed", 1), "seed", f"expected an integer, got {seed!r}")
