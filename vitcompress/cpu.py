@@ -22,7 +22,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import VitcompressError
+from .registry import lookup
 
 # Largest |weight code| whose u8·s8 pair sums fit int16: 255 · (64 + 64) = 32640 <= 32767.
 PAIR_SAFE_WEIGHT_CODE = 64
@@ -115,8 +115,7 @@ def resolve_target(target: str, flags: set[str] | None = None) -> dict:
     """{"target", "resolved", "vnni", "reduce_range", "signed_matmul_operands", "built_on", "why"}
     for ``--target-cpu`` (auto: ``vnni`` where this CPU accumulates int8 products in int32, else
     ``portable``)."""
-    if target not in TARGET_CHOICES:
-        raise VitcompressError(f"unknown --target-cpu '{target}' (choose from {', '.join(TARGET_CHOICES)})")
+    lookup(dict.fromkeys(TARGET_CHOICES), target, "--target-cpu")
     built_on = this_cpu(flags)
     if target == "auto":
         isa = detect_isa(flags)

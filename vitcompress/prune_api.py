@@ -21,6 +21,7 @@ from .artifacts import (RANDOM_WEIGHTS_NOTE, ProgressFn, calibration_images, env
                         onnx_metadata, report_head, save_checkpoint)
 from .data import load_tensor, sample, scan_images
 from .errors import VitcompressError
+from .registry import lookup
 from .evaluate import collect_logits, fidelity, onnx_predictor, summarize
 from .export import compare_latency, export_float, make_session
 from .fileio import prepare_output_dir, write_json
@@ -68,8 +69,7 @@ class PruneJob:
 
 
 def _validate(job: PruneJob) -> None:
-    if job.method not in METHODS:
-        raise VitcompressError(f"unknown pruning method '{job.method}' (choose from {', '.join(METHODS)})")
+    lookup(dict.fromkeys(METHODS), job.method, "pruning method")
     if (job.target_speedup is None) == (job.target_flops is None):
         raise VitcompressError("give exactly one target: --target-speedup S or --target-flops F")
     target = job.target_speedup if job.target_speedup is not None else job.target_flops

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..cpu import target_of_numerics
 from ..errors import VitcompressError
+from ..registry import lookup
 from ..fileio import atomic_path
 from ..quant.modules import onnx_export_mode, snapped_weights
 
@@ -389,8 +390,7 @@ WEIGHT_FORMATS = ("int8", "int4")
 
 
 def check_weight_format(weight_format: str) -> None:
-    if weight_format not in WEIGHT_FORMATS:
-        raise VitcompressError(f"unknown weight format '{weight_format}' (choose from {', '.join(WEIGHT_FORMATS)})")
+    lookup(dict.fromkeys(WEIGHT_FORMATS), weight_format, "weight format")
 
 
 def export_qdq(model: nn.Module, input_size: tuple[int, int, int], path: str | Path, metadata: dict,

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from ..errors import VitcompressError
+from ..registry import lookup
 from .spec import QuantSpec, fake_quantize, qparams_from_range
 
 OBSERVERS: dict[str, Callable[..., "Observer"]] = {}
@@ -24,10 +25,7 @@ def register_observer(name: str):
 
 
 def make_observer(name: str, spec: QuantSpec) -> "Observer":
-    try:
-        return OBSERVERS[name](spec)
-    except KeyError:
-        raise VitcompressError(f"unknown observer '{name}' (choose from {', '.join(sorted(OBSERVERS))})") from None
+    return lookup(OBSERVERS, name, "observer")(spec)
 
 
 def _reduce_dims(x: torch.Tensor, spec: QuantSpec) -> list[int]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import VitcompressError
+from ..registry import lookup
 from .modules import is_wrappable_attention, is_wrappable_weighted
 
 
@@ -147,10 +148,7 @@ def default_placement_order(runtime: str, family: str, isa: str) -> DefaultRule:
 
 
 def get_placement(name: str) -> Placement:
-    try:
-        return PLACEMENTS[ALIASES.get(name, name)]
-    except KeyError:
-        raise VitcompressError(f"unknown placement '{name}' (choose from {', '.join([*PLACEMENTS, *ALIASES])})") from None
+    return lookup(PLACEMENTS, name, "placement", ALIASES)
 
 
 @dataclass
