@@ -398,16 +398,24 @@ def export(out: Path, model: str | None = None, checkpoint: Path | None = None, 
     return {"artifact": str(path), "bytes": path.stat().st_size, **info}
 
 
+def threshold_problem(max_drop: float, min_agreement: float | None) -> tuple[str, str] | None:
+    """(field, what is wrong) for a gate's thresholds that are not finite numbers in range, else None."""
+    if not (max_drop >= 0 and np.isfinite(max_drop)):
+        return "max_drop", f"must be a finite number >= 0, got {max_drop}"
+    if min_agreement is not None and not 0 <= min_agreement <= 100:
+        return "min_agreement", f"must be a percentage between 0 and 100, got {min_agreement}"
+    return None
+
+
 def check(artifact: Path, eval_dir: Path, max_drop: float, baseline: Path | None = None, model: str | None = None,
           checkpoint: Path | None = None, pretrained: bool = True, eval_size: int | None = None, seed: int = 0,
           progress: ProgressFn = no_progress, runtime: str = DEFAULT_RUNTIME, min_agreement: float | None = None) -> dict:
     """Evaluate an exported artifact against its float baseline on ``runtime``; ``passed`` when
     drop <= max_drop (and top-1 agreement >= ``min_agreement`` %, when given). The report says whether the artifact's integer numerics are exact on this CPU
     (``cpu_compatibility``): the gate still stands on what was measured here."""
-    if not (max_drop >= 0 and np.isfinite(max_drop)):
-        raise VitcompressError(f"--max-drop must be a finite number >= 0, got {max_drop}")
-    if min_agreement is not None and not 0 <= min_agreement <= 100:
-        raise VitcompressError(f"--min-agreement must be a percentage between 0 and 100, got {min_agreement}")
+    problem = threshold_problem(max_drop, min_agreement)
+    if problem:
+        raise VitcompressError(f"--{problem[0].replace('_', '-')} {problem[1]}")
     meta = read_metadata(artifact)
     get_runtime(runtime)
     from .data import Preprocessing

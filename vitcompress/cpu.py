@@ -18,6 +18,7 @@ Rules as data, each with its reason (the figures live in docs/quantization.md):
 """
 from __future__ import annotations
 
+import functools
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,16 +74,18 @@ TARGET_ALIASES = {"avx2": "portable"}
 TARGET_CHOICES = ("auto", *TARGETS, *TARGET_ALIASES)
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
     """This machine's CPU feature flags (empty where /proc/cpuinfo is absent)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
-    return set(line.partition(":")[2].split())
+    return frozenset(line.partition(":")[2].split())
 
 
+@functools.cache
 def cpu_model() -> str:
     """The CPU's marketing name, e.g. 'AMD EPYC' ('' where unknown)."""
     try:
@@ -144,9 +147,12 @@ def compatibility(numerics: dict | None, flags: set[str] | None = None) -> dict:
         return {"exact": None, "cpu": cpu, "note": ""}
     needs_int32 = numerics.get("target") == "vnni"
     exact = cpu["int32_dot"] or not needs_int32
+    why = [f"full-range weights (largest code {numerics['max_weight_code']})"] if numerics.get("max_weight_code", 0) > PAIR_SAFE_WEIGHT_CODE else []
+    # signed_activations counts every int8 activation (the moved attention operands among them)
+    signed = max(numerics.get("signed_matmul_operands", 0), numerics.get("signed_activations", 0))
+    why += [f"{signed} int8 activation operands"] if signed else []
     note = "" if exact else (
-        f"this artifact needs int32 accumulation of int8 products (full-range weights: largest code "
-        f"{numerics.get('max_weight_code')}, {numerics.get('signed_matmul_operands', 0)} int8 activation operands) but this CPU "
+        f"this artifact needs int32 accumulation of int8 products ({', '.join(why)}) but this CPU "
         f"({cpu['model'] or 'unknown model'}, {cpu['isa']}) adds pairs in int16, which can saturate: results are not exact "
         f"here; rebuild it with --target-cpu portable")
     return {"exact": exact, "cpu": cpu, "note": note}

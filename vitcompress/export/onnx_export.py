@@ -243,7 +243,7 @@ def integer_numerics(model: onnx.ModelProto, signed_operands: int) -> dict:
             zp = _const_value(n.input[2], all_inits, consts)
             signed_activations += int(zp is not None and zp.dtype == np.int8)
     return {"max_weight_code": peak, "signed_matmul_operands": signed_operands, "signed_activations": signed_activations,
-            "target": target_of_numerics(peak, signed_operands + signed_activations)}
+            "target": target_of_numerics(peak, max(signed_operands, signed_activations))}
 
 
 def artifact_numerics(path: str | Path) -> dict | None:

@@ -146,7 +146,9 @@ def run_recipe(recipe: Recipe, out: Path, force: bool = False, progress: Progres
             record["artifacts"] = _artifacts(folder)
             write_json(folder / STEP_RECORD, record)
             result = StepResult(i, step.kind, folder, "ran", report)
-        model_input = sha256_file(state.checkpoint) if state.checkpoint else model_input
+        if state.checkpoint is not None:  # the next step's input model: hashed with the step's artifacts already
+            written = record["artifacts"].get(state.checkpoint.name) if state.checkpoint.resolve().parent == folder.resolve() else None
+            model_input = written or sha256_file(state.checkpoint)
         steps.append({"index": i, "kind": step.kind, "folder": folder.name, "status": result.status,
                       "inputs_sha256": inputs, "options": record["options"],
                       "artifacts": {f"{folder.name}/{k}": v for k, v in record["artifacts"].items()}})

@@ -153,12 +153,11 @@ def _validate_quantize(opts: QuantizeOptions, error: Callable[[str, str], Except
 
 
 def _validate_check(opts: CheckOptions, error: Callable[[str, str], Exception]) -> None:
-    import math
+    from ..api import threshold_problem
 
-    if not (math.isfinite(opts.max_drop) and opts.max_drop >= 0):
-        raise error("max_drop", f"expected a finite number >= 0, got {opts.max_drop}")
-    if opts.min_agreement is not None and not 0 <= opts.min_agreement <= 100:
-        raise error("min_agreement", f"expected a percentage between 0 and 100, got {opts.min_agreement}")
+    problem = threshold_problem(opts.max_drop, opts.min_agreement)
+    if problem:
+        raise error(*problem)
 
 
 @dataclass(frozen=True)
