@@ -6,8 +6,10 @@
 """
 from ._version import __version__  # noqa: F401
 
-from .api import QuantizeJob, check, export, load, quantize  # noqa: E402
+from .api import QuantizeJob, export, load, quantize  # noqa: E402
+from .check import check  # noqa: E402
+from .gate import Gate  # noqa: E402
 from .errors import VitcompressError  # noqa: E402
 from .quant import QuantConfig, quantize_  # noqa: E402
 
-__all__ = ["QuantConfig", "QuantizeJob", "VitcompressError", "check", "export", "load", "quantize", "quantize_"]
+__all__ = ["Gate", "QuantConfig", "QuantizeJob", "VitcompressError", "check", "export", "load", "quantize", "quantize_"]

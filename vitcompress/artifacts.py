@@ -55,12 +55,23 @@ def environment() -> dict:
 RANDOM_WEIGHTS_NOTE = "random weights (--no-pretrained): accuracy numbers are meaningless; latency and size are real"
 
 
+def created_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_report_documents(out: Path, report: dict) -> None:
+    """report.md and report.html (with plots) beside report.json, rendered from it."""
+    from .reports import document, write_report_files
+
+    write_report_files(out, document(report))
+
+
 def report_head(command: str, loaded: LoadedModel) -> dict:
     """The fields every command's report.json starts with."""
     return {
         "schema": REPORT_SCHEMA,
         "command": command,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": created_now(),
         "model": {"arch": loaded.arch, "family": family_of(loaded.arch), "source": loaded.source, "weights": loaded.weights,
                   "num_classes": loaded.num_classes, "input_size": list(loaded.preprocessing.input_size)},
     }

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from . import api
 from .errors import VitcompressError
+from .fileio import refuse_overwrite, write_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Post-training compression of vision transformers: quantize, export, check.")
@@ -185,7 +186,7 @@ def quantize(
         print(json.dumps(report, indent=2))
     else:
         print_quantize_report(report)
-        out_console.print(f"artifacts in {out}/: {', '.join(v['path'] for v in report['artifacts'].values())}, report.json")
+        out_console.print(f"artifacts in {out}/: {', '.join(v['path'] for v in report['artifacts'].values())}, report.json, report.md, report.html")
         if "path" in mp:
             out_console.print(f"mixed precision: average {mp['average_bits']:.3f} bits ({mp['weighting']}); "
                               f"{out}/bits.yaml (reuse with --bits-from), {out}/pareto.png", highlight=False)
@@ -266,7 +267,7 @@ def prune(
         print(json.dumps(report, indent=2))
     else:
         print_prune_report(report)
-        out_console.print(f"artifacts in {out}/: {', '.join(v['path'] for v in report['artifacts'].values())}, report.json")
+        out_console.print(f"artifacts in {out}/: {', '.join(v['path'] for v in report['artifacts'].values())}, report.json, report.md, report.html")
 
 
 @app.command()
@@ -289,28 +290,50 @@ def export(
 def check(
     artifact: Path = typer.Argument(..., help="Exported ONNX file to gate."),
     eval_dir: Path = typer.Option(..., "--eval", help="Labelled ImageFolder."),
-    max_drop: float = typer.Option(..., "--max-drop", help="Largest allowed top-1 drop, in points."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Largest allowed top-1 drop against the baseline, in points."),
+    min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Smallest top-1 agreement with the baseline, %."),
+    min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="Smallest baseline/artifact latency ratio (timed here, 1 thread, batch 1)."),
+    min_coverage: Optional[float] = typer.Option(None, "--min-coverage", help="Smallest share of MACs in integer kernels on --runtime, %."),
+    max_size_ratio: Optional[float] = typer.Option(None, "--max-size-ratio", help="Largest artifact/baseline file size ratio."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="Float ONNX baseline."),
     model: Optional[str] = typer.Option(None, "--model"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint"),
     eval_size: Optional[int] = typer.Option(None, "--eval-size"),
     seed: int = typer.Option(0, "--seed"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML here: one testcase per threshold."),
+    summary: Optional[Path] = typer.Option(None, "--summary", help="Write a Markdown summary here (for a CI job summary)."),
+    report_dir: Optional[Path] = typer.Option(None, "--report", help="Write report.md and report.html (with plots) into this folder."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing --json/--junit/--summary files."),
     runtime: str = typer.Option("onnxruntime", "--runtime", help="onnxruntime or openvino (pip install 'vitcompress[openvino]')."),
 ):
-    """CI gate: exit 0 when the artifact's top-1 drop is within --max-drop, 1 when not, 2 on bad input."""
+    """CI gate: exit 0 when every budget holds, 1 when one does not, 2 on bad input."""
+    from .gate import Gate
+    from .reports import check_summary, document, junit_xml, write_report_files
+
+    gate = _guard(Gate(max_drop, min_agreement, min_speedup, min_coverage, max_size_ratio).validate)
+    outputs = [p for p in (json_file, junit, summary) if p is not None]
+    _guard(refuse_overwrite, outputs, force)
     with _progress() as progress:
-        r = _guard(api.check, artifact, eval_dir, max_drop, baseline, model, checkpoint, True, eval_size, seed, progress, runtime)
+        r = _guard(api.check, artifact, eval_dir, gate, baseline, model, checkpoint, True, eval_size, seed, progress, runtime)
     if r["cpu_compatibility"]["note"]:
         console.print(f"[yellow]warning:[/] {r['cpu_compatibility']['note']}", highlight=False, soft_wrap=True)
     if json_file is not None:
         _guard(api.write_json, json_file, r)
+    if junit is not None:
+        _guard(write_text, junit, junit_xml(r))
+    if summary is not None:
+        _guard(write_text, summary, check_summary(r))
+    if report_dir is not None:
+        _guard(write_report_files, report_dir, document(r))
     verdict = "[bold green]PASS[/]" if r["passed"] else "[bold red]FAIL[/]"
     out_console.print(
         f"{verdict} {artifact.name}: top-1 {r['artifact_accuracy']['top1']:.2f}% vs baseline "
-        f"{r['baseline_accuracy']['top1']:.2f}% -> drop {r['drop']:.2f} (max {r['max_drop']:.2f}); "
-        f"agreement {r['top1_agreement']:.2f}%, KL {r['kl']:.4f}, {r['images']} images "
-        f"({r['runtime']['name']} {r['runtime']['version']}, {r['cpu_compatibility']['cpu']['isa']})", highlight=False)
+        f"{r['baseline_accuracy']['top1']:.2f}% (drop {r['drop']:.2f}), agreement {r['top1_agreement']:.2f}%, KL {r['kl']:.4f}, "
+        f"{r['images']} images ({r['runtime']['name']} {r['runtime']['version']}, {r['cpu_compatibility']['cpu']['isa']})", highlight=False)
+    for o in r["gate"].values():
+        mark = "[green]pass[/]" if o["passed"] else "[bold red]FAIL[/]"
+        out_console.print(f"  {mark} {o['message']}", highlight=False)
     raise typer.Exit(0 if r["passed"] else EXIT_FAIL)
 
 
@@ -318,9 +341,8 @@ def _step_summary(kind: str, report: dict) -> str:
     """One line of what a step measured."""
     if kind == "check":
         verdict = "PASS" if report["passed"] else "FAIL"
-        bar = f"max drop {report['max_drop']:.2f}" + (f", min agreement {report['min_agreement']:.1f}%" if report.get("min_agreement") is not None else "")
-        return (f"{verdict}: drop {report['drop']:.2f} ({bar}); agreement {report['top1_agreement']:.2f}%, "
-                f"{report['images']} images, {report['runtime']['name']}")
+        budgets = "; ".join(o["message"] for o in report["gate"].values())
+        return f"{verdict}: {budgets}; {report['images']} images, {report['runtime']['name']}"
     speed = (report.get("latency") or {}).get("speedup")
     label = report.get("bits", {}).get("label") or report.get("pruning", {}).get("label", "")
     acc = report.get("accuracy") or {}

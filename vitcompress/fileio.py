@@ -28,9 +28,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def refuse_overwrite(paths: list[Path], force: bool) -> None:
+    """One line naming the first output file that exists, unless ``force``."""
+    for path in paths:
+        if Path(path).exists() and not force:
+            raise VitcompressError(f"{path} exists; pass --force to overwrite it")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    except OSError as e:
+        raise VitcompressError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def write_json(path: str | Path, obj: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
 def _json_default(o):

@@ -52,33 +52,10 @@ def read_bits_yaml(path: Path) -> dict:
 
 def plot_pareto(path: Path, mixed_precision: dict, title: str) -> None:
     """Average bits vs measured sensitivity (KL) and vs top-1 agreement along the greedy walk."""
-    import matplotlib
+    from .reports.plots import pareto
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = mixed_precision["path"]
-    bits = [p["average_bits"] for p in pts]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(bits, [p["kl"] for p in pts], "o-", ms=3, label="measured KL")
-    ax1.plot(bits, [p["estimated_sensitivity"] for p in pts], "--", label="additive estimate")
-    ax1.set_xlabel("MAC-weighted average bits")
-    ax1.set_ylabel("KL(float || quantized logits)")
-    ax1.set_yscale("log")
-    ax1.invert_xaxis()
-    ax1.legend()
-    ax2.plot(bits, [p["top1_agreement"] for p in pts], "o-", ms=3, color="C2")
-    ax2.set_xlabel("MAC-weighted average bits")
-    ax2.set_ylabel("top-1 agreement with float, %")
-    ax2.invert_xaxis()
-    for ax in (ax1, ax2):
-        ax.axvline(mixed_precision["target_bits"], color="grey", lw=0.8)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{title} (calibration images)")
-    fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+        Path(tmp).write_bytes(pareto(mixed_precision["path"], mixed_precision["target_bits"], title))
 
 
 def mptq_cli_options(method: str, target_bits: float | None, bit_choices: str, bits_from: Path | None,

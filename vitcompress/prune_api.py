@@ -18,7 +18,7 @@ import torch
 
 from .checkpoints import load
 from .artifacts import (RANDOM_WEIGHTS_NOTE, ProgressFn, calibration_images, environment, evaluation_images, file_info, no_progress,
-                        onnx_metadata, report_head, save_checkpoint)
+                        onnx_metadata, report_head, save_checkpoint, write_report_documents)
 from .data import load_tensor, sample, scan_images
 from .errors import VitcompressError
 from .registry import lookup
@@ -32,6 +32,18 @@ from .prune.recover import RecoverConfig, distill
 from .prune.structure import PRUNE_STATE_ATTR, count_macs, layout_of
 
 METHODS = ("lpvit", "magnitude")
+
+
+def timing_fields(report: dict) -> list[str]:
+    """The report fields that follow measured time: latencies always; the kept structure when the
+    target is a measured speedup; recovery (and the accuracy after it) when its time budget cut it short."""
+    fields = ["created", "latency", "iterations", "recovery.seconds"]
+    if report["target"].get("measured"):
+        fields.append("pruning")
+    rec = report.get("recovery") or {}
+    if rec.get("steps", 0) < rec.get("requested_steps", 0):
+        fields += ["recovery", "accuracy"]
+    return fields
 SPARSE_LABEL = "sparse, no dense speedup"
 DENSE_LABEL = "dense (units removed physically)"
 
@@ -292,8 +304,10 @@ def prune(job: PruneJob, progress: ProgressFn = no_progress) -> dict:
     progress("latency", 0, 1)
     report["latency"] = _measure(fp32_path, pruned_path, (1, *prep.input_size), job, p.total_macs)
     report["latency"]["note"] = "median of alternated onnxruntime runs, float vs pruned, same process"
+    report["timing_fields"] = timing_fields(report)
     progress("latency", 1, 1)
     write_json(out / "report.json", report)
+    write_report_documents(out, report)
     return report
 
 

@@ -2,7 +2,7 @@
 
 A step reads the model the previous step left (``RunState.checkpoint``) and the run's images,
 writes its artifacts into its own folder through the Python API behind the commands
-(``api.quantize``, ``prune_api.prune``, ``api.check``), and hands on the new model, the artifact
+(``api.quantize``, ``prune_api.prune``, ``check.check``), and hands on the new model, the artifact
 to gate and the float baseline. New steps plug in by adding a ``StepSpec`` to ``STEPS``.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any, Callable
 from ..artifacts import ProgressFn
 from ..errors import VitcompressError
 from ..fileio import write_json
+from ..gate import GATE_FIELDS, Gate
 from ..quant import QuantConfig
 
 
@@ -66,11 +67,14 @@ class QuantizeOptions:
 
 
 @dataclass(frozen=True)
-class CheckOptions:
-    max_drop: float = 1.0
-    min_agreement: float | None = None  # top-1 agreement with the baseline, %
+class CheckOptions(Gate):
+    """The gate's budgets (``vitcompress check --max-drop ...``; a check step gates on top-1 drop unless told otherwise)."""
+    max_drop: float | None = 1.0
     eval_size: int | None = None  # default: the recipe's data.eval_size
     runtime: str = "onnxruntime"
+
+    def gate(self) -> Gate:
+        return Gate(**{name: getattr(self, name) for name in GATE_FIELDS})
 
 
 def _run_prune(opts: PruneOptions, state: RunState, folder: Path, progress: ProgressFn) -> tuple[RunState, dict]:
@@ -100,13 +104,12 @@ def _run_quantize(opts: QuantizeOptions, state: RunState, folder: Path, progress
 
 
 def _run_check(opts: CheckOptions, state: RunState, folder: Path, progress: ProgressFn) -> tuple[RunState, dict]:
-    from ..api import check
+    from ..check import check
 
     report = check(state.require("an exported artifact (a prune or quantize step before it)", state.artifact, "check"),
-                   state.require("data.eval", state.eval, "check"), opts.max_drop,
+                   state.require("data.eval", state.eval, "check"), opts.gate(),
                    baseline=state.require("a float baseline", state.baseline, "check"),
-                   eval_size=opts.eval_size or state.eval_size, seed=state.seed, progress=progress, runtime=opts.runtime,
-                   min_agreement=opts.min_agreement)
+                   eval_size=opts.eval_size or state.eval_size, seed=state.seed, progress=progress, runtime=opts.runtime)
     write_json(folder / "report.json", report)
     return replace(state, passed=report["passed"]), report
 
@@ -153,9 +156,7 @@ def _validate_quantize(opts: QuantizeOptions, error: Callable[[str, str], Except
 
 
 def _validate_check(opts: CheckOptions, error: Callable[[str, str], Exception]) -> None:
-    from ..api import threshold_problem
-
-    problem = threshold_problem(opts.max_drop, opts.min_agreement)
+    problem = opts.gate().problem()
     if problem:
         raise error(*problem)
 

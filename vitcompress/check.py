@@ -1,0 +1,112 @@
+"""The CI gate: measure an exported artifact against its float baseline and judge the budgets.
+
+Accuracy, top-1 agreement and the KL are always measured (on the labelled images). Latency, int8
+coverage and size are measured when a budget asks for them: timing costs seconds a CI job may not
+want to spend. Nothing here prints or writes; the CLI and the recipe runner do.
+"""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .artifacts import REPORT_SCHEMA, ProgressFn, created_now, environment, no_progress, onnx_metadata
+from .checkpoints import load
+from .cpu import compatibility
+from .data import Preprocessing, label_map_to_model, sample, scan_images
+from .errors import VitcompressError
+from .evaluate import collect_logits, fidelity, onnx_predictor, summarize, torch_predictor
+from .export import artifact_numerics, compare_latency, export_float, get_runtime, int8_coverage, open_session, read_metadata
+from .export.runtime import DEFAULT_RUNTIME, runtime_info
+from .gate import Gate
+from .models import LoadedModel
+
+# Report fields that are timings: they differ between two runs on the same inputs (see `vitcompress compare`).
+CHECK_TIMING_FIELDS = ["latency", "gate.min_speedup"]  # with "created", always
+
+
+def check(artifact: Path, eval_dir: Path, gate: Gate, baseline: Path | None = None, model: str | None = None,
+          checkpoint: Path | None = None, pretrained: bool = True, eval_size: int | None = None, seed: int = 0,
+          progress: ProgressFn = no_progress, runtime: str = DEFAULT_RUNTIME) -> dict:
+    """Evaluate ``artifact`` against its float baseline on ``runtime`` and judge ``gate``'s budgets.
+
+    The baseline is a float ONNX file (``baseline``) or a model (``model``/``checkpoint``; exported
+    to a temporary ONNX file when latency or size is asked for, so both sides run on the same
+    runtime). ``passed`` is True when every budget holds. The report says whether the artifact's
+    integer numerics are exact on this CPU (``cpu_compatibility``): the gate still stands on what
+    was measured here.
+    """
+    gate.validate()
+    meta = read_metadata(artifact)
+    get_runtime(runtime)
+    prep = Preprocessing.from_dict(meta["preprocessing"])
+    num_classes = int(meta.get("num_classes") or 0)
+    predictors = {"artifact": onnx_predictor(open_session(artifact, runtime))}
+    loaded: LoadedModel | None = None
+    if baseline is not None:
+        predictors["baseline"] = onnx_predictor(open_session(baseline, runtime))
+        base_desc = str(baseline)
+    elif model is not None or checkpoint is not None:
+        loaded = load(model, checkpoint, pretrained)
+        if tuple(loaded.preprocessing.input_size) != tuple(prep.input_size):
+            raise VitcompressError(f"the baseline model expects {loaded.preprocessing.input_size}, the artifact {prep.input_size}")
+        predictors["baseline"] = torch_predictor(loaded.model)
+        base_desc = loaded.source
+    else:
+        raise VitcompressError("a baseline is required: --baseline FLOAT.onnx, or --model/--checkpoint")
+    eval_set = sample(scan_images(eval_dir, require_labels=True), eval_size, seed)
+    label_map = label_map_to_model(eval_set, prep.class_names, num_classes)  # check has no loaded model: the artifact's metadata
+    logits, labels, stats = collect_logits(predictors, eval_set, prep, 64, lambda d, t: progress("evaluate", d, t))
+    if logits["artifact"].shape != logits["baseline"].shape:
+        raise VitcompressError(f"artifact and baseline disagree on the output shape: {logits['artifact'].shape[1:]} vs {logits['baseline'].shape[1:]}")
+    acc_a = summarize(logits["artifact"], labels, label_map, num_classes)
+    acc_b = summarize(logits["baseline"], labels, label_map, num_classes)
+    agreement = fidelity(logits["baseline"], logits["artifact"])
+    measured = {"drop": acc_b["top1"] - acc_a["top1"], **agreement}
+    report_extra: dict = {}
+    if gate.measures("speedup") or gate.measures("size_ratio"):
+        with _baseline_onnx(baseline, loaded) as base_onnx:
+            if gate.measures("size_ratio"):
+                sizes = {"artifact_bytes": Path(artifact).stat().st_size, "baseline_bytes": base_onnx.stat().st_size}
+                measured["size_ratio"] = sizes["artifact_bytes"] / sizes["baseline_bytes"]
+                report_extra["size"] = {**sizes, "ratio": measured["size_ratio"]}
+            if gate.measures("speedup"):
+                progress("latency", 0, 1)
+                lat = compare_latency({"baseline": base_onnx, "artifact": artifact}, (1, *prep.input_size), runtime=runtime)
+                measured["speedup"] = lat["baseline"]["median_ms"] / lat["artifact"]["median_ms"]
+                report_extra["latency"] = {**lat, "speedup": measured["speedup"]}
+                progress("latency", 1, 1)
+    if gate.measures("int8_coverage"):
+        coverage = int8_coverage(artifact, runtime)
+        measured["int8_coverage"] = 100.0 * coverage["integer_mac_share"]
+        report_extra["coverage"] = coverage
+    outcomes = gate.judge(measured)
+    return {
+        "schema": REPORT_SCHEMA, "command": "check", "created": created_now(), "artifact": str(artifact), "baseline": base_desc,
+        "eval_dir": str(eval_dir), "images": stats.loaded, "skipped": stats.skipped,
+        "artifact_accuracy": acc_a, "baseline_accuracy": acc_b, "drop": measured["drop"], **agreement,
+        "max_drop": gate.max_drop, "min_agreement": gate.min_agreement,
+        **report_extra,
+        "gate": {o["threshold"]: o for o in outcomes},
+        "passed": all(o["passed"] for o in outcomes),
+        "artifact_label": (meta.get("quantization") or {}).get("label", meta.get("kind")),
+        "runtime": runtime_info(runtime),
+        "built_for": meta.get("target_cpu"),
+        "cpu_compatibility": compatibility(artifact_numerics(artifact)),
+        "environment": environment(),
+        "timing_fields": ["created", *(CHECK_TIMING_FIELDS if gate.measures("speedup") else [])],
+    }
+
+
+@contextlib.contextmanager
+def _baseline_onnx(baseline: Path | None, loaded: LoadedModel | None) -> Iterator[Path]:
+    """The baseline as an ONNX file: the one given, or the loaded model exported to a temporary folder."""
+    if baseline is not None:
+        yield Path(baseline)
+        return
+    assert loaded is not None
+    with tempfile.TemporaryDirectory(prefix="vitcompress-baseline-") as tmp:
+        path = Path(tmp) / "model.fp32.onnx"
+        export_float(loaded.model, loaded.preprocessing.input_size, path, onnx_metadata(loaded, "fp32"))
+        yield path
