@@ -378,6 +378,73 @@ def run(
 
 
 @app.command()
+def compare(
+    a: Path = typer.Argument(..., help="A, the reference: report.json, a run or output folder, or an ONNX artifact."),
+    b: Path = typer.Argument(..., help="B, the candidate: the same kind as A."),
+    eval_dir: Optional[Path] = typer.Option(None, "--eval", help="Labelled ImageFolder (needed to compare two ONNX artifacts)."),
+    eval_size: Optional[int] = typer.Option(None, "--eval-size"),
+    seed: int = typer.Option(0, "--seed"),
+    max_drop: float = typer.Option(0.5, "--max-drop", help="Top-1 points B may lose against A."),
+    max_slowdown: float = typer.Option(0.10, "--max-slowdown", help="Fraction B may be slower than A (0.1: 10%)."),
+    max_coverage_loss: float = typer.Option(5.0, "--max-coverage-loss", help="Points of int8 coverage B may lose."),
+    max_size_growth: float = typer.Option(0.05, "--max-size-growth", help="Fraction B may be larger than A."),
+    runtime: str = typer.Option("onnxruntime", "--runtime", help="Runtime for two ONNX artifacts."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the comparison as JSON here."),
+    summary: Optional[Path] = typer.Option(None, "--summary", help="Write a Markdown summary here."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing --json/--summary files."),
+):
+    """What changed from A to B; exit 1 when B regresses beyond the tolerances (a pull request against main)."""
+    from .compare import Tolerances, compare_artifacts, compare_reports
+    from .reports import document, to_markdown
+
+    tol = _guard(Tolerances(max_drop, max_slowdown, max_coverage_loss, max_size_growth).validate)
+    _guard(refuse_overwrite, [p for p in (json_file, summary) if p is not None], force)
+    artifacts = [p.suffix == ".onnx" for p in (a, b)]
+    if any(artifacts) and not all(artifacts):
+        _fail("compare two ONNX artifacts, or two reports/folders, not one of each")
+    if all(artifacts):
+        if eval_dir is None:
+            _fail("comparing two ONNX artifacts measures them: give --eval DIR (labelled images)")
+        with _progress() as progress:
+            r = _guard(compare_artifacts, a, b, eval_dir, tol, eval_size, seed, runtime, progress)
+    else:
+        r = _guard(compare_reports, a, b, tol)
+    t = Table(title=f"A = {a}, B = {b}")
+    for col in ("metric", "A", "B", "change", "allowed worse by", "status"):
+        t.add_column(col)
+    for row in r["rows"]:
+        style = {"regressed": "bold red", "improved": "green"}.get(row["status"], "")
+        t.add_row(f"{row['label']} ({row['unit']})", _num(row["a"]), _num(row["b"]), _num(row["change"]), _num(row["allowed"]),
+                  f"[{style}]{row['status']}[/]" if style else row["status"])
+    out_console.print(t)
+    for note in r["notes"]:
+        out_console.print(f"note: {note}", highlight=False)
+    if json_file is not None:
+        _guard(api.write_json, json_file, r)
+    if summary is not None:
+        _guard(write_text, summary, to_markdown(document(r, title="vitcompress compare"), figures_note=None))
+    out_console.print("[bold green]PASS[/]" if r["passed"] else f"[bold red]FAIL[/]: B regresses on {', '.join(r['regressed'])}", highlight=False)
+    raise typer.Exit(0 if r["passed"] else EXIT_FAIL)
+
+
+def _num(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}"
+
+
+@app.command()
+def report(
+    folder: Path = typer.Argument(..., help="An output folder of quantize/prune (report.json) or of run (manifest.json)."),
+):
+    """Write report.md and a self-contained report.html (plots embedded) into FOLDER from its report.json or manifest.json."""
+    from .reports import load_document, write_report_files
+
+    files = _guard(write_report_files, folder, _guard(load_document, folder))
+    out_console.print(f"wrote {files['markdown']} and {files['html']}", highlight=False)
+
+
+@app.command()
 def models():
     """List model aliases and the timm architectures they stand for."""
     from .models import SUPPORTED_FAMILIES, list_models

@@ -4,7 +4,8 @@ A step's inputs are hashed: its kind and options, the model it reads (the checkp
 sha256, or the timm name), the images (paths and sizes of every file in the data folders), the
 seed and the versions of the packages that compute. A re-run finds the same hash and the same
 artifacts (sha256) in the step's folder and reuses them; ``force`` redoes every step. The run's
-``manifest.json`` lists every artifact with its sha256, the command line, versions and seed.
+``manifest.json`` lists every artifact with its sha256, the command line, versions and seed;
+``report.md`` and ``report.html`` show every step's measurements with plots.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .._version import __version__
 from ..artifacts import ProgressFn, environment, no_progress
 from ..errors import VitcompressError
 from ..fileio import write_json
+from ..reports import run_document, write_report_files
 from .recipe import SCHEMA, Recipe
 from .steps import STEPS, RunState, options_dict
 
@@ -170,6 +172,7 @@ def run_recipe(recipe: Recipe, out: Path, force: bool = False, progress: Progres
         "final_artifact": os.path.relpath(state.artifact, out) if state.artifact else None,
     }
     write_json(out / MANIFEST, manifest)
+    write_report_files(out, run_document(manifest, {r.folder.name: r.report for r in results}))
     return manifest
 
 

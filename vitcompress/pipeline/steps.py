@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from ..artifacts import ProgressFn
+from ..artifacts import ProgressFn, write_report_documents
 from ..errors import VitcompressError
 from ..fileio import write_json
 from ..gate import GATE_FIELDS, Gate
@@ -111,6 +111,7 @@ def _run_check(opts: CheckOptions, state: RunState, folder: Path, progress: Prog
                    baseline=state.require("a float baseline", state.baseline, "check"),
                    eval_size=opts.eval_size or state.eval_size, seed=state.seed, progress=progress, runtime=opts.runtime)
     write_json(folder / "report.json", report)
+    write_report_documents(folder, report)
     return replace(state, passed=report["passed"]), report
 
 

@@ -44,6 +44,8 @@ def _f(v, digits: int = 2, unit: str = "") -> str:
         return "–"
     if isinstance(v, bool):
         return "yes" if v else "no"
+    if isinstance(v, float) and abs(v) >= 1e4:
+        return f"{v:,.0f}{unit}"
     if isinstance(v, (int, float)):
         return f"{v:.{digits}f}{unit}" if isinstance(v, float) else f"{v}{unit}"
     return str(v)
@@ -206,7 +208,17 @@ def _check(report: dict) -> list[Section]:
     return sections
 
 
-BUILDERS: dict[str, Callable[[dict], list[Section]]] = {"quantize": _quantize, "prune": _prune, "check": _check}
+def _compare(result: dict) -> list[Section]:
+    verdict = "PASS" if result.get("passed") else "FAIL"
+    blocks: list[Block] = [f"**{verdict}**: B = {result.get('b')} against A = {result.get('a')} ({result.get('mode')} compared)."]
+    blocks.append(Table(["metric", "A", "B", "change", "allowed worse by", "status"],
+                        [[f"{r['label']} ({r['unit']})", _f(r["a"]), _f(r["b"]), _f(r["change"]), _f(r["allowed"]),
+                          r["status"] + (f": {r['why']}" if r.get("why") else "")] for r in result.get("rows", [])]))
+    blocks += list(result.get("notes") or [])
+    return [Section("Comparison", blocks)]
+
+
+BUILDERS: dict[str, Callable[[dict], list[Section]]] = {"quantize": _quantize, "prune": _prune, "check": _check, "compare": _compare}
 
 
 def document(report: dict, title: str | None = None) -> Document:
