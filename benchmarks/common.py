@@ -18,10 +18,24 @@ def add_io_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--shared", type=Path, default=SHARED, help="folder holding data/cifar10 and zoo/")
 
 
+def cpu_line() -> str:
+    """The CPU this process runs on, as the tables record it."""
+    import os
+
+    from vitcompress.cpu import this_cpu
+
+    cpu = this_cpu()
+    return (f"CPU: {cpu['model']}, int8 ISA {cpu['isa']} (int8 products accumulated in int32: {cpu['int32_dot']}), "
+            f"{os.cpu_count()} logical cores.")
+
+
 def write_section(path: Path, text: str, name: str) -> None:
     """Replace one benchmark's section of RESULTS.md (between ``<!-- NAME:start/end -->``
     markers), keeping whatever else the file holds."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if "CPU:" not in text:  # every table names the CPU it was measured on
+        title, _, body = text.partition("\n")
+        text = f"{title}\n\n{cpu_line()}\n{body}"
     block = f"{start}\n{text}{end}\n"
     old = path.read_text() if path.exists() else ""
     if start in old and end in old:

@@ -6,6 +6,7 @@ Shared by `quantize`, `export` and `prune` (api.py, prune_api.py), so their skel
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import platform
 from pathlib import Path
 from typing import Callable
@@ -94,6 +95,11 @@ def evaluation_images(loaded: LoadedModel, folder: Path, size: int | None, seed:
 
 
 def save_checkpoint(path: Path, loaded: LoadedModel, state_dict: dict, **extra) -> None:
-    """A self-describing checkpoint (zoo format, weights_only-loadable), written atomically."""
+    """A self-describing checkpoint (zoo format, weights_only-loadable), written atomically.
+
+    Serialised in memory first: torch.save names the archive's folder after the file it writes,
+    and the temporary file's random name would make two identical runs differ byte for byte."""
+    buf = io.BytesIO()
+    torch.save(checkpoint_dict(loaded, state_dict, **extra), buf)
     with atomic_path(path) as tmp:
-        torch.save(checkpoint_dict(loaded, state_dict, **extra), tmp)
+        tmp.write_bytes(buf.getvalue())
