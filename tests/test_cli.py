@@ -185,7 +185,7 @@ def test_placement_auto_picks_the_fastest_within_budget(tmp_path):
     assert all(c["drop"] <= 5 for c in within)
     assert auto["chosen"] == max(within, key=lambda c: c["speedup"])["placement"]
     assert report["config"]["placement"] == CANDIDATES[auto["chosen"]].placement
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["model.fp32.onnx", "model.int8.onnx", "model.int8.pth", "report.json"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["model.fp32.onnx", "model.int8.onnx", "model.int8.pth", "report.html", "report.json", "report.md"]
     # without --eval: label-free, agreement with fp32 on calibration-folder images calibration did not see
     code, text = _run("quantize", "--checkpoint", BUNDLED_CKPT, "--calib", CALIB, "--calib-size", 8,
                       "--placement", "auto", "--max-drop", "5", "--out", tmp_path / "b")

@@ -46,6 +46,8 @@ def test_run_then_rerun_reuses_every_step_with_the_same_hashes(tmp_path):
     assert first["versions"]["onnxruntime"] and first["recipe"]["sha256"]
     check = json.loads((out / "02-check" / "report.json").read_text())
     assert check["passed"] and check["baseline"].endswith("01-quantize/model.fp32.onnx")
+    assert check["gate"]["max_drop"]["passed"] and (out / "02-check" / "report.html").exists()
+    assert "## 01-quantize: Latency" in (out / "report.md").read_text() and (out / "report.html").exists()
     code, text = _run(recipe, "--out", out)
     assert code == 0, text
     second = json.loads((out / "manifest.json").read_text())

@@ -57,15 +57,15 @@ def test_a_missing_runtime_is_one_line_naming_the_install(monkeypatch, artifacts
 def test_check_on_openvino_reports_runtime_and_cpu(artifacts, tmp_path):
     runner = CliRunner()
     args = ["check", str(artifacts / "q.onnx"), "--baseline", str(artifacts / "f.onnx"), "--eval", str(VAL), "--eval-size", "50",
-            "--max-drop", "5", "--json", str(tmp_path / "r.json")]
+            "--max-drop", "5", "--json", str(tmp_path / "r.json"), "--force"]
     r = runner.invoke(app, args + ["--runtime", "openvino"])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["runtime"]["name"] == "openvino" and report["cpu_compatibility"]["exact"] is True  # a portable artifact
     r = runner.invoke(app, args + ["--runtime", "nope"])
     assert r.exit_code == 2 and "unknown runtime 'nope'" in r.output
-    r = runner.invoke(app, args[:-4] + ["--max-drop", "nan"])
-    assert r.exit_code == 2 and "finite" in r.output
+    r = runner.invoke(app, args[:-5] + ["--max-drop", "nan"])
+    assert r.exit_code == 2 and "--max-drop: must be a number >= 0" in r.output and "got nan" in r.output
 
 
 def test_default_placement_rules_are_data_that_resolve_for_every_runtime():
@@ -84,7 +84,7 @@ def test_check_of_a_vnni_artifact_on_a_cpu_without_int32_dot_products_says_so(ar
     monkeypatch.setattr(vitcompress.cpu, "cpu_flags", lambda: {"avx2", "fma"})  # what an AVX2-only machine reports
     runner = CliRunner()
     args = ["check", str(artifacts / "full_range.onnx"), "--baseline", str(artifacts / "f.onnx"), "--eval", str(VAL),
-            "--eval-size", "50", "--max-drop", "5", "--json", str(tmp_path / "r.json")]
+            "--eval-size", "50", "--max-drop", "5", "--json", str(tmp_path / "r.json"), "--force"]
     with pytest.warns(CpuMismatchWarning, match="full_range.onnx"):  # every session opened on it says so too
         r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output

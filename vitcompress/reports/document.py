@@ -135,28 +135,28 @@ def _method_sections(quant: dict, report: dict) -> list[Section]:
     out = []
     mp = quant.get("mixed_precision")
     if mp:
-        out.append(Section("Mixed precision (MPTQ greedy)", [
-            f"Average {mp['average_bits']:.3f} bits ({mp.get('weighting')}) for a target of {mp.get('target_bits')}; choices {mp.get('bit_choices')}. "
-            f"Sensitivity: {mp.get('sensitivity')}.",
-            Figure("bits", "bits chosen per layer (bars) and the layer's MACs (line)", plots.layer_bits(mp["assignment"], mp.get("macs"), "bits per layer")),
-            Figure("pareto", "the greedy walk: measured KL against average bits, and top-1 agreement",
-                   plots.pareto(mp["path"], mp.get("target_bits") or 0, f"{report.get('model', {}).get('arch')} greedy mixed precision")),
-        ]))
+        blocks: list[Block] = [
+            f"Average {mp['average_bits']:.3f} bits ({mp.get('weighting')}); target {_f(mp.get('target_bits'))}, choices {mp.get('bit_choices')}.",
+            Figure("bits", "bits chosen per layer (bars) and the layer's MACs (line)", plots.layer_bits(mp["assignment"], mp.get("macs"), "bits per layer"))]
+        if mp.get("path"):  # a greedy search ran (not a --bits-from assignment)
+            blocks.append(Figure("pareto", f"the greedy walk ({mp.get('sensitivity')}): measured KL against average bits, and top-1 agreement",
+                                 plots.pareto(mp["path"], mp.get("target_bits") or 0, f"{report.get('model', {}).get('arch')} greedy mixed precision")))
+        out.append(Section("Mixed precision (MPTQ)", blocks))
     qh = quant.get("qhyvit")
     if qh:
-        blocks: list[Block] = []
+        qh_blocks: list[Block] = []
         rounds = {k.replace("_per_round", "").replace("_", " "): v for k, v in qh.items() if k.endswith("_per_round") and v}
         if rounds:
-            blocks.append(Figure("qhyvit-rounds", "Q-HyViT search, per round (ringed: the round kept)",
+            qh_blocks.append(Figure("qhyvit-rounds", "Q-HyViT search, per round (ringed: the round kept)",
                                  plots.series(rounds, "round / step", "value", "Q-HyViT search", log=True, mark=qh.get("best_round"))))
         steps = qh.get("post_search_steps") or {}
         if steps:
-            blocks.append(Table(["post-search step", "kept", "KL before", "KL after", "judged on"],
+            qh_blocks.append(Table(["post-search step", "kept", "KL before", "KL after", "judged on"],
                                 [[k, _f(v.get("kept")), _f(v.get("kl_before"), 5), _f(v.get("kl_after"), 5), _f(v.get("judged_on"))] for k, v in steps.items()]))
         choices = qh.get("choices") or {}
         if choices:
-            blocks.append(Table(["layer", "weights", "activations"], [[k, v.get("weights", ""), v.get("activations", "")] for k, v in choices.items()]))
-        out.append(Section("Q-HyViT choices", blocks))
+            qh_blocks.append(Table(["layer", "weights", "activations"], [[k, v.get("weights", ""), v.get("activations", "")] for k, v in choices.items()]))
+        out.append(Section("Q-HyViT choices", qh_blocks))
     return out
 
 
