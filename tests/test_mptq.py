@@ -104,7 +104,8 @@ def _additive_problem(n: int, seed: int):
 def test_greedy_budget_is_met_exactly(target):
     macs, sensitivity = _additive_problem(20, seed=int(target * 100))
     choices = (4, 5, 6, 8)
-    assignment, path = greedy_mixed_precision(macs, choices, target, sensitivity)
+    assignment, path, isolated = greedy_mixed_precision(macs, choices, target, sensitivity)
+    assert set(isolated) == set(macs) and all(set(v) == set(choices) for v in isolated.values())
     assert average_bits(assignment, macs) <= target + 1e-12
     assert check_budget_tight(assignment, macs, choices, target)
     assert path[0]["average_bits"] == 8 and path[-1]["average_bits"] == pytest.approx(average_bits(assignment, macs))
@@ -113,7 +114,7 @@ def test_greedy_budget_is_met_exactly(target):
 
 def test_greedy_lowers_the_least_sensitive_layer_first():
     macs = {"a": 100, "b": 100}
-    assignment, path = greedy_mixed_precision(macs, (4, 8), 6.0, lambda a: (8 - a["a"]) * 10 + (8 - a["b"]))
+    assignment, path, _ = greedy_mixed_precision(macs, (4, 8), 6.0, lambda a: (8 - a["a"]) * 10 + (8 - a["b"]))
     assert assignment == {"a": 8, "b": 4}
     assert path[1]["step"] == "lower b to 4"
 

@@ -35,8 +35,10 @@ def greedy_mixed_precision(
     sensitivity: Callable[[Assignment], float],
     measure: Callable[[Assignment], dict] | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[Assignment, list[dict]]:
-    """Walk from all-highest down to ``target`` average bits; returns the assignment and the path.
+) -> tuple[Assignment, list[dict], dict[str, dict[int, float]]]:
+    """Walk from all-highest down to ``target`` average bits; returns the assignment, the path and
+    the table of isolated sensitivities it walked on ({layer: {bits: sensitivity with that layer
+    alone at those bits}}).
 
     ``sensitivity(assignment)`` scores an assignment (lower is better, e.g. KL of logits);
     ``measure(assignment)`` adds measured quantities to each path point (optional).
@@ -99,7 +101,8 @@ def greedy_mixed_precision(
         _, n, b = best
         current[n] = b
         path.append(point(current, f"raise {n} to {b}"))
-    return current, path
+    isolated = {n: {b: table[(n, b)] for b in choices} for n in names}
+    return current, path, isolated
 
 
 def check_budget_tight(assignment: Mapping[str, int], macs: Mapping[str, int], choices: Sequence[int], target: float) -> bool:

@@ -430,14 +430,14 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
             with torch.no_grad():
                 return _kl_and_agreement(ref, model(sens_x))
 
-        assignment, path = greedy_mixed_precision(
+        assignment, path, isolated = greedy_mixed_precision(
             macs, opts.bit_choices, opts.target_bits, lambda a: evaluate(a)[0],
             measure=lambda a: dict(zip(("kl", "top1_agreement"), evaluate(a))), progress=progress)
         final = {u: (b, b) for u, b in assignment.items()}
         mp_info = {"weighting": "MACs per image", "target_bits": opts.target_bits, "bit_choices": list(opts.bit_choices),
                    "average_bits": average_bits(assignment, macs), "assignment": assignment, "macs": macs,
                    "sensitivity": f"KL(float || quantized logits) on {len(sens_x)} calibration images",
-                   "path": path}
+                   "path": path, "isolated_sensitivity": isolated}
     else:
         final = passes[0]
         if opts.layer_bits:

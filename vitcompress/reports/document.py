@@ -138,6 +138,9 @@ def _method_sections(quant: dict, report: dict) -> list[Section]:
         blocks: list[Block] = [
             f"Average {mp['average_bits']:.3f} bits ({mp.get('weighting')}); target {_f(mp.get('target_bits'))}, choices {mp.get('bit_choices')}.",
             Figure("bits", "bits chosen per layer (bars) and the layer's MACs (line)", plots.layer_bits(mp["assignment"], mp.get("macs"), "bits per layer"))]
+        if mp.get("isolated_sensitivity"):
+            blocks.append(Figure("sensitivity", "per-layer sensitivity: each layer alone at each width (red box: the width chosen)",
+                                 plots.sensitivity_map(mp["isolated_sensitivity"], mp["assignment"], "isolated sensitivity per layer")))
         if mp.get("path"):  # a greedy search ran (not a --bits-from assignment)
             blocks.append(Figure("pareto", f"the greedy walk ({mp.get('sensitivity')}): measured KL against average bits, and top-1 agreement",
                                  plots.pareto(mp["path"], mp.get("target_bits") or 0, f"{report.get('model', {}).get('arch')} greedy mixed precision")))

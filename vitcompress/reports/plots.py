@@ -142,3 +142,28 @@ def kept_units(layout: dict[str, int], dense: dict[str, int], title: str) -> byt
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _png(fig)
+
+
+def sensitivity_map(isolated: dict[str, dict], chosen: dict[str, int], title: str) -> bytes:
+    """Isolated sensitivity per layer and width (the layer alone at that width), log colour scale;
+    the width each layer got is boxed."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    plt = _pyplot()
+    names = list(isolated)
+    widths = sorted({int(b) for v in isolated.values() for b in v})
+    grid = np.array([[float(isolated[n].get(b, isolated[n].get(str(b), np.nan))) for n in names] for b in widths])
+    positive = grid[np.isfinite(grid) & (grid > 0)]
+    norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if positive.size else None
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(names) + 2), 0.5 * len(widths) + 2.4))
+    im = ax.imshow(np.where(grid > 0, grid, np.nan), aspect="auto", cmap="viridis", norm=norm)
+    for i, n in enumerate(names):
+        if n in chosen and int(chosen[n]) in widths:
+            ax.add_patch(plt.Rectangle((i - 0.5, widths.index(int(chosen[n])) - 0.5), 1, 1, fill=False, ec="red", lw=1.2))
+    ax.set_yticks(range(len(widths)), [f"{b} bits" for b in widths])
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    fig.colorbar(im, ax=ax, label="sensitivity (KL)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
