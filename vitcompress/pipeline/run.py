@@ -10,6 +10,7 @@ artifacts (sha256) in the step's folder and reuses them; ``force`` redoes every 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -56,9 +57,21 @@ def folder_digest(folder: Path | None) -> str | None:
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 
+@functools.cache
+def source_digest() -> str:
+    """sha256 of vitcompress's own source files: a step made by other code is not reused (the
+    version number does not change with every commit)."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def _versions() -> dict:
     env = environment()
-    return {"vitcompress": __version__, **{k: env[k] for k in ("torch", "onnxruntime", "timm", "python")}}
+    return {"vitcompress": __version__, "vitcompress_source": source_digest(),
+            **{k: env[k] for k in ("torch", "onnxruntime", "timm", "python")}}
 
 
 def _artifacts(folder: Path) -> dict[str, str]:

@@ -31,6 +31,7 @@ from .registry import Progress, register_method, register_restorer
 from .gptq import gptq_layers
 from .config import QuantConfig
 from .mixed_precision import average_bits, greedy_mixed_precision
+from .refine import Refinement, apply_refinements
 from .modules import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer, quantizers
 from .placement import reads_image
 from .optm import TwoRegionLinear, TwoRegionMatMul, TwoRegionQuantizer, search_two_region
@@ -61,7 +62,8 @@ class MptqOptions:
         value -> output projection, exact because Softmax rows sum to 1); "range" (ours: the other
         Linear/Conv inputs get their min-max range shrunk by the fraction minimising the output error);
         "gptq" (ours: Linear weights rounded by GPTQ's error compensation once every grid is chosen,
-        see ``gptq.py``); () is plain min-max calibration in the same placement.
+        see ``gptq.py``; kept only if it lowers the calibration KL, ``refine.py``); () is plain
+        min-max calibration in the same placement.
     """
 
     full: bool = False
@@ -418,12 +420,12 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
     # 5. the assignment
     info: dict = {"mptq": {"parts": sorted(parts), "full": opts.full}}
     mp_info = None
+    sens_x = torch.cat(list(batches))[:SENSITIVITY_IMAGES]  # scores mixed-precision steps and judges refinements
+    for q in setup.qs.values():
+        q.mode = "off"
+    with torch.no_grad():
+        ref = model(sens_x)
     if opts.target_bits is not None:
-        sens_x = torch.cat(list(batches))[:SENSITIVITY_IMAGES]
-        for q in setup.qs.values():
-            q.mode = "off"
-        with torch.no_grad():
-            ref = model(sens_x)
 
         def evaluate(assign: dict[str, int]) -> tuple[float, float]:
             setup.apply({u: (b, b) for u, b in assign.items()})
@@ -446,9 +448,20 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
     setup.apply(final)
     for q in setup.qs.values():
         assert q.mode == "quantize"
-    if "gptq" in parts:  # last: it needs every grid fixed, and rounds against the quantized inputs
-        linears = [n for n in macs if isinstance(model.get_submodule(n), nn.Linear)]  # the part rounds Linear weights
-        info["mptq"]["gptq_layers"] = len(gptq_layers(model, linears, batches))
+    # 6. refinements, last: GPTQ needs every grid fixed and rounds against the quantized inputs; kept
+    # only if it lowers the calibration KL (refine.py: the rule Q-HyViT's refinements follow too)
+    linears = [n for n in macs if isinstance(model.get_submodule(n), nn.Linear)]  # the part rounds Linear weights
+
+    def calibration_kl() -> float:
+        with torch.no_grad():
+            return _kl_and_agreement(ref, model(sens_x))[0]
+
+    refinements = [Refinement("gptq", lambda done: "gptq" in parts, lambda m, names, b: gptq_layers(m, names, b), lambda m: [m.weight],
+                              judged_on=f"{len(sens_x)} calibration images")]
+    steps = apply_refinements(model, linears, batches, refinements, calibration_kl, calibration_kl())
+    if steps:
+        info["mptq"]["refinements"] = steps
+        info["mptq"]["gptq_layers"] = steps["gptq"]["layers"] if steps["gptq"]["kept"] else 0
 
     if range_info:
         info["mptq"]["range_fraction"] = {n.rsplit(".", 1)[0]: by_bits[setup.bits_of(n, final)] for n, by_bits in range_info.items()}

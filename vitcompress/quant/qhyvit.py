@@ -60,6 +60,7 @@ from .bridge import Bridge, find_bridges, layer_order
 from .config import QuantConfig
 from .modules import TensorQuantizer
 from .placement import is_depthwise
+from .refine import Refinement, apply_refinements
 from .spec import QuantSpec, qparams_from_range
 
 
@@ -373,13 +374,10 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
         q.set_qparams(scale, zp)
     e2e_history.append(e2e_history[best_round])
 
-    # Post-search steps (ours) change weights, biases or activation scales; each is kept only if it
-    # lowers the whole model's KL on the calibration images, the search's own end-to-end yardstick.
-    # Scale tuning is judged on the augmented images it was fit on: the KL on the 128 plain images
-    # scattered 0.0074-0.0102 over tuning runs that all lowered the val KL (mobilevit_xxs W6A6).
-    post_steps = {}
-    layer_modules = [model.get_submodule(n) for n in order]
-    input_quantizers = [m.input_quantizer for m in layer_modules if m.input_quantizer.mode == "quantize"]
+    # Post-search refinements (ours, refine.py) are kept only if they lower the whole model's KL on
+    # the calibration images, the search's own end-to-end yardstick. Scale tuning is judged on the
+    # augmented images it was fit on: the plain-image KL is too noisy a judge of it (docs/qhyvit.md).
+    input_quantizers = [q for q in (model.get_submodule(n).input_quantizer for n in order) if q.mode == "quantize"]
 
     # the float model's layer means, taken while the weights are still float (GPTQ rewrites them)
     float_means = float_output_means(model, order, batches) if opts.bias_correction else None
@@ -395,7 +393,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
         return tuning_checks[0], min(tuning_checks)
 
     # "auto": towards the float model below 8 bits; if that does not lower the calibration KL, plain
-    # GPTQ gets its own chance (mobilevitv2_050 W6A6 at 32 images: float target rejected, own kept)
+    # GPTQ gets its own chance (docs/qhyvit.md, "GPTQ target")
     first_target = opts.gptq_target if opts.gptq_target != "auto" else (
         "own" if min(config.wbits, config.abits) >= 8 else "float")
 
@@ -407,35 +405,21 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
         return run
 
     weights_of = lambda m: [m.weight]  # noqa: E731
-    for step, enabled, run_step, saved_of, own_judgement in (
-            ("gptq", lambda: opts.gptq, round_weights(first_target), weights_of, None),
-            ("gptq_own", lambda: (opts.gptq and opts.gptq_target == "auto" and first_target == "float"
-                                  and not post_steps["gptq"]["kept"]), round_weights("own"), weights_of, None),
-            ("bias_correction", lambda: opts.bias_correction, lambda m, o, b: correct_bias(m, o, b, float_means),
-             lambda m: [m.bias] if m.bias is not None else [], None),
-            ("scale_tuning", lambda: opts.scale_tuning_steps > 0, tune_scales,
-             lambda m: [m.input_quantizer.scale] if m.input_quantizer in input_quantizers else [], tuning_judgement)):
-        if not enabled():
-            continue
-        saved = [(m, [t.detach().clone() for t in saved_of(m)]) for m in layer_modules]
-        changed = run_step(model, order, batches)
-        kl = end_to_end()
-        before, after = own_judgement() if own_judgement else (e2e_history[-1], kl)
-        kept = after < before
-        if kept:
-            e2e_history.append(kl)
-        else:
-            with torch.no_grad():
-                for m, values in saved:
-                    for current, value in zip(saved_of(m), values):
-                        current.copy_(value)
-        post_steps[step] = {"layers": len(changed), "calibration_kl": kl, "kept": kept,
-                            "judged_on": "augmented calibration images" if own_judgement else "calibration images",
-                            "kl_before": before, "kl_after": after}
-        if step == "gptq":
-            post_steps[step]["target"] = first_target
-        if step == "scale_tuning":
-            post_steps[step]["augmented_kl_checks"] = tuning_checks  # start, then every 50 steps
+    refinements = [
+        Refinement("gptq", lambda done: opts.gptq, round_weights(first_target), weights_of),
+        Refinement("gptq_own", lambda done: (opts.gptq and opts.gptq_target == "auto" and first_target == "float"
+                                             and not done["gptq"]["kept"]), round_weights("own"), weights_of),
+        Refinement("bias_correction", lambda done: opts.bias_correction, lambda m, o, b: correct_bias(m, o, b, float_means),
+                   lambda m: [m.bias] if m.bias is not None else []),
+        Refinement("scale_tuning", lambda done: opts.scale_tuning_steps > 0, tune_scales,
+                   lambda m: [m.input_quantizer.scale] if m.input_quantizer in input_quantizers else [], tuning_judgement,
+                   judged_on="augmented calibration images"),
+    ]
+    post_steps = apply_refinements(model, order, batches, refinements, end_to_end, e2e_history[-1], on_kept=e2e_history.append)
+    if "gptq" in post_steps:
+        post_steps["gptq"]["target"] = first_target
+    if "scale_tuning" in post_steps:
+        post_steps["scale_tuning"]["augmented_kl_checks"] = tuning_checks  # start, then every 50 steps
 
     choices = {}
     for name in order:
