@@ -24,7 +24,7 @@ def test_shipped_recipes_validate(path):
 
 
 def test_w6a6_recipe_fields():
-    cfg = quantize_step(RECIPES / "w6a6_percentile.yaml").quant
+    cfg = quantize_step(RECIPES / "w6a6_percentile.yaml").config
     assert (cfg.wbits, cfg.abits, cfg.act_observer) == (6, 6, "percentile")
     assert cfg.skip == ("head", "head.fc") and cfg.simulated
 
@@ -65,7 +65,7 @@ def test_missing_files_and_schema(tmp_path):
 def test_overrides_set_step_fields_and_data(tmp_path):
     p = _recipe(tmp_path, "  - quantize:\n      wbits: 8\n  - check:\n      max_drop: 1.0\n")
     r = load_recipe(p, ["quantize.wbits=6", "2.max_drop=0.5", "data.eval_size=50", "seed=3"])
-    assert r.steps[0].options.quant.wbits == 6 and r.steps[1].options.max_drop == 0.5
+    assert r.steps[0].options.config.wbits == 6 and r.steps[1].options.max_drop == 0.5
     assert r.data.eval_size == 50 and r.seed == 3
     with pytest.raises(VitcompressError, match="no step 'prune'"):
         load_recipe(p, ["prune.target_speedup=2"])

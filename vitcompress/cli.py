@@ -167,7 +167,7 @@ def quantize(
         if given:
             _fail(f"--recipe sets the quantization; drop {', '.join(given)} or put them in the recipe")
 
-        config = _guard(quantize_step, recipe).quant
+        config = _guard(quantize_step, recipe).config
     else:
         from .mptq_files import mptq_cli_options
 

@@ -16,6 +16,8 @@ from ..artifacts import ProgressFn, write_report_documents
 from ..errors import VitcompressError
 from ..fileio import write_json
 from ..gate import GATE_FIELDS, Gate
+from ..api import QuantizeJob, quantize
+from ..prune_api import PruneJob, prune
 from ..quant import QuantConfig
 
 
@@ -40,30 +42,40 @@ class RunState:
         return value
 
 
-@dataclass(frozen=True)
-class PruneOptions:
-    method: str = "lpvit"
-    target_speedup: float | None = None
-    target_flops: float | None = None
-    block: str = "unit"
-    tile: tuple[int, ...] = (16, 16)
-    min_keep: float = 0.05
-    calib_size: int = 1024
-    recover_steps: int = 0
-    recover_size: int = 5000
-    recover_minutes: float = 10.0
+# What the run gives every step (the model, the images, the seed, the step's folder); a recipe
+# sets the rest of a job's fields as the step's options.
+RUN_PROVIDED = ("out", "model", "checkpoint", "pretrained", "calib_dir", "eval_dir", "eval_size", "seed", "force", "recover_dir")
 
 
-@dataclass(frozen=True)
-class QuantizeOptions:
-    """A quantize step: ``QuantConfig``'s fields (given flat in the recipe) and the job's own."""
+def step_options(job: type, name: str, **defaults: Any) -> type:
+    """The options of a step that runs ``job``: the job dataclass's own fields, less RUN_PROVIDED,
+    with ``defaults`` where a recipe's default differs from the command's. One definition of each
+    option: the command line and the recipe cannot drift apart."""
+    specs = []
+    for f in dataclasses.fields(job):
+        if f.name in RUN_PROVIDED:
+            continue
+        if f.name in defaults:
+            value = defaults[f.name]
+            default = field(default_factory=lambda v=value: v) if dataclasses.is_dataclass(value) else value
+        elif f.default_factory is not dataclasses.MISSING:
+            default = field(default_factory=f.default_factory)
+        else:
+            default = f.default
+        specs.append((f.name, f.type, default))
+    options = dataclasses.make_dataclass(name, specs, frozen=True)
+    options.__module__ = __name__  # where its annotations (strings) resolve
+    return options
 
-    quant: QuantConfig = field(default_factory=lambda: QuantConfig(placement="default"))
-    calib_size: int = 256
-    target_cpu: str = "auto"
-    runtime: str = "onnxruntime"
-    max_drop: float = 1.0  # placement default/auto: top-1 points a placement may lose
-    weight_format: str = "int8"
+
+def _job(job: type, options: Any, **run_fields: Any) -> Any:
+    """The job a step runs: its options plus what the run provides."""
+    return job(**{f.name: getattr(options, f.name) for f in dataclasses.fields(options)}, **run_fields)
+
+
+# placement "default": a recipe's quantize step picks by measured speed unless it names a placement
+QuantizeOptions = step_options(QuantizeJob, "QuantizeOptions", config=QuantConfig(placement="default"))
+PruneOptions = step_options(PruneJob, "PruneOptions")
 
 
 @dataclass(frozen=True)
@@ -77,26 +89,19 @@ class CheckOptions(Gate):
         return Gate(**{name: getattr(self, name) for name in GATE_FIELDS})
 
 
-def _run_prune(opts: PruneOptions, state: RunState, folder: Path, progress: ProgressFn) -> tuple[RunState, dict]:
-    from ..prune_api import PruneJob, prune
-
-    job = PruneJob(out=folder, model=state.model, checkpoint=state.checkpoint, pretrained=state.pretrained,
-                   method=opts.method, target_speedup=opts.target_speedup, target_flops=opts.target_flops, block=opts.block,
-                   tile=tuple(opts.tile), min_keep=opts.min_keep, calib_dir=state.require("data.calib", state.calib, "prune"),
-                   calib_size=opts.calib_size, eval_dir=state.eval, eval_size=state.eval_size, recover_steps=opts.recover_steps,
-                   recover_size=opts.recover_size, recover_minutes=opts.recover_minutes, seed=state.seed, force=True)
+def _run_prune(opts: Any, state: RunState, folder: Path, progress: ProgressFn) -> tuple[RunState, dict]:
+    job = _job(PruneJob, opts, out=folder, model=state.model, checkpoint=state.checkpoint, pretrained=state.pretrained,
+               calib_dir=state.require("data.calib", state.calib, "prune"), eval_dir=state.eval, eval_size=state.eval_size,
+               seed=state.seed, force=True)
     report = prune(job, progress)
     return replace(state, model=None, checkpoint=folder / "model.pruned.pth", artifact=folder / "model.pruned.onnx",
                    baseline=state.baseline or folder / "model.fp32.onnx"), report
 
 
-def _run_quantize(opts: QuantizeOptions, state: RunState, folder: Path, progress: ProgressFn) -> tuple[RunState, dict]:
-    from ..api import QuantizeJob, quantize
-
-    job = QuantizeJob(out=folder, model=state.model, checkpoint=state.checkpoint, pretrained=state.pretrained, config=opts.quant,
-                      calib_dir=state.require("data.calib", state.calib, "quantize"), calib_size=opts.calib_size,
-                      eval_dir=state.eval, eval_size=state.eval_size, seed=state.seed, force=True, max_drop=opts.max_drop,
-                      target_cpu=opts.target_cpu, weight_format=opts.weight_format, runtime=opts.runtime)
+def _run_quantize(opts: Any, state: RunState, folder: Path, progress: ProgressFn) -> tuple[RunState, dict]:
+    job = _job(QuantizeJob, opts, out=folder, model=state.model, checkpoint=state.checkpoint, pretrained=state.pretrained,
+               calib_dir=state.require("data.calib", state.calib, "quantize"), eval_dir=state.eval, eval_size=state.eval_size,
+               seed=state.seed, force=True)
     report = quantize(job, progress)
     files = report["artifacts"]
     return replace(state, model=None, checkpoint=folder / files["checkpoint"]["path"], artifact=folder / files["quantized"]["path"],
@@ -119,14 +124,14 @@ def _build_default(spec: "StepSpec", fields: dict, build: Callable) -> Any:
     return build(spec.config, fields)
 
 
-def _build_quantize(spec: "StepSpec", fields: dict, build: Callable) -> QuantizeOptions:
+def _build_quantize(spec: "StepSpec", fields: dict, build: Callable) -> Any:
     """Flat recipe keys: QuantConfig's go to the quantization config, the rest to the step."""
     quant_keys = {f.name for f in dataclasses.fields(QuantConfig)}
     own = {k: v for k, v in fields.items() if k not in quant_keys}
-    quant = build(QuantConfig, {"placement": "default", **{k: v for k, v in fields.items() if k in quant_keys}},
-                  extra_valid=sorted(own))
+    config = build(QuantConfig, {"placement": "default", **{k: v for k, v in fields.items() if k in quant_keys}},
+                   extra_valid=sorted(own))
     step = build(QuantizeOptions, own, extra_valid=sorted(quant_keys))
-    return replace(step, quant=quant)
+    return replace(step, config=config)
 
 
 def _no_checks(config: Any, error: Callable[[str, str], Exception]) -> None:
@@ -147,7 +152,7 @@ def _validate_quantize(opts: QuantizeOptions, error: Callable[[str, str], Except
     from ..quant.placement import ALIASES, PLACEMENTS
 
     placements = ("default", "auto", *PLACEMENTS, *ALIASES)
-    for name, value, choices in (("method", opts.quant.method, sorted(METHODS)), ("placement", opts.quant.placement, placements),
+    for name, value, choices in (("method", opts.config.method, sorted(METHODS)), ("placement", opts.config.placement, placements),
                                  ("target_cpu", opts.target_cpu, TARGET_CHOICES), ("runtime", opts.runtime, tuple(RUNTIMES)),
                                  ("weight_format", opts.weight_format, WEIGHT_FORMATS)):
         if value not in choices:
