@@ -30,6 +30,7 @@ from .check import check  # noqa: F401 (the gate is part of the public API)
 from .checkpoints import load, prune_extra
 from .models import LoadedModel, family_of
 from .quant import QuantConfig, float_state_dict, quant_state, quantize_
+from .quant.registry import method_options
 from .quant.placement import CANDIDATES, default_placement_order, get_placement, kind_of
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -106,6 +107,7 @@ def _prepare(job: QuantizeJob) -> _Prepared:
 
 def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
     """Load, calibrate, quantize, export float + QDQ ONNX, evaluate and time both on ``job.runtime``."""
+    method_options(job.config)  # bad method options fail here, before any work
     if job.config.placement == DEFAULT_PLACEMENT and (job.config.method != "minmax" or job.config.method_options.get("layer_bits")):
         # A method's search (qhyvit, mptq) and per-layer bits (--bits-from) are defined on the layers
         # of the placement they were made with: the measured choice is the baseline method's.

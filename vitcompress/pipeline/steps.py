@@ -19,6 +19,7 @@ from ..gate import GATE_FIELDS, Gate
 from ..api import QuantizeJob, quantize
 from ..prune_api import PruneJob, prune
 from ..quant import QuantConfig
+from ..quant.registry import method_options
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,10 @@ def _validate_quantize(opts: QuantizeOptions, error: Callable[[str, str], Except
             raise error(name, f"unknown {name} '{value}' (choose from {', '.join(choices)})")
     if opts.calib_size <= 0:
         raise error("calib_size", f"expected a positive number of images, got {opts.calib_size}")
+    try:
+        method_options(opts.config)  # the method's own parser: the same errors as on the command line
+    except VitcompressError as e:
+        raise error("method_options", str(e)) from None
 
 
 def _validate_check(opts: CheckOptions, error: Callable[[str, str], Exception]) -> None:

@@ -59,18 +59,23 @@ class QuantConfig:
     def act_spec(self) -> QuantSpec:
         return QuantSpec(self.abits, self.act_symmetric, per_channel=False)
 
+    def _precision(self) -> tuple[str, bool] | None:
+        """What the method's options make of the bit widths: (label, below 8 bits?), or None."""
+        from .registry import METHOD_OPTIONS
+
+        options = METHOD_OPTIONS.get(self.method)
+        return options.precision(self.method_options or {}) if options is not None and hasattr(options, "precision") else None
+
     @property
     def label(self) -> str:
-        """'int8' only when everything quantized is 8-bit; otherwise the simulated WxAy name."""
-        opts = self.method_options or {}
-        if opts.get("target_bits") is not None:  # mixed precision (mptq): the target average, e.g. mp5
-            return f"mp{float(opts['target_bits']):g}"
-        if opts.get("layer_bits"):
-            return "mixed"
+        """'int8' only when everything quantized is 8-bit; otherwise the simulated WxAy name (or the
+        method's own, e.g. mp5 for mixed precision at 5 bits on average)."""
+        method = self._precision()
+        if method is not None:
+            return method[0]
         return "int8" if (self.wbits, self.abits) == (8, 8) else f"w{self.wbits}a{self.abits}"
 
     @property
     def simulated(self) -> bool:
-        opts = self.method_options or {}
-        mixed_low = opts.get("target_bits") is not None or any(int(b) < 8 for b in dict(opts.get("layer_bits") or {}).values())
-        return self.wbits < 8 or self.abits < 8 or mixed_low
+        method = self._precision()
+        return self.wbits < 8 or self.abits < 8 or (method is not None and method[1])

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import VitcompressError
 from .calibration import logits_kl, run_batches
-from .registry import Progress, register_method, register_restorer
+from .registry import Progress, register_method, register_options, register_restorer
 from .gptq import gptq_layers
 from .config import QuantConfig
 from .mixed_precision import average_bits, greedy_mixed_precision
@@ -50,6 +50,7 @@ EXPORT_NOTE_OPTM = ("OPT-m activations are exported as two QDQ regions of (b-1)-
 PARTS = ("sqb", "optm", "sqb-v", "range", "gptq")
 
 
+@register_options("mptq")
 @dataclass(frozen=True)
 class MptqOptions:
     """The ``mptq`` method's knobs, read from ``QuantConfig.method_options``.
@@ -71,6 +72,15 @@ class MptqOptions:
     bit_choices: tuple[int, ...] = (4, 5, 6, 8)
     layer_bits: dict = field(default_factory=dict)
     parts: tuple[str, ...] = PARTS
+
+    @staticmethod
+    def precision(raw: dict) -> tuple[str, bool] | None:
+        """Mixed precision names the artifact by its target (mp5) or 'mixed' for a given assignment."""
+        if raw.get("target_bits") is not None:
+            return f"mp{float(raw['target_bits']):g}", True
+        if raw.get("layer_bits"):
+            return "mixed", any(int(b) < 8 for b in dict(raw["layer_bits"]).values())
+        return None
 
     @classmethod
     def from_config(cls, config: QuantConfig) -> "MptqOptions":

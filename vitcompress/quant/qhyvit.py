@@ -52,7 +52,7 @@ from torch import nn
 from ..errors import VitcompressError
 from .calibration import batched_logits, float_copy, logits_kl, quantizers_off
 from .minmax import calibrate_observers
-from .registry import register_method
+from .registry import register_method, register_options
 from .bias_correction import correct_bias, float_output_means
 from .gptq import gptq_layers
 from .scale_tuning import augmented, tune_activation_scales
@@ -64,6 +64,7 @@ from .refine import Refinement, apply_refinements
 from .spec import QuantSpec, qparams_from_range
 
 
+@register_options("qhyvit")
 @dataclass(frozen=True)
 class QHyViTOptions:
     alphas: int = 40
