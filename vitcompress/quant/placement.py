@@ -87,11 +87,10 @@ PLACEMENTS: dict[str, Placement] = {
 }
 ALIASES = {"accuracy": "partial"}
 
-# Per family and placement: module-name patterns kept float, each decision measured (see
-# docs/quantization.md). EfficientFormer v2's talking-head convs mix attention maps right after a
-# Softmax: quantizing their input turns that Softmax into QLinearSoftmax (about 4x slower than the
-# float Softmax here) for convs too small to gain. Side by side (quiet machine, 1 thread, two
-# alternated runs of 40 rounds): 1.25x / 1.19x with them float vs 1.24x / 1.15x quantized.
+# Per family and placement: module-name patterns kept float, each decision measured (the figures:
+# docs/quantization.md, "Per-family decisions"). EfficientFormer v2's talking-head convs mix
+# attention maps right after a Softmax: quantizing their input turns that Softmax into
+# QLinearSoftmax, slower than the float one, for convs too small to gain.
 FAMILY_SKIP: dict[str, dict[str, tuple[str, ...]]] = {
     "EfficientFormer v2": {"speed": ("*.talking_head1", "*.talking_head2")},
 }
