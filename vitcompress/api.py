@@ -30,7 +30,7 @@ from .check import check  # noqa: F401 (the gate is part of the public API)
 from .checkpoints import load, prune_extra
 from .models import LoadedModel, family_of
 from .quant import QuantConfig, float_state_dict, quant_state, quantize_
-from .quant.registry import method_options
+from .quant.options import method_options
 from .quant.placement import CANDIDATES, default_placement_order, get_placement, kind_of
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ from ..gate import GATE_FIELDS, Gate
 from ..api import QuantizeJob, quantize
 from ..prune_api import PruneJob, prune
 from ..quant import QuantConfig
-from ..quant.registry import method_options
+from ..quant.options import method_options
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import VitcompressError
+from .options import precision
 from .spec import QuantSpec
 
 
@@ -61,10 +62,7 @@ class QuantConfig:
 
     def _precision(self) -> tuple[str, bool] | None:
         """What the method's options make of the bit widths: (label, below 8 bits?), or None."""
-        from .registry import METHOD_OPTIONS
-
-        options = METHOD_OPTIONS.get(self.method)
-        return options.precision(self.method_options or {}) if options is not None and hasattr(options, "precision") else None
+        return precision(self.method, self.method_options or {})
 
     @property
     def label(self) -> str:

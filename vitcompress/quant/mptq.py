@@ -27,7 +27,8 @@ from torch import nn
 
 from ..errors import VitcompressError
 from .calibration import logits_kl, run_batches
-from .registry import Progress, register_method, register_options, register_restorer
+from .options import register_options
+from .registry import Progress, register_method, register_restorer
 from .gptq import gptq_layers
 from .config import QuantConfig
 from .mixed_precision import average_bits, greedy_mixed_precision

@@ -52,7 +52,8 @@ from torch import nn
 from ..errors import VitcompressError
 from .calibration import batched_logits, float_copy, logits_kl, quantizers_off
 from .minmax import calibrate_observers
-from .registry import register_method, register_options
+from .options import register_options
+from .registry import register_method
 from .bias_correction import correct_bias, float_output_means
 from .gptq import gptq_layers
 from .scale_tuning import augmented, tune_activation_scales

@@ -33,23 +33,5 @@ def _registrar(table: dict):
     return register
 
 
-# A method with knobs registers its options dataclass: ``from_config(config)`` parses and validates
-# ``QuantConfig.method_options`` (one place for every caller: CLI, recipes, the method itself), and
-# ``precision(raw options)`` may name what the knobs do to the bit widths (mixed precision).
-METHOD_OPTIONS: dict[str, type] = {}
-
 register_method = _registrar(METHODS)
 register_restorer = _registrar(RESTORERS)
-register_options = _registrar(METHOD_OPTIONS)
-
-
-def method_options(config: QuantConfig):
-    """The method's parsed options (None for a method without knobs, which then must be given none)."""
-    from ..errors import VitcompressError
-
-    options = METHOD_OPTIONS.get(config.method)
-    if options is None:
-        if config.method_options:
-            raise VitcompressError(f"method '{config.method}' takes no options, got {', '.join(sorted(config.method_options))}")
-        return None
-    return options.from_config(config)
