@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]" 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import vitcompress, timm, onnxruntime, nncf, openvino" 
+	$(PY) -c "import vitcompress, timm, onnxruntime, nncf, openvino, ray"
 	touch $(STAMP)
 
 install: $(STAMP)

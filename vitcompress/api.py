@@ -21,14 +21,15 @@ from .artifacts import (RANDOM_WEIGHTS_NOTE, ProgressFn, calibration_images, env
 from .cpu import compatibility, resolve_target, signed_matmul_operands
 from .data import sample, without
 from .errors import VitcompressError
-from .evaluate import collect_logits, fidelity, onnx_predictor, summarize, torch_predictor
-from .export import (check_weight_format, compare_latency, export_float, export_qdq, get_runtime, int8_coverage, open_session,
+from .evaluate import PredictorSource, evaluate, fidelity, summarize
+from .export import (check_weight_format, compare_latency, export_float, export_qdq, get_runtime, int8_coverage,
                      update_metadata)
 from .export.runtime import DEFAULT_RUNTIME
 from .fileio import atomic_path, prepare_output_dir, write_json  # noqa: F401 (write_json re-exported for the CLI)
 from .check import check  # noqa: F401 (the gate is part of the public API)
 from .checkpoints import load, prune_extra
 from .models import LoadedModel, family_of
+from .workers import LocalPool, RayPool, Workers, open_pool
 from .quant import QuantConfig, float_state_dict, quant_state, quantize_
 from .quant.options import method_options
 from .quant.placement import CANDIDATES, default_placement_order, get_placement, kind_of
@@ -67,6 +68,7 @@ class QuantizeJob:
     holdout_size: int = 256  # --placement default/auto without --eval: calibration-folder images it judges agreement on
     # ... and the agreement with fp32 (%) it asks of them (why 97: docs/quantization.md, "The default placement")
     min_agreement: float = 97.0
+    workers: Workers = field(default_factory=Workers)  # where evaluation shards run (--workers, --ray-address)
 
 
 @dataclass
@@ -85,9 +87,10 @@ class _Prepared:
     fp32_logits: np.ndarray | None = None  # the fp32 artifact's logits on eval_set
     holdout_set: object | None = None  # unlabelled images kept out of calibration (auto without --eval)
     holdout_fp32_logits: np.ndarray | None = None
+    pool: LocalPool | RayPool = field(default_factory=LocalPool)  # where evaluation shards run
 
 
-def _prepare(job: QuantizeJob) -> _Prepared:
+def _prepare(job: QuantizeJob, pool: LocalPool | RayPool) -> _Prepared:
     if job.calib_dir is None:
         raise VitcompressError("calibration images are required: --calib DIR")
     _check_weight_format(job.weight_format, job.config.wbits)
@@ -97,7 +100,7 @@ def _prepare(job: QuantizeJob) -> _Prepared:
         raise VitcompressError(f"{job.checkpoint} is already quantized; start from the float checkpoint")
     get_runtime(job.runtime)  # a missing optional runtime fails before any work
     calib, calib_images, calib_sample, calibration = calibration_images(loaded, job.calib_dir, job.calib_size, job.seed)
-    prepared = _Prepared(loaded, family_of(loaded.arch), resolve_target(job.target_cpu), calib, calibration)
+    prepared = _Prepared(loaded, family_of(loaded.arch), resolve_target(job.target_cpu), calib, calibration, pool=pool)
     if job.eval_dir is None and job.config.placement in MEASURED_PLACEMENTS:
         prepared.holdout_set = sample(without(calib_images, calib_sample), job.holdout_size, job.seed)
     if job.eval_dir is not None:
@@ -112,11 +115,12 @@ def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
         # A method's search (qhyvit, mptq) and per-layer bits (--bits-from) are defined on the layers
         # of the placement they were made with: the measured choice is the baseline method's.
         job = replace(job, config=replace(job.config, placement=FIXED_LAYERS_PLACEMENT))
-    if job.config.placement in MEASURED_PLACEMENTS:
-        report = _quantize_auto(job, progress)
-    else:
-        out = prepare_output_dir(job.out, job.force, ["model.fp32.onnx", f"model.{job.config.label}.onnx", "report.json"])
-        report = _quantize_prepared(job, _prepare(job), out, progress)
+    with open_pool(job.workers) as pool:
+        if job.config.placement in MEASURED_PLACEMENTS:
+            report = _quantize_auto(job, progress, pool)
+        else:
+            out = prepare_output_dir(job.out, job.force, ["model.fp32.onnx", f"model.{job.config.label}.onnx", "report.json"])
+            report = _quantize_prepared(job, _prepare(job, pool), out, progress)
     write_report_documents(Path(job.out), report)
     return report
 
@@ -194,10 +198,11 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
             f"simulated there, not integer (details: {out / 'report.json'})")
 
     if eval_set is not None:
-        predictors = {"quantized": onnx_predictor(open_session(q_path, job.runtime)), "torch_simulation": torch_predictor(qmodel)}
+        sources = {"quantized": PredictorSource(onnx=str(q_path), runtime=job.runtime), "torch_simulation": PredictorSource(module=qmodel)}
         if prepared.fp32_logits is None:
-            predictors["fp32"] = onnx_predictor(open_session(fp32_path, job.runtime))
-        logits, labels, stats = collect_logits(predictors, eval_set, prep, 64, lambda d, t: progress("evaluate", d, t))
+            sources["fp32"] = PredictorSource(onnx=str(fp32_path), runtime=job.runtime)
+        logits, labels, stats = evaluate(sources, eval_set, prep, 64, lambda d, t: progress("evaluate", d, t), prepared.pool)
+        report["workers"] = prepared.pool.info
         if prepared.fp32_logits is None:
             prepared.fp32_logits = logits["fp32"]
         logits["fp32"] = prepared.fp32_logits
@@ -240,11 +245,11 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
 def _holdout_fidelity(prepared: _Prepared, fp32_path: Path, q_path: Path, runtime: str, progress: ProgressFn) -> dict:
     """Agreement and KL of the quantized artifact with the fp32 one on calibration-folder images that
     calibration did not see: a label-free accuracy check (a top-1 drop is at most the disagreement)."""
-    predictors = {"quantized": onnx_predictor(open_session(q_path, runtime))}
+    sources = {"quantized": PredictorSource(onnx=str(q_path), runtime=runtime)}
     if prepared.holdout_fp32_logits is None:
-        predictors["fp32"] = onnx_predictor(open_session(fp32_path, runtime))
-    logits, _, stats = collect_logits(predictors, prepared.holdout_set, prepared.loaded.preprocessing, 64,
-                                      lambda d, t: progress("agreement", d, t))
+        sources["fp32"] = PredictorSource(onnx=str(fp32_path), runtime=runtime)
+    logits, _, stats = evaluate(sources, prepared.holdout_set, prepared.loaded.preprocessing, 64,
+                                lambda d, t: progress("agreement", d, t), prepared.pool)
     if prepared.holdout_fp32_logits is None:
         prepared.holdout_fp32_logits = logits["fp32"]
     return {"images": stats.loaded, "dir": str(prepared.holdout_set.root),
@@ -277,7 +282,7 @@ def _auto_budget_kept(report: dict, max_drop: float, min_agreement: float) -> tu
     return agreement >= min_agreement, f"agreement {agreement:.2f}%"
 
 
-def _quantize_auto(job: QuantizeJob, progress: ProgressFn) -> dict:
+def _quantize_auto(job: QuantizeJob, progress: ProgressFn, pool: LocalPool | RayPool) -> dict:
     """--placement auto / default: quantize with candidate placements, measure speed and accuracy of
     each exported artifact on ``job.runtime``, judge accuracy by ``job.max_drop`` (top-1 drop on
     --eval, or agreement with fp32 on held-out calibration images).
@@ -290,7 +295,7 @@ def _quantize_auto(job: QuantizeJob, progress: ProgressFn) -> dict:
         raise VitcompressError(f"--max-drop must be >= 0, got {job.max_drop}")
     out = prepare_output_dir(job.out, job.force, ["report.json"])
     trials = []
-    prepared = _prepare(job)  # model, images and the fp32 artifact are shared by every candidate
+    prepared = _prepare(job, pool)  # model, images and the fp32 artifact are shared by every candidate
     if prepared.holdout_set is not None and len(prepared.holdout_set) == 0:
         raise VitcompressError(f"--placement auto needs images to judge accuracy on: --eval DIR, or more images in "
                                f"{job.calib_dir} than --calib-size {job.calib_size} (the rest are held out)")

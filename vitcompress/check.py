@@ -16,11 +16,12 @@ from .checkpoints import load
 from .cpu import compatibility
 from .data import Preprocessing, label_map_to_model, sample, scan_images
 from .errors import VitcompressError
-from .evaluate import collect_logits, fidelity, onnx_predictor, summarize, torch_predictor
-from .export import artifact_numerics, compare_latency, export_float, get_runtime, int8_coverage, open_session, read_metadata
+from .evaluate import PredictorSource, evaluate, fidelity, summarize
+from .export import artifact_numerics, compare_latency, export_float, get_runtime, int8_coverage, read_metadata
 from .export.runtime import DEFAULT_RUNTIME, runtime_info
 from .gate import Gate
 from .models import LoadedModel
+from .workers import Workers, open_pool
 
 # Report fields that are timings: they differ between two runs on the same inputs (see `vitcompress compare`).
 CHECK_TIMING_FIELDS = ["latency", "gate.min_speedup"]  # with "created", always
@@ -28,36 +29,39 @@ CHECK_TIMING_FIELDS = ["latency", "gate.min_speedup"]  # with "created", always
 
 def check(artifact: Path, eval_dir: Path, gate: Gate, baseline: Path | None = None, model: str | None = None,
           checkpoint: Path | None = None, pretrained: bool = True, eval_size: int | None = None, seed: int = 0,
-          progress: ProgressFn = no_progress, runtime: str = DEFAULT_RUNTIME) -> dict:
+          progress: ProgressFn = no_progress, runtime: str = DEFAULT_RUNTIME, workers: Workers = Workers()) -> dict:
     """Evaluate ``artifact`` against its float baseline on ``runtime`` and judge ``gate``'s budgets.
 
     The baseline is a float ONNX file (``baseline``) or a model (``model``/``checkpoint``; exported
     to a temporary ONNX file when latency or size is asked for, so both sides run on the same
     runtime). ``passed`` is True when every budget holds. The report says whether the artifact's
     integer numerics are exact on this CPU (``cpu_compatibility``): the gate still stands on what
-    was measured here.
+    was measured here. ``workers`` runs the evaluation's shards on Ray workers: the numbers are
+    those of a single process.
     """
     gate.validate()
     meta = read_metadata(artifact)
     get_runtime(runtime)
     prep = Preprocessing.from_dict(meta["preprocessing"])
     num_classes = int(meta.get("num_classes") or 0)
-    predictors = {"artifact": onnx_predictor(open_session(artifact, runtime))}
+    sources = {"artifact": PredictorSource(onnx=str(artifact), runtime=runtime)}
     loaded: LoadedModel | None = None
     if baseline is not None:
-        predictors["baseline"] = onnx_predictor(open_session(baseline, runtime))
+        sources["baseline"] = PredictorSource(onnx=str(baseline), runtime=runtime)
         base_desc = str(baseline)
     elif model is not None or checkpoint is not None:
         loaded = load(model, checkpoint, pretrained)
         if tuple(loaded.preprocessing.input_size) != tuple(prep.input_size):
             raise VitcompressError(f"the baseline model expects {loaded.preprocessing.input_size}, the artifact {prep.input_size}")
-        predictors["baseline"] = torch_predictor(loaded.model)
+        sources["baseline"] = PredictorSource(module=loaded.model)
         base_desc = loaded.source
     else:
         raise VitcompressError("a baseline is required: --baseline FLOAT.onnx, or --model/--checkpoint")
     eval_set = sample(scan_images(eval_dir, require_labels=True), eval_size, seed)
     label_map = label_map_to_model(eval_set, prep.class_names, num_classes)  # check has no loaded model: the artifact's metadata
-    logits, labels, stats = collect_logits(predictors, eval_set, prep, 64, lambda d, t: progress("evaluate", d, t))
+    with open_pool(workers) as pool:
+        logits, labels, stats = evaluate(sources, eval_set, prep, 64, lambda d, t: progress("evaluate", d, t), pool)
+        pool_info = pool.info
     if logits["artifact"].shape != logits["baseline"].shape:
         raise VitcompressError(f"artifact and baseline disagree on the output shape: {logits['artifact'].shape[1:]} vs {logits['baseline'].shape[1:]}")
     acc_a = summarize(logits["artifact"], labels, label_map, num_classes)
@@ -95,6 +99,7 @@ def check(artifact: Path, eval_dir: Path, gate: Gate, baseline: Path | None = No
         "built_for": meta.get("target_cpu"),
         "cpu_compatibility": compatibility(artifact_numerics(artifact)),
         "environment": environment(),
+        "workers": pool_info,
         "timing_fields": ["created", *(CHECK_TIMING_FIELDS if gate.measures("speedup") else [])],
     }
 

@@ -9,12 +9,14 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import api
 from .errors import VitcompressError
 from .fileio import refuse_overwrite, write_text
+from .workers import Workers
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Post-training compression of vision transformers: quantize, export, check.")
@@ -25,7 +27,7 @@ EXIT_FAIL, EXIT_BAD_INPUT = 1, 2
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)  # an install hint's [extra] is text
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -154,6 +156,8 @@ def quantize(
     target_cpu: str = typer.Option("auto", "--target-cpu", help="int8 kernels of the deployment CPU: auto (this machine), portable (7-bit weights, uint8 attention operands: exact on every CPU; pick it when the deployment CPU is unknown), vnni (full-range int8: exact only with VNNI/AMX/ARM dot product, faster there); avx2 = portable."),
     runtime: str = typer.Option("onnxruntime", "--runtime", help="Where accuracy, latency and integer coverage are measured: onnxruntime or openvino (pip install 'vitcompress[openvino]')."),
     weight_format: str = typer.Option("int8", "--weight-format", help="int8 (weights stored as int8 codes: integer kernels) or int4 (Linear weights of <= 4 bits packed two per byte as onnxruntime MatMulNBits: about half the size, computed in float)."),
+    workers: int = typer.Option(1, "--workers", help="Evaluate (--eval, the default placement's checks) on N Ray workers; the numbers are those of one process."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Evaluate on a running Ray cluster (paths must be readable there)."),
 ):
     """Calibrate and quantize a model, export fp32 and QDQ ONNX, measure both."""
     if recipe is not None:
@@ -178,7 +182,7 @@ def quantize(
     job = api.QuantizeJob(out=out, model=model, checkpoint=checkpoint, pretrained=not no_pretrained, config=config,
                           calib_dir=calib, calib_size=calib_size, eval_dir=eval_dir, eval_size=eval_size, seed=seed, force=force,
                           max_drop=max_drop, min_agreement=min_agreement, target_cpu=target_cpu, weight_format=weight_format,
-                          runtime=runtime)
+                          runtime=runtime, workers=_guard(Workers, workers, ray_address))
     with _progress() as progress:
         report = _guard(api.quantize, job, progress)
     mp = report["quantization"].get("mixed_precision") or {}
@@ -306,6 +310,8 @@ def check(
     report_dir: Optional[Path] = typer.Option(None, "--report", help="Write report.md and report.html (with plots) into this folder."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing --json/--junit/--summary files."),
     runtime: str = typer.Option("onnxruntime", "--runtime", help="onnxruntime or openvino (pip install 'vitcompress[openvino]')."),
+    workers: int = typer.Option(1, "--workers", help="Evaluate on N Ray workers (local, started for the job); the numbers are those of one process."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Evaluate on a running Ray cluster (paths must be readable there)."),
 ):
     """CI gate: exit 0 when every budget holds, 1 when one does not, 2 on bad input."""
     from .gate import Gate
@@ -315,9 +321,10 @@ def check(
     outputs = [p for p in (json_file, junit, summary) if p is not None]
     _guard(refuse_overwrite, outputs, force)
     with _progress() as progress:
-        r = _guard(api.check, artifact, eval_dir, gate, baseline, model, checkpoint, True, eval_size, seed, progress, runtime)
+        r = _guard(api.check, artifact, eval_dir, gate, baseline, model, checkpoint, True, eval_size, seed, progress, runtime,
+                   _guard(Workers, workers, ray_address))
     if r["cpu_compatibility"]["note"]:
-        console.print(f"[yellow]warning:[/] {r['cpu_compatibility']['note']}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {escape(r['cpu_compatibility']['note'])}", highlight=False, soft_wrap=True)
     if json_file is not None:
         _guard(api.write_json, json_file, r)
     if junit is not None:
@@ -357,6 +364,8 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="Override a recipe field: quantize.wbits=6, 2.max_drop=0.5, data.eval_size=500, seed=1 (repeatable)."),
     force: bool = typer.Option(False, "--force", help="Redo every step, and overwrite a folder that holds something else."),
     json_out: bool = typer.Option(False, "--json", help="Print manifest.json to stdout."),
+    workers: int = typer.Option(1, "--workers", help="Evaluate on N Ray workers (local, started for the run)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Evaluate on a running Ray cluster."),
 ):
     """Run a recipe (prune -> quantize -> check ...); finished steps whose inputs did not change are reused."""
     from .pipeline import load_recipe, run_recipe
@@ -368,7 +377,7 @@ def run(
                           f"[{result.folder.name}/]", highlight=False)
 
     with _progress() as progress:
-        manifest = _guard(run_recipe, parsed, out, force, progress, on_step)
+        manifest = _guard(run_recipe, parsed, out, force, progress, on_step, _guard(Workers, workers, ray_address))
     if json_out:
         print(json.dumps(manifest, indent=2))
     final = manifest["final_artifact"]

@@ -162,8 +162,10 @@ def iter_batches(
     preprocessing: Preprocessing,
     batch_size: int = 64,
     stats: LoadStats | None = None,
+    require_images: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Yield (images, labels) batches; labels is None for unlabelled folders."""
+    """Yield (images, labels) batches; labels is None for unlabelled folders. ``require_images``:
+    a set with no readable image is an error (a shard of a larger set may have none)."""
     stats = stats if stats is not None else LoadStats()
     xs: list[torch.Tensor] = []
     ys: list[int] = []
@@ -191,8 +193,12 @@ def iter_batches(
             yield flush()
     if xs:
         yield flush()
-    if stats.loaded == 0:
-        raise VitcompressError(f"none of the {len(image_set)} files in {image_set.root} could be read as an image")
+    if stats.loaded == 0 and require_images:
+        raise no_images_error(image_set)
+
+
+def no_images_error(image_set: "ImageSet") -> VitcompressError:
+    return VitcompressError(f"none of the {len(image_set)} files in {image_set.root} could be read as an image")
 
 
 def load_tensor(image_set: ImageSet, preprocessing: Preprocessing, stats: LoadStats | None = None) -> torch.Tensor:

@@ -1,16 +1,21 @@
 """Accuracy and fidelity: top-1/top-5 against labels, agreement and KL against a reference model.
 
-Several predictors (torch modules or onnxruntime sessions) are evaluated in one pass over the
-images, so each image is decoded once and all models see identical inputs.
+Several predictors (torch modules or runtime sessions) are evaluated in one pass over the images,
+so each image is decoded once and all models see identical inputs. ``evaluate`` cuts the image
+set into fixed shards (whole batches, the same whatever runs them) and runs them on a pool
+(``workers.py``): in this process or on Ray workers, with the same logits either way.
 """
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from .data import ImageSet, LoadStats, Preprocessing, iter_batches
+from .data import ImageSet, LoadStats, Preprocessing, iter_batches, no_images_error
 
 Predictor = Callable[[torch.Tensor], np.ndarray]  # batch of images -> logits
 
@@ -35,12 +40,13 @@ def collect_logits(
     preprocessing: Preprocessing,
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
+    require_images: bool = True,
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None, LoadStats]:
     stats = LoadStats()
     logits: dict[str, list[np.ndarray]] = {k: [] for k in predictors}
     labels: list[np.ndarray] = []
     done = 0
-    for x, y in iter_batches(image_set, preprocessing, batch_size, stats):
+    for x, y in iter_batches(image_set, preprocessing, batch_size, stats, require_images):
         for name, predict in predictors.items():
             logits[name].append(predict(x))
         if y is not None:
@@ -48,8 +54,85 @@ def collect_logits(
         done += len(x)
         if progress:
             progress(done, len(image_set))
-    out = {k: np.concatenate(v) for k, v in logits.items()}
+    out = {k: (np.concatenate(v) if v else np.zeros((0, 0), np.float32)) for k, v in logits.items()}
     return out, (np.concatenate(labels) if labels else None), stats
+
+
+SHARD_BATCHES = 8  # batches per shard: shards are cut from the image list, never from the worker count
+
+
+@dataclass(frozen=True)
+class PredictorSource:
+    """A predictor as data, so each worker opens its own: an ONNX file on a runtime, or a torch
+    module (pickled to the workers)."""
+    onnx: str | None = None
+    runtime: str = "onnxruntime"
+    module: Any = None
+
+    def open(self, threads: int = 0) -> Predictor:
+        if self.module is not None:
+            return torch_predictor(self.module)
+        from .export.runtime import open_session
+
+        return onnx_predictor(open_session(self.onnx, self.runtime, threads))
+
+
+_WORKER_SESSIONS: dict[tuple, Predictor] = {}  # in a worker process: sessions kept for its next shard
+
+
+def shards_of(image_set: ImageSet, batch_size: int) -> list[ImageSet]:
+    """Contiguous slices of SHARD_BATCHES whole batches."""
+    size = batch_size * SHARD_BATCHES
+    return [dataclasses.replace(image_set, paths=image_set.paths[i:i + size],
+                                labels=None if image_set.labels is None else image_set.labels[i:i + size])
+            for i in range(0, len(image_set), size)]
+
+
+def _shard_logits_in_worker(sources: dict[str, PredictorSource], shard: ImageSet, preprocessing: Preprocessing, batch_size: int):
+    opened = {}
+    for k, s in sources.items():
+        if s.module is not None:
+            opened[k] = s.open()
+        else:
+            key = (s, os.stat(s.onnx).st_mtime_ns)  # a rewritten file is opened afresh
+            if key not in _WORKER_SESSIONS:
+                _WORKER_SESSIONS[key] = s.open(threads=1)  # the workers share the cores
+            opened[k] = _WORKER_SESSIONS[key]
+    return collect_logits(opened, shard, preprocessing, batch_size, require_images=False)
+
+
+def evaluate(sources: dict[str, PredictorSource], image_set: ImageSet, preprocessing: Preprocessing, batch_size: int = 64,
+             progress: Callable[[int, int], None] | None = None, pool=None) -> tuple[dict[str, np.ndarray], np.ndarray | None, LoadStats]:
+    """``collect_logits`` over fixed shards on ``pool`` (default: this process); the result does not
+    depend on the pool: the same batches meet the same models."""
+    from .workers import LocalPool
+
+    shards = shards_of(image_set, batch_size)
+    seen = [0]
+
+    def on_done(i: int, _result) -> None:
+        seen[0] += len(shards[i])
+        if progress:
+            progress(seen[0], len(image_set))
+
+    pool = pool or LocalPool()
+    if pool.in_process:
+        opened = {k: s.open() for k, s in sources.items()}
+        results = pool.map(lambda shard: collect_logits(opened, shard, preprocessing, batch_size, require_images=False),
+                           [(s,) for s in shards], on_done)
+    else:
+        results = pool.map(_shard_logits_in_worker, [(sources, s, preprocessing, batch_size) for s in shards], on_done)
+    stats = LoadStats()
+    for _, _, st in results:
+        stats.loaded += st.loaded
+        stats.skipped += st.skipped
+        stats.skipped_files += st.skipped_files
+    if stats.loaded == 0:
+        raise no_images_error(image_set)
+    kept = [r for r in results if r[2].loaded]
+    logits = {k: np.concatenate([r[0][k] for r in kept]) for k in sources}
+    labels = np.concatenate([r[1] for r in kept]) if kept[0][1] is not None else None
+    return logits, labels, stats
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:

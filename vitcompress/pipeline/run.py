@@ -24,6 +24,7 @@ from ..artifacts import ProgressFn, environment, no_progress
 from ..errors import VitcompressError
 from ..fileio import write_json
 from ..reports import run_document, write_report_files
+from ..workers import Workers
 from .recipe import SCHEMA, Recipe
 from .steps import STEPS, RunState, options_dict
 
@@ -80,12 +81,14 @@ def _artifacts(folder: Path) -> dict[str, str]:
 
 
 def _state_to_record(state: RunState, folder: Path) -> dict:
-    return {k: (os.path.relpath(v, folder) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(state).items()}
+    """The state a step hands on, as its record keeps it (where work ran is not part of it)."""
+    return {f.name: (os.path.relpath(v, folder) if isinstance(v, Path) else v)
+            for f in dataclasses.fields(state) if f.name != "workers" for v in [getattr(state, f.name)]}
 
 
-def _state_from_record(record: dict, folder: Path) -> RunState:
+def _state_from_record(record: dict, folder: Path, workers: Workers) -> RunState:
     paths = {"checkpoint", "calib", "eval", "artifact", "baseline"}
-    return RunState(**{k: ((folder / v).resolve() if k in paths and v is not None else v) for k, v in record.items()})
+    return RunState(**{k: ((folder / v).resolve() if k in paths and v is not None else v) for k, v in record.items()}, workers=workers)
 
 
 def _reusable(folder: Path, inputs: str) -> dict | None:
@@ -129,7 +132,7 @@ def _prepare_out(recipe: Recipe, out: Path, force: bool) -> None:
 
 
 def run_recipe(recipe: Recipe, out: Path, force: bool = False, progress: ProgressFn = no_progress,
-               on_step=None) -> dict:
+               on_step=None, workers: Workers = Workers()) -> dict:
     """Run every step of ``recipe`` into ``out``; returns the manifest (also written as manifest.json).
 
     ``on_step(StepResult)`` is called after each step. A failed check ends the run with the
@@ -139,7 +142,7 @@ def run_recipe(recipe: Recipe, out: Path, force: bool = False, progress: Progres
     versions = _versions()
     data = {"calib": folder_digest(recipe.data.calib), "eval": folder_digest(recipe.data.eval), "eval_size": recipe.data.eval_size}
     state = RunState(model=recipe.model.name, checkpoint=recipe.model.checkpoint, pretrained=recipe.model.pretrained,
-                     calib=recipe.data.calib, eval=recipe.data.eval, eval_size=recipe.data.eval_size, seed=recipe.seed)
+                     calib=recipe.data.calib, eval=recipe.data.eval, eval_size=recipe.data.eval_size, seed=recipe.seed, workers=workers)
     model_input = sha256_file(recipe.model.checkpoint) if recipe.model.checkpoint else f"timm:{recipe.model.name}:{recipe.model.pretrained}"
     steps, results = [], []
     for i, step in enumerate(recipe.steps, 1):
@@ -149,7 +152,7 @@ def run_recipe(recipe: Recipe, out: Path, force: bool = False, progress: Progres
                                "seed": recipe.seed, "versions": versions, "previous": [s["inputs_sha256"] for s in steps]})
         record = None if force else _reusable(folder, inputs)
         if record is not None:
-            state = _state_from_record(record["state"], folder)
+            state = _state_from_record(record["state"], folder, workers)
             result = StepResult(i, step.kind, folder, "reused", record["report"])
         else:
             if folder.exists():
@@ -174,6 +177,7 @@ def run_recipe(recipe: Recipe, out: Path, force: bool = False, progress: Progres
             break
     manifest = {
         "schema": MANIFEST_SCHEMA,
+        "workers": {"count": workers.count, "address": workers.address},
         "recipe": {"path": str(recipe.path), "schema": SCHEMA, "sha256": sha256_file(recipe.path), "overrides": list(recipe.overrides)},
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "seed": recipe.seed,

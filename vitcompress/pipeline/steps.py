@@ -20,6 +20,7 @@ from ..api import QuantizeJob, quantize
 from ..prune_api import PruneJob, prune
 from ..quant import QuantConfig
 from ..quant.options import method_options
+from ..workers import Workers
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class RunState:
     artifact: Path | None = None  # the latest exported model: what a check step gates
     baseline: Path | None = None  # float ONNX of the model the recipe started from
     passed: bool | None = None  # the last check's verdict
+    workers: Workers = Workers()  # where evaluation shards run (not part of any step's inputs: the numbers do not depend on it)
 
     def require(self, what: str, value: Any, step: str) -> Any:
         if value is None:
@@ -45,7 +47,7 @@ class RunState:
 
 # What the run gives every step (the model, the images, the seed, the step's folder); a recipe
 # sets the rest of a job's fields as the step's options.
-RUN_PROVIDED = ("out", "model", "checkpoint", "pretrained", "calib_dir", "eval_dir", "eval_size", "seed", "force", "recover_dir")
+RUN_PROVIDED = ("out", "model", "checkpoint", "pretrained", "calib_dir", "eval_dir", "eval_size", "seed", "force", "recover_dir", "workers")
 
 
 def step_options(job: type, name: str, **defaults: Any) -> type:
@@ -102,7 +104,7 @@ def _run_prune(opts: Any, state: RunState, folder: Path, progress: ProgressFn) -
 def _run_quantize(opts: Any, state: RunState, folder: Path, progress: ProgressFn) -> tuple[RunState, dict]:
     job = _job(QuantizeJob, opts, out=folder, model=state.model, checkpoint=state.checkpoint, pretrained=state.pretrained,
                calib_dir=state.require("data.calib", state.calib, "quantize"), eval_dir=state.eval, eval_size=state.eval_size,
-               seed=state.seed, force=True)
+               seed=state.seed, force=True, workers=state.workers)
     report = quantize(job, progress)
     files = report["artifacts"]
     return replace(state, model=None, checkpoint=folder / files["checkpoint"]["path"], artifact=folder / files["quantized"]["path"],
@@ -115,7 +117,8 @@ def _run_check(opts: CheckOptions, state: RunState, folder: Path, progress: Prog
     report = check(state.require("an exported artifact (a prune or quantize step before it)", state.artifact, "check"),
                    state.require("data.eval", state.eval, "check"), opts.gate(),
                    baseline=state.require("a float baseline", state.baseline, "check"),
-                   eval_size=opts.eval_size or state.eval_size, seed=state.seed, progress=progress, runtime=opts.runtime)
+                   eval_size=opts.eval_size or state.eval_size, seed=state.seed, progress=progress, runtime=opts.runtime,
+                   workers=state.workers)
     write_json(folder / "report.json", report)
     write_report_documents(folder, report)
     return replace(state, passed=report["passed"]), report

@@ -1,0 +1,72 @@
+"""Scale-out on Ray: sharded evaluation gives the numbers of one process, a dead worker's shard is
+run again, and what cannot run fails in one line."""
+import json
+import os
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from vitcompress import VitcompressError
+from vitcompress.cli import app
+from vitcompress.workers import Workers, open_pool
+from tests.conftest import VAL
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'vitcompress[ray]')")
+runner = CliRunner()
+
+METRICS = ("artifact_accuracy", "baseline_accuracy", "drop", "top1_agreement", "kl", "images", "skipped")
+
+
+def _check(out, json_file, *extra):
+    result = runner.invoke(app, [str(a) for a in ("check", out / "model.int8.onnx", "--baseline", out / "model.fp32.onnx", "--eval", VAL,
+                                                  "--max-drop", 5, "--json", json_file, *extra)])
+    assert result.exit_code == 0, result.output
+    return json.loads(json_file.read_text())
+
+
+def test_two_workers_give_the_numbers_of_one_process(quantize_run, tmp_path):
+    out = quantize_run[0]
+    one = _check(out, tmp_path / "one.json")
+    two = _check(out, tmp_path / "two.json", "--workers", 2)
+    assert one["workers"]["backend"] == "in-process" and two["workers"]["backend"] == "ray" and two["workers"]["workers"] == 2
+    assert two["workers"]["startup_seconds"] > 0
+    for key in METRICS:
+        assert one[key] == two[key], key  # byte-identical: the same shards meet the same models
+
+
+def _fails_once(marker: str):
+    def shard(i: int) -> int:
+        if i == 1 and os.path.exists(marker):
+            os.remove(marker)
+            os._exit(1)  # the worker process dies mid-run
+        return i * i
+    return shard
+
+
+def _always_dies(i: int) -> int:
+    os._exit(1)
+
+
+def test_a_killed_worker_is_replaced_and_the_result_is_still_right(tmp_path):
+    marker = tmp_path / "kill-once"
+    marker.write_text("")
+    with open_pool(Workers(count=2)) as pool:
+        assert pool.map(_fails_once(str(marker)), [(i,) for i in range(4)]) == [0, 1, 4, 9]
+        assert not marker.exists()  # the worker really died once
+        with pytest.raises(VitcompressError, match=r"shard \d of 2 failed on a Ray worker after 2 retries"):
+            pool.map(_always_dies, [(0,), (1,)])
+
+
+def test_without_ray_or_with_an_unreachable_cluster_it_fails_in_one_line(quantize_run, tmp_path, monkeypatch):
+    out = quantize_run[0]
+    args = ["check", str(out / "model.int8.onnx"), "--baseline", str(out / "model.fp32.onnx"), "--eval", str(VAL), "--max-drop", "5"]
+    result = runner.invoke(app, args + ["--ray-address", "127.0.0.1:1"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "cannot reach Ray at 127.0.0.1:1" in result.output, result.output
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    result = runner.invoke(app, args + ["--workers", "2"])
+    assert result.exit_code == 2 and "pip install 'vitcompress[ray]'" in result.output, result.output
+    result = runner.invoke(app, args + ["--workers", "1"])  # one worker needs no Ray
+    assert result.exit_code == 0, result.output
+    with pytest.raises(VitcompressError, match="at least 1"):
+        Workers(count=0)

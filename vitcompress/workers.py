@@ -1,0 +1,152 @@
+"""Where shards of work run: in this process, or on Ray workers (local, started on demand, or an
+existing cluster). Work is cut into shards that do not depend on the number of workers, so the
+results are the same however many run them; a pool only decides where each shard runs.
+
+Ray is an optional extra (``pip install 'vitcompress[ray]'``): without it, or with one worker and
+no address, everything runs here as before.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+from .errors import VitcompressError
+
+RAY_INSTALL = "pip install 'vitcompress[ray]'"
+TASK_RETRIES = 2  # a shard whose worker dies is run again this many times before the run fails
+
+
+@dataclass(frozen=True)
+class Workers:
+    """How many workers, and where: ``address`` names a running Ray cluster (``ray://host:10001``
+    or ``auto``); without it, ``count`` > 1 starts a local Ray instance for the job."""
+    count: int = 1
+    address: str | None = None
+
+    def __post_init__(self):
+        if self.count < 1:
+            raise VitcompressError(f"--workers must be at least 1, got {self.count}")
+
+    @property
+    def distributed(self) -> bool:
+        return self.count > 1 or self.address is not None
+
+
+class LocalPool:
+    """Runs every shard here, in order."""
+
+    in_process = True
+
+    def __init__(self) -> None:
+        self.info = {"backend": "in-process", "workers": 1, "startup_seconds": 0.0}
+
+    def map(self, fn: Callable, shards: Sequence[tuple], on_done: Callable[[int, Any], None] | None = None) -> list:
+        results = []
+        for i, args in enumerate(shards):
+            results.append(fn(*args))
+            if on_done:
+                on_done(i, results[-1])
+        return results
+
+
+class RayPool:
+    """Runs shards as Ray tasks, one CPU each, retried when their worker dies; results in shard order."""
+
+    in_process = False
+
+    def __init__(self, workers: Workers) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise VitcompressError(f"--workers/--ray-address need Ray: {RAY_INSTALL}") from None
+        self.ray = ray
+        t0 = time.perf_counter()
+        self.started_here = not ray.is_initialized()
+        if self.started_here:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance: no token files written
+            if workers.address is not None:
+                _probe(workers.address)
+            try:
+                if workers.address is not None:
+                    ray.init(address=workers.address, log_to_driver=False)
+                else:
+                    ray.init(num_cpus=workers.count, include_dashboard=False, log_to_driver=False)
+            except Exception as e:  # ray raises ConnectionError, RuntimeError, ValueError... for a bad address
+                raise VitcompressError(f"cannot start or reach Ray ({workers.address or 'local'}): {str(e).splitlines()[0]}") from None
+        cpus = int(ray.cluster_resources().get("CPU", workers.count))
+        self.info = {"backend": "ray", "address": workers.address or "local", "workers": min(workers.count, cpus) if workers.address is None else cpus,
+                     "startup_seconds": round(time.perf_counter() - t0, 2), "task_retries": TASK_RETRIES}
+
+    def map(self, fn: Callable, shards: Sequence[tuple], on_done: Callable[[int, Any], None] | None = None) -> list:
+        ray = self.ray
+        task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=False)(_in_worker(fn))
+        pending = {task.remote(*args): i for i, args in enumerate(shards)}
+        results: list = [None] * len(shards)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(done[0])
+            try:
+                results[i] = ray.get(done[0])
+            except ray.exceptions.RayTaskError as e:
+                cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                if isinstance(cause, VitcompressError):
+                    raise cause from None
+                raise VitcompressError(f"shard {i + 1} of {len(shards)} failed on a Ray worker: {type(cause).__name__}: "
+                                       f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
+            except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayError) as e:
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                raise VitcompressError(f"shard {i + 1} of {len(shards)} failed on a Ray worker after {TASK_RETRIES} retries: "
+                                       f"{type(e).__name__}") from None
+            if on_done:
+                on_done(i, results[i])
+        return results
+
+    def close(self) -> None:
+        if self.started_here:
+            self.ray.shutdown()
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail in one line, at once, when a cluster address does not answer (ray.init would keep retrying)."""
+    import socket
+
+    if address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except ValueError:
+        raise VitcompressError(f"--ray-address {address}: expected HOST:PORT, ray://HOST:PORT or auto") from None
+    except OSError as e:
+        raise VitcompressError(f"cannot reach Ray at {address}: {e.strerror or e}") from None
+
+
+def _in_worker(fn: Callable) -> Callable:
+    """``fn`` as a worker runs it: one thread per worker (the workers share the cores)."""
+    def run(*args):
+        import torch
+
+        torch.set_num_threads(1)
+        return fn(*args)
+
+    run.__name__ = getattr(fn, "__name__", "shard")
+    return run
+
+
+@contextlib.contextmanager
+def open_pool(workers: Workers) -> Iterator[LocalPool | RayPool]:
+    """The pool for ``workers``: in-process, or Ray (stopped again on exit if started here)."""
+    if not workers.distributed:
+        yield LocalPool()
+        return
+    pool = RayPool(workers)
+    try:
+        yield pool
+    finally:
+        pool.close()
