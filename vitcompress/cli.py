@@ -481,7 +481,7 @@ def demo(
              method="minmax", observer="minmax", placement="default", calib=api.DEMO_CALIB, calib_size=256,
              eval_dir=api.DEMO_EVAL, eval_size=None, seed=0, force=force, json_out=False, recipe=None,
              target_bits=None, bit_choices="4,5,6,8", bits_from=None, full=False, skip=[], max_drop=1.0, min_agreement=97.0, target_cpu="auto",
-             weight_format="int8", runtime="onnxruntime")
+             weight_format="int8", runtime="onnxruntime", workers=1, ray_address=None)
 
 
 def main() -> None:
