@@ -70,3 +70,23 @@ def test_without_ray_or_with_an_unreachable_cluster_it_fails_in_one_line(quantiz
     assert result.exit_code == 0, result.output
     with pytest.raises(VitcompressError, match="at least 1"):
         Workers(count=0)
+
+
+def test_sharded_min_max_calibration_gives_the_same_scales(loaded):
+    import copy
+
+    import torch
+
+    from vitcompress import QuantConfig
+    from vitcompress.data import load_tensor, sample, scan_images
+    from vitcompress.quant import quantize_
+    from tests.conftest import CALIB
+
+    images = load_tensor(sample(scan_images(CALIB), 96, 0), loaded.preprocessing).split(16)
+    here, sharded = copy.deepcopy(loaded.model), copy.deepcopy(loaded.model)
+    quantize_(here, QuantConfig(placement="speed"), images)
+    with open_pool(Workers(count=2)) as pool:
+        result = quantize_(sharded, QuantConfig(placement="speed"), images, map_shards=pool.map)
+    assert result.method_info["calibration_shards"] == 3  # 6 batches, 2 per shard, on 2 workers
+    mine, theirs = here.state_dict(), sharded.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)

@@ -135,7 +135,8 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
 
     qmodel = copy.deepcopy(loaded.model)
     started = time.perf_counter()
-    result = quantize_(qmodel, cfg, calib.split(job.batch_size), lambda d, t: progress("calibrate", d, t), family)
+    result = quantize_(qmodel, cfg, calib.split(job.batch_size), lambda d, t: progress("calibrate", d, t), family,
+                       map_shards=None if prepared.pool.in_process else prepared.pool.map)
     method_seconds = time.perf_counter() - started
 
     progress("export", 0, 2)
@@ -177,6 +178,7 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
         "cpu_compatibility": compatibility(export_info["numerics"]),
         "calibration": prepared.calibration,
         "quantization": {**result.summary(), "seconds": round(method_seconds, 2), "threads": torch.get_num_threads()},
+        "workers": prepared.pool.info,  # where calibration (min-max) and evaluation shards ran
         "export": export_info,
         "artifacts": {"fp32": file_info(fp32_path), "quantized": file_info(q_path), "checkpoint": file_info(ckpt_path)},
         "environment": environment(),
@@ -202,7 +204,6 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
         if prepared.fp32_logits is None:
             sources["fp32"] = PredictorSource(onnx=str(fp32_path), runtime=job.runtime)
         logits, labels, stats = evaluate(sources, eval_set, prep, 64, lambda d, t: progress("evaluate", d, t), prepared.pool)
-        report["workers"] = prepared.pool.info
         if prepared.fp32_logits is None:
             prepared.fp32_logits = logits["fp32"]
         logits["fp32"] = prepared.fp32_logits

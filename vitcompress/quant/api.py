@@ -5,8 +5,9 @@ inserted, in "off" mode) and the calibration batches, and leaves every quantizer
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -83,8 +84,10 @@ def quantize_(
     calibration: Iterable[torch.Tensor],
     progress: Progress | None = None,
     family: str = "",
+    map_shards: Callable | None = None,
 ) -> QuantResult:
-    """Quantize ``model`` in place (fake-quant simulation) and return what was done."""
+    """Quantize ``model`` in place (fake-quant simulation) and return what was done. ``map_shards``
+    (a worker pool's map) lets a method that can (min-max calibration) run its pass in shards."""
     method = lookup(METHODS, config.method, "method")
     batches = list(calibration)
     if not batches:
@@ -95,7 +98,8 @@ def quantize_(
     scales = fold_layer_scale(model, batches[0][:2]) if config.fold_layer_scale else []
     folded = fold_batchnorm(model, batches[0][:2]) if config.fold_batchnorm else []
     p = prepare(model, config, family, example=batches[0])
-    info = method(model, config, batches, progress)
+    sharding = {"map_shards": map_shards} if map_shards is not None and "map_shards" in inspect.signature(method).parameters else {}
+    info = method(model, config, batches, progress, **sharding)
     return QuantResult(config, p, info, folded, scales)
 
 

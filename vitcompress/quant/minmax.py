@@ -1,7 +1,7 @@
 """The ``minmax`` method: the baseline every other method starts from."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -12,11 +12,39 @@ from .modules import quantizers
 from .registry import Progress, register_method
 
 
+ShardMap = Callable[[Callable, list], list]  # a pool's map: (function, argument tuples) -> results in order
+
+
 @register_method("minmax")
-def calibrate_observers(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor], progress: Progress | None) -> dict:
-    """Baseline PTQ: one calibration pass with the configured observers, then freeze."""
+def calibrate_observers(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor], progress: Progress | None,
+                        map_shards: ShardMap | None = None) -> dict:
+    """Baseline PTQ: one calibration pass with the configured observers, then freeze.
+
+    ``map_shards`` (a pool's map) runs the pass on copies of the model, one per shard of batches,
+    and merges their statistics: exact for observers that can merge (min-max: min of mins, max of
+    maxes), so the scales are those of one pass. Observers that cannot merge run here."""
     set_mode(model, "observe")
-    run_batches(model, batches, progress)
+    observers = dict((n, q._observer) for n, q in quantizers(model))
+    sharded = map_shards is not None and len(batches) > 1 and all(hasattr(o, "merge") for o in observers.values())
+    if sharded:
+        shards = [batches[i:i + SHARD_BATCHES] for i in range(0, len(batches), SHARD_BATCHES)]
+        for seen in map_shards(observe_shard, [(model, shard) for shard in shards]):
+            for name, observer in seen.items():
+                observers[name].merge(observer)
+        if progress:
+            progress(len(batches), len(batches))
+    else:
+        run_batches(model, batches, progress)
     for _, q in quantizers(model):
         q.freeze()
-    return {"observers": {"weights": config.weight_observer, "activations": config.act_observer}}
+    return {"observers": {"weights": config.weight_observer, "activations": config.act_observer},
+            "calibration_shards": len(shards) if sharded else 1}
+
+
+SHARD_BATCHES = 2  # calibration batches per shard sent to a worker
+
+
+def observe_shard(model: nn.Module, batches: Sequence[torch.Tensor]) -> dict:
+    """In a worker, on its own copy of the model: the observers' statistics over ``batches``."""
+    run_batches(model, batches)
+    return {n: q._observer for n, q in quantizers(model)}

@@ -64,6 +64,13 @@ class MinMaxObserver(Observer):
             raise VitcompressError("an observer saw no data: the calibration pass did not reach this layer")
         return qparams_from_range(self.lo, self.hi, self.spec)
 
+    def merge(self, other: "MinMaxObserver") -> None:
+        """Fold in another observer's statistics (from other images): min of mins, max of maxes, exactly."""
+        for name in ("lo", "hi"):
+            theirs, mine = getattr(other, name), getattr(self, name)
+            if theirs is not None:
+                setattr(self, name, theirs if mine is None else (torch.minimum if name == "lo" else torch.maximum)(mine, theirs))
+
 
 class _SampleObserver(Observer):
     """Keeps a bounded, deterministic subsample of values (per channel when per_channel)."""
