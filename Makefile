@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-caps bench-qhyvit bench-mptq bench-prune recipes bench-recipes install clean
+.PHONY: demo test bench bench-caps bench-qhyvit bench-mptq bench-prune bench-workers recipes bench-recipes install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench-mptq: $(STAMP)
 
 bench-prune: $(STAMP)
 	$(PY) benchmarks/bench_prune.py --out benchmarks/RESULTS.md
+
+bench-workers: $(STAMP)
+	$(PY) benchmarks/bench_workers.py --out benchmarks/RESULTS.md --workers 2 --large
 
 # Every shipped pipeline recipe on the shared reference models (../shared), each into runs/<name>;
 # a re-run reuses finished steps. Fails on the first recipe whose check step fails.

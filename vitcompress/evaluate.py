@@ -116,12 +116,14 @@ def evaluate(sources: dict[str, PredictorSource], image_set: ImageSet, preproces
             progress(seen[0], len(image_set))
 
     pool = pool or LocalPool()
-    if pool.in_process:
-        opened = {k: s.open() for k, s in sources.items()}
-        results = pool.map(lambda shard: collect_logits(opened, shard, preprocessing, batch_size, require_images=False),
-                           [(s,) for s in shards], on_done)
-    else:
-        results = pool.map(_shard_logits_in_worker, [(sources, s, preprocessing, batch_size) for s in shards], on_done)
+    opened: dict[str, Predictor] = {}
+
+    def here(i: int):  # this process's share: sessions opened on first use, after the workers got theirs
+        if not opened:
+            opened.update({k: s.open(threads=0 if pool.in_process else 1) for k, s in sources.items()})
+        return collect_logits(opened, shards[i], preprocessing, batch_size, require_images=False)
+
+    results = pool.map(_shard_logits_in_worker, [(sources, s, preprocessing, batch_size) for s in shards], on_done, here=here)
     stats = LoadStats()
     for _, _, st in results:
         stats.loaded += st.loaded

@@ -43,10 +43,12 @@ class LocalPool:
     def __init__(self) -> None:
         self.info = {"backend": "in-process", "workers": 1, "startup_seconds": 0.0}
 
-    def map(self, fn: Callable, shards: Sequence[tuple], on_done: Callable[[int, Any], None] | None = None) -> list:
+    def map(self, fn: Callable, shards: Sequence[tuple], on_done: Callable[[int, Any], None] | None = None,
+            here: Callable[[int], Any] | None = None) -> list:
+        """``fn(*shard)`` for every shard, in order (``here(i)`` instead, when given: the same result)."""
         results = []
         for i, args in enumerate(shards):
-            results.append(fn(*args))
+            results.append(here(i) if here is not None else fn(*args))
             if on_done:
                 on_done(i, results[-1])
         return results
@@ -80,32 +82,62 @@ class RayPool:
         self.info = {"backend": "ray", "address": workers.address or "local", "workers": min(workers.count, cpus) if workers.address is None else cpus,
                      "startup_seconds": round(time.perf_counter() - t0, 2), "task_retries": TASK_RETRIES}
 
-    def map(self, fn: Callable, shards: Sequence[tuple], on_done: Callable[[int, Any], None] | None = None) -> list:
+    def map(self, fn: Callable, shards: Sequence[tuple], on_done: Callable[[int, Any], None] | None = None,
+            here: Callable[[int], Any] | None = None) -> list:
+        """``fn(*shard)`` for every shard, on the workers. With ``here`` (shard index -> the same result,
+        computed in this process) the driver works until the first worker answers: workers take shards
+        from the front, the driver from the back, so it fills their start-up time instead of waiting
+        (after that it would only take cores from them)."""
         ray = self.ray
         task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=False)(_in_worker(fn))
-        pending = {task.remote(*args): i for i, args in enumerate(shards)}
+        queue = list(range(len(shards)))
+        pending: dict = {}
         results: list = [None] * len(shards)
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(done[0])
-            try:
-                results[i] = ray.get(done[0])
-            except ray.exceptions.RayTaskError as e:
-                cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
-                for ref in pending:
-                    ray.cancel(ref, force=True)
-                if isinstance(cause, VitcompressError):
-                    raise cause from None
-                raise VitcompressError(f"shard {i + 1} of {len(shards)} failed on a Ray worker: {type(cause).__name__}: "
-                                       f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
-            except (ray.exceptions.WorkerCrashedError, ray.exceptions.RayError) as e:
-                for ref in pending:
-                    ray.cancel(ref, force=True)
-                raise VitcompressError(f"shard {i + 1} of {len(shards)} failed on a Ray worker after {TASK_RETRIES} retries: "
-                                       f"{type(e).__name__}") from None
+        answered = [False]
+
+        def finish(i: int, result: Any) -> None:
+            results[i] = result
             if on_done:
-                on_done(i, results[i])
+                on_done(i, result)
+
+        def collect(timeout: float | None) -> None:
+            done, _ = ray.wait(list(pending), num_returns=1 if timeout is None else len(pending), timeout=timeout)
+            for ref in done:
+                i = pending.pop(ref)
+                finish(i, self._result(ref, i, len(shards), pending))
+                answered[0] = True
+
+        while queue or pending:
+            while queue and len(pending) < self.info["workers"]:
+                i = queue.pop(0)
+                pending[task.remote(*shards[i])] = i
+            if here is not None and queue and not answered[0]:
+                i = queue.pop()
+                finish(i, here(i))
+                if pending:
+                    collect(timeout=0)
+            elif pending:
+                collect(timeout=None)
         return results
+
+    def _result(self, ref, i: int, total: int, pending: dict) -> Any:
+        """A finished task's result, or one line saying which shard failed (the others are cancelled)."""
+        ray = self.ray
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
+            for other in pending:
+                ray.cancel(other, force=True)
+            if isinstance(cause, VitcompressError):
+                raise cause from None
+            raise VitcompressError(f"shard {i + 1} of {total} failed on a Ray worker: {type(cause).__name__}: "
+                                   f"{str(cause).splitlines()[0] if str(cause) else ''}") from None
+        except ray.exceptions.RayError as e:  # the worker died on every try
+            for other in pending:
+                ray.cancel(other, force=True)
+            raise VitcompressError(f"shard {i + 1} of {total} failed on a Ray worker after {TASK_RETRIES} retries: "
+                                   f"{type(e).__name__}") from None
 
     def close(self) -> None:
         if self.started_here:
