@@ -90,3 +90,16 @@ def test_sharded_min_max_calibration_gives_the_same_scales(loaded):
     assert result.method_info["calibration_shards"] == 3  # 6 batches, 2 per shard, on 2 workers
     mine, theirs = here.state_dict(), sharded.state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_prune_evaluates_on_workers_with_the_same_numbers(tmp_path):
+    from tests.conftest import BUNDLED_CKPT, CALIB
+
+    reports = []
+    for name, extra in (("one", []), ("two", ["--workers", "2"])):
+        out = tmp_path / name
+        result = runner.invoke(app, [str(a) for a in ("prune", "--checkpoint", BUNDLED_CKPT, "--calib", CALIB, "--calib-size", 32,
+                                                      "--eval", VAL, "--eval-size", 600, "--target-flops", 2, "--out", out, *extra)])
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads((out / "report.json").read_text()))
+    assert reports[1]["workers"]["backend"] == "ray" and reports[0]["accuracy"] == reports[1]["accuracy"]

@@ -250,6 +250,8 @@ def prune(
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output folder."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of the table."),
+    workers: int = typer.Option(1, "--workers", help="Evaluate (--eval) on N Ray workers; the numbers are those of one process."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Evaluate on a running Ray cluster (paths must be readable there)."),
 ):
     """Prune heads / MLP units (LPViT) to a measured speedup, optionally recover, export and measure."""
     from . import prune_api
@@ -264,7 +266,8 @@ def prune(
                              target_speedup=target_speedup, target_flops=target_flops, block=block, tile=tile_shape,
                              min_keep=min_keep, calib_dir=calib, calib_size=calib_size, eval_dir=eval_dir,
                              eval_size=eval_size, recover_steps=recover_steps, recover_dir=recover_dir,
-                             recover_size=recover_size, recover_minutes=recover_minutes, seed=seed, force=force)
+                             recover_size=recover_size, recover_minutes=recover_minutes, seed=seed, force=force,
+                             workers=_guard(Workers, workers, ray_address))
     with _progress() as progress:
         report = _guard(prune_api.prune, job, progress)
     if json_out:

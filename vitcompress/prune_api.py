@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,10 +22,11 @@ from .artifacts import (RANDOM_WEIGHTS_NOTE, ProgressFn, calibration_images, env
 from .data import load_tensor, sample, scan_images
 from .errors import VitcompressError
 from .registry import lookup
-from .evaluate import collect_logits, fidelity, onnx_predictor, summarize
-from .export import compare_latency, export_float, make_session
+from .evaluate import PredictorSource, evaluate, fidelity, summarize
+from .export import compare_latency, export_float
 from .fileio import prepare_output_dir, write_json
 from .models import LoadedModel
+from .workers import Workers, open_pool
 from .prune.baseline import MagnitudePruner
 from .prune.lpvit import LPViTConfig, LPViTPruner, Plan, apply_plan
 from .prune.recover import RecoverConfig, distill
@@ -78,6 +79,7 @@ class PruneJob:
     latency_threads: int = 1
     max_iterations: int = 8
     tolerance: float = 0.08  # stop once S <= measured <= S * (1 + tolerance)
+    workers: Workers = field(default_factory=Workers)  # where the evaluation's shards run (--workers, --ray-address)
 
 
 def _validate(job: PruneJob) -> None:
@@ -286,10 +288,11 @@ def prune(job: PruneJob, progress: ProgressFn = no_progress) -> dict:
             report["notes"].append(RANDOM_WEIGHTS_NOTE)
 
         if eval_set is not None:
-            predictors = {"fp32": onnx_predictor(make_session(fp32_path)),
-                          "before_recovery": onnx_predictor(make_session(before_path)),
-                          "pruned": onnx_predictor(make_session(pruned_path))}
-            logits, labels, stats = collect_logits(predictors, eval_set, prep, 64, lambda d, t: progress("evaluate", d, t))
+            sources = {name: PredictorSource(onnx=str(path)) for name, path in
+                       (("fp32", fp32_path), ("before_recovery", before_path), ("pruned", pruned_path))}
+            with open_pool(job.workers) as pool:
+                logits, labels, stats = evaluate(sources, eval_set, prep, 64, lambda d, t: progress("evaluate", d, t), pool)
+                report["workers"] = pool.info
             acc = {k: summarize(v, labels, label_map, loaded.num_classes) for k, v in logits.items()}
             report["accuracy"] = {
                 "eval_dir": str(job.eval_dir), "images": stats.loaded, "skipped": stats.skipped,

@@ -95,7 +95,7 @@ class CheckOptions(Gate):
 def _run_prune(opts: Any, state: RunState, folder: Path, progress: ProgressFn) -> tuple[RunState, dict]:
     job = _job(PruneJob, opts, out=folder, model=state.model, checkpoint=state.checkpoint, pretrained=state.pretrained,
                calib_dir=state.require("data.calib", state.calib, "prune"), eval_dir=state.eval, eval_size=state.eval_size,
-               seed=state.seed, force=True)
+               seed=state.seed, force=True, workers=state.workers)
     report = prune(job, progress)
     return replace(state, model=None, checkpoint=folder / "model.pruned.pth", artifact=folder / "model.pruned.onnx",
                    baseline=state.baseline or folder / "model.fp32.onnx"), report
