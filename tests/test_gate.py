@@ -206,3 +206,15 @@ def test_same_inputs_and_seed_give_byte_identical_artifacts(tmp_path):
     fields = reports[0]["timing_fields"]
     assert "latency" in fields and fields == reports[1]["timing_fields"]
     assert _without(reports[0], fields) == _without(reports[1], fields)
+
+
+def test_a_model_baseline_is_exported_for_speed_and_size(quantize_run, tmp_path):
+    """With --checkpoint as the baseline, latency and size compare ONNX files on the same runtime."""
+    out = quantize_run[0]
+    code, text = _run("check", out / "model.int8.onnx", "--checkpoint", BUNDLED_CKPT, "--eval", VAL, "--eval-size", 100,
+                      "--min-speedup", 0.01, "--max-size-ratio", 0.6, "--json", tmp_path / "r.json")
+    assert code == 0, text
+    report = json.loads((tmp_path / "r.json").read_text())
+    fp32_bytes = (out / "model.fp32.onnx").stat().st_size
+    assert abs(report["size"]["baseline_bytes"] - fp32_bytes) < 0.01 * fp32_bytes  # the same float export
+    assert report["latency"]["baseline"]["median_ms"] > 0 and report["gate"]["min_speedup"]["passed"]
