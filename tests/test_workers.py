@@ -103,3 +103,24 @@ def test_prune_evaluates_on_workers_with_the_same_numbers(tmp_path):
         assert result.exit_code == 0, result.output
         reports.append(json.loads((out / "report.json").read_text()))
     assert reports[1]["workers"]["backend"] == "ray" and reports[0]["accuracy"] == reports[1]["accuracy"]
+
+
+def test_greedy_mixed_precision_probes_on_workers_choose_the_same_bits(loaded):
+    import copy
+
+    import torch
+
+    from vitcompress import QuantConfig
+    from vitcompress.data import load_tensor, sample, scan_images
+    from vitcompress.quant import quantize_
+    from tests.conftest import CALIB
+
+    images = load_tensor(sample(scan_images(CALIB), 32, 0), loaded.preprocessing).split(16)
+    config = QuantConfig(method="mptq", method_options={"target_bits": 6, "bit_choices": [4, 8], "parts": []})
+    here, there = copy.deepcopy(loaded.model), copy.deepcopy(loaded.model)
+    mine = quantize_(here, config, images).method_info["mixed_precision"]
+    with open_pool(Workers(count=2)) as pool:
+        theirs = quantize_(there, config, images, map_shards=pool.map).method_info["mixed_precision"]
+    assert mine["isolated_sensitivity"] == theirs["isolated_sensitivity"] and mine["assignment"] == theirs["assignment"]
+    a, b = here.state_dict(), there.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

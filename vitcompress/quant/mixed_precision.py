@@ -35,13 +35,16 @@ def greedy_mixed_precision(
     sensitivity: Callable[[Assignment], float],
     measure: Callable[[Assignment], dict] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    sensitivities: Callable[[list[Assignment]], list[float]] | None = None,
 ) -> tuple[Assignment, list[dict], dict[str, dict[int, float]]]:
     """Walk from all-highest down to ``target`` average bits; returns the assignment, the path and
     the table of isolated sensitivities it walked on ({layer: {bits: sensitivity with that layer
     alone at those bits}}).
 
     ``sensitivity(assignment)`` scores an assignment (lower is better, e.g. KL of logits);
-    ``measure(assignment)`` adds measured quantities to each path point (optional).
+    ``measure(assignment)`` adds measured quantities to each path point (optional);
+    ``sensitivities(assignments)`` scores the isolated probes all at once (e.g. on worker processes):
+    the same numbers as ``sensitivity`` one by one.
     """
     choices = sorted(set(choices))
     if not macs or any(v <= 0 for v in macs.values()):
@@ -54,7 +57,11 @@ def greedy_mixed_precision(
     s_base = sensitivity(base)
     table: dict[tuple[str, int], float] = {(n, top): s_base for n in names}
     lower = [(n, b) for n in names for b in choices[:-1]]
-    for i, (n, b) in enumerate(lower):
+    if sensitivities is not None:
+        table.update(zip(lower, sensitivities([{**base, n: b} for n, b in lower])))
+        if progress:
+            progress(len(lower), len(lower))
+    for i, (n, b) in enumerate([] if sensitivities is not None else lower):
         table[(n, b)] = sensitivity({**base, n: b})
         if progress:
             progress(i + 1, len(lower))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -301,6 +301,20 @@ def _capture_inputs(model: nn.Module, names: list[str], batches: Sequence[torch.
     return got
 
 
+PROBES_PER_TASK = 6  # isolated mixed-precision probes per worker task
+
+
+def _probe_kls(job: tuple) -> list[float]:
+    """On a worker, on its own copy of the model: the KL of each assignment in the chunk."""
+    setup, images, ref, assigns = job
+    kls = []
+    for assign in assigns:
+        setup.apply({u: (b, b) for u, b in assign.items()})
+        with torch.no_grad():
+            kls.append(_kl_and_agreement(ref, setup.model(images))[0])
+    return kls
+
+
 def _kl_and_agreement(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
     kl = logits_kl(ref, out)
     agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item() * 100
@@ -308,8 +322,11 @@ def _kl_and_agreement(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, floa
 
 
 @register_method("mptq")
-def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor], progress: Progress | None) -> dict:
-    """SQ-b + OPT-m (+ greedy mixed precision); see the module docstring and docs/mptq.md."""
+def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor], progress: Progress | None,
+         map_shards: Callable | None = None) -> dict:
+    """SQ-b + OPT-m (+ greedy mixed precision); see the module docstring and docs/mptq.md.
+    ``map_shards`` (a worker pool's map) runs greedy mixed precision's isolated probes on workers:
+    the same KLs, so the same assignment."""
     opts = MptqOptions.from_config(config)
     parts = set(opts.parts)
     example = batches[0]
@@ -443,9 +460,15 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
             with torch.no_grad():
                 return _kl_and_agreement(ref, model(sens_x))
 
+        def probe_on_workers(assigns: list[dict[str, int]]) -> list[float]:
+            chunks = [assigns[i:i + PROBES_PER_TASK] for i in range(0, len(assigns), PROBES_PER_TASK)]
+            # one argument per task: the model and the setup that owns its quantizers travel as one object
+            return [kl for part in map_shards(_probe_kls, [((setup, sens_x, ref, chunk),) for chunk in chunks]) for kl in part]
+
         assignment, path, isolated = greedy_mixed_precision(
             macs, opts.bit_choices, opts.target_bits, lambda a: evaluate(a)[0],
-            measure=lambda a: dict(zip(("kl", "top1_agreement"), evaluate(a))), progress=progress)
+            measure=lambda a: dict(zip(("kl", "top1_agreement"), evaluate(a))), progress=progress,
+            sensitivities=probe_on_workers if map_shards is not None else None)
         final = {u: (b, b) for u, b in assignment.items()}
         mp_info = {"weighting": "MACs per image", "target_bits": opts.target_bits, "bit_choices": list(opts.bit_choices),
                    "average_bits": average_bits(assignment, macs), "assignment": assignment, "macs": macs,
