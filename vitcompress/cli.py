@@ -480,11 +480,16 @@ def demo(
         if not p.exists():
             _fail(f"bundled demo file missing: {p} (run from a source checkout)")
     out_console.print(f"demo: {api.DEMO_CHECKPOINT.name}, calibration {api.DEMO_CALIB}, evaluation {api.DEMO_EVAL}")
-    quantize(out=out, model=None, checkpoint=api.DEMO_CHECKPOINT, no_pretrained=False, bits=8, wbits=None, abits=None,
-             method="minmax", observer="minmax", placement="default", calib=api.DEMO_CALIB, calib_size=256,
-             eval_dir=api.DEMO_EVAL, eval_size=None, seed=0, force=force, json_out=False, recipe=None,
-             target_bits=None, bit_choices="4,5,6,8", bits_from=None, full=False, skip=[], max_drop=1.0, min_agreement=97.0, target_cpu="auto",
-             weight_format="int8", runtime="onnxruntime", workers=1, ray_address=None)
+    quantize(**{**_command_defaults(quantize), "out": out, "checkpoint": api.DEMO_CHECKPOINT, "calib": api.DEMO_CALIB,
+                "eval_dir": api.DEMO_EVAL, "force": force})
+
+
+def _command_defaults(command) -> dict:
+    """A command's flags at their defaults, as a user who gives none gets them (new flags included)."""
+    import inspect
+
+    return {name: (p.default.default if isinstance(p.default, typer.models.ParameterInfo) else p.default)
+            for name, p in inspect.signature(command).parameters.items()}
 
 
 def main() -> None:
