@@ -311,7 +311,7 @@ def check(
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML here: one testcase per threshold."),
     summary: Optional[Path] = typer.Option(None, "--summary", help="Write a Markdown summary here (for a CI job summary)."),
     report_dir: Optional[Path] = typer.Option(None, "--report", help="Write report.md and report.html (with plots) into this folder."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing --json/--junit/--summary files."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing --json/--junit/--summary/--report files."),
     runtime: str = typer.Option("onnxruntime", "--runtime", help="onnxruntime or openvino (pip install 'vitcompress[openvino]')."),
     workers: int = typer.Option(1, "--workers", help="Evaluate on N Ray workers (local, started for the job); the numbers are those of one process."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Evaluate on a running Ray cluster (paths must be readable there)."),
@@ -322,6 +322,7 @@ def check(
 
     gate = _guard(Gate(max_drop, min_agreement, min_speedup, min_coverage, max_size_ratio).validate)
     outputs = [p for p in (json_file, junit, summary) if p is not None]
+    outputs += [report_dir / name for name in ("report.md", "report.html")] if report_dir is not None else []
     _guard(refuse_overwrite, outputs, force)
     with _progress() as progress:
         r = _guard(api.check, artifact, eval_dir, gate, baseline, model, checkpoint, True, eval_size, seed, progress, runtime,
