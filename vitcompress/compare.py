@@ -8,7 +8,6 @@ and a report comparison says so instead of judging them).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from .errors import VitcompressError
 from .evaluate import collect_logits, fidelity, onnx_predictor, summarize
 from .export import compare_latency, get_runtime, int8_coverage, open_session, read_metadata
 from .export.runtime import DEFAULT_RUNTIME, runtime_info
+from .fileio import read_json
 
 
 @dataclass(frozen=True)
@@ -143,13 +143,8 @@ def read_report(path: Path) -> dict:
 
 
 def _load_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise VitcompressError(f"cannot read {path}: {e.strerror or e}") from None
-    except ValueError as e:
-        raise VitcompressError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict) or "command" not in data:
+    data = read_json(path)
+    if "command" not in data:
         raise VitcompressError(f"{path} is not a vitcompress report")
     return data
 

@@ -47,6 +47,19 @@ def write_json(path: str | Path, obj: dict) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def read_json(path: str | Path, what: str = "a vitcompress report") -> dict:
+    """A JSON object from a file, or one line saying why not."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise VitcompressError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise VitcompressError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise VitcompressError(f"{path} is not {what}")
+    return data
+
+
 def _json_default(o):
     if hasattr(o, "tolist"):
         return o.tolist()

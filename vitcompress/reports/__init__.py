@@ -1,11 +1,10 @@
 """Reports for people and CI: Markdown and self-contained HTML with plots, JUnit XML, job summaries."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import VitcompressError
-from ..fileio import write_text
+from ..fileio import read_json, write_text
 from .document import Document, document, run_document
 from .junit import junit_xml
 from .render import to_html, to_markdown
@@ -20,30 +19,18 @@ def check_summary(report: dict) -> str:
     return to_markdown(document(report, title=f"vitcompress check: {Path(report['artifact']).name}"), figures_note=None)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise VitcompressError(f"cannot read {path}: {e.strerror or e}") from None
-    except ValueError as e:
-        raise VitcompressError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise VitcompressError(f"{path} is not a vitcompress report")
-    return data
-
-
 def load_document(folder: Path) -> Document:
     """The document of a folder: a run (manifest.json and its steps' reports) or one command's report.json."""
     folder = Path(folder)
     if not folder.is_dir():
         raise VitcompressError(f"{folder} is not a folder (expected one holding report.json or manifest.json)")
     if (folder / "manifest.json").exists():
-        manifest = _read_json(folder / "manifest.json")
-        steps = {s["folder"]: _read_json(folder / s["folder"] / "report.json")
+        manifest = read_json(folder / "manifest.json")
+        steps = {s["folder"]: read_json(folder / s["folder"] / "report.json")
                  for s in manifest.get("steps") or [] if (folder / s["folder"] / "report.json").exists()}
         return run_document(manifest, steps)
     if (folder / "report.json").exists():
-        return document(_read_json(folder / "report.json"))
+        return document(read_json(folder / "report.json"))
     raise VitcompressError(f"{folder} holds neither report.json nor manifest.json")
 
 
