@@ -68,9 +68,10 @@ class RayPool:
         t0 = time.perf_counter()
         self.started_here = not ray.is_initialized()
         if self.started_here:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance: no token files written
             if workers.address is not None:
                 _probe(workers.address)
+            else:
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance: no token files written
             try:
                 if workers.address is not None:
                     ray.init(address=workers.address, log_to_driver=False)
