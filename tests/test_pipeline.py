@@ -1,5 +1,6 @@
 """`vitcompress run RECIPE`: steps in folders of their own, re-runs that do no work, a gate that fails."""
 import json
+import xml.etree.ElementTree as ET
 
 from typer.testing import CliRunner
 
@@ -62,9 +63,13 @@ def test_run_then_rerun_reuses_every_step_with_the_same_hashes(tmp_path):
 
 def test_a_failing_gate_exits_1_and_a_broken_recipe_exits_2(tmp_path):
     out = tmp_path / "out"
-    code, text = _run(_recipe(tmp_path, "max_drop: 0\n      min_agreement: 100"), "--out", out)
+    code, text = _run(_recipe(tmp_path, "max_drop: 0\n      min_agreement: 100"), "--out", out, "--junit", tmp_path / "j.xml",
+                      "--summary", tmp_path / "s.md")
     assert code == 1 and "FAIL" in text, text
     assert json.loads((out / "manifest.json").read_text())["passed"] is False
+    failing = [c.get("name") for c in ET.parse(tmp_path / "j.xml").getroot().iter("testcase") if c.find("failure") is not None]
+    assert failing and set(failing) <= {"max_drop: top-1 drop", "min_agreement: top-1 agreement"}
+    assert "## 02-check: Gate" in (tmp_path / "s.md").read_text()
     code, text = _run(_recipe(tmp_path, "max_dorp: 1"), "--out", tmp_path / "o2")
     assert code == 2 and text.count("\n") == 1 and "steps[2].check.max_dorp: unknown field" in text, text
     assert "Traceback" not in text

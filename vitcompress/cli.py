@@ -370,18 +370,32 @@ def run(
     json_out: bool = typer.Option(False, "--json", help="Print manifest.json to stdout."),
     workers: int = typer.Option(1, "--workers", help="Evaluate on N Ray workers (local, started for the run)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Evaluate on a running Ray cluster."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML of every check step here (one testcase per threshold)."),
+    summary: Optional[Path] = typer.Option(None, "--summary", help="Write the run's Markdown summary here (for a CI job summary)."),
 ):
     """Run a recipe (prune -> quantize -> check ...); finished steps whose inputs did not change are reused."""
     from .pipeline import load_recipe, run_recipe
+    from .reports import junit_xml, run_document, to_markdown
 
     parsed = _guard(load_recipe, recipe, set_)
+    _guard(refuse_overwrite, [p for p in (junit, summary) if p is not None], force)
 
     def on_step(result) -> None:
         out_console.print(f"{result.index:>2}. {result.kind:<9} {result.status:<6} {_step_summary(result.kind, result.report)} "
                           f"[{result.folder.name}/]", highlight=False)
 
+    reports = {}
+
+    def keep(result) -> None:
+        reports[result.folder.name] = result.report
+        on_step(result)
+
     with _progress() as progress:
-        manifest = _guard(run_recipe, parsed, out, force, progress, on_step, _guard(Workers, workers, ray_address))
+        manifest = _guard(run_recipe, parsed, out, force, progress, keep, _guard(Workers, workers, ray_address))
+    if junit is not None:
+        _guard(write_text, junit, junit_xml(*[reports[s["folder"]] for s in manifest["steps"] if s["kind"] == "check"]))
+    if summary is not None:
+        _guard(write_text, summary, to_markdown(run_document(manifest, reports), figures_note=None))
     if json_out:
         print(json.dumps(manifest, indent=2))
     final = manifest["final_artifact"]

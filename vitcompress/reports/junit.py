@@ -5,12 +5,24 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 
-def junit_xml(report: dict) -> str:
-    """JUnit XML of a check report (CI systems show each threshold as a test)."""
+def junit_xml(*reports: dict) -> str:
+    """JUnit XML of check reports, one testsuite each (a run's check steps): CI systems show each
+    threshold as a test."""
+    suites = ET.Element("testsuites", name="vitcompress check", errors="0")
+    total = failed = 0
+    for report in reports:
+        total_here, failed_here = _suite(suites, report)
+        total, failed = total + total_here, failed + failed_here
+    suites.set("tests", str(total))
+    suites.set("failures", str(failed))
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+def _suite(suites: ET.Element, report: dict) -> tuple[int, int]:
     outcomes = list((report.get("gate") or {}).values())
     failures = sum(not o["passed"] for o in outcomes)
     name = f"vitcompress check {Path(report['artifact']).name}"
-    suites = ET.Element("testsuites", name="vitcompress check", tests=str(len(outcomes)), failures=str(failures), errors="0")
     suite = ET.SubElement(suites, "testsuite", name=name, tests=str(len(outcomes)), failures=str(failures), errors="0", skipped="0")
     props = ET.SubElement(suite, "properties")
     runtime = report.get("runtime") or {}
@@ -29,5 +41,4 @@ def junit_xml(report: dict) -> str:
     note = (report.get("cpu_compatibility") or {}).get("note")
     if note:
         ET.SubElement(suite, "system-err").text = f"warning: {note}"
-    ET.indent(suites)
-    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+    return len(outcomes), failures
