@@ -19,7 +19,7 @@ from .errors import VitcompressError
 from .evaluate import PredictorSource, evaluate, fidelity, summarize
 from .export import artifact_numerics, compare_latency, export_float, get_runtime, int8_coverage, read_metadata
 from .export.runtime import DEFAULT_RUNTIME, runtime_info
-from .gate import Gate
+from .gate import Gate, passed
 from .models import LoadedModel
 from .workers import Workers, open_pool
 
@@ -57,15 +57,8 @@ def check(artifact: Path, eval_dir: Path, gate: Gate, baseline: Path | None = No
         base_desc = loaded.source
     else:
         raise VitcompressError("a baseline is required: --baseline FLOAT.onnx, or --model/--checkpoint")
-    eval_set = sample(scan_images(eval_dir, require_labels=True), eval_size, seed)
-    label_map = label_map_to_model(eval_set, prep.class_names, num_classes)  # check has no loaded model: the artifact's metadata
-    with open_pool(workers) as pool:
-        logits, labels, stats = evaluate(sources, eval_set, prep, 64, lambda d, t: progress("evaluate", d, t), pool)
-        pool_info = pool.info
-    if logits["artifact"].shape != logits["baseline"].shape:
-        raise VitcompressError(f"artifact and baseline disagree on the output shape: {logits['artifact'].shape[1:]} vs {logits['baseline'].shape[1:]}")
-    acc_a = summarize(logits["artifact"], labels, label_map, num_classes)
-    acc_b = summarize(logits["baseline"], labels, label_map, num_classes)
+    logits, accuracy, stats, pool_info = labelled_logits(sources, eval_dir, eval_size, seed, prep, num_classes, progress, workers)
+    acc_a, acc_b = accuracy["artifact"], accuracy["baseline"]
     agreement = fidelity(logits["baseline"], logits["artifact"])
     measured = {"drop": acc_b["top1"] - acc_a["top1"], **agreement}
     report_extra: dict = {}
@@ -93,7 +86,7 @@ def check(artifact: Path, eval_dir: Path, gate: Gate, baseline: Path | None = No
         "max_drop": gate.max_drop, "min_agreement": gate.min_agreement,
         **report_extra,
         "gate": {o["threshold"]: o for o in outcomes},
-        "passed": all(o["passed"] for o in outcomes),
+        "passed": passed(outcomes),
         "artifact_label": (meta.get("quantization") or {}).get("label", meta.get("kind")),
         "runtime": runtime_info(runtime),
         "built_for": meta.get("target_cpu"),
@@ -102,6 +95,22 @@ def check(artifact: Path, eval_dir: Path, gate: Gate, baseline: Path | None = No
         "workers": pool_info,
         "timing_fields": ["created", *(CHECK_TIMING_FIELDS if gate.measures("speedup") else [])],
     }
+
+
+def labelled_logits(sources: dict[str, PredictorSource], eval_dir: Path, eval_size: int | None, seed: int, prep: Preprocessing,
+                    num_classes: int, progress: ProgressFn = no_progress, workers: Workers = Workers()):
+    """Two or more models on the same seeded sample of a labelled folder (the artifact's metadata maps
+    its class names): (logits, top-1/top-5 per model, load stats, where the shards ran)."""
+    eval_set = sample(scan_images(eval_dir, require_labels=True), eval_size, seed)
+    label_map = label_map_to_model(eval_set, prep.class_names, num_classes)
+    with open_pool(workers) as pool:
+        logits, labels, stats = evaluate(sources, eval_set, prep, 64, lambda d, t: progress("evaluate", d, t), pool)
+        pool_info = pool.info
+    shapes = {name: v.shape[1:] for name, v in logits.items()}
+    if len(set(shapes.values())) > 1:
+        raise VitcompressError("the models disagree on the output shape: " + ", ".join(f"{k} {v}" for k, v in shapes.items()))
+    accuracy = {name: summarize(v, labels, label_map, num_classes) for name, v in logits.items()}
+    return logits, accuracy, stats, pool_info
 
 
 @contextlib.contextmanager

@@ -25,6 +25,11 @@ out_console = Console()
 
 EXIT_FAIL, EXIT_BAD_INPUT = 1, 2
 
+# Where evaluation (and min-max calibration, MPTQ's probes) runs: the same flags on every command.
+WORKERS_OPTION = typer.Option(1, "--workers", help="Run evaluation shards on N Ray workers (a local instance started for the job); "
+                                                   "the numbers are those of one process.")
+RAY_ADDRESS_OPTION = typer.Option(None, "--ray-address", help="Run them on a running Ray cluster (paths must be readable there).")
+
 
 def _fail(msg: str) -> None:
     console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)  # an install hint's [extra] is text
@@ -156,8 +161,8 @@ def quantize(
     target_cpu: str = typer.Option("auto", "--target-cpu", help="int8 kernels of the deployment CPU: auto (this machine), portable (7-bit weights, uint8 attention operands: exact on every CPU; pick it when the deployment CPU is unknown), vnni (full-range int8: exact only with VNNI/AMX/ARM dot product, faster there); avx2 = portable."),
     runtime: str = typer.Option("onnxruntime", "--runtime", help="Where accuracy, latency and integer coverage are measured: onnxruntime or openvino (pip install 'vitcompress[openvino]')."),
     weight_format: str = typer.Option("int8", "--weight-format", help="int8 (weights stored as int8 codes: integer kernels) or int4 (Linear weights of <= 4 bits packed two per byte as onnxruntime MatMulNBits: about half the size, computed in float)."),
-    workers: int = typer.Option(1, "--workers", help="Evaluate (--eval, the default placement's checks) on N Ray workers; the numbers are those of one process."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Evaluate on a running Ray cluster (paths must be readable there)."),
+    workers: int = WORKERS_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
 ):
     """Calibrate and quantize a model, export fp32 and QDQ ONNX, measure both."""
     if recipe is not None:
@@ -250,8 +255,8 @@ def prune(
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output folder."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of the table."),
-    workers: int = typer.Option(1, "--workers", help="Evaluate (--eval) on N Ray workers; the numbers are those of one process."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Evaluate on a running Ray cluster (paths must be readable there)."),
+    workers: int = WORKERS_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
 ):
     """Prune heads / MLP units (LPViT) to a measured speedup, optionally recover, export and measure."""
     from . import prune_api
@@ -313,8 +318,8 @@ def check(
     report_dir: Optional[Path] = typer.Option(None, "--report", help="Write report.md and report.html (with plots) into this folder."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing --json/--junit/--summary/--report files."),
     runtime: str = typer.Option("onnxruntime", "--runtime", help="onnxruntime or openvino (pip install 'vitcompress[openvino]')."),
-    workers: int = typer.Option(1, "--workers", help="Evaluate on N Ray workers (local, started for the job); the numbers are those of one process."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Evaluate on a running Ray cluster (paths must be readable there)."),
+    workers: int = WORKERS_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
 ):
     """CI gate: exit 0 when every budget holds, 1 when one does not, 2 on bad input."""
     from .gate import Gate
@@ -368,8 +373,8 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="Override a recipe field: quantize.wbits=6, 2.max_drop=0.5, data.eval_size=500, seed=1 (repeatable)."),
     force: bool = typer.Option(False, "--force", help="Redo every step, and overwrite a folder that holds something else."),
     json_out: bool = typer.Option(False, "--json", help="Print manifest.json to stdout."),
-    workers: int = typer.Option(1, "--workers", help="Evaluate on N Ray workers (local, started for the run)."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Evaluate on a running Ray cluster."),
+    workers: int = WORKERS_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML of every check step here (one testcase per threshold)."),
     summary: Optional[Path] = typer.Option(None, "--summary", help="Write the run's Markdown summary here (for a CI job summary)."),
 ):

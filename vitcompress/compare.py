@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .artifacts import ProgressFn, created_now, no_progress
+from .check import labelled_logits
 from .cpu import this_cpu
-from .data import Preprocessing, label_map_to_model, sample, scan_images
+from .data import Preprocessing
 from .errors import VitcompressError
-from .evaluate import collect_logits, fidelity, onnx_predictor, summarize
-from .export import compare_latency, get_runtime, int8_coverage, open_session, read_metadata
+from .evaluate import PredictorSource, fidelity
+from .export import compare_latency, get_runtime, int8_coverage, read_metadata
 from .export.runtime import DEFAULT_RUNTIME, runtime_info
 from .fileio import read_json
 
@@ -177,18 +178,14 @@ def compare_artifacts(a_path: Path, b_path: Path, eval_dir: Path, tol: Tolerance
     if list(prep.input_size) != list(Preprocessing.from_dict(meta_b["preprocessing"]).input_size):
         raise VitcompressError(f"{a_path} and {b_path} take different input sizes")
     num_classes = int(meta_a.get("num_classes") or 0)
-    eval_set = sample(scan_images(eval_dir, require_labels=True), eval_size, seed)
-    label_map = label_map_to_model(eval_set, prep.class_names, num_classes)
-    predictors = {"a": onnx_predictor(open_session(a_path, runtime)), "b": onnx_predictor(open_session(b_path, runtime))}
-    logits, labels, stats = collect_logits(predictors, eval_set, prep, 64, lambda d, t: progress("evaluate", d, t))
-    if logits["a"].shape != logits["b"].shape:
-        raise VitcompressError(f"A and B disagree on the output shape: {logits['a'].shape[1:]} vs {logits['b'].shape[1:]}")
+    sources = {side: PredictorSource(onnx=str(path), runtime=runtime) for side, path in (("a", a_path), ("b", b_path))}
+    logits, accuracy, stats, _ = labelled_logits(sources, eval_dir, eval_size, seed, prep, num_classes, progress)
     progress("latency", 0, 1)
     lat = compare_latency({"a": a_path, "b": b_path}, (1, *prep.input_size), runtime=runtime)
     progress("latency", 1, 1)
     measured = {}
     for side, path in (("a", a_path), ("b", b_path)):
-        measured[side] = {"top1": summarize(logits[side], labels, label_map, num_classes)["top1"],
+        measured[side] = {"top1": accuracy[side]["top1"],
                           "latency_ms": lat[side]["median_ms"], "size_bytes": float(Path(path).stat().st_size),
                           "int8_coverage": 100.0 * int8_coverage(path, runtime)["integer_mac_share"]}
     agreement = fidelity(logits["a"], logits["b"])
