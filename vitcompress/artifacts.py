@@ -18,11 +18,11 @@ from .data import ImageSet, LoadStats, label_map_to_model, load_tensor, sample, 
 from .fileio import atomic_path
 from .models import LoadedModel, checkpoint_dict, family_of
 
-ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+ProgressFn = Callable[..., None]  # (stage, done, total[, info]): info is a one-line state, e.g. a search's loss
 REPORT_SCHEMA = "vitcompress-report/1"
 
 
-def no_progress(stage: str, done: int, total: int) -> None:
+def no_progress(stage: str, done: int, total: int, info: str = "") -> None:
     pass
 
 

@@ -40,13 +40,14 @@ def _fail(msg: str) -> None:
 def _progress():
     """A rich progress display; yields the (stage, done, total) callback the API expects."""
     with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False, disable=not console.is_terminal) as bar:
+                  TextColumn("{task.fields[info]}"), console=console, transient=False,
+                  disable=not console.is_terminal) as bar:
         tasks: dict[str, int] = {}
 
-        def update(stage: str, done: int, total: int) -> None:
+        def update(stage: str, done: int, total: int, info: str = "") -> None:
             if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
+                tasks[stage] = bar.add_task(stage, total=total, info=info)
+            bar.update(tasks[stage], completed=done, total=total, info=info)
 
         yield update
 
@@ -204,10 +205,14 @@ def quantize(
 def print_prune_report(r: dict) -> None:
     pr = r["pruning"]
     for it in r["iterations"]:
-        out_console.print(f"iteration {it['iteration']}: MACs /{it['macs_factor']:.2f} -> measured {it['measured_speedup']:.2f}x "
-                          f"({it['fp32_ms']:.3f} vs {it['pruned_ms']:.3f} ms; minima {it['speedup_of_minima']:.2f}x)"
-                          f"{' (meets target)' if it['meets_target'] else ''}"
-                          f" [{it['note']}]", highlight=False)
+        measured = (f" -> measured {it['measured_speedup']:.2f}x ({it['fp32_ms']:.3f} vs {it['pruned_ms']:.3f} ms; "
+                    f"minima {it['speedup_of_minima']:.2f}x)") if "measured_speedup" in it else ""
+        out_console.print(f"iteration {it['iteration']}: MACs /{it['macs_factor']:.2f}{measured}"
+                          f"{' (meets target)' if it['meets_target'] else ''} [{it['note']}]", highlight=False)
+    alloc = pr.get("allocation") or {}
+    if "rounds" in alloc:
+        out_console.print(f"search: {alloc['search_steps']} steps in {alloc['search_seconds']:.0f} s "
+                          f"({len(alloc['rounds'])} round{'s' if len(alloc['rounds']) > 1 else ''})", highlight=False)
     t = Table(title=f"{r['model']['arch']} · {r['method']} · {pr['label']}", show_header=True)
     t.add_column("")
     t.add_column("fp32 (ONNX)", justify="right")
@@ -235,7 +240,7 @@ def print_prune_report(r: dict) -> None:
 @app.command()
 def prune(
     out: Path = typer.Option(..., "--out", help="Output folder for artifacts and report.json."),
-    method: str = typer.Option("lpvit", "--method", help="lpvit, or magnitude (the uniform baseline)."),
+    method: str = typer.Option("lpvit", "--method", help="lpvit, ofb (importance and width search), or magnitude (the uniform baseline)."),
     target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="Measured fp32 ONNX speedup to reach."),
     target_flops: Optional[float] = typer.Option(None, "--target-flops", help="Dense/pruned MACs ratio to reach (proxy)."),
     model: Optional[str] = typer.Option(None, "--model", help="timm name or alias."),
@@ -252,13 +257,16 @@ def prune(
     recover_dir: Optional[Path] = typer.Option(None, "--recover-dir", help="Images for recovery (default: --calib)."),
     recover_size: int = typer.Option(5000, "--recover-size"),
     recover_minutes: float = typer.Option(10.0, "--recover-minutes", help="Time limit of the recovery."),
+    search_steps: int = typer.Option(2000, "--search-steps", help="OFB: search steps (distillation over the recovery images)."),
+    search_minutes: float = typer.Option(15.0, "--search-minutes", help="OFB: time limit of the search."),
+    pmim: bool = typer.Option(False, "--pmim", help="OFB: masked-image-modelling regulariser during the search."),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output folder."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout instead of the table."),
     workers: int = WORKERS_OPTION,
     ray_address: Optional[str] = RAY_ADDRESS_OPTION,
 ):
-    """Prune heads / MLP units (LPViT) to a measured speedup, optionally recover, export and measure."""
+    """Prune heads / MLP units (LPViT, OFB also the embedding width) to a measured speedup, optionally recover, export and measure."""
     from . import prune_api
 
     try:
@@ -271,7 +279,8 @@ def prune(
                              target_speedup=target_speedup, target_flops=target_flops, block=block, tile=tile_shape,
                              min_keep=min_keep, calib_dir=calib, calib_size=calib_size, eval_dir=eval_dir,
                              eval_size=eval_size, recover_steps=recover_steps, recover_dir=recover_dir,
-                             recover_size=recover_size, recover_minutes=recover_minutes, seed=seed, force=force,
+                             recover_size=recover_size, recover_minutes=recover_minutes, search_steps=search_steps,
+                             search_minutes=search_minutes, pmim=pmim, seed=seed, force=force,
                              workers=_guard(Workers, workers, ray_address))
     with _progress() as progress:
         report = _guard(prune_api.prune, job, progress)

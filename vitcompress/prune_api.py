@@ -29,10 +29,11 @@ from .models import LoadedModel
 from .workers import Workers, open_pool
 from .prune.baseline import MagnitudePruner
 from .prune.lpvit import LPViTConfig, LPViTPruner, Plan, apply_plan
+from .prune.ofb import OFBConfig, OFBSearch, ofb_unsupported
 from .prune.recover import RecoverConfig, distill
-from .prune.structure import PRUNE_STATE_ATTR, count_macs, layout_of
+from .prune.structure import PRUNE_STATE_ATTR, count_macs, layout_of, shrink_uniformly
 
-METHODS = ("lpvit", "magnitude")
+METHODS = ("lpvit", "magnitude", "ofb")
 
 
 def timing_fields(report: dict) -> list[str]:
@@ -79,6 +80,9 @@ class PruneJob:
     latency_threads: int = 1
     max_iterations: int = 8
     tolerance: float = 0.08  # stop once S <= measured <= S * (1 + tolerance)
+    search_steps: int = 2000  # OFB: search steps (over the recovery images)
+    search_minutes: float = 15.0  # OFB: time limit of the search
+    pmim: bool = False  # OFB: masked-image-modelling regulariser during the search
     workers: Workers = field(default_factory=Workers)  # where the evaluation's shards run (--workers, --ray-address)
 
 
@@ -98,6 +102,8 @@ def _validate(job: PruneJob) -> None:
         raise VitcompressError("calibration images are required: --calib DIR")
     if job.recover_steps < 0 or job.recover_minutes <= 0:
         raise VitcompressError("--recover-steps must be >= 0 and the recovery time limit positive")
+    if job.method == "ofb" and (job.search_steps < 1 or job.search_minutes <= 0):
+        raise VitcompressError("--search-steps must be >= 1 and --search-minutes positive")
 
 
 class _Pruning:
@@ -195,6 +201,114 @@ def _search_speed(p: _Pruning, job: PruneJob, fp32: Path, work: Path, progress: 
     return plan, path, iterations
 
 
+@dataclass
+class _Outcome:
+    """A pruned model before recovery, its export, and the numbers behind it."""
+
+    model: torch.nn.Module
+    path: Path  # its ONNX export (the "before recovery" artifact)
+    iterations: list
+    plan: Plan  # units kept (tiles for tile sparsity) and the method's allocation details
+    macs: int  # per image, whole model
+    macs_dense: int
+    config: dict
+
+
+def _recovery_images(job: PruneJob, prep) -> torch.Tensor:
+    """The unlabelled images recovery (and OFB's search) distil on: --recover-dir, else --calib."""
+    return load_tensor(sample(scan_images(job.recover_dir or job.calib_dir), job.recover_size, job.seed + 1), prep)
+
+
+def _prune_by_plan(job: PruneJob, loaded: LoadedModel, calib: torch.Tensor, fp32: Path, work: Path,
+                   progress: ProgressFn) -> _Outcome:
+    """LPViT or the magnitude baseline: score once, then allocate for any budget."""
+    p = _Pruning(job, loaded, calib, progress)
+    prep = loaded.preprocessing
+    if job.target_speedup is not None:
+        plan, path, iterations = _search_speed(p, job, fp32, work, progress)
+    else:
+        if job.target_flops > p.max_factor:
+            raise VitcompressError(f"target MACs reduction {job.target_flops:g}x is not reachable: at most "
+                                   f"{p.max_factor:.2f}x with min_keep {job.min_keep:g}")
+        plan, iterations = p.plan(job.target_flops), []
+        path = work / "before.onnx"
+        export_float(p.build(plan), prep.input_size, path, onnx_metadata(loaded, "pruned"))
+    config = asdict(p.config) if job.method == "lpvit" else {"min_keep": job.min_keep}
+    return _Outcome(p.build(plan), path, iterations, plan, p.total(plan), p.total_macs, config)
+
+
+OFB_MAX_ROUNDS = 4  # search rounds (the first plus continuations toward a tighter target)
+
+
+def _prune_ofb(job: PruneJob, loaded: LoadedModel, images: torch.Tensor, fp32: Path, work: Path,
+               progress: ProgressFn) -> _Outcome:
+    """OFB: search toward a MACs target; for a speedup target, measure the slim model and continue
+    the search toward a tighter MACs target until the measured speedup is reached.
+
+    The first MACs target comes from a probe: a uniformly shrunk copy at a MACs reduction of S is
+    timed, which tells how MACs turn into time on this CPU (speedup ≈ reduction^γ)."""
+    prep = loaded.preprocessing
+    input_size = prep.input_size
+    shape = (1, *input_size)
+    meta = onnx_metadata(loaded, "pruned")
+    cfg = OFBConfig(steps=job.search_steps, max_seconds=60.0 * job.search_minutes, batch_size=job.batch_size,
+                    pmim=job.pmim, seed=job.seed, pad=max(1, input_size[1] // 8))
+    search = OFBSearch(loaded.model, cfg)
+    dense = count_macs(loaded.model, input_size)
+    iterations: list[dict] = []
+    speed = job.target_speedup is not None
+    goal = float(job.target_speedup if speed else job.target_flops)
+    gamma = 1.0
+
+    def record(model: torch.nn.Module, note: str) -> tuple[float, Path]:
+        path = work / f"trial{len(iterations)}.onnx"
+        export_float(model, input_size, path, meta)
+        macs = count_macs(model, input_size)
+        row = {"iteration": len(iterations), "note": note, "macs": macs, "macs_factor": dense / macs}
+        achieved = dense / macs
+        if speed:
+            lat = _measure(fp32, path, shape, job, dense)
+            achieved = min(lat["speedup"], lat["speedup_of_minima"])  # see _search_speed
+            row.update({"fp32_ms": lat["fp32"]["median_ms"], "pruned_ms": lat["pruned"]["median_ms"],
+                        "measured_speedup": lat["speedup"], "speedup_of_minima": lat["speedup_of_minima"]})
+        row["meets_target"] = achieved >= goal
+        iterations.append(row)
+        return achieved, path
+
+    if speed:
+        probe = shrink_uniformly(copy.deepcopy(loaded.model), input_size, goal)
+        achieved, _ = record(probe, f"uniform probe at a MACs reduction of {goal:g}x: how MACs turn into time here")
+        factor_probe = iterations[-1]["macs_factor"]
+        gamma = min(1.5, max(0.3, math.log(max(achieved, 1.01)) / math.log(factor_probe)))
+    factor = goal ** (1.0 / gamma)
+    steps, seconds = cfg.steps, cfg.max_seconds
+    runs = []
+    for rnd in range(OFB_MAX_ROUNDS):
+        run = search.run(images, search.dense_macs / factor, steps=steps, max_seconds=seconds,
+                         progress=lambda d, t, info: progress("search", d, t, info))
+        runs.append({"round": rnd, "macs_factor_target": factor, **{k: v for k, v in run.items() if k != "trace"},
+                     "trace": run["trace"]})
+        slim = search.slim()
+        achieved, path = record(slim, "search" if rnd == 0 else "search continued toward a tighter target")
+        if achieved >= goal:
+            break
+        if all(g.decided() for g in search.groups):
+            raise VitcompressError(
+                f"OFB settled every width at {achieved:.2f}x, short of the {goal:g}x target; ask for a higher target "
+                f"(e.g. --target-speedup {goal * goal / achieved:.2f}) so the first round aims further")
+        factor *= (goal / achieved) ** (1.0 / gamma) * 1.02
+        steps, seconds = max(cfg.prune_every, cfg.steps // 5), cfg.max_seconds / 5
+    else:
+        raise VitcompressError(f"OFB reached {achieved:.2f}x, short of the {goal:g}x target after {OFB_MAX_ROUNDS} "
+                               f"search rounds; lower the target or raise --search-steps")
+    search.close()
+    macs = count_macs(slim, input_size)
+    plan = Plan(keep={}, macs=macs, dense_macs=dense,
+                info={"widths": search.widths(), "gamma": gamma, "rounds": runs,
+                      "search_seconds": sum(r["seconds"] for r in runs), "search_steps": search.step})
+    return _Outcome(slim, path, iterations, plan, macs, dense, asdict(cfg))
+
+
 def _prune_state(job: PruneJob, pruned: torch.nn.Module, plan: Plan, label: str) -> dict:
     state = {"method": job.method, "block": job.block, "label": label, "layout": layout_of(pruned)}
     if job.block == "tile":
@@ -212,34 +326,30 @@ def prune(job: PruneJob, progress: ProgressFn = no_progress) -> dict:
     loaded = load(job.model, job.checkpoint, job.pretrained)
     if loaded.quant_state is not None:
         raise VitcompressError(f"{job.checkpoint} is quantized; prune the float checkpoint, then quantize the result")
+    if job.method == "ofb" and (reason := ofb_unsupported(loaded.model)) is not None:
+        raise VitcompressError(f"--method ofb does not support {loaded.arch}: {reason}")
     prep = loaded.preprocessing
     calib, _, _, calibration = calibration_images(loaded, job.calib_dir, job.calib_size, job.seed)
     eval_set = None
     if job.eval_dir is not None:
         eval_set, label_map = evaluation_images(loaded, job.eval_dir, job.eval_size, job.seed)
 
-    p = _Pruning(job, loaded, calib, progress)
     label = SPARSE_LABEL if job.block == "tile" else DENSE_LABEL
     fp32_path = out / "model.fp32.onnx"
     export_float(loaded.model, prep.input_size, fp32_path, onnx_metadata(loaded, "fp32"))
     with tempfile.TemporaryDirectory(prefix="vitcompress-prune-") as tmp:
         work = Path(tmp)
-        if job.target_speedup is not None:
-            plan, before_path, iterations = _search_speed(p, job, fp32_path, work, progress)
+        if job.method == "ofb":
+            outcome = _prune_ofb(job, loaded, _recovery_images(job, prep), fp32_path, work, progress)
         else:
-            if job.target_flops > p.max_factor:
-                raise VitcompressError(f"target MACs reduction {job.target_flops:g}x is not reachable: at most "
-                                       f"{p.max_factor:.2f}x with min_keep {job.min_keep:g}")
-            plan, iterations = p.plan(job.target_flops), []
-            before_path = work / "before.onnx"
-            export_float(p.build(plan), prep.input_size, before_path, onnx_metadata(loaded, "pruned"))
-        pruned = p.build(plan)
-        state = _prune_state(job, pruned, plan, label)
+            outcome = _prune_by_plan(job, loaded, calib, fp32_path, work, progress)
+        pruned, before_path, iterations = outcome.model, outcome.path, outcome.iterations
+        state = _prune_state(job, pruned, outcome.plan, label)
 
         recovery = {"steps": 0}
         if job.recover_steps > 0:
             rec_dir = job.recover_dir or job.calib_dir
-            images = load_tensor(sample(scan_images(rec_dir), job.recover_size, job.seed + 1), prep)
+            images = _recovery_images(job, prep)
             cfg = RecoverConfig(steps=job.recover_steps, batch_size=job.batch_size, lr=job.recover_lr,
                                 max_seconds=60.0 * job.recover_minutes, seed=job.seed,
                                 pad=max(1, prep.input_size[1] // 8))
@@ -265,13 +375,13 @@ def prune(job: PruneJob, progress: ProgressFn = no_progress) -> dict:
                        else {"macs_reduction": job.target_flops, "measured": False}),
             "pruning": {
                 "label": label, "block": job.block if job.block == "unit" else f"tile {job.tile[0]}x{job.tile[1]}",
-                "min_keep": job.min_keep, "macs_dense": p.total_macs, "macs_pruned": p.total(plan),
-                "macs_reduction": p.total_macs / p.total(plan),
+                "min_keep": job.min_keep, "macs_dense": outcome.macs_dense, "macs_pruned": outcome.macs,
+                "macs_reduction": outcome.macs_dense / outcome.macs,
                 "params_dense": sum(t.numel() for t in loaded.model.parameters()),
                 "params_pruned": sum(t.numel() for t in pruned.parameters()),
                 "layout": state["layout"], "units_dense": layout_of(loaded.model),
-                "allocation": plan.info,
-                "config": asdict(p.config) if job.method == "lpvit" else {"min_keep": job.min_keep},
+                "allocation": outcome.plan.info,
+                "config": outcome.config,
             },
             "iterations": iterations,
             "calibration": calibration,
@@ -305,7 +415,7 @@ def prune(job: PruneJob, progress: ProgressFn = no_progress) -> dict:
             }
 
     progress("latency", 0, 1)
-    report["latency"] = _measure(fp32_path, pruned_path, (1, *prep.input_size), job, p.total_macs)
+    report["latency"] = _measure(fp32_path, pruned_path, (1, *prep.input_size), job, outcome.macs_dense)
     report["latency"]["note"] = "median of alternated onnxruntime runs, float vs pruned, same process"
     report["timing_fields"] = timing_fields(report)
     progress("latency", 1, 1)

@@ -13,8 +13,15 @@ Removing units rebuilds the Linear layers with fewer rows/columns and updates ``
 that loses every unit is replaced by :class:`BiasBranch` (its output is then the constant output
 bias) and the LayerNorm feeding it becomes an Identity, so the exported graph drops the branch.
 
-The *layout* (units kept per module) is a plain dict stored in checkpoints; :func:`apply_layout`
-reshapes a freshly built model to it before the weights are loaded.
+The residual (embedding) width of a plain timm ``VisionTransformer`` can be cut too: a channel
+lives in the patch embedding's output rows, the class/register tokens and position embedding, the
+LayerNorms that read the residual stream, the input columns of every Linear that reads a norm's
+output (qkv, fc1, head) and the output rows of every Linear that writes the stream (proj, fc2), and
+LayerScale. :func:`keep_embed_channels` removes channels from all of them.
+
+The *layout* (units kept per module, plus ``embed_dim`` where the residual width can be pruned) is
+a plain dict stored in checkpoints; :func:`apply_layout` reshapes a freshly built model to it before
+the weights are loaded.
 """
 from __future__ import annotations
 
@@ -189,13 +196,134 @@ def keep_units(model: nn.Module, pm: PrunableModule, keep: Iterable[int]) -> Non
         raise VitcompressError(f"{pm.name} has no units left to keep")
 
 
+EMBED_KEY = "embed_dim"  # layout key of the residual width (not a module path: no timm ViT has a module of that name)
+
+
+def _vit_classes():
+    from timm.models.vision_transformer import Block, LayerScale, VisionTransformer
+
+    return VisionTransformer, Block, LayerScale
+
+
+def embed_unsupported(model: nn.Module) -> str | None:
+    """Why the residual width of ``model`` cannot be cut, or None when :func:`keep_embed_channels` can."""
+    VisionTransformer, Block, LayerScale = _vit_classes()
+    if not isinstance(model, VisionTransformer):
+        return f"{type(model).__name__} is not a timm VisionTransformer (plain attention + MLP blocks)"
+    if getattr(model, "attn_pool", None) is not None:
+        return "its attention-pooling head mixes the residual channels"
+    for what in ("norm_pre", "patch_embed.norm"):
+        if not isinstance(model.get_submodule(what), nn.Identity):
+            return f"its {what} normalises the residual stream before the blocks"
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not Block:
+            return f"blocks.{i} is a {type(blk).__name__}, not a plain pre-norm Block"
+        for ls in (blk.ls1, blk.ls2):
+            if not isinstance(ls, (nn.Identity, LayerScale)):
+                return f"blocks.{i} scales its branches with a {type(ls).__name__}"
+    for name, norm in residual_readers(model):
+        if not isinstance(norm, (nn.LayerNorm, nn.Identity)):
+            return f"{name} is a {type(norm).__name__}, not a LayerNorm"
+    if not isinstance(model.norm, nn.LayerNorm) and not isinstance(model.fc_norm, nn.LayerNorm):
+        return "its head reads the residual stream without a final LayerNorm"
+    return None
+
+
+def residual_readers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The norms through which every branch and the head read the residual stream, in model order
+    (an Identity where the branch it fed has been removed)."""
+    out = []
+    for i, blk in enumerate(model.blocks):
+        out += [(f"blocks.{i}.norm1", blk.norm1), (f"blocks.{i}.norm2", blk.norm2)]
+    for name in ("norm", "fc_norm"):
+        if isinstance(getattr(model, name), nn.LayerNorm):
+            out.append((name, getattr(model, name)))
+    return out
+
+
+def _cut(t: torch.Tensor, dim: int, idx: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().index_select(dim, idx).clone(), requires_grad=t.requires_grad)
+
+
+def keep_embed_channels(model: nn.Module, keep: Iterable[int]) -> None:
+    """Remove every residual channel not in ``keep`` (in place) from a plain timm VisionTransformer.
+    The function is unchanged when nothing read the removed channels (see the module notes)."""
+    reason = embed_unsupported(model)
+    if reason is not None:
+        raise VitcompressError(f"the embedding width cannot be pruned: {reason}")
+    width = model.embed_dim
+    keep = sorted(set(int(k) for k in keep))
+    if not keep or keep[0] < 0 or keep[-1] >= width:
+        raise VitcompressError(f"embedding channels to keep must be a non-empty subset of 0..{width - 1}")
+    idx = torch.tensor(keep, dtype=torch.long)
+    conv = model.patch_embed.proj
+    conv.weight = _cut(conv.weight, 0, idx)
+    if conv.bias is not None:
+        conv.bias = _cut(conv.bias, 0, idx)
+    conv.out_channels = len(keep)
+    for name in ("cls_token", "reg_token", "dist_token", "pos_embed"):
+        if getattr(model, name, None) is not None:
+            setattr(model, name, _cut(getattr(model, name), -1, idx))
+
+    def norm(m: nn.Module) -> None:
+        if isinstance(m, nn.LayerNorm):
+            if m.weight is not None:
+                m.weight, m.bias = _cut(m.weight, 0, idx), (None if m.bias is None else _cut(m.bias, 0, idx))
+            m.normalized_shape = (len(keep),)
+
+    def reader(m: nn.Module) -> None:  # a Linear reading the residual width
+        if isinstance(m, nn.Linear):
+            m.weight = _cut(m.weight, 1, idx)
+            m.in_features = len(keep)
+
+    def writer(m: nn.Module) -> None:  # a Linear (or an emptied branch) writing the residual width
+        if isinstance(m, nn.Linear):
+            m.weight = _cut(m.weight, 0, idx)
+            m.out_features = len(keep)
+        if getattr(m, "bias", None) is not None:
+            m.bias = _cut(m.bias, 0, idx)
+
+    for blk in model.blocks:
+        norm(blk.norm1), norm(blk.norm2)
+        for ls in (blk.ls1, blk.ls2):
+            if hasattr(ls, "gamma"):
+                ls.gamma = _cut(ls.gamma, 0, idx)
+        if isinstance(blk.attn, BiasBranch):
+            writer(blk.attn)
+        else:
+            reader(blk.attn.qkv), writer(blk.attn.proj)
+        if isinstance(blk.mlp, BiasBranch):
+            writer(blk.mlp)
+        else:
+            reader(blk.mlp.fc1), writer(blk.mlp.fc2)
+    norm(model.norm), norm(model.fc_norm)
+    for name in ("head", "head_dist"):
+        if getattr(model, name, None) is not None:
+            reader(getattr(model, name))
+    for attr in ("embed_dim", "num_features", "head_hidden_size"):
+        if hasattr(model, attr):
+            setattr(model, attr, len(keep))
+
+
 def layout_of(model: nn.Module) -> dict[str, int]:
-    """Units present per prunable module: the structure a pruned checkpoint records."""
-    return {pm.name: pm.units for pm in find_prunable(model)}
+    """Units present per prunable module (and the residual width where it can be cut): the
+    structure a pruned checkpoint records."""
+    layout = {pm.name: pm.units for pm in find_prunable(model)}
+    if embed_unsupported(model) is None:
+        layout[EMBED_KEY] = int(model.embed_dim)
+    return layout
 
 
 def apply_layout(model: nn.Module, layout: dict) -> None:
     """Reshape a freshly built model to a recorded layout (weights are loaded afterwards)."""
+    layout = dict(layout)
+    if EMBED_KEY in layout:
+        width = int(layout.pop(EMBED_KEY))
+        current = getattr(model, "embed_dim", None)
+        if current is None or not 0 < width <= current:
+            raise VitcompressError(f"pruned layout asks an embedding width of {width}, which this architecture cannot take")
+        if width < current:
+            keep_embed_channels(model, range(width))
     by_name = {pm.name: pm for pm in find_prunable(model)}
     for name, units in layout.items():
         pm = by_name.get(name)
@@ -256,3 +384,29 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
         for h in hooks:
             h.remove()
     return int(total[0])
+
+
+def _shrink(model: nn.Module, fraction: float) -> nn.Module:
+    for pm in find_prunable(model):
+        if pm.units:
+            keep_units(model, pm, range(max(1, round(fraction * pm.units))))
+    if embed_unsupported(model) is None:
+        keep_embed_channels(model, range(max(1, round(fraction * model.embed_dim))))
+    return model
+
+
+def shrink_uniformly(model: nn.Module, input_size: tuple[int, int, int], factor: float) -> nn.Module:
+    """A copy of ``model`` with the same share of every module's units (and of the embedding width
+    where it can be cut) kept, the share chosen so that MACs fall about ``factor``-fold. The weights
+    are not meaningful: it is a timing probe (how MACs turn into time on a CPU)."""
+    import copy
+
+    dense = count_macs(model, input_size)
+    lo, hi = 0.0, 1.0  # keep shares: lo meets the MACs budget, hi does not
+    for _ in range(20):
+        mid = 0.5 * (lo + hi)
+        if count_macs(_shrink(copy.deepcopy(model), mid), input_size) * factor <= dense:
+            lo = mid
+        else:
+            hi = mid
+    return _shrink(copy.deepcopy(model), max(lo, 1e-6))

@@ -180,12 +180,21 @@ def _prune(report: dict) -> list[Section]:
     its = report.get("iterations") or []
     if its:
         target = (report.get("target") or {}).get("speedup")
-        sections.append(Section("Measured-speed search", [
-            Table(["iteration", "MACs reduction", "float ms", "pruned ms", "speedup", "meets target", "note"],
-                  [[str(i["iteration"]), _f(i.get("macs_factor")), _f(i.get("fp32_ms"), 3), _f(i.get("pruned_ms"), 3),
-                    _f(i.get("measured_speedup")), _f(i.get("meets_target")), i.get("note", "")] for i in its]),
-            Figure("speed-search", "each MACs reduction tried and the speedup measured for it (green: meets the target)",
-                   plots.speed_search(its, target, "measured-speed search"))]))
+        blocks: list[Block] = [Table(["iteration", "MACs reduction", "float ms", "pruned ms", "speedup", "meets target", "note"],
+                                     [[str(i["iteration"]), _f(i.get("macs_factor")), _f(i.get("fp32_ms"), 3), _f(i.get("pruned_ms"), 3),
+                                       _f(i.get("measured_speedup")), _f(i.get("meets_target")), i.get("note", "")] for i in its])]
+        if all("measured_speedup" in i for i in its):
+            blocks.append(Figure("speed-search", "each MACs reduction tried and the speedup measured for it (green: meets the target)",
+                                 plots.speed_search(its, target, "measured-speed search")))
+        sections.append(Section("Measured-speed search" if target else "Search rounds", blocks))
+    rounds = (pr.get("allocation") or {}).get("rounds")
+    if rounds:
+        alloc = pr["allocation"]
+        sections.append(Section("OFB search", [
+            f"{alloc['search_steps']} steps in {alloc['search_seconds']:.0f} s over {len(rounds)} round(s); "
+            f"chosen widths: " + ", ".join(f"{k} {v}" for k, v in alloc["widths"].items()),
+            Figure("ofb-search", "distillation loss, expected MACs reduction and mean entropy of the width distributions per step",
+                   plots.search_trace([t for r in rounds for t in r["trace"]], "OFB search"))]))
     if pr.get("layout") and pr.get("units_dense"):
         sections.append(Section("Kept structure", [Figure("kept-units", "units kept per group", plots.kept_units(pr["layout"], pr["units_dense"], "kept units"))]))
     return sections

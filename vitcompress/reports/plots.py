@@ -107,6 +107,26 @@ def series(points: dict[str, Sequence[float]], xlabel: str, ylabel: str, title: 
     return _png(fig)
 
 
+def search_trace(trace: Sequence[dict], title: str) -> bytes:
+    """A width search over its steps: task loss (left), expected MACs reduction and entropy (right)."""
+    plt = _pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    steps = [t["step"] for t in trace]
+    ax.plot(steps, [t["task"] for t in trace], color=_COLOURS["compressed"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("distillation loss")
+    ax.grid(alpha=0.3)
+    ax2.plot(steps, [t["macs_factor"] for t in trace], color="k", label="expected MACs reduction")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("MACs reduction")
+    twin = ax2.twinx()
+    twin.plot(steps, [t["entropy"] for t in trace], color="#d62728", ls="--", label="mean entropy")
+    twin.set_ylabel("entropy (nats)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def speed_search(iterations: Sequence[dict], target: float | None, title: str) -> bytes:
     """prune's measured-speed search: each tried MACs reduction and the speedup measured for it."""
     plt = _pyplot()

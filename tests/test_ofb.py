@@ -1,0 +1,104 @@
+"""OFB: the width distributions become one-hot, folding + removal is exact, the slim model reloads and
+exports, unsupported families are refused in one line."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tests.conftest import BUNDLED_CKPT, CALIB, VAL
+from vitcompress.cli import app
+from vitcompress.prune.ofb import OFBConfig, OFBSearch, WidthGroup, ofb_unsupported
+from vitcompress.prune.structure import count_macs, layout_of
+
+runner = CliRunner()
+
+
+def _tiny_vit(**kw):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=16, patch_size=4,
+                             embed_dim=32, depth=2, num_heads=4, **kw).eval()
+
+
+def test_width_distribution_becomes_one_hot_at_the_target_on_a_toy_problem():
+    """Eight units of falling importance (the task loses Σ importance·(1 − m)²), a FLOPs loss
+    pulling the expected width to 3, the adaptive one-hot loss and progressive pruning: the
+    distribution collapses onto width 3, whatever the seed of the scores."""
+    importance = torch.tensor([8.0, 7, 6, 1, 0.8, 0.6, 0.4, 0.2]) / 8
+    for seed in range(3):
+        g = WidthGroup("mlp", "toy", 8, list(range(1, 9)), torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            g.score.copy_(importance)
+        opt = torch.optim.AdamW([g.alpha], lr=0.05, betas=(0.5, 0.999))
+        for step in range(1, 1001):
+            task = (importance * (1 - g.mask(0.1)) ** 2).sum()
+            loss = task + 5 * ((g.expected_width() - 3.0) / 8) ** 2 + 0.5 * g.onehot_loss()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 20 == 0:
+                g.drop(0.2)
+        assert g.decided() and int(g.widths[g.choice()]) == 3
+        assert float(g.probs().detach().max()) == pytest.approx(1.0)
+        assert torch.equal(g.candidate_mask(hard=True), g.candidate_mask())  # the soft mask is the chosen prefix
+
+
+def test_folding_and_removal_keep_the_function_exactly():
+    model = _tiny_vit(init_values=0.1)  # with LayerScale, which carries embedding channels too
+    search = OFBSearch(model, OFBConfig(steps=6, batch_size=8, prune_every=2, pad=1))
+    x = torch.randn(32, 3, 16, 16)
+    search.run(x, search.dense_macs / 2.5)
+    for g in search.groups:  # make the masks far from trivial: random scores and distributions
+        with torch.no_grad():
+            g.score.copy_(torch.randn(g.units))
+            g.alpha.copy_(torch.randn(len(g.widths)))
+    slim = search.slim()
+    ref = search.hard_forward(x)
+    with torch.no_grad():
+        out = slim(x)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    widths = search.widths()
+    layout = layout_of(slim)
+    assert layout["embed_dim"] == widths["embed_dim"] == slim.embed_dim
+    assert all(layout[k] == v for k, v in widths.items())
+    assert count_macs(slim, (3, 16, 16)) == pytest.approx(float(search.expected_macs("chosen")))
+    assert count_macs(slim, (3, 16, 16)) < count_macs(model, (3, 16, 16))
+    with torch.no_grad():  # the masks did matter: the float model computes something else
+        assert not torch.allclose(model(x), out, atol=1e-3)
+
+
+def test_ofb_cli_flops_target_reloads_from_checkpoint_alone_and_exports(tmp_path):
+    from vitcompress import load
+    from vitcompress.export import make_session
+    from vitcompress.export.runtime import run_session
+
+    out = tmp_path / "ofb"
+    result = runner.invoke(app, [str(a) for a in (
+        "prune", "--method", "ofb", "--checkpoint", BUNDLED_CKPT, "--calib", CALIB, "--calib-size", 32,
+        "--recover-size", 64, "--search-steps", 12, "--eval", VAL, "--eval-size", 64, "--target-flops", 1.5,
+        "--recover-steps", 2, "--out", out)])
+    assert result.exit_code == 0, result.output
+    r = json.loads((out / "report.json").read_text())
+    assert r["method"] == "ofb" and r["pruning"]["macs_reduction"] >= 1.5
+    assert r["pruning"]["layout"]["embed_dim"] <= 128
+    assert r["pruning"]["allocation"]["search_steps"] >= 12
+    reloaded = load(checkpoint=out / "model.pruned.pth")
+    assert layout_of(reloaded.model) == r["pruning"]["layout"]
+    x = torch.randn(2, *reloaded.preprocessing.input_size)
+    with torch.no_grad():
+        ref = reloaded.model(x).numpy()
+    np.testing.assert_allclose(run_session(make_session(out / "model.pruned.onnx"), x.numpy()), ref, atol=1e-4)
+
+
+def test_unsupported_family_fails_in_one_line(tmp_path):
+    import timm
+
+    assert "not a timm VisionTransformer" in ofb_unsupported(timm.create_model("mobilevit_xxs", num_classes=10))
+    result = runner.invoke(app, ["prune", "--method", "ofb", "--model", "mobilevit_xxs", "--no-pretrained",
+                                 "--calib", str(CALIB), "--target-flops", "2", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "ofb" in result.output and "not a timm VisionTransformer" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o" / "model.fp32.onnx").exists()
