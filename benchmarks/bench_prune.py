@@ -1,11 +1,11 @@
-"""Pruning benchmark: LPViT vs uniform magnitude pruning at the same *measured* speedup.
+"""Pruning benchmark: OFB vs LPViT vs uniform magnitude pruning at the same *measured* speedup.
 
-For each target speedup both methods run the full `prune` pipeline (measured search in
+For each target speedup every method runs the full `prune` pipeline (measured search in
 onnxruntime, 1 thread, batch 1, alternated medians), then the same distillation recovery, and are
 evaluated on the same validation images in onnxruntime. A second model (timm
 deit_small_patch16_224, random weights, 224 px) is pruned for speed only.
 
-    python benchmarks/bench_prune.py --out benchmarks/RESULTS.md [--recover-minutes 10]
+    python benchmarks/bench_prune.py --out benchmarks/RESULTS.md [--recover-minutes 10] [--methods ofb lpvit magnitude]
     python benchmarks/bench_prune.py --reports A/report.json B/report.json   # table from `prune` runs
 
 Writes its own section of RESULTS.md (between the bench_prune markers), keeping the rest.
@@ -33,8 +33,12 @@ from vitcompress.prune_api import PruneJob, prune  # noqa: E402
 
 def _row(tag: str, r: dict) -> str:
     acc = r.get("accuracy")
-    it = [i for i in r["iterations"] if i["meets_target"]]
-    search = f"{len(r['iterations'])} trials" if r["iterations"] else "-"
+    it = [i for i in r["iterations"] if i["meets_target"] and not i.get("probe")]
+    alloc = r["pruning"].get("allocation") or {}
+    if "rounds" in alloc:  # OFB: search steps and time, then its measured rounds
+        search = f"{alloc['search_steps']} steps / {alloc['search_seconds']:.0f} s, {len(alloc['rounds'])} round(s)"
+    else:
+        search = f"{len(r['iterations'])} trials" if r["iterations"] else "-"
     cells = [tag, r["method"], f"{r['target'].get('speedup', '-')}x",
              f"{r['latency']['speedup']:.2f}x ({r['latency'].get('speedup_of_minima', float('nan')):.2f}x)", f"{min(i['measured_speedup'] for i in it):.2f}x" if it else "-",
              f"{r['pruning']['macs_reduction']:.2f}x", f"{r['pruning']['params_pruned'] / 1e6:.2f} M", search]
@@ -50,6 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     add_io_arguments(ap)
     ap.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0, 3.0])
+    ap.add_argument("--methods", nargs="+", default=["ofb", "lpvit", "magnitude"])
     ap.add_argument("--recover-minutes", type=float, default=10.0)
     ap.add_argument("--recover-steps", type=int, default=4000)
     ap.add_argument("--recover-size", type=int, default=50000)
@@ -74,7 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.work or Path(scratch)
         for target in args.targets:
-            for method in ("lpvit", "magnitude"):
+            for method in args.methods:
                 job = PruneJob(out=Path(tmp) / f"{method}{target}", checkpoint=ckpt, method=method, target_speedup=target,
                                calib_dir=train, calib_size=args.calib_size, eval_dir=val, eval_size=args.eval_size,
                                recover_steps=args.recover_steps, recover_size=args.recover_size,
@@ -83,11 +88,12 @@ def main() -> None:
                 print(rows[-1], flush=True)
         if not args.skip_deit_small:
             for target in args.targets:
-                job = PruneJob(out=Path(tmp) / f"deits{target}", model="deit_small_patch16_224", pretrained=False,
-                               target_speedup=target, calib_dir=train, calib_size=32, batch_size=16,
-                               latency_rounds=20, force=True)
-                rows.append(_row("deit_small_patch16_224 (random, 224 px)", prune(job)))
-                print(rows[-1], flush=True)
+                for method in args.methods:  # speed only: OFB searches a few steps on random weights
+                    job = PruneJob(out=Path(tmp) / f"deits{method}{target}", model="deit_small_patch16_224", pretrained=False,
+                                   method=method, target_speedup=target, calib_dir=train, calib_size=32, batch_size=16,
+                                   recover_size=256, search_steps=60, latency_rounds=20, force=True)
+                    rows.append(_row("deit_small_patch16_224 (random, 224 px)", prune(job)))
+                    print(rows[-1], flush=True)
     _write(args, rows, started)
 
 
@@ -102,7 +108,7 @@ def _write(args, rows: list[str], started: float) -> None:
         i = argv.index("--note")
         argv = argv[:i] + argv[i + 2:]
     cmd = "python benchmarks/bench_prune.py " + " ".join(argv)
-    text = f"""## Pruning: LPViT vs magnitude baseline at the same measured speedup
+    text = f"""## Pruning: OFB vs LPViT vs magnitude baseline at the same measured speedup
 
 Command: `{cmd}` — {dt.date.today().isoformat()}{f", {(time.time() - started) / 60:.0f} min" if started else ""}.
 torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, timm {timm.__version__}, Python {platform.python_version()};

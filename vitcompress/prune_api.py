@@ -260,7 +260,7 @@ def _prune_ofb(job: PruneJob, loaded: LoadedModel, images: torch.Tensor, fp32: P
     goal = float(job.target_speedup if speed else job.target_flops)
     gamma = 1.0
 
-    def record(model: torch.nn.Module, note: str) -> tuple[float, Path]:
+    def record(model: torch.nn.Module, note: str, probe: bool = False) -> tuple[float, Path]:
         path = work / f"trial{len(iterations)}.onnx"
         export_float(model, input_size, path, meta)
         macs = count_macs(model, input_size)
@@ -271,13 +271,15 @@ def _prune_ofb(job: PruneJob, loaded: LoadedModel, images: torch.Tensor, fp32: P
             achieved = min(lat["speedup"], lat["speedup_of_minima"])  # see _search_speed
             row.update({"fp32_ms": lat["fp32"]["median_ms"], "pruned_ms": lat["pruned"]["median_ms"],
                         "measured_speedup": lat["speedup"], "speedup_of_minima": lat["speedup_of_minima"]})
-        row["meets_target"] = achieved >= goal
+        row["meets_target"] = achieved >= goal and not probe
+        if probe:
+            row["probe"] = True
         iterations.append(row)
         return achieved, path
 
     if speed:
         probe = shrink_uniformly(copy.deepcopy(loaded.model), input_size, goal)
-        achieved, _ = record(probe, f"uniform probe at a MACs reduction of {goal:g}x: how MACs turn into time here")
+        achieved, _ = record(probe, f"uniform probe at a MACs reduction of {goal:g}x: how MACs turn into time here", probe=True)
         factor_probe = iterations[-1]["macs_factor"]
         gamma = min(1.5, max(0.3, math.log(max(achieved, 1.01)) / math.log(factor_probe)))
     factor = goal ** (1.0 / gamma)

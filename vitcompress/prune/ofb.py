@@ -12,10 +12,13 @@ images replaces the paper's labelled training; see docs/ofb.md):
   ``m = w·σ(s) + (1 − w)·M``; ``w`` falls linearly from 0.99 to 0.1 over the warm-up, then holds.
 - **Losses.** Distillation (KL at a temperature) from the float model's logits, plus per group the
   adaptive one-hot loss ``H(p) + tan(π/2 − π·σ̂²)/n`` (``σ̂²`` the variance of ``p`` normalised
-  so a one-hot ``p`` gives 1, ``n`` the candidates still alive) and an L1 term on ``σ(s)``, plus the
-  FLOPs loss ``5·((F − F_target) / F_dense)²`` on the expected multiply-accumulates.
-- **Progressive pruning.** Every ``prune_every`` steps, candidates with ``p ≤ 0.2 / n`` are
-  dropped for good; a group with one candidate left is decided.
+  so a one-hot ``p`` gives 1, ``n`` the candidates still alive; off during the warm-up, then ramped
+  in) and an L1 term on ``σ(s)``, plus the FLOPs loss ``λ·((F − F_target) / F_dense)²`` on the
+  expected multiply-accumulates (λ = 300 against the paper's 5: distillation losses are far smaller
+  than cross-entropy; docs/ofb.md has the trials).
+- **Progressive pruning.** Every ``prune_every`` steps after the warm-up, candidates with
+  ``p ≤ 0.2 / n`` are dropped for good; a group with one candidate left is decided, and from then on its units outside
+  the chosen width are off (the paper cuts them physically at that point).
 - **Folding and removal.** At the end each group keeps its most probable surviving width; the kept
   units' mask values are folded into the weights (:meth:`OFBSearch.slim`) and everything else is
   removed physically, which leaves a smaller dense timm model with exactly the function of the
@@ -71,7 +74,7 @@ class OFBConfig:
     w_end: float = 0.1
     prune_every: int = 50  # steps between progressive-pruning checks
     prune_threshold: float = 0.2  # a candidate dies when p <= prune_threshold / (candidates alive)
-    flops_weight: float = 5.0
+    flops_weight: float = 300.0  # the paper: 5 with ImageNet cross-entropy; distillation losses are ~100x smaller (docs/ofb.md)
     group_weight: float = 0.5  # weight of each group kind's one-hot + L1 loss
     l1_heads: float = 4e-4
     l1_units: float = 1e-4  # MLP units and embedding channels
@@ -96,12 +99,15 @@ class OFBConfig:
 class WidthGroup(nn.Module):
     """One searched width: units with importance scores and a distribution over candidate widths."""
 
-    def __init__(self, kind: str, name: str, units: int, widths: list[int], gen: torch.Generator) -> None:
+    def __init__(self, kind: str, name: str, units: int, widths: list[int], gen: torch.Generator,
+                 score_init: float = 3.0) -> None:
         super().__init__()
         self.kind, self.name, self.units = kind, name, units
         self.register_buffer("widths", torch.tensor(sorted(set(widths)), dtype=torch.float32))
         self.register_buffer("alive", torch.ones(len(self.widths), dtype=torch.bool))
-        self.score = nn.Parameter((torch.randn(units, generator=gen) * 0.2).clamp(-0.4, 0.4))
+        # σ(s) ≈ 0.95 at the start (the paper: s ~ N(0, 0.2), σ ≈ 0.5, which halves every unit of a
+        # trained model at w = 0.99; a short post-training search cannot afford that detour)
+        self.score = nn.Parameter(score_init + torch.randn(units, generator=gen) * 0.2)
         # uniform start (the paper: uniform random): a random favourite would win the one-hot collapse
         self.alpha = nn.Parameter(torch.zeros(len(self.widths)))
 
@@ -123,7 +129,9 @@ class WidthGroup(nn.Module):
         return on @ self.probs()
 
     def mask(self, w: float, hard: bool = False) -> torch.Tensor:
-        """m = w·σ(s) + (1 − w)·M; ``hard``: zero outside the chosen width (what removal leaves)."""
+        """m = w·σ(s) + (1 − w)·M; ``hard``, or once the group is decided: zero outside the chosen
+        width (what removal leaves; the paper cuts a decided module's units at once, too)."""
+        hard = hard or self.decided()
         cand = self.candidate_mask(hard)
         m = w * torch.sigmoid(self.score) + (1 - w) * cand
         return m * cand if hard else m
@@ -402,7 +410,13 @@ class OFBSearch:
                     logits = self.student(x)
                 task = F.kl_div(F.log_softmax(logits / T, dim=1), target, log_target=True, reduction="batchmean") * T * T
                 flops = cfg.flops_weight * ((self.expected_macs() - target_macs) / self.dense_macs) ** 2
-                sparsity = sum(cfg.group_weight * (g.onehot_loss() + (cfg.l1_heads if g.kind == "heads" else cfg.l1_units)
+                # the one-hot loss waits for the warm-up to end, then ramps in over as many steps: from a
+                # near-uniform p it amplifies whatever direction p is moving, so the task and FLOPs
+                # losses must have shaped p first (at full weight it collapses every group in ~20 steps)
+                warm = start == 0 and i < cfg.warmup * steps
+                ramp = 1.0 if start else min(1.0, max(0.0, i / steps - cfg.warmup) / cfg.warmup)
+                sparsity = sum(cfg.group_weight * (ramp * g.onehot_loss()
+                                                   + (cfg.l1_heads if g.kind == "heads" else cfg.l1_units)
                                                    * torch.sigmoid(g.score).sum()) for g in self.groups)
                 loss = task + flops + sparsity
                 if dec is not None:
@@ -414,7 +428,7 @@ class OFBSearch:
                 arch.step()
                 self.step += 1
                 died = 0
-                if self.step % cfg.prune_every == 0:
+                if self.step % cfg.prune_every == 0 and not warm:
                     died = sum(g.drop(cfg.prune_threshold) for g in self.groups)
                     if died:  # the paper resets α's optimiser state when candidates die
                         arch.state.clear()
