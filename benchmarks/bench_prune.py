@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--reports", type=Path, nargs="+", help="build the table from report.json files of `prune` runs")
     ap.add_argument("--work", type=Path, default=None, help="keep each run's output folder here (default: a temp dir)")
     ap.add_argument("--note", default="", help="text added under the table")
+    ap.add_argument("--section", default="bench_prune", help="RESULTS.md section to (re)write")
     args = ap.parse_args()
     if args.reports:
         import json
@@ -124,7 +125,7 @@ top-1 on cifar10/val ({args.eval_size or 'all 5000'} images) of the exported ONN
 | model | method | target | speedup final, medians (minima) | speedup search | MACs reduction | params | search | fp32 top-1 | before recovery | after recovery | drop | recovery steps / time |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|
 """ + "\n".join(rows) + "\n" + (f"\n{args.note}\n" if args.note else "")
-    write_section(args.out, text, "bench_prune")
+    write_section(args.out, text, args.section)
     print(f"wrote {args.out}")
 
 
