@@ -44,6 +44,7 @@ def _recipe(tmp_path, steps: str, extra: str = "") -> Path:
     ("  - distill: {}\n", "", r"r.yaml:8: steps\[1\].distill: unknown step \(choose from prune, quantize, check\)"),
     ("  - check:\n      max_drop: -1\n", "", r"r.yaml:9: steps\[1\].check.max_drop: must be a number >= 0 and <= 100, got -1"),
     ("  - prune: {method: lpvit}\n", "", r"r.yaml:8: steps\[1\].prune.target_speedup: give exactly one"),
+    ("  - prune: {method: obf, target_speedup: 2}\n", "", r"r.yaml:8: steps\[1\].prune.method: unknown method 'obf' \(choose from lpvit, magnitude, ofb\)"),
     ("  - quantize: {}\n", "colour: red\n", r"r.yaml:7: colour: unknown field"),
     ("[unclosed\n", "", r"r.yaml:\d+: not valid YAML"),
 ])

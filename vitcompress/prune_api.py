@@ -40,7 +40,7 @@ def timing_fields(report: dict) -> list[str]:
     """The report fields that follow measured time: latencies always; the kept structure when the
     target is a measured speedup; recovery (and the accuracy after it) when its time budget cut it short."""
     fields = ["created", "latency", "iterations", "recovery.seconds"]
-    if report["target"].get("measured"):
+    if report["target"].get("measured") or (report["pruning"].get("allocation") or {}).get("search_cut_by_time"):
         fields.append("pruning")
     rec = report.get("recovery") or {}
     if rec.get("steps", 0) < rec.get("requested_steps", 0):
@@ -288,8 +288,7 @@ def _prune_ofb(job: PruneJob, loaded: LoadedModel, images: torch.Tensor, fp32: P
     for rnd in range(OFB_MAX_ROUNDS):
         run = search.run(images, search.dense_macs / factor, steps=steps, max_seconds=seconds,
                          progress=lambda d, t, info: progress("search", d, t, info))
-        runs.append({"round": rnd, "macs_factor_target": factor, **{k: v for k, v in run.items() if k != "trace"},
-                     "trace": run["trace"]})
+        runs.append({"round": rnd, "macs_factor_target": factor, "requested_steps": steps, **run})
         slim = search.slim()
         achieved, path = record(slim, "search" if rnd == 0 else "search continued toward a tighter target")
         if achieved >= goal:
@@ -307,6 +306,7 @@ def _prune_ofb(job: PruneJob, loaded: LoadedModel, images: torch.Tensor, fp32: P
     macs = count_macs(slim, input_size)
     plan = Plan(keep={}, macs=macs, dense_macs=dense,
                 info={"widths": search.widths(), "gamma": gamma, "rounds": runs,
+                      "search_cut_by_time": any(r["steps"] < r["requested_steps"] for r in runs),
                       "search_seconds": sum(r["seconds"] for r in runs), "search_steps": search.step})
     return _Outcome(slim, path, iterations, plan, macs, dense, asdict(cfg))
 

@@ -143,8 +143,12 @@ def _no_checks(config: Any, error: Callable[[str, str], Exception]) -> None:
 
 
 def _validate_prune(opts: PruneOptions, error: Callable[[str, str], Exception]) -> None:
+    from ..prune_api import METHODS
+
     if (opts.target_speedup is None) == (opts.target_flops is None):
         raise error("target_speedup", "give exactly one of target_speedup and target_flops")
+    if opts.method not in METHODS:
+        raise error("method", f"unknown method '{opts.method}' (choose from {', '.join(METHODS)})")
 
 
 def _validate_quantize(opts: QuantizeOptions, error: Callable[[str, str], Exception]) -> None:
