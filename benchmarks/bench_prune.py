@@ -39,7 +39,8 @@ def _row(tag: str, r: dict) -> str:
         search = f"{alloc['search_steps']} steps / {alloc['search_seconds']:.0f} s, {len(alloc['rounds'])} round(s)"
     else:
         search = f"{len(r['iterations'])} trials" if r["iterations"] else "-"
-    cells = [tag, r["method"], f"{r['target'].get('speedup', '-')}x",
+    method = r["method"] + (" + pmim" if (r["pruning"].get("config") or {}).get("pmim") else "")
+    cells = [tag, method, f"{r['target'].get('speedup', '-')}x",
              f"{r['latency']['speedup']:.2f}x ({r['latency'].get('speedup_of_minima', float('nan')):.2f}x)", f"{min(i['measured_speedup'] for i in it):.2f}x" if it else "-",
              f"{r['pruning']['macs_reduction']:.2f}x", f"{r['pruning']['params_pruned'] / 1e6:.2f} M", search]
     if acc:
