@@ -148,6 +148,12 @@ def _measure(fp32: Path, pruned: Path, shape: tuple, job: PruneJob, macs: int = 
     return lat
 
 
+def _speed_fields(lat: dict) -> dict:
+    """What a search iteration records of one side-by-side measurement."""
+    return {"fp32_ms": lat["fp32"]["median_ms"], "pruned_ms": lat["pruned"]["median_ms"],
+            "measured_speedup": lat["speedup"], "speedup_of_minima": lat["speedup_of_minima"]}
+
+
 def _search_speed(p: _Pruning, job: PruneJob, fp32: Path, work: Path, progress: ProgressFn) -> tuple[Plan, Path, list]:
     """Adjust the MACs-reduction factor until the measured speedup reaches the target."""
     S = float(job.target_speedup)
@@ -163,9 +169,7 @@ def _search_speed(p: _Pruning, job: PruneJob, fp32: Path, work: Path, progress: 
         lat = _measure(fp32, path, shape, job, p.total_macs)
         iterations.append({"iteration": len(iterations), "note": note, "macs_factor_requested": factor,
                            "macs_factor": p.total_macs / p.total(plan), "macs": p.total(plan),
-                           "fp32_ms": lat["fp32"]["median_ms"], "pruned_ms": lat["pruned"]["median_ms"],
-                           "measured_speedup": lat["speedup"], "speedup_of_minima": lat["speedup_of_minima"],
-                           "meets_target": min(lat["speedup"], lat["speedup_of_minima"]) >= S})
+                           **_speed_fields(lat), "meets_target": min(lat["speedup"], lat["speedup_of_minima"]) >= S})
         tried[factor] = (plan, path, lat["speedup"])
         progress("search", len(iterations), job.max_iterations + 1)
         # the ratio of medians decides (benchmarking notes); on a loaded machine a short model
@@ -269,8 +273,7 @@ def _prune_ofb(job: PruneJob, loaded: LoadedModel, images: torch.Tensor, fp32: P
         if speed:
             lat = _measure(fp32, path, shape, job, dense)
             achieved = min(lat["speedup"], lat["speedup_of_minima"])  # see _search_speed
-            row.update({"fp32_ms": lat["fp32"]["median_ms"], "pruned_ms": lat["pruned"]["median_ms"],
-                        "measured_speedup": lat["speedup"], "speedup_of_minima": lat["speedup_of_minima"]})
+            row.update(_speed_fields(lat))
         row["meets_target"] = achieved >= goal and not probe
         if probe:
             row["probe"] = True
@@ -278,7 +281,7 @@ def _prune_ofb(job: PruneJob, loaded: LoadedModel, images: torch.Tensor, fp32: P
         return achieved, path
 
     if speed:
-        probe = shrink_uniformly(copy.deepcopy(loaded.model), input_size, goal)
+        probe = shrink_uniformly(loaded.model, input_size, goal)
         achieved, _ = record(probe, f"uniform probe at a MACs reduction of {goal:g}x: how MACs turn into time here", probe=True)
         factor_probe = iterations[-1]["macs_factor"]
         gamma = min(1.5, max(0.3, math.log(max(achieved, 1.01)) / math.log(factor_probe)))
