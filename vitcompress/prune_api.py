@@ -19,7 +19,6 @@ import torch
 from .checkpoints import load
 from .artifacts import (RANDOM_WEIGHTS_NOTE, ProgressFn, calibration_images, environment, evaluation_images, file_info, no_progress,
                         onnx_metadata, report_head, save_checkpoint, write_report_documents)
-from .data import load_tensor, sample, scan_images
 from .errors import VitcompressError
 from .registry import lookup
 from .evaluate import PredictorSource, evaluate, fidelity, summarize
@@ -218,9 +217,11 @@ class _Outcome:
     config: dict
 
 
-def _recovery_images(job: PruneJob, prep) -> torch.Tensor:
-    """The unlabelled images recovery (and OFB's search) distil on: --recover-dir, else --calib."""
-    return load_tensor(sample(scan_images(job.recover_dir or job.calib_dir), job.recover_size, job.seed + 1), prep)
+def _distillation_images(job: PruneJob, loaded: LoadedModel) -> tuple[torch.Tensor, dict]:
+    """The unlabelled images recovery and OFB's search distil on (--recover-dir, else --calib),
+    and their record for the report."""
+    images, _, _, record = calibration_images(loaded, job.recover_dir or job.calib_dir, job.recover_size, job.seed + 1)
+    return images, record
 
 
 def _prune_by_plan(job: PruneJob, loaded: LoadedModel, calib: torch.Tensor, fp32: Path, work: Path,
@@ -334,7 +335,12 @@ def prune(job: PruneJob, progress: ProgressFn = no_progress) -> dict:
     if job.method == "ofb" and (reason := ofb_unsupported(loaded.model)) is not None:
         raise VitcompressError(f"--method ofb does not support {loaded.arch}: {reason}")
     prep = loaded.preprocessing
-    calib, _, _, calibration = calibration_images(loaded, job.calib_dir, job.calib_size, job.seed)
+    distil: torch.Tensor | None = None  # loaded once: OFB searches on the images recovery uses
+    if job.method == "ofb":  # no scoring pass: the report's calibration entry names the search images
+        distil, calibration = _distillation_images(job, loaded)
+        calibration["used_for"] = "OFB search and recovery"
+    else:
+        calib, _, _, calibration = calibration_images(loaded, job.calib_dir, job.calib_size, job.seed)
     eval_set = None
     if job.eval_dir is not None:
         eval_set, label_map = evaluation_images(loaded, job.eval_dir, job.eval_size, job.seed)
@@ -345,7 +351,7 @@ def prune(job: PruneJob, progress: ProgressFn = no_progress) -> dict:
     with tempfile.TemporaryDirectory(prefix="vitcompress-prune-") as tmp:
         work = Path(tmp)
         if job.method == "ofb":
-            outcome = _prune_ofb(job, loaded, _recovery_images(job, prep), fp32_path, work, progress)
+            outcome = _prune_ofb(job, loaded, distil, fp32_path, work, progress)
         else:
             outcome = _prune_by_plan(job, loaded, calib, fp32_path, work, progress)
         pruned, before_path, iterations = outcome.model, outcome.path, outcome.iterations
@@ -354,7 +360,7 @@ def prune(job: PruneJob, progress: ProgressFn = no_progress) -> dict:
         recovery = {"steps": 0}
         if job.recover_steps > 0:
             rec_dir = job.recover_dir or job.calib_dir
-            images = _recovery_images(job, prep)
+            images = distil if distil is not None else _distillation_images(job, loaded)[0]
             cfg = RecoverConfig(steps=job.recover_steps, batch_size=job.batch_size, lr=job.recover_lr,
                                 max_seconds=60.0 * job.recover_minutes, seed=job.seed,
                                 pad=max(1, prep.input_size[1] // 8))

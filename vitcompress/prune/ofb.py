@@ -53,7 +53,7 @@ from torch import nn
 from ..errors import VitcompressError
 from .recover import RecoverConfig, _augment
 from .structure import (EMBED_KEY, embed_unsupported, find_prunable, keep_embed_channels, keep_units,
-                        residual_readers, token_count)
+                        residual_readers, set_submodule, token_count)
 
 InfoProgressFn = Callable[[int, int, str], None]  # (step, steps, one-line state)
 
@@ -173,11 +173,11 @@ class WidthGroup(nn.Module):
         self.alpha[~self.alive] = 0.0
         return int(dead.sum())
 
-    def kept(self, w: float) -> tuple[list[int], torch.Tensor]:
-        """The units of the chosen width, in index order, and their final mask values."""
+    def final(self, w: float) -> tuple[list[int], torch.Tensor]:
+        """The units of the chosen width (index order) and every unit's final mask value (0 for
+        the units removal takes away): what :meth:`OFBSearch.slim` folds into the weights."""
         m = self.mask(w, hard=True).detach()
-        keep = [int(i) for i in torch.nonzero(m > 0).flatten()]
-        return keep, m[keep]
+        return [int(i) for i in torch.nonzero(m > 0).flatten()], m
 
 
 class _MaskedLayerNorm(nn.Module):
@@ -212,11 +212,6 @@ def ofb_unsupported(model: nn.Module) -> str | None:
     except VitcompressError as e:
         return str(e)
     return None
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 class OFBSearch:
@@ -284,7 +279,7 @@ class OFBSearch:
         if self.embed is not None:
             for name, norm in residual_readers(s):
                 if isinstance(norm, nn.LayerNorm):
-                    _set(s, name, _MaskedLayerNorm(norm, self))
+                    set_submodule(s, name, _MaskedLayerNorm(norm, self))
 
     def _install_pmim(self) -> None:
         s = self.student
@@ -471,27 +466,17 @@ class OFBSearch:
                 m._forward_pre_hooks.pop(hid, None)
         prunable = {pm.name: pm for pm in find_prunable(model)}
         for name, g in self.unit_groups.items():
-            keep, scale = g.kept(self.w)
+            keep, scale = g.final(self.w)
             module = model.get_submodule(name)
-            if g.kind == "heads":
-                d = self.head_dim[name]
-                per_head = torch.zeros(g.units)
-                per_head[keep] = scale
-                rows = per_head.repeat_interleave(d).repeat(3)
-                module.qkv.weight.mul_(rows[:, None])
-                if module.qkv.bias is not None:
-                    module.qkv.bias.mul_(rows)
-            else:
-                full = torch.zeros(g.units)
-                full[keep] = scale
-                module.fc1.weight.mul_(full[:, None])
-                if module.fc1.bias is not None:
-                    module.fc1.bias.mul_(full)
+            if g.kind == "heads":  # q, k and v rows of each head
+                scale = scale.repeat_interleave(self.head_dim[name]).repeat(3)
+            linear = module.qkv if g.kind == "heads" else module.fc1
+            linear.weight.mul_(scale[:, None])
+            if linear.bias is not None:
+                linear.bias.mul_(scale)
             keep_units(model, prunable[name], keep)
         if self.embed is not None:
-            keep, scale = self.embed.kept(self.w)
-            full = torch.zeros(self.embed.units)
-            full[keep] = scale
+            keep, full = self.embed.final(self.w)
             for name, norm in [(n, m) for n, m in model.named_modules() if isinstance(m, _MaskedLayerNorm)]:
                 inner = norm.norm
                 if inner.weight is None:  # an affine-free norm gets parameters to carry the scale
@@ -501,7 +486,7 @@ class OFBSearch:
                 inner.weight.mul_(full)
                 if inner.bias is not None:
                     inner.bias.mul_(full)
-                _set(model, name, inner)
+                set_submodule(model, name, inner)
             keep_embed_channels(model, keep)
         for p in model.parameters():
             p.requires_grad_(True)

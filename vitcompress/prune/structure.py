@@ -153,7 +153,8 @@ def _linear_like(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None
     return new.to(old.weight.dtype)
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at a dotted path."""
     parent_name, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
 
@@ -163,9 +164,9 @@ def _empty(model: nn.Module, pm: PrunableModule, out_bias: torch.Tensor | None, 
     if out_bias is not None:
         with torch.no_grad():
             branch.bias.copy_(out_bias)
-    _set(model, pm.name, branch)
+    set_submodule(model, pm.name, branch)
     if pm.norm_name is not None:
-        _set(model, pm.norm_name, nn.Identity())
+        set_submodule(model, pm.norm_name, nn.Identity())
 
 
 def keep_units(model: nn.Module, pm: PrunableModule, keep: Iterable[int]) -> None:
