@@ -79,3 +79,12 @@ def publish(out: Path, section: str, title: str, about: str, columns: list[str],
     text = "\n".join(lines + (["", after] if after else [])) + "\n"
     write_section(out, text, section)
     print(text)
+
+
+def val_halves(val, seed: int = 7):
+    """Val split once: (A, B). A (a seeded half) is where variants are compared while tuning; B,
+    the rest, is where results are reported: no choice was made on it."""
+    from vitcompress.data import sample, without
+
+    tuning = sample(val, len(val) // 2, seed)
+    return tuning, without(val, tuning)

@@ -80,6 +80,8 @@ def test_quantized_checkpoint_reloads_and_exports(quantize_run, tmp_path):
     (["--checkpoint", BUNDLED_CKPT, "--placement", "fastest"], "unknown placement"),
     (["--checkpoint", BUNDLED_CKPT, "--weight-format", "int3"], "unknown weight format"),
     (["--checkpoint", BUNDLED_CKPT, "--weight-format", "int4"], "at most 4 bits"),  # the default --wbits is 8
+    (["--checkpoint", BUNDLED_CKPT, "--reconstruct-steps", "100"], "needs a method with block reconstruction"),
+    (["--checkpoint", BUNDLED_CKPT, "--method", "qhyvit", "--reconstruct-steps", "-5"], "reconstruction_steps must be"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     code, text = _run("quantize", *args, "--calib", CALIB, "--calib-size", 8, "--out", tmp_path / "o")

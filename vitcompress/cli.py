@@ -157,6 +157,7 @@ def quantize(
     bits_from: Optional[Path] = typer.Option(None, "--bits-from", help="mptq: per-layer bits YAML written by a --target-bits run."),
     skip: list[str] = typer.Option([], "--skip", help="Module-name pattern kept float (repeatable), e.g. 'head' or 'blocks.1*'."),
     full: bool = typer.Option(False, "--full", help="mptq: also quantize attention products, Softmax, GELU and LayerNorm inputs."),
+    reconstruct_steps: Optional[int] = typer.Option(None, "--reconstruct-steps", help="qhyvit, mptq: steps per block of block reconstruction with learned rounding (BRECQ/AdaRound/QDrop) after the search; 0 = off (default: the method's)."),
     max_drop: float = typer.Option(1.0, "--max-drop", help="--placement default/auto: top-1 points the chosen placement may lose on --eval."),
     min_agreement: float = typer.Option(97.0, "--min-agreement", help="--placement default/auto without --eval: top-1 agreement with fp32 (%) asked on held-out calibration images."),
     target_cpu: str = typer.Option("auto", "--target-cpu", help="int8 kernels of the deployment CPU: auto (this machine), portable (7-bit weights, uint8 attention operands: exact on every CPU; pick it when the deployment CPU is unknown), vnni (full-range int8: exact only with VNNI/AMX/ARM dot product, faster there); avx2 = portable."),
@@ -173,7 +174,7 @@ def quantize(
             ("--bits", bits, 8), ("--wbits", wbits, None), ("--abits", abits, None), ("--method", method, "minmax"),
             ("--observer", observer, "minmax"), ("--placement", placement, "default"), ("--target-bits", target_bits, None),
             ("--bit-choices", bit_choices, "4,5,6,8"), ("--bits-from", bits_from, None), ("--skip", skip, []),
-            ("--full", full, False)) if value != default]
+            ("--full", full, False), ("--reconstruct-steps", reconstruct_steps, None)) if value != default]
         if given:
             _fail(f"--recipe sets the quantization; drop {', '.join(given)} or put them in the recipe")
 
@@ -182,6 +183,12 @@ def quantize(
         from .mptq_files import mptq_cli_options
 
         options = _guard(mptq_cli_options, method, target_bits, bit_choices, bits_from, full)
+        if reconstruct_steps is not None:
+            from .quant.options import accepts_option
+
+            if not accepts_option(method, "reconstruction_steps"):
+                _fail(f"--reconstruct-steps needs a method with block reconstruction (qhyvit, mptq), not {method!r}")
+            options["reconstruction_steps"] = reconstruct_steps
         config = _guard(api.QuantConfig, method=method, wbits=wbits or bits, abits=abits or bits, act_observer=observer,
                         placement="partial+matmul" if options.get("full") else placement, method_options=options,
                         skip=tuple(skip))

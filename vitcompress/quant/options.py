@@ -36,3 +36,11 @@ def precision(method: str, raw: dict) -> tuple[str, bool] | None:
     """(label, below 8 bits?) as the method's options define it, or None."""
     options = METHOD_OPTIONS.get(method)
     return options.precision(raw) if options is not None and hasattr(options, "precision") else None
+
+
+def accepts_option(method: str, name: str) -> bool:
+    """Does ``method`` have the knob ``name``? (A flag offered by several methods checks here.)"""
+    import dataclasses
+
+    options = METHOD_OPTIONS.get(method)
+    return options is not None and name in {f.name for f in dataclasses.fields(options)}

@@ -46,7 +46,6 @@ from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitcompressError
@@ -54,6 +53,7 @@ from .calibration import batched_logits, float_copy, logits_kl, quantizers_off
 from .minmax import calibrate_observers
 from .options import register_options
 from .registry import register_method
+from .fisher import output_fisher
 from .bias_correction import correct_bias, float_output_means
 from .gptq import gptq_layers
 from .scale_tuning import augmented, tune_activation_scales
@@ -61,8 +61,12 @@ from .bridge import Bridge, find_bridges, layer_order
 from .config import QuantConfig
 from .modules import TensorQuantizer
 from .placement import is_depthwise
+from .reconstruction import ReconstructionConfig, check_reconstruction_options, learned_by_reconstruction, reconstruct, steps_for
 from .refine import Refinement, apply_refinements
 from .spec import QuantSpec, qparams_from_range
+
+
+AUTO_MAX_BITS = 4  # reconstruction by default at this width or below (docs/reconstruction.md)
 
 
 @register_options("qhyvit")
@@ -79,6 +83,12 @@ class QHyViTOptions:
     # ours: GPTQ takes input columns in decreasing order of their Hessian diagonal (GPTQ's act-order);
     # W6A6, 32 images, val KL: mobilevit_xxs 0.0127 -> 0.0102, mobilevitv2_050 0.0113 -> 0.0110 (docs/qhyvit.md)
     gptq_act_order: bool = True
+    # ours (BRECQ/AdaRound/QDrop, reconstruction.py): weight rounding learned per block (bridge blocks and
+    # the blocks between them) after the search, steps per block; 0 = off; None = 200 at 4 bits or fewer,
+    # where it lowered the held-out KL, else off (at W6A6 it raised it: docs/reconstruction.md).
+    # GPTQ runs only where reconstruction was not kept.
+    reconstruction_steps: int | None = None
+    qdrop: float = 0.5  # QDrop's probability that an activation element passes unquantized during reconstruction
     bias_correction: bool = True  # ours: empirical bias correction after the search (bias_correction.py)
     scale_tuning_steps: int = 600  # ours: end-to-end activation-scale tuning after them (scale_tuning.py); 0 = off
     activation_granularity: str = "depthwise"  # per-channel activation candidates: "depthwise" | "all" | "none"
@@ -95,6 +105,7 @@ class QHyViTOptions:
     objective: str = "hessian"  # "hessian" (the paper's) or "mse" (unweighted output error, for ablation)
 
     def __post_init__(self):
+        check_reconstruction_options(self.reconstruction_steps, self.qdrop)
         if self.gptq_target not in ("own", "float", "auto"):
             raise VitcompressError(f"qhyvit gptq_target must be own, float or auto, got {self.gptq_target!r}")
         if self.activation_granularity not in ("depthwise", "all", "none"):
@@ -136,21 +147,6 @@ class _Target:
         return self.layer(x) if self.bridge is None else self.bridge.forward(model, x)
 
 
-def _label_weights(logp: torch.Tensor, max_exact: int, seed: int):
-    """(labels, weights) pairs whose weighted squared gradients give the diagonal Fisher
-    Σ_c p_c (∂ log p_c/∂O)²: every class when there are at most ``max_exact`` classes, else
-    ``max_exact`` labels sampled from the model's own prediction (Monte Carlo, seeded)."""
-    p = logp.exp()
-    n, c = p.shape
-    if c <= max_exact:
-        for k in range(c):
-            yield torch.full((n,), k, dtype=torch.long), p[:, k]
-        return
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(max_exact):
-        yield torch.multinomial(p, 1, generator=g).squeeze(1), torch.full((n,), 1.0 / max_exact)
-
-
 def _record(model: nn.Module, calib: torch.Tensor, targets: list[_Target], bs: int, fisher: bool,
             fisher_labels: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
     """One pass over the calibration images.
@@ -160,50 +156,27 @@ def _record(model: nn.Module, calib: torch.Tensor, targets: list[_Target], bs: i
     ``fisher=True``: the diagonal of the Hessian of L = KL(float ‖ quantized) at the float model,
     which is the Fisher information of the model's prediction, at each block output ("g2:<key>").
     """
+    if fisher:
+        lasts = {t.key: t.last for t in targets}
+        return {"g2:" + k: v for k, v in output_fisher(model, calib, lasts, bs, fisher_labels, seed).items()}
     chunks: dict[str, list[torch.Tensor]] = {}
     hooks = []
 
     def keep(key: str, t: torch.Tensor) -> None:
         chunks.setdefault(key, []).append(t.detach().clone())  # clone: later in-place ops (SiLU, +=) reuse storage
 
-    outputs: dict[str, torch.Tensor] = {}
     seen_blocks = set()
     for t in targets:
-        if not fisher:
-            hooks.append(t.layer.register_forward_pre_hook(lambda m, inp, n=t.name: keep("layer:" + n, inp[0])))
+        hooks.append(t.layer.register_forward_pre_hook(lambda m, inp, n=t.name: keep("layer:" + n, inp[0])))
         if t.key in seen_blocks:
             continue
         seen_blocks.add(t.key)
-        if not fisher:
-            hooks.append(t.first.register_forward_pre_hook(lambda m, inp, k=t.key: keep("in:" + k, inp[0])))
-            hooks.append(t.last.register_forward_hook(lambda m, inp, out, k=t.key: keep("out:" + k, out)))
-        else:
-            def grab(m, inp, out, k=t.key):
-                outputs[k] = out
-                return out.clone()  # downstream in-place ops must not rewrite the tensor we differentiate by
-
-            hooks.append(t.last.register_forward_hook(grab))
+        hooks.append(t.first.register_forward_pre_hook(lambda m, inp, k=t.key: keep("in:" + k, inp[0])))
+        hooks.append(t.last.register_forward_hook(lambda m, inp, out, k=t.key: keep("out:" + k, out)))
     try:
         for i in range(0, len(calib), bs):
-            x = calib[i:i + bs]
-            if not fisher:
-                with torch.no_grad():
-                    model(x)
-                continue
-            with torch.enable_grad():
-                logp = F.log_softmax(model(x.clone().requires_grad_(True)), dim=-1)
-                keys = list(outputs)
-                fisher = {k: torch.zeros_like(outputs[k]) for k in keys}
-                for y, w in _label_weights(logp.detach(), fisher_labels, seed + i):
-                    nll = -logp.gather(1, y[:, None]).squeeze(1)
-                    grads = torch.autograd.grad(nll.sum(), [outputs[k] for k in keys], retain_graph=True, allow_unused=True)
-                    for k, g in zip(keys, grads):
-                        if g is not None:
-                            shape = (-1,) + (1,) * (g.dim() - 1)
-                            fisher[k] += w.view(shape).to(g.dtype) * g.pow(2) if g.shape[0] == len(w) else w.mean() * g.pow(2)
-                for k in keys:
-                    keep("g2:" + k, fisher[k])
-            outputs.clear()
+            with torch.no_grad():
+                model(calib[i:i + bs])
     finally:
         for h in hooks:
             h.remove()
@@ -406,11 +379,23 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
             return gptq_layers(m, names, b, reference, act_order=opts.gptq_act_order)
         return run
 
+    reconstruction: dict = {}
+    reconstruction_steps = steps_for(opts.reconstruction_steps, min(config.wbits, config.abits), AUTO_MAX_BITS)
+
+    def reconstruct_blocks(m: nn.Module, names: Sequence[str], b: Sequence[torch.Tensor]) -> list[str]:
+        reconstruction.update(reconstruct(m, names, calib, ReconstructionConfig(
+            steps=reconstruction_steps, drop_prob=opts.qdrop, batch_size=bs, seed=seed), bridges, progress))
+        return reconstruction["layers"]
+
+    def no_reconstruction(done: dict) -> bool:
+        return not done.get("reconstruction", {}).get("kept", False)
+
     weights_of = lambda m: [m.weight]  # noqa: E731
     refinements = [
-        Refinement("gptq", lambda done: opts.gptq, round_weights(first_target), weights_of),
+        Refinement("reconstruction", lambda done: reconstruction_steps > 0, reconstruct_blocks, learned_by_reconstruction),
+        Refinement("gptq", lambda done: opts.gptq and no_reconstruction(done), round_weights(first_target), weights_of),
         Refinement("gptq_own", lambda done: (opts.gptq and opts.gptq_target == "auto" and first_target == "float"
-                                             and not done["gptq"]["kept"]), round_weights("own"), weights_of),
+                                             and "gptq" in done and not done["gptq"]["kept"]), round_weights("own"), weights_of),
         Refinement("bias_correction", lambda done: opts.bias_correction, lambda m, o, b: correct_bias(m, o, b, float_means),
                    lambda m: [m.bias] if m.bias is not None else []),
         Refinement("scale_tuning", lambda done: opts.scale_tuning_steps > 0, tune_scales,
@@ -420,6 +405,8 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
     post_steps = apply_refinements(model, order, batches, refinements, end_to_end, e2e_history[-1], on_kept=e2e_history.append)
     if "gptq" in post_steps:
         post_steps["gptq"]["target"] = first_target
+    if "reconstruction" in post_steps:
+        post_steps["reconstruction"]["blocks"] = reconstruction["blocks"]
     if "scale_tuning" in post_steps:
         post_steps["scale_tuning"]["augmented_kl_checks"] = tuning_checks  # start, then every 50 steps
 

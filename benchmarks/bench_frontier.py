@@ -1,0 +1,115 @@
+"""The accuracy frontier: min-max, each reference model's method, and the method + block
+reconstruction, at W8A8/W6A6/W4A4, every row an exported artifact, reported on the half of val
+that no choice was tuned on.
+
+Val is split once (seeded): half A is where variants are compared while developing, half B is
+never used to choose anything. Each row gives agreement with the float artifact, top-1 drop and
+KL on B and on all of val, the quantize run's wall time and its peak memory (each run in a
+process of its own).
+
+    python benchmarks/bench_frontier.py --models cifar10_vit_tiny --bits 4 6 --out SCRATCH.md
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import multiprocessing
+import resource
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from common import ROOT, add_io_arguments, publish, val_halves  # the script's own folder is on sys.path
+sys.path.insert(0, str(ROOT))
+
+from vitcompress import QuantConfig, QuantizeJob, load, quantize  # noqa: E402
+from vitcompress.data import label_map_to_model, scan_images  # noqa: E402
+from vitcompress.evaluate import collect_logits, fidelity, onnx_predictor, summarize  # noqa: E402
+from vitcompress.export import make_session  # noqa: E402
+
+METHOD_OF = {"cifar10_mobilevit_xxs": "qhyvit", "cifar10_mobilevitv2_050": "qhyvit", "cifar10_vit_tiny": "mptq"}
+VARIANTS = ["minmax", "method", "reconstruction"]
+DEFAULT_STEPS = 500  # reconstruction steps per block in the "reconstruction" rows
+
+
+def _config(model: str, variant: str, bits: int, steps: int) -> QuantConfig:
+    if variant == "minmax":
+        return QuantConfig(wbits=bits, abits=bits)
+    options = {"reconstruction_steps": steps if variant == "reconstruction" else 0}
+    return QuantConfig(method=METHOD_OF[model], wbits=bits, abits=bits, method_options=options)
+
+
+def _quantize_in_own_process(job: QuantizeJob) -> tuple[Path, float, float]:
+    """(quantized artifact, method seconds, peak resident memory in MiB of the whole run)."""
+    import torch
+
+    torch.set_num_threads(1)
+    r = quantize(job)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return job.out / r["artifacts"]["quantized"]["path"], r["quantization"]["seconds"], peak_mib
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(METHOD_OF), choices=list(METHOD_OF))
+    ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--calib-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="reconstruction steps per block")
+    ap.add_argument("--work", type=Path, default=None, help="keep each run's output folder here (default: a temp dir)")
+    add_io_arguments(ap)
+    args = ap.parse_args()
+    data = args.shared / "data" / "cifar10"
+    val = scan_images(data / "val", require_labels=True)
+    _, held_out = val_halves(val)
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        for z in args.models:
+            ckpt = args.shared / "zoo" / f"{z}.pth"
+            loaded = load(checkpoint=ckpt)
+            runs = []
+            for bits in args.bits:
+                for variant in args.variants:
+                    job = QuantizeJob(out=work / f"{z}_{variant}_{bits}", checkpoint=ckpt,
+                                      config=_config(z, variant, bits, args.steps), calib_dir=data / "train",
+                                      calib_size=args.calib_size, latency_rounds=1, force=True)
+                    with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:  # a fresh process: its own peak memory
+                        path, seconds, peak = pool.submit(_quantize_in_own_process, job).result()
+                    runs.append((bits, variant, path, seconds, peak))
+                    print(runs[-1], flush=True)
+            files = {"fp32": runs[0][2].parent / "model.fp32.onnx", **{str(i): r[2] for i, r in enumerate(runs)}}
+            logits, labels, _ = collect_logits({k: onnx_predictor(make_session(p)) for k, p in files.items()},
+                                               val, loaded.preprocessing, 100)
+            label_map = label_map_to_model(val, loaded.preprocessing.class_names, loaded.num_classes)
+            in_b = np.isin(np.asarray([str(p) for p in val.paths]), [str(p) for p in held_out.paths])
+
+            def measured(key: str, rows: np.ndarray) -> tuple[float, float, float]:
+                ref, out = logits["fp32"][rows], logits[key][rows]
+                top1 = summarize(out, labels[rows], label_map, loaded.num_classes)["top1"]
+                float_top1 = summarize(ref, labels[rows], label_map, loaded.num_classes)["top1"]
+                close = fidelity(ref, out)
+                return close["top1_agreement"], float_top1 - top1, close["kl"]
+
+            every = np.ones(len(val), dtype=bool)
+            rows = []
+            for i, (bits, variant, _, seconds, peak) in enumerate(runs):
+                (ab, db, kb), (aa, da, ka) = measured(str(i), in_b), measured(str(i), every)
+                label = {"minmax": "min-max", "method": METHOD_OF[z],
+                         "reconstruction": f"{METHOD_OF[z]} + reconstruction ({args.steps} steps/block)"}[variant]
+                rows.append(f"| W{bits}A{bits} | {label} | {ab:.2f} | {db:.2f} | {kb:.4f} | {aa:.2f} | {da:.2f} | {ka:.4f} "
+                            f"| {seconds:.0f} | {peak:.0f} |")
+            float_b = summarize(logits["fp32"][in_b], labels[in_b], label_map, loaded.num_classes)["top1"]
+            publish(args.out, f"frontier_{z}", f"Accuracy frontier on {z} (float top-1 {float_b:.2f} on half B)",
+                    f"{args.calib_size} calibration images (seed 0) from `cifar10/train`; exported QDQ artifacts in "
+                    f"onnxruntime; half B = the {len(held_out)} val images no variant was tuned on (`common.val_halves`), "
+                    f"all = the {len(val)} val images. Wall: the method (`quantization.seconds`), 1 torch thread; "
+                    "peak: the whole quantize run's resident memory.",
+                    ["bits", "method", "agreement % (B)", "drop (B)", "KL (B)", "agreement % (all)", "drop (all)",
+                     "KL (all)", "wall s", "peak MiB"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+import copy
+
+import pytest
+import timm
+import torch
+
+from vitcompress.errors import VitcompressError
+from vitcompress.quant import QuantConfig, quantize_
+from vitcompress.quant.bridge import find_bridges
+from vitcompress.quant.calibration import batched_logits, float_copy, logits_kl, quantizers_off
+from vitcompress.quant.reconstruction import AUTO_STEPS, ReconstructionConfig, reconstruct, reconstruction_blocks, steps_for
+from vitcompress.quant.spec import fake_quantize
+
+
+def _vit():
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
+                             embed_dim=48, depth=2, num_heads=2).eval()
+
+
+def _weighted(model):
+    return [n for n, m in model.named_modules() if hasattr(m, "weight_quantizer")]
+
+
+@pytest.mark.parametrize("arch, size, expected", [
+    # a ViT: the patch embedding, each transformer block, the head
+    ("vit", 32, ["patch_embed", "blocks.0", "blocks.1", "head"]),
+    # a hybrid: inverted-residual blocks one by one; each MobileViT block (a bridge) whole
+    ("mobilevit_xxs", 64, ["stem", "stages.0.0", "stages.1.0", "stages.1.1", "stages.1.2", "stages.2.0", "stages.2.1",
+                           "stages.3.0", "stages.3.1", "stages.4.0", "stages.4.1", "final_conv", "head"]),
+])
+def test_blocks_come_from_the_module_tree_and_the_bridges(arch, size, expected):
+    model = _vit() if arch == "vit" else timm.create_model(arch, pretrained=False, num_classes=10).eval()
+    x = torch.randn(2, 3, size, size)
+    quantize_(model, QuantConfig(), [x])
+    layers = _weighted(model)
+    with quantizers_off(model):
+        bridges = find_bridges(model, layers, x[:1])
+        blocks = reconstruction_blocks(model, layers, x[:1], bridges)
+    assert [b.name for b in blocks] == expected
+    assert sorted(n for b in blocks for n in b.layers) == sorted(layers)  # every quantized layer, once
+
+
+def test_reconstruction_rounds_onto_the_grid_and_beats_nearest_rounding():
+    torch.manual_seed(0)
+    model = _vit()
+    calib = torch.randn(32, 3, 32, 32)
+    quantize_(model, QuantConfig(wbits=4, abits=4), list(calib.split(16)))
+    reference = batched_logits(float_copy(model), calib, 16)
+    nearest_kl = logits_kl(reference, batched_logits(model, calib, 16))
+    config = ReconstructionConfig(steps=60, batch_size=16)
+    twin = copy.deepcopy(model)
+    report = reconstruct(model, _weighted(model), calib, config)
+
+    kept = [b for b in report["blocks"] if b["kept"]]
+    assert kept and all(b["error_after"] < b["error_before"] for b in kept)
+    assert all(b["error_after"] >= b["error_before"] for b in report["blocks"] if not b["kept"])
+    for name in report["layers"]:  # learned rounding leaves each weight exactly on its grid
+        layer = model.get_submodule(name)
+        q = layer.weight_quantizer
+        assert torch.equal(fake_quantize(layer.weight, q.scale, q.zero_point, q.spec), layer.weight)
+    assert logits_kl(reference, batched_logits(model, calib, 16)) < nearest_kl
+
+    reconstruct(twin, _weighted(twin), calib, config)  # same inputs and seed: the same weights and scales
+    for (k, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("method", ["qhyvit", "mptq"])
+def test_methods_offer_reconstruction_as_a_refinement(method):
+    torch.manual_seed(0)
+    model = _vit()
+    calib = torch.randn(16, 3, 32, 32)
+    options = {"reconstruction_steps": 20}
+    if method == "qhyvit":
+        options.update(alphas=4, rounds=1, scale_tuning_steps=0)
+    result = quantize_(model, QuantConfig(method=method, wbits=4, abits=4, method_options=options), list(calib.split(8)))
+    info = result.method_info[method]
+    steps = info["post_search_steps"] if method == "qhyvit" else info["refinements"]
+    recon = steps["reconstruction"]
+    assert [b["block"] for b in recon["blocks"]] == ["patch_embed", "blocks.0", "blocks.1", "head"]
+    assert recon["kl_after"] < recon["kl_before"] if recon["kept"] else recon["kl_after"] >= recon["kl_before"]
+    assert ("gptq" in steps) == (not recon["kept"])  # GPTQ rounds only weights reconstruction did not
+
+
+@pytest.mark.parametrize("method", ["qhyvit", "mptq"])
+@pytest.mark.parametrize("bad", [{"reconstruction_steps": -1}, {"qdrop": 1.0}])
+def test_bad_reconstruction_options_are_refused(method, bad):
+    with pytest.raises(VitcompressError):
+        quantize_(_vit(), QuantConfig(method=method, method_options=bad), [torch.randn(2, 3, 32, 32)])
+
+
+def test_default_steps_follow_the_measured_widths():
+    # on by default only at the widths where it lowered the held-out KL (docs/reconstruction.md)
+    assert steps_for(None, 4, auto_max_bits=4) == AUTO_STEPS
+    assert steps_for(None, 6, auto_max_bits=4) == 0
+    assert steps_for(0, 4, auto_max_bits=4) == 0 and steps_for(50, 8, auto_max_bits=4) == 50

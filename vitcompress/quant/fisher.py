@@ -1,0 +1,64 @@
+"""The diagonal Fisher information of a model's prediction at chosen module outputs.
+
+Q-HyViT weighs each block's output error by diag((∂L/∂O)²) with L = KL(float ‖ quantized logits);
+BRECQ weighs its block reconstruction the same way. At the float model that KL has zero gradient,
+and its Hessian is the Fisher information of the prediction, Σ_c p_c (∂ log p_c/∂O)²: exact (one
+backward pass per class) for up to ``max_exact`` classes, otherwise estimated from ``max_exact``
+labels sampled from the model's own prediction (Monte Carlo, seeded).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def label_weights(logp: torch.Tensor, max_exact: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(labels, weights) pairs whose weighted squared gradients sum to the diagonal Fisher."""
+    p = logp.exp()
+    n, c = p.shape
+    if c <= max_exact:
+        for k in range(c):
+            yield torch.full((n,), k, dtype=torch.long), p[:, k]
+        return
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(max_exact):
+        yield torch.multinomial(p, 1, generator=g).squeeze(1), torch.full((n,), 1.0 / max_exact)
+
+
+def output_fisher(model: nn.Module, images: torch.Tensor, outputs_of: dict[str, nn.Module], batch_size: int,
+                  max_exact: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The diagonal Fisher at the output of each module in ``outputs_of`` (key → module), for every
+    image (first dimension image-major, as the module's output is). Run it on the float model."""
+    chunks: dict[str, list[torch.Tensor]] = {k: [] for k in outputs_of}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def grab(key: str):
+        def hook(m, inp, out):
+            outputs[key] = out
+            return out.clone()  # downstream in-place ops must not rewrite the tensor we differentiate by
+        return hook
+
+    hooks = [m.register_forward_hook(grab(k)) for k, m in outputs_of.items()]
+    try:
+        for i in range(0, len(images), batch_size):
+            with torch.enable_grad():
+                logp = F.log_softmax(model(images[i:i + batch_size].clone().requires_grad_(True)), dim=-1)
+                keys = list(outputs)
+                fisher = {k: torch.zeros_like(outputs[k]) for k in keys}
+                for y, w in label_weights(logp.detach(), max_exact, seed + i):
+                    nll = -logp.gather(1, y[:, None]).squeeze(1)
+                    grads = torch.autograd.grad(nll.sum(), [outputs[k] for k in keys], retain_graph=True, allow_unused=True)
+                    for k, g in zip(keys, grads):
+                        if g is not None:
+                            shape = (-1,) + (1,) * (g.dim() - 1)
+                            fisher[k] += w.view(shape).to(g.dtype) * g.pow(2) if g.shape[0] == len(w) else w.mean() * g.pow(2)
+            for k in keys:
+                chunks[k].append(fisher[k].detach())
+            outputs.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: torch.cat(v) for k, v in chunks.items() if v}

@@ -1,0 +1,374 @@
+"""Block reconstruction with learned rounding (BRECQ + AdaRound + QDrop), after a method's search.
+
+Nearest rounding (and GPTQ's one-shot compensation) decides each weight's rounding from its own
+layer's error. Here the rounding of every weight of a block is learned together so that the block's
+output matches the float block's, with the activation quantizers in the loop:
+
+- AdaRound (Nagel et al., arXiv 2004.10568): each weight is ``s·(⌊w/s⌋ + h(V))`` with
+  h(V) = clip(σ(V)·(ζ−γ)+γ, 0, 1), ζ = 1.1, γ = −0.1, V initialised so that h(V) equals the
+  fractional part (the soft weight starts at the float weight); the regulariser
+  λ·Σ(1 − |2h−1|^β), with β annealed from 20 to 2 after a warm-up without it, drives h to 0 or 1.
+  The grid (scales, bits, granularity) is the one the method chose: only rounding decisions change.
+- BRECQ (Li et al., arXiv 2102.05426): the unit is a block, not a layer, and the output error is
+  weighted by the diagonal Fisher of the prediction at the block output (``fisher.py``; the same
+  weighting as Q-HyViT's objective). The target is the float block's output on the float input.
+- QDrop (Wei et al., arXiv 2203.05740): during reconstruction every activation quantizer of the
+  block is dropped at random per element (the float value passes with probability ``drop_prob``),
+  and the block input mixes the quantized model's input with the float model's the same way.
+  Activation step sizes are learned jointly (LSQ-style, as QDrop does), in log space.
+
+Blocks (``reconstruction_blocks``) come from the module tree and the dataflow, not from names:
+the bridge blocks of a hybrid (``bridge.py``, found by Q-HyViT) are one block each; every other
+quantized layer belongs to the deepest module above it that is a child of an ``nn.Sequential``
+(a transformer block, an inverted-residual block; for ViT/DeiT: ``blocks.i``), or else to the
+model's top-level child holding it (the stem, the patch embedding, the head). A block that is not
+called exactly once per forward with one tensor is split into its layers.
+
+Simplifications (ours, for a 2-core CPU budget; docs/reconstruction.md): a few hundred steps per
+block instead of 20,000, a single pass over the blocks, and a block is kept only if its output error
+on all calibration images (quantized input, hard rounding, no dropping) fell; OPT-m's two-region
+quantizers keep their parameters and are not dropped.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import VitcompressError
+from .bridge import Bridge
+from .calibration import float_copy
+from .fisher import output_fisher
+from .modules import TensorQuantizer
+from .scale_tuning import augmented
+from .spec import broadcast_param, fake_quantize
+
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches 0 and 1 exactly
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig:
+    """steps: optimisation steps per block; lr: Adam's on the rounding variables V; scale_lr: on
+    log activation scales (0 = scales stay); drop_prob: QDrop's probability that an element passes
+    unquantized; round_weight: λ of the rounding regulariser; warmup: fraction of steps without it."""
+
+    steps: int = 500
+    batch_size: int = 32
+    lr: float = 3e-2
+    scale_lr: float = 1e-3
+    drop_prob: float = 0.5
+    round_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    fisher: bool = True
+    fisher_labels: int = 16
+    augment: bool = False  # reconstruct on the images with their mirrors and shifts (scale_tuning.augmented)
+    seed: int = 0
+
+
+AUTO_STEPS = 200  # steps per block when a method's default turns reconstruction on (docs/reconstruction.md)
+
+
+def steps_for(requested: int | None, narrowest_bits: int, auto_max_bits: int) -> int:
+    """Reconstruction steps per block: as requested, or by default ``AUTO_STEPS`` where the method
+    measured a gain on held-out images (the model's narrowest width at most ``auto_max_bits``), else 0."""
+    if requested is not None:
+        return requested
+    return AUTO_STEPS if narrowest_bits <= auto_max_bits else 0
+
+
+def check_reconstruction_options(steps: int | None, drop_prob: float) -> None:
+    """The checks every method offering reconstruction makes on its two options (None: the method's default)."""
+    if steps is None:
+        pass
+    elif not isinstance(steps, int) or steps < 0:
+        raise VitcompressError(f"reconstruction_steps must be a whole number ≥ 0, got {steps!r}")
+    if not 0.0 <= float(drop_prob) < 1.0:
+        raise VitcompressError(f"qdrop must be in [0, 1), got {drop_prob!r}")
+
+
+def learned_by_reconstruction(layer: nn.Module) -> list[torch.Tensor]:
+    """What reconstruction may change in a quantized layer: its weight and its activation step sizes."""
+    return [layer.weight] + [q.scale for q in layer.modules()
+                             if isinstance(q, TensorQuantizer) and q is not getattr(layer, "weight_quantizer", None)]
+
+
+class _Stop(Exception):
+    """Raised from a hook once what a pass was for has been captured: the rest of the model is skipped."""
+
+
+def _sequential_children(model: nn.Module) -> set[str]:
+    return {f"{parent}.{child}" if parent else child
+            for parent, m in model.named_modules() if isinstance(m, nn.Sequential) for child, _ in m.named_children()}
+
+
+def _unit_of(layer: str, sequential_children: set[str]) -> str:
+    parts = layer.split(".")
+    for i in range(len(parts) - 1, 0, -1):  # the deepest ancestor (not the layer itself) inside a Sequential
+        if ".".join(parts[:i]) in sequential_children:
+            return ".".join(parts[:i])
+    return parts[0]
+
+
+def _well_formed(model: nn.Module, blocks: list[Bridge], example: torch.Tensor) -> list[bool]:
+    """Is each block called exactly once per forward, with one tensor in and one tensor out?"""
+    calls = [[0, True] for _ in blocks]
+    hooks = []
+    for i, b in enumerate(blocks):
+        first, last = b.modules(model)[0], b.modules(model)[-1]
+
+        def pre(m, args, kwargs, i=i):
+            calls[i][0] += 1
+            calls[i][1] &= len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+
+        def post(m, inp, out, i=i):
+            calls[i][1] &= isinstance(out, torch.Tensor)
+
+        hooks += [first.register_forward_pre_hook(pre, with_kwargs=True), last.register_forward_hook(post)]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [n == 1 and ok for n, ok in calls]
+
+
+def reconstruction_blocks(model: nn.Module, layers: Sequence[str], example: torch.Tensor,
+                          bridges: Sequence[Bridge] = ()) -> list[Bridge]:
+    """The blocks to reconstruct, in execution order (``layers`` in execution order), each with the
+    quantized layers it holds. Run it with the quantizers off."""
+    bridge_of = {n: b for b in bridges for n in b.layers}
+    sequential = _sequential_children(model)
+    blocks: dict[str, Bridge] = {}
+    for name in layers:
+        if name in bridge_of:
+            b = bridge_of[name]
+            blocks.setdefault(b.name, Bridge(b.parent, b.start, b.end))
+            blocks[b.name].layers.append(name)
+        else:
+            unit = _unit_of(name, sequential)
+            blocks.setdefault(unit, Bridge(unit)).layers.append(name)
+    # a unit inside another unit (a transformer block inside a MobileViT block) is part of the outer one
+    outer = {k: next((o for o in blocks if k.startswith(o + ".")), k) for k in blocks if blocks[k].start is None}
+    for inner, o in outer.items():
+        if o != inner:
+            blocks[o].layers += blocks.pop(inner).layers
+    order = {n: i for i, n in enumerate(layers)}
+    for b in blocks.values():
+        b.layers.sort(key=order.__getitem__)
+    candidates = sorted(blocks.values(), key=lambda b: order[b.layers[0]])
+    result = []
+    for b, ok in zip(candidates, _well_formed(model, candidates, example)):
+        if ok:
+            result.append(b)
+            continue
+        singles = [Bridge(n, layers=[n]) for n in b.layers]  # the layers alone; one called twice is left out
+        result += [s for s, fine in zip(singles, _well_formed(model, singles, example)) if fine]
+    return result
+
+
+def _capture(model: nn.Module, images: torch.Tensor, blocks: Sequence[Bridge], batch_size: int,
+             outputs: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Inputs (and outputs) of ``blocks`` over ``images``; without outputs, the pass stops at the
+    last block's input."""
+    ins: dict[str, list[torch.Tensor]] = {b.name: [] for b in blocks}
+    outs: dict[str, list[torch.Tensor]] = {b.name: [] for b in blocks}
+    stop_at = None if outputs else blocks[-1].name
+    hooks = []
+    for b in blocks:
+        first, last = b.modules(model)[0], b.modules(model)[-1]
+
+        def pre(m, inp, k=b.name):
+            ins[k].append(inp[0].detach().clone())
+            if k == stop_at:
+                raise _Stop
+
+        hooks.append(first.register_forward_pre_hook(pre))
+        if outputs:
+            hooks.append(last.register_forward_hook(lambda m, inp, out, k=b.name: outs[k].append(out.detach().clone())))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(images), batch_size):
+                try:
+                    model(images[i:i + batch_size])
+                except _Stop:
+                    pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return ({k: torch.cat(v) for k, v in ins.items()}, {k: torch.cat(v) for k, v in outs.items() if v})
+
+
+class _LearnedRounding:
+    """AdaRound's rounding variables for one layer's weight, installed in its weight quantizer."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer, self.q = layer, layer.weight_quantizer
+        spec = self.q.spec
+        w = layer.weight.detach()
+        self.s = broadcast_param(self.q.scale, w, spec.axis)
+        self.z = broadcast_param(self.q.zero_point.float(), w, spec.axis)
+        self.qmin, self.qmax = spec.qmin, spec.qmax
+        self.floor = torch.floor(w / self.s)
+        rest = (w / self.s - self.floor).clamp(0.0, 1.0 - 1e-6)
+        self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0))
+        self.q.forward = self.soft  # for the reconstruction only
+
+    def h(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+    def _weight(self, h: torch.Tensor) -> torch.Tensor:
+        return (torch.clamp(self.floor + h + self.z, self.qmin, self.qmax) - self.z) * self.s
+
+    def soft(self, w: torch.Tensor) -> torch.Tensor:
+        return self._weight(self.h()) if self.hard is None else self.hard
+
+    hard: torch.Tensor | None = None
+
+    def harden(self) -> None:
+        """From now on the layer sees the rounded weight (V ≥ 0 rounds up)."""
+        self.hard = self._weight((self.v.detach() >= 0).float())
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        return (1.0 - (2.0 * self.h() - 1.0).abs().pow(beta)).sum()
+
+    def remove(self) -> None:
+        del self.q.forward
+
+
+class _LearnedStep:
+    """An activation quantizer's step size learned in log space, with QDrop's random dropping."""
+
+    def __init__(self, q: TensorQuantizer, drop: Callable[[], float], generator: torch.Generator):
+        self.q = q
+        self.log_scale = nn.Parameter(q.scale.detach().clone().log())
+        self.drop, self.generator = drop, generator
+        q.forward = self.forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fake_quantize(x, self.log_scale.exp(), self.q.zero_point, self.q.spec)
+        p = self.drop()
+        if p <= 0:
+            return y
+        keep_float = torch.rand(x.shape, generator=self.generator) < p
+        return torch.where(keep_float, x, y)
+
+    def remove(self) -> None:
+        del self.q.forward
+
+
+def _weighted_error(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Σ weight·(out − target)² per output position (summed over channels), averaged over positions."""
+    channels = out.shape[1] if out.dim() == 4 else out.shape[-1]
+    return (weight * (out - target).pow(2)).sum() * channels / out.numel()
+
+
+def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, config: ReconstructionConfig,
+                bridges: Sequence[Bridge] = (), progress: Callable[[int, int], None] | None = None) -> dict:
+    """Learn the rounding of the quantized ``layers`` (execution order) block by block, in place.
+
+    Every quantizer must be frozen ("quantize") and the weights still float. Weights of kept blocks
+    end exactly on their grids (so export and checkpoints carry the learned rounding); learned
+    activation scales are set. Returns a report: per block, its layers, output error before and
+    after, kept or not, and seconds."""
+    if config.augment:
+        images = augmented(images)
+    fp = float_copy(model)
+    with torch.no_grad():
+        blocks = reconstruction_blocks(fp, layers, images[:1], bridges)
+    if not blocks:
+        return {"blocks": [], "layers": []}
+    bs = config.batch_size
+    float_in, float_out = _capture(fp, images, blocks, bs, outputs=True)
+    fisher = (output_fisher(fp, images, {b.name: b.modules(fp)[-1] for b in blocks}, bs, config.fisher_labels, config.seed)
+              if config.fisher else {})
+    del fp
+    generator = torch.Generator().manual_seed(config.seed)
+    weight_quantizers = {m.weight_quantizer for m in model.modules() if isinstance(getattr(m, "weight_quantizer", None), TensorQuantizer)}
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    total, done = len(blocks) * config.steps, 0
+    report = []
+    try:
+        for p, _ in grad_flags:
+            p.requires_grad_(False)
+        for b in blocks:
+            start = time.perf_counter()
+            modules = b.modules(model)
+            x_q = _capture(model, images, [b], bs, outputs=False)[0][b.name]
+            x_f, target = float_in[b.name], float_out[b.name]
+            g2 = fisher.get(b.name)
+            weight = g2 / g2.mean() if g2 is not None and float(g2.mean()) > 0 else torch.ones_like(target)
+
+            def block(x: torch.Tensor) -> torch.Tensor:
+                for m in modules:
+                    x = m(x)
+                return x
+
+            def error() -> float:
+                with torch.no_grad():
+                    return sum(float(_weighted_error(block(x_q[i:i + bs]), target[i:i + bs], weight[i:i + bs])) * len(x_q[i:i + bs])
+                               for i in range(0, len(x_q), bs)) / len(x_q)
+
+            before = error()
+            quantized = [model.get_submodule(n) for n in b.layers]
+            rounding = [_LearnedRounding(m) for m in quantized if m.weight_quantizer.mode == "quantize"]
+            dropping = {"p": 0.0}
+            steps_ = [_LearnedStep(q, lambda: dropping["p"], generator) for m in modules for q in m.modules()
+                      if type(q) is TensorQuantizer and q.mode == "quantize" and q not in weight_quantizers]
+            # step sizes learned: those of the block's quantized layers (their input and output
+            # quantizers); the others (attention products, SiLU gates) are only dropped
+            owned = {q for m in quantized for q in m.modules() if q not in weight_quantizers}
+            learned = [s for s in steps_ if s.q in owned] if config.scale_lr > 0 else []
+            groups = [{"params": [r.v for r in rounding], "lr": config.lr}]
+            if learned:
+                groups.append({"params": [s.log_scale for s in learned], "lr": config.scale_lr})
+            optimizer = torch.optim.Adam(groups)
+            warm = int(config.warmup * config.steps)
+            try:
+                dropping["p"] = config.drop_prob
+                for step in range(config.steps):
+                    idx = torch.randperm(len(x_q), generator=generator)[:bs]
+                    x = x_q[idx]
+                    if config.drop_prob > 0:
+                        x = torch.where(torch.rand(x.shape, generator=generator) < config.drop_prob, x_f[idx], x)
+                    with torch.enable_grad():
+                        loss = _weighted_error(block(x), target[idx], weight[idx])
+                        if step >= warm and rounding:
+                            progress_ = (step - warm) / max(1, config.steps - warm)
+                            beta = config.beta_end + (config.beta_start - config.beta_end) * (1.0 - progress_)
+                            loss = loss + config.round_weight * sum(r.regulariser(beta) for r in rounding)
+                        optimizer.zero_grad()
+                        loss.backward()
+                    optimizer.step()
+                    done += 1
+                    if progress:
+                        progress(done, total)
+                dropping["p"] = 0.0
+                for r in rounding:
+                    r.harden()
+                after = error()
+            finally:
+                dropping["p"] = 0.0
+                for r in rounding:
+                    r.remove()
+                for s in steps_:
+                    s.remove()
+            kept = after < before
+            if kept:
+                with torch.no_grad():
+                    for r in rounding:
+                        r.layer.weight.copy_(r.hard)
+                for s in learned:
+                    s.q.set_qparams(s.log_scale.detach().exp(), s.q.zero_point)
+            report.append({"block": b.name, "layers": list(b.layers), "error_before": before, "error_after": after,
+                           "kept": kept, "seconds": round(time.perf_counter() - start, 2)})
+    finally:
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+    return {"blocks": report, "layers": [n for r in report if r["kept"] for n in r["layers"]],
+            "steps_per_block": config.steps, "drop_prob": config.drop_prob, "fisher_weighted": config.fisher}
