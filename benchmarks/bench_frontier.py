@@ -28,10 +28,20 @@ from vitcompress import QuantConfig, QuantizeJob, load, quantize  # noqa: E402
 from vitcompress.data import label_map_to_model, scan_images  # noqa: E402
 from vitcompress.evaluate import collect_logits, fidelity, onnx_predictor, summarize  # noqa: E402
 from vitcompress.export import make_session  # noqa: E402
+from vitcompress.quant import mptq, qhyvit  # noqa: E402
+from vitcompress.quant.reconstruction import AUTO_STEPS, steps_for  # noqa: E402
 
 METHOD_OF = {"cifar10_mobilevit_xxs": "qhyvit", "cifar10_mobilevitv2_050": "qhyvit", "cifar10_vit_tiny": "mptq"}
 VARIANTS = ["minmax", "method", "reconstruction"]
-DEFAULT_STEPS = 500  # reconstruction steps per block in the "reconstruction" rows
+AUTO_MAX_BITS = {"qhyvit": qhyvit.AUTO_MAX_BITS, "mptq": mptq.AUTO_MAX_BITS}
+
+
+def _is_default(model: str, variant: str, bits: int, steps: int) -> bool:
+    """Is this row what `vitcompress quantize --method M --bits B` does with no other flag?"""
+    if variant == "minmax":
+        return False
+    auto = steps_for(None, bits, AUTO_MAX_BITS[METHOD_OF[model]])
+    return (variant == "reconstruction") == (auto > 0) and (auto == 0 or auto == steps)
 
 
 def _config(model: str, variant: str, bits: int, steps: int) -> QuantConfig:
@@ -57,7 +67,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     ap.add_argument("--calib-size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="reconstruction steps per block")
+    ap.add_argument("--steps", type=int, default=AUTO_STEPS, help="reconstruction steps per block")
     ap.add_argument("--work", type=Path, default=None, help="keep each run's output folder here (default: a temp dir)")
     add_io_arguments(ap)
     args = ap.parse_args()
@@ -99,6 +109,7 @@ def main() -> None:
                 (ab, db, kb), (aa, da, ka) = measured(str(i), in_b), measured(str(i), every)
                 label = {"minmax": "min-max", "method": METHOD_OF[z],
                          "reconstruction": f"{METHOD_OF[z]} + reconstruction ({args.steps} steps/block)"}[variant]
+                label += " (the default)" if _is_default(z, variant, bits, args.steps) else ""
                 rows.append(f"| W{bits}A{bits} | {label} | {ab:.2f} | {db:.2f} | {kb:.4f} | {aa:.2f} | {da:.2f} | {ka:.4f} "
                             f"| {seconds:.0f} | {peak:.0f} |")
             float_b = summarize(logits["fp32"][in_b], labels[in_b], label_map, loaded.num_classes)["top1"]

@@ -45,6 +45,7 @@ from .fisher import output_fisher
 from .modules import TensorQuantizer
 from .scale_tuning import augmented
 from .spec import broadcast_param, fake_quantize
+from .tracing import forward_with_hooks
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches 0 and 1 exactly
 
@@ -129,12 +130,7 @@ def _well_formed(model: nn.Module, blocks: list[Bridge], example: torch.Tensor) 
             calls[i][1] &= isinstance(out, torch.Tensor)
 
         hooks += [first.register_forward_pre_hook(pre, with_kwargs=True), last.register_forward_hook(post)]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, example, hooks)
     return [n == 1 and ok for n, ok in calls]
 
 
