@@ -32,7 +32,8 @@ from .registry import Progress, register_method, register_restorer
 from .gptq import gptq_layers
 from .config import QuantConfig
 from .mixed_precision import average_bits, greedy_mixed_precision
-from .reconstruction import ReconstructionConfig, check_reconstruction_options, learned_by_reconstruction, reconstruct, steps_for
+from .reconstruction import (ReconstructionConfig, check_reconstruction_options, reconstruction_kept, reconstruction_refinement,
+                             steps_for)
 from .refine import Refinement, apply_refinements
 from .modules import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer, quantizers
 from .placement import reads_image
@@ -505,26 +506,21 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
             return _kl_and_agreement(ref, model(sens_x))[0]
 
     weighted = [n for n in macs if hasattr(modules[n], "weight_quantizer")]  # execution order
-    reconstruction: dict = {}
-    reconstruction_steps = steps_for(opts.reconstruction_steps, min((min(wa) for wa in final.values()), default=8), AUTO_MAX_BITS)
-
-    def reconstruct_blocks(m: nn.Module, names: Sequence[str], b: Sequence[torch.Tensor]) -> list[str]:
-        reconstruction.update(reconstruct(m, weighted, torch.cat(list(b)), ReconstructionConfig(
-            steps=reconstruction_steps, drop_prob=opts.qdrop), progress=progress))
-        return reconstruction["layers"]
-
+    narrowest = min((min(wa) for wa in final.values()), default=8)
     judged_on = f"{len(sens_x)} calibration images"
+    reconstruction, reconstruction_report = reconstruction_refinement(weighted, ReconstructionConfig(
+        steps=steps_for(opts.reconstruction_steps, narrowest, AUTO_MAX_BITS) if "reconstruction" in parts else 0,
+        drop_prob=opts.qdrop), progress=progress, judged_on=judged_on)
     refinements = [
-        Refinement("reconstruction", lambda done: "reconstruction" in parts and reconstruction_steps > 0, reconstruct_blocks,
-                   learned_by_reconstruction, judged_on=judged_on),
-        Refinement("gptq", lambda done: "gptq" in parts and not done.get("reconstruction", {}).get("kept", False),
+        reconstruction,
+        Refinement("gptq", lambda done: "gptq" in parts and not reconstruction_kept(done),
                    lambda m, names, b: gptq_layers(m, linears, b), lambda m: [m.weight], judged_on=judged_on)]
     steps = apply_refinements(model, weighted, batches, refinements, calibration_kl, calibration_kl())
     if steps:
         info["mptq"]["refinements"] = steps
         info["mptq"]["gptq_layers"] = steps["gptq"]["layers"] if steps.get("gptq", {}).get("kept") else 0
         if "reconstruction" in steps:
-            steps["reconstruction"]["blocks"] = reconstruction["blocks"]
+            steps["reconstruction"]["blocks"] = reconstruction_report["blocks"]
 
     if range_info:
         info["mptq"]["range_fraction"] = {n.rsplit(".", 1)[0]: by_bits[setup.bits_of(n, final)] for n, by_bits in range_info.items()}

@@ -61,7 +61,8 @@ from .bridge import Bridge, find_bridges, layer_order
 from .config import QuantConfig
 from .modules import TensorQuantizer
 from .placement import is_depthwise
-from .reconstruction import ReconstructionConfig, check_reconstruction_options, learned_by_reconstruction, reconstruct, steps_for
+from .reconstruction import (ReconstructionConfig, check_reconstruction_options, reconstruction_kept, reconstruction_refinement,
+                             steps_for)
 from .refine import Refinement, apply_refinements
 from .spec import QuantSpec, qparams_from_range
 
@@ -379,21 +380,13 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
             return gptq_layers(m, names, b, reference, act_order=opts.gptq_act_order)
         return run
 
-    reconstruction: dict = {}
-    reconstruction_steps = steps_for(opts.reconstruction_steps, min(config.wbits, config.abits), AUTO_MAX_BITS)
-
-    def reconstruct_blocks(m: nn.Module, names: Sequence[str], b: Sequence[torch.Tensor]) -> list[str]:
-        reconstruction.update(reconstruct(m, names, calib, ReconstructionConfig(
-            steps=reconstruction_steps, drop_prob=opts.qdrop, batch_size=bs, seed=seed), bridges, progress))
-        return reconstruction["layers"]
-
-    def no_reconstruction(done: dict) -> bool:
-        return not done.get("reconstruction", {}).get("kept", False)
-
+    reconstruction, reconstruction_report = reconstruction_refinement(order, ReconstructionConfig(
+        steps=steps_for(opts.reconstruction_steps, min(config.wbits, config.abits), AUTO_MAX_BITS),
+        drop_prob=opts.qdrop, batch_size=bs, seed=seed), bridges, progress)
     weights_of = lambda m: [m.weight]  # noqa: E731
     refinements = [
-        Refinement("reconstruction", lambda done: reconstruction_steps > 0, reconstruct_blocks, learned_by_reconstruction),
-        Refinement("gptq", lambda done: opts.gptq and no_reconstruction(done), round_weights(first_target), weights_of),
+        reconstruction,
+        Refinement("gptq", lambda done: opts.gptq and not reconstruction_kept(done), round_weights(first_target), weights_of),
         Refinement("gptq_own", lambda done: (opts.gptq and opts.gptq_target == "auto" and first_target == "float"
                                              and "gptq" in done and not done["gptq"]["kept"]), round_weights("own"), weights_of),
         Refinement("bias_correction", lambda done: opts.bias_correction, lambda m, o, b: correct_bias(m, o, b, float_means),
@@ -406,7 +399,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
     if "gptq" in post_steps:
         post_steps["gptq"]["target"] = first_target
     if "reconstruction" in post_steps:
-        post_steps["reconstruction"]["blocks"] = reconstruction["blocks"]
+        post_steps["reconstruction"]["blocks"] = reconstruction_report["blocks"]
     if "scale_tuning" in post_steps:
         post_steps["scale_tuning"]["augmented_kl_checks"] = tuning_checks  # start, then every 50 steps
 

@@ -43,6 +43,7 @@ from .bridge import Bridge
 from .calibration import float_copy
 from .fisher import output_fisher
 from .modules import TensorQuantizer
+from .refine import Refinement
 from .scale_tuning import augmented
 from .spec import broadcast_param, fake_quantize
 from .tracing import forward_with_hooks
@@ -96,6 +97,25 @@ def learned_by_reconstruction(layer: nn.Module) -> list[torch.Tensor]:
     """What reconstruction may change in a quantized layer: its weight and its activation step sizes."""
     return [layer.weight] + [q.scale for q in layer.modules()
                              if isinstance(q, TensorQuantizer) and q is not getattr(layer, "weight_quantizer", None)]
+
+
+def reconstruction_refinement(layers: Sequence[str], config: ReconstructionConfig, bridges: Sequence[Bridge] = (),
+                              progress: Callable[[int, int], None] | None = None,
+                              judged_on: str = "calibration images") -> tuple[Refinement, dict]:
+    """Reconstruction as a method's refinement (``refine.py``; on when ``config.steps`` > 0), and the
+    dict its run fills with ``reconstruct``'s report (per block: error before/after, kept)."""
+    report: dict = {}
+
+    def run(model: nn.Module, names: Sequence[str], batches: Sequence[torch.Tensor]) -> list[str]:
+        report.update(reconstruct(model, layers, torch.cat(list(batches)), config, bridges, progress))
+        return report["layers"]
+
+    return Refinement("reconstruction", lambda done: config.steps > 0, run, learned_by_reconstruction, judged_on=judged_on), report
+
+
+def reconstruction_kept(done: dict) -> bool:
+    """Given the refinements' report so far: did reconstruction change the rounding? (GPTQ then stays out.)"""
+    return bool(done.get("reconstruction", {}).get("kept", False))
 
 
 class _Stop(Exception):
