@@ -44,8 +44,8 @@ from .calibration import float_copy
 from .fisher import output_fisher
 from .modules import TensorQuantizer
 from .refine import Refinement
-from .scale_tuning import augmented
-from .spec import broadcast_param, fake_quantize
+from .scale_tuning import LearnedStep, augmented
+from .spec import broadcast_param
 from .tracing import forward_with_hooks
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches 0 and 1 exactly
@@ -233,6 +233,7 @@ class _LearnedRounding:
         self.floor = torch.floor(w / self.s)
         rest = (w / self.s - self.floor).clamp(0.0, 1.0 - 1e-6)
         self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0))
+        self.hard: torch.Tensor | None = None  # the rounded weight, once ``harden`` decided it
         self.q.forward = self.soft  # for the reconstruction only
 
     def h(self) -> torch.Tensor:
@@ -244,35 +245,12 @@ class _LearnedRounding:
     def soft(self, w: torch.Tensor) -> torch.Tensor:
         return self._weight(self.h()) if self.hard is None else self.hard
 
-    hard: torch.Tensor | None = None
-
     def harden(self) -> None:
         """From now on the layer sees the rounded weight (V ≥ 0 rounds up)."""
         self.hard = self._weight((self.v.detach() >= 0).float())
 
     def regulariser(self, beta: float) -> torch.Tensor:
         return (1.0 - (2.0 * self.h() - 1.0).abs().pow(beta)).sum()
-
-    def remove(self) -> None:
-        del self.q.forward
-
-
-class _LearnedStep:
-    """An activation quantizer's step size learned in log space, with QDrop's random dropping."""
-
-    def __init__(self, q: TensorQuantizer, drop: Callable[[], float], generator: torch.Generator):
-        self.q = q
-        self.log_scale = nn.Parameter(q.scale.detach().clone().log())
-        self.drop, self.generator = drop, generator
-        q.forward = self.forward
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fake_quantize(x, self.log_scale.exp(), self.q.zero_point, self.q.spec)
-        p = self.drop()
-        if p <= 0:
-            return y
-        keep_float = torch.rand(x.shape, generator=self.generator) < p
-        return torch.where(keep_float, x, y)
 
     def remove(self) -> None:
         del self.q.forward
@@ -334,7 +312,7 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
             quantized = [model.get_submodule(n) for n in b.layers]
             rounding = [_LearnedRounding(m) for m in quantized if m.weight_quantizer.mode == "quantize"]
             dropping = {"p": 0.0}
-            steps_ = [_LearnedStep(q, lambda: dropping["p"], generator) for m in modules for q in m.modules()
+            steps_ = [LearnedStep(q, lambda: dropping["p"], generator) for m in modules for q in m.modules()
                       if type(q) is TensorQuantizer and q.mode == "quantize" and q not in weight_quantizers]
             # step sizes learned: those of the block's quantized layers (their input and output
             # quantizers); the others (attention products, SiLU gates) are only dropped
@@ -380,7 +358,7 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
                     for r in rounding:
                         r.layer.weight.copy_(r.hard)
                 for s in learned:
-                    s.q.set_qparams(s.log_scale.detach().exp(), s.q.zero_point)
+                    s.apply()
             report.append({"block": b.name, "layers": list(b.layers), "error_before": before, "error_after": after,
                            "kept": kept, "seconds": round(time.perf_counter() - start, 2)})
     finally:

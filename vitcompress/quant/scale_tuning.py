@@ -15,7 +15,7 @@ images are as natural as the originals, true of photographs.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,32 @@ def augmented(images: torch.Tensor) -> torch.Tensor:
     return torch.cat([both] + [both.roll(shift, dim) for shift in (d, -d) for dim in (-2, -1)])
 
 
+class LearnedStep:
+    """An activation quantizer's step size as a parameter in log space, installed in the quantizer
+    until ``remove()`` (``apply()`` sets the learned scale). ``drop``: QDrop's probability, read at
+    each call, that an element passes unquantized (reconstruction.py); None never drops."""
+
+    def __init__(self, q: TensorQuantizer, drop: Callable[[], float] | None = None,
+                 generator: torch.Generator | None = None):
+        self.q = q
+        self.log_scale = nn.Parameter(q.scale.detach().clone().log())
+        self.drop, self.generator = drop, generator
+        q.forward = self.forward  # for the tuning only
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fake_quantize(x, self.log_scale.exp(), self.q.zero_point, self.q.spec)
+        p = self.drop() if self.drop is not None else 0.0
+        if p <= 0:
+            return y
+        return torch.where(torch.rand(x.shape, generator=self.generator) < p, x, y)
+
+    def apply(self, log_scale: torch.Tensor | None = None) -> None:
+        self.q.set_qparams((self.log_scale if log_scale is None else log_scale).detach().exp(), self.q.zero_point)
+
+    def remove(self) -> None:
+        del self.q.forward  # back to the class's forward
+
+
 def tune_activation_scales(model: nn.Module, quantizers: Sequence[TensorQuantizer], images: torch.Tensor,
                            float_logits: torch.Tensor, steps: int = 600, lr: float = 1e-3, batch_size: int = 32,
                            seed: int = 0, check_every: int = 50) -> list[float]:
@@ -48,9 +74,8 @@ def tune_activation_scales(model: nn.Module, quantizers: Sequence[TensorQuantize
     def full_kl() -> float:
         return logits_kl(ref, batched_logits(model, images, batch_size))
 
-    log_scales = [nn.Parameter(q.scale.detach().clone().log()) for q in quantizers]
-    for q, ls in zip(quantizers, log_scales):
-        q.forward = lambda x, q=q, ls=ls: fake_quantize(x, ls.exp(), q.zero_point, q.spec)  # for this step only
+    steps_ = [LearnedStep(q) for q in quantizers]
+    log_scales = [s.log_scale for s in steps_]
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in grad_flags:
         p.requires_grad_(False)
@@ -73,10 +98,10 @@ def tune_activation_scales(model: nn.Module, quantizers: Sequence[TensorQuantize
                 if checks[-1] < min(checks[:-1]):
                     best = [ls.detach().clone() for ls in log_scales]
     finally:
-        for q in quantizers:
-            del q.forward  # back to the class's forward
+        for s in steps_:
+            s.remove()
         for p, flag in grad_flags:
             p.requires_grad_(flag)
-    for q, ls in zip(quantizers, best):
-        q.set_qparams(ls.exp(), q.zero_point)
+    for s, ls in zip(steps_, best):
+        s.apply(ls)
     return checks
