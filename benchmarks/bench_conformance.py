@@ -1,0 +1,353 @@
+"""Every model family × every method, measured: does it work, is the export faithful, how much runs
+in integer kernels, is it faster than float, how long did it take.
+
+    python benchmarks/bench_conformance.py [--families DeiT,Swin] [--methods float,speed] [--resume] [--cpu 1]
+
+One cell = one family (its smallest timm member, random weights, native input size) × one method,
+run in its own process, so a crash or a hang is that cell's "failed" and nothing else's. Cells use
+only the bundled images (calib/train to calibrate, calib/val to compare the export with the torch
+model), so the table is reproducible on a fresh clone. Statuses:
+
+- ok: the method ran and its artifact exported; the numbers are that run's.
+- unsupported: refused before any work by the family × method table (``vitcompress.support``),
+  with its reason; the cell checks the refusal really happens.
+- failed: anything else (an error, a traceback, a timeout), with its last line.
+
+Writes benchmarks/conformance.json (one record per cell; ``--resume`` keeps the records of cells
+already run), benchmarks/CONFORMANCE.md and the README's supported-model table from it.
+Nothing else should load the machine while it runs; ``--cpu N`` pins the cells to one core.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from common import ROOT, cpu_line  # the script's own folder is on sys.path
+sys.path.insert(0, str(ROOT))
+
+CONFORMANCE_JSON = ROOT / "benchmarks" / "conformance.json"
+CONFORMANCE_MD = ROOT / "benchmarks" / "CONFORMANCE.md"
+README = ROOT / "README.md"
+CALIB, EVAL = ROOT / "calib" / "train", ROOT / "calib" / "val"
+CALIB_SIZE, EVAL_SIZE, PRUNE_CALIB_SIZE = 32, 200, 64
+LATENCY_ROUNDS = 15
+W8A8_MIN_AGREEMENT = 99.0  # the bar an ok W8A8 cell's export must meet against its torch simulation
+
+
+# The families users bring, each by its smallest timm member (fewest MACs), at native size.
+FAMILY_MODELS: dict[str, str] = {
+    "DeiT": "deit_tiny_patch16_224",
+    "Swin Transformer": "swin_tiny_patch4_window7_224",
+    "Swin Transformer v2": "swinv2_tiny_window8_256",
+    "MobileViT v1": "mobilevit_xxs",
+    "MobileViT v2": "mobilevitv2_050",
+    "EfficientFormer v1": "efficientformer_l1",
+    "EfficientFormer v2": "efficientformerv2_s0",
+    "LeViT": "levit_128s",
+    "EfficientViT (MIT)": "efficientvit_b0",
+    "EfficientViT (MSRA)": "efficientvit_m0",
+    "TinyViT": "tiny_vit_5m_224",
+    "Next-ViT": "nextvit_small",
+    "PVT v2": "pvt_v2_b0",
+    "ConvNeXt": "convnext_atto",
+    "CrossViT": "crossvit_tiny_240",
+    "VOLO": "volo_d1_224",
+    "ConViT": "convit_tiny",
+    "SHViT": "shvit_s1",
+    "RepViT": "repvit_m0_9",
+    "FastViT": "fastvit_t8",
+    "CaiT": "cait_xxs24_224",
+    "CoaT": "coat_lite_tiny",
+    "Twins": "twins_svt_small",
+    "PoolFormer": "poolformer_s12",
+    "EdgeNeXt": "edgenext_xx_small",
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One column: how a cell runs it (in the cell's process) and what its name is in the support table."""
+
+    name: str
+    about: str
+    support_name: str  # the method's name in vitcompress.support (quantize --method / prune --method)
+    run: Callable[[str, Path], dict]
+
+
+def _quantize(arch: str, out: Path, **config) -> dict:
+    from vitcompress import QuantConfig, QuantizeJob, quantize
+
+    placement = config.pop("placement", "partial")
+    with_eval = placement != "default"  # default judges itself on held-out calibration images (label-free)
+    job = QuantizeJob(out=out, model=arch, pretrained=False, config=QuantConfig(placement=placement, **config),
+                      calib_dir=CALIB, calib_size=CALIB_SIZE, eval_dir=EVAL if with_eval else None,
+                      eval_size=EVAL_SIZE, latency_rounds=LATENCY_ROUNDS)
+    r = quantize(job)
+    row = {"agreement_vs_torch": r["accuracy"]["export_vs_torch_agreement"] if with_eval else None,
+           "integer_mac_share": r["coverage"]["integer_mac_share"], "speedup": r["latency"]["speedup"],
+           "label": r["bits"]["label"], "simulated_layers": len(r["coverage"]["simulated_layers"])}
+    if with_eval:
+        row["float_rounding_floor"] = _float_rounding_floor(out / r["artifacts"]["checkpoint"]["path"])
+    if "placement_auto" in r:
+        row["chosen"] = r["placement_auto"]["chosen"]
+        row["agreement_vs_fp32"] = r["holdout_fidelity"]["top1_agreement"]
+    return row
+
+
+def _float_rounding_floor(checkpoint: Path) -> float | None:
+    """Top-1 agreement of the quantized torch model computed in float32 with itself computed in
+    float64, on the cells' evaluation images: how many decisions float rounding alone flips. A
+    random-weight network is chaotic (its top-2 logits are near ties, and one activation rounded to
+    the neighbouring grid point spreads through every later block), so an export can be no closer to
+    its simulation than this, whatever its kernels do; a real export bug shows as far less."""
+    import copy
+
+    import torch
+
+    from vitcompress import load
+    from vitcompress.artifacts import evaluation_images
+    from vitcompress.data import load_tensor
+    from vitcompress.evaluate import fidelity
+
+    loaded = load(checkpoint=checkpoint)
+    images, _ = evaluation_images(loaded, EVAL, EVAL_SIZE, 0)
+    x = load_tensor(images, loaded.preprocessing)
+    model64 = copy.deepcopy(loaded.model).double()
+    try:
+        with torch.no_grad():
+            single = torch.cat([loaded.model(b) for b in x.split(32)])
+            double = torch.cat([model64(b.double()) for b in x.split(32)]).float()
+    except RuntimeError:  # a module that builds float32 tensors of its own: no float64 reference
+        return None
+    return fidelity(double.numpy(), single.numpy())["top1_agreement"]
+
+
+def _prune(arch: str, out: Path, method: str) -> dict:
+    from vitcompress.prune_api import PruneJob, prune
+
+    job = PruneJob(out=out, model=arch, pretrained=False, method=method, target_flops=1.5, calib_dir=CALIB,
+                   calib_size=PRUNE_CALIB_SIZE, latency_rounds=LATENCY_ROUNDS, search_steps=30, search_minutes=5.0)
+    r = prune(job)
+    return {"macs_reduction": r["pruning"]["macs_reduction"], "speedup": r["latency"]["speedup"]}
+
+
+def _float(arch: str, out: Path) -> dict:
+    """The float export alone, and its agreement with the torch model it came from."""
+    from vitcompress import load
+    from vitcompress.artifacts import evaluation_images, onnx_metadata
+    from vitcompress.evaluate import PredictorSource, evaluate, fidelity
+    from vitcompress.export import export_float
+
+    loaded = load(arch, None, pretrained=False)
+    out.mkdir(parents=True)
+    path = out / "model.fp32.onnx"
+    export_float(loaded.model, loaded.preprocessing.input_size, path, onnx_metadata(loaded, "fp32"))
+    images, _ = evaluation_images(loaded, EVAL, EVAL_SIZE, 0)
+    logits, _, _ = evaluate({"onnx": PredictorSource(onnx=str(path)), "torch": PredictorSource(module=loaded.model)},
+                            images, loaded.preprocessing)
+    return {"agreement_vs_torch": fidelity(logits["torch"], logits["onnx"])["top1_agreement"]}
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("float", "float ONNX export", "float", _float),
+    Method("partial", "W8A8 min-max, placement partial", "minmax", lambda a, o: _quantize(a, o, placement="partial")),
+    Method("speed", "W8A8 min-max, placement speed", "minmax", lambda a, o: _quantize(a, o, placement="speed")),
+    Method("default", "W8A8 min-max, the default (measured) placement", "minmax",
+           lambda a, o: _quantize(a, o, placement="default")),
+    Method("qhyvit", "W8A8 Q-HyViT", "qhyvit", lambda a, o: _quantize(a, o, method="qhyvit")),
+    Method("mptq", "W8A8 MPTQ (SQ-b, OPT-m)", "mptq", lambda a, o: _quantize(a, o, method="mptq")),
+    Method("greedy-mp", "MPTQ greedy mixed precision to 6 bits on average", "mptq",
+           lambda a, o: _quantize(a, o, method="mptq", method_options={"target_bits": 6.0, "bit_choices": [4, 6, 8]})),
+    Method("lpvit", "LPViT unit pruning to 1.5x fewer MACs", "lpvit", lambda a, o: _prune(a, o, "lpvit")),
+    Method("ofb", "OFB search to 1.5x fewer MACs (30 steps)", "ofb", lambda a, o: _prune(a, o, "ofb")),
+)}
+
+
+def run_cell(family: str, method: str) -> dict:
+    """One cell, in this process: its record (status, reason, numbers, wall time)."""
+    import torch
+
+    from vitcompress.errors import VitcompressError
+    from vitcompress.models import family_of
+    from vitcompress.support import unsupported_reason
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    arch, spec = FAMILY_MODELS[family], METHODS[method]
+    planned = unsupported_reason(family_of(arch), spec.support_name)
+    started = time.perf_counter()
+    record: dict = {"family": family, "arch": arch, "method": method, "date": dt.date.today().isoformat()}
+    with tempfile.TemporaryDirectory(prefix="conformance-") as tmp:
+        try:
+            record.update(spec.run(arch, Path(tmp) / "out"))
+            record["status"] = "ok" if planned is None else "failed"
+            if planned is not None:
+                record["reason"] = f"the support table says unsupported ({planned}) but it ran"
+        except VitcompressError as e:
+            said = str(e)
+            record["status"] = "unsupported" if planned is not None and planned in said else "failed"
+            record["reason"] = said.splitlines()[0][:300]
+        except Exception as e:  # noqa: BLE001  (any crash is this cell's failure, reported, not raised)
+            record["status"] = "failed"
+            record["reason"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+    record["wall_s"] = round(time.perf_counter() - started, 1)
+    return record
+
+
+def _cell_in_child(family: str, method: str, timeout: float, cpu: int | None) -> dict:
+    cmd = [sys.executable, __file__, "--cell", family, method] + ([] if cpu is None else ["--cpu", str(cpu)])
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"family": family, "arch": FAMILY_MODELS[family], "method": method, "status": "failed",
+                "reason": f"timed out after {timeout:.0f} s", "wall_s": round(time.perf_counter() - started, 1)}
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+    return {"family": family, "arch": FAMILY_MODELS[family], "method": method, "status": "failed",
+            "reason": f"process exited {done.returncode}: {last[:300]}", "wall_s": round(time.perf_counter() - started, 1)}
+
+
+def _fmt(v, pattern: str) -> str:
+    return "—" if v is None else pattern.format(v)
+
+
+def _cell_text(r: dict | None) -> str:
+    if r is None:
+        return "not run"
+    if r["status"] != "ok":
+        return f"**{r['status']}**"
+    if r["method"] == "float":
+        return f"ok · {_fmt(r.get('agreement_vs_torch'), '{:.1f}%')}"
+    if r["method"] in ("lpvit", "ofb"):
+        return f"ok · {r['speedup']:.2f}x"
+    parts = [f"ok · {r['speedup']:.2f}x", f"int {100 * r['integer_mac_share']:.0f}%"]
+    if r.get("agreement_vs_torch") is not None:
+        floor = r.get("float_rounding_floor")
+        parts.append(f"{r['agreement_vs_torch']:.1f}%" + ("" if floor is None else f" ({floor:.1f}%)"))
+    if r.get("chosen"):
+        parts.append(r["chosen"])
+    return " · ".join(parts)
+
+
+def _markdown(records: dict[tuple[str, str], dict]) -> str:
+    families, methods = list(FAMILY_MODELS), list(METHODS)
+    counts = {s: sum(1 for r in records.values() if r["status"] == s) for s in ("ok", "unsupported", "failed")}
+    lines = [
+        "# Conformance: every family × every method", "",
+        f"Made by `make conformance` (`python benchmarks/bench_conformance.py`) — {dt.date.today().isoformat()}. "
+        f"{cpu_line()} Cells ran one at a time, 1 thread, onnxruntime.", "",
+        "Each family by its smallest timm member, random weights, native input size; calibration on "
+        f"{CALIB_SIZE} bundled images (`calib/train`; {PRUNE_CALIB_SIZE} for pruning), the export compared with "
+        f"its torch model on {EVAL_SIZE} bundled images (`calib/val`). A cell reads: status · fp32/compressed latency "
+        "ratio (onnxruntime, 1 thread, alternated runs) · share of MACs in integer kernels · top-1 agreement of the "
+        "exported artifact with its torch simulation (in brackets: the same simulation computed in float64 vs float32, the floor float rounding alone sets on random weights) · for `default`, the placement it chose (judged on held-out "
+        "calibration images). `unsupported` cells are decisions of `vitcompress/support.py`, refused in one line "
+        "before any work; their reasons are listed below the table.", "",
+        f"Cells: {counts['ok']} ok, {counts['unsupported']} unsupported, {counts['failed']} failed, "
+        f"{len(families) * len(methods) - len(records)} not run.", "",
+        "Methods: " + "; ".join(f"`{m}` = {METHODS[m].about}" for m in methods) + ".", "",
+        "| family (model) | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods),
+    ]
+    for f in families:
+        cells = [_cell_text(records.get((f, m))) for m in methods]
+        lines.append(f"| {f} (`{FAMILY_MODELS[f]}`) | " + " | ".join(cells) + " |")
+    notes = [r for r in records.values() if r["status"] != "ok"]
+    if notes:
+        lines += ["", "## Not ok, and why", "", "| family | method | status | reason |", "|---|---|---|---|"]
+        lines += [f"| {r['family']} | {r['method']} | {r['status']} | {r['reason'].replace('|', '/')} |" for r in notes]
+    low = [r for r in records.values() if r["status"] == "ok" and r["method"] not in ("float", "greedy-mp")
+           and r.get("agreement_vs_torch") is not None and r["agreement_vs_torch"] < W8A8_MIN_AGREEMENT]
+    slow = [r for r in records.values() if r["status"] == "ok" and r["method"] == "default" and r["speedup"] < 1.0]
+    lines += ["", "## Bars", "",
+              f"- W8A8 cells whose export agrees with its torch simulation on less than {W8A8_MIN_AGREEMENT:g}% "
+              "(in brackets: the float-rounding floor, the agreement of that simulation with itself computed in float64): "
+              + (", ".join(f"{r['family']} × {r['method']} ({r['agreement_vs_torch']:.1f}% vs "
+                           f"{_fmt(r.get('float_rounding_floor'), '{:.1f}%')})" for r in low) or "none") + ".",
+              "- Families slower than float at W8A8 under the default placement: "
+              + (", ".join(f"{r['family']} ({r['speedup']:.2f}x)" for r in slow) or "none") + "."]
+    return "\n".join(lines) + "\n"
+
+
+README_START, README_END = "<!-- supported-models:start -->", "<!-- supported-models:end -->"
+
+
+def _readme_table(records: dict[tuple[str, str], dict]) -> str:
+    """Which methods each family supports, from the measured cells (not from hopes)."""
+    rows = ["| family | smallest member measured | works | unsupported | not yet working |", "|---|---|---|---|---|"]
+    for f, arch in FAMILY_MODELS.items():
+        by = {s: [m for m in METHODS if (records.get((f, m)) or {}).get("status") == s] for s in ("ok", "unsupported", "failed")}
+        rows.append(f"| {f} | `{arch}` | {', '.join(by['ok']) or '—'} | {', '.join(by['unsupported']) or '—'} | "
+                    f"{', '.join(by['failed']) or '—'} |")
+    return "\n".join(rows) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    scratch = path.with_name(path.name + ".tmp")
+    scratch.write_text(text)
+    scratch.replace(path)
+
+
+def publish(records: dict[tuple[str, str], dict]) -> None:
+    ordered = [records[k] for k in sorted(records, key=lambda k: (list(FAMILY_MODELS).index(k[0]), list(METHODS).index(k[1])))]
+    _write_atomic(CONFORMANCE_JSON, json.dumps(ordered, indent=1) + "\n")
+    _write_atomic(CONFORMANCE_MD, _markdown(records))
+    text = README.read_text()
+    if README_START in text and README_END in text:
+        head, rest = text.split(README_START, 1)
+        _write_atomic(README, f"{head}{README_START}\n{_readme_table(records)}{README_END}{rest.split(README_END, 1)[1]}")
+
+
+def _names(arg: str | None, known: list[str], what: str) -> list[str]:
+    if not arg:
+        return known
+    names = [n.strip() for n in arg.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        sys.exit(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
+    return names
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--families", help="comma-separated family names (default: all)")
+    ap.add_argument("--methods", help="comma-separated method columns (default: all)")
+    ap.add_argument("--resume", action="store_true", help="keep the records of cells already in conformance.json")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds a cell may run")
+    ap.add_argument("--cpu", type=int, default=None, help="pin the cells to this core")
+    ap.add_argument("--cell", nargs=2, metavar=("FAMILY", "METHOD"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    if args.cell:
+        print(json.dumps(run_cell(*args.cell)))
+        return
+    families = _names(args.families, list(FAMILY_MODELS), "families")
+    methods = _names(args.methods, list(METHODS), "methods")
+    records: dict[tuple[str, str], dict] = {}
+    if CONFORMANCE_JSON.exists():  # other cells' records stay; the cells asked for are re-run unless --resume
+        records = {(r["family"], r["method"]): r for r in json.loads(CONFORMANCE_JSON.read_text())}
+    for method in methods:  # column by column: a partial run fills whole columns
+        for family in families:
+            if args.resume and (family, method) in records:
+                continue
+            r = _cell_in_child(family, method, args.timeout, args.cpu)
+            records[(family, method)] = r
+            print(f"{family:22s} {method:10s} {r['status']:12s} {r['wall_s']:7.1f}s  {_cell_text(r)}  {r.get('reason', '')}",
+                  flush=True)
+            publish(records)
+
+
+if __name__ == "__main__":
+    main()
