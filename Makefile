@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-caps bench-qhyvit bench-mptq bench-frontier bench-prune bench-workers recipes bench-recipes install clean
+.PHONY: demo test bench bench-caps bench-qhyvit bench-mptq bench-frontier bench-prune bench-workers conformance recipes bench-recipes install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ bench-frontier: $(STAMP)
 
 bench-prune: $(STAMP)
 	$(PY) benchmarks/bench_prune.py --out benchmarks/RESULTS.md
+
+# Every model family × every method (benchmarks/CONFORMANCE.md and the README's supported-model table);
+# needs only the bundled images; long (hours on 2 cores), resumable with ARGS=--resume.
+conformance: $(STAMP)
+	$(PY) benchmarks/bench_conformance.py $(ARGS)
 
 bench-workers: $(STAMP)
 	$(PY) benchmarks/bench_workers.py --out benchmarks/RESULTS.md --workers 2 --large

@@ -29,6 +29,7 @@ from .fileio import atomic_path, prepare_output_dir, write_json  # noqa: F401 (w
 from .check import check  # noqa: F401 (the gate is part of the public API)
 from .checkpoints import load, prune_extra
 from .models import LoadedModel, family_of
+from .support import check_supported
 from .workers import LocalPool, RayPool, Workers, open_pool
 from .quant import QuantConfig, float_state_dict, quant_state, quantize_
 from .quant.options import method_options
@@ -98,6 +99,7 @@ def _prepare(job: QuantizeJob, pool: LocalPool | RayPool) -> _Prepared:
     loaded = load(job.model, job.checkpoint, job.pretrained)
     if loaded.quant_state is not None:
         raise VitcompressError(f"{job.checkpoint} is already quantized; start from the float checkpoint")
+    check_supported(loaded.arch, family_of(loaded.arch), job.config.method)
     get_runtime(job.runtime)  # a missing optional runtime fails before any work
     calib, calib_images, calib_sample, calibration = calibration_images(loaded, job.calib_dir, job.calib_size, job.seed)
     prepared = _Prepared(loaded, family_of(loaded.arch), resolve_target(job.target_cpu), calib, calibration, pool=pool)

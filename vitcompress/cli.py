@@ -495,7 +495,8 @@ def report(
 @app.command()
 def models():
     """List model aliases and the timm architectures they stand for."""
-    from .models import SUPPORTED_FAMILIES, list_models
+    from .models import FAMILIES, list_models
+    from .support import UNSUPPORTED
 
     t = Table(title="aliases")
     t.add_column("alias")
@@ -503,7 +504,10 @@ def models():
     for alias, arch in list_models():
         t.add_row(alias, arch)
     out_console.print(t)
-    out_console.print("families: " + ", ".join(sorted(set(SUPPORTED_FAMILIES.values()))) + "; any timm name is accepted.")
+    out_console.print("families: " + ", ".join(sorted(set(FAMILIES.values()))) + "; any timm name is accepted.")
+    for row in UNSUPPORTED:
+        out_console.print(f"not supported: {row.method} on {row.family} ({row.reason})", highlight=False)
+    out_console.print("measured support of every family by every method: benchmarks/CONFORMANCE.md", highlight=False)
 
 
 @app.command()

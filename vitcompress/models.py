@@ -37,11 +37,18 @@ MODEL_ALIASES: dict[str, str] = {
     "efficientvit": "efficientvit_m0",
 }
 
-# Architecture families with first-class support (placement, tests); other timm models may work.
-SUPPORTED_FAMILIES: dict[str, str] = {
-    "vit_": "ViT", "deit_": "DeiT", "swin_": "Swin Transformer", "mobilevit_": "MobileViT v1",
-    "mobilevitv2_": "MobileViT v2", "efficientformer_": "EfficientFormer v1",
-    "efficientformerv2_": "EfficientFormer v2", "levit_": "LeViT", "efficientvit_": "EfficientViT",
+# Known architecture families by timm name prefix (longest prefix wins). Their support per method is
+# data in support.py, measured by the conformance benchmark (benchmarks/CONFORMANCE.md); any other
+# timm model is accepted and tried.
+FAMILIES: dict[str, str] = {
+    "vit_": "ViT", "deit_": "DeiT", "deit3_": "DeiT", "swin_": "Swin Transformer", "swinv2_": "Swin Transformer v2",
+    "mobilevit_": "MobileViT v1", "mobilevitv2_": "MobileViT v2",
+    "efficientformer_": "EfficientFormer v1", "efficientformerv2_": "EfficientFormer v2", "levit_": "LeViT",
+    "efficientvit_b": "EfficientViT (MIT)", "efficientvit_l": "EfficientViT (MIT)", "efficientvit_m": "EfficientViT (MSRA)",
+    "tiny_vit_": "TinyViT", "nextvit_": "Next-ViT", "pvt_v2_": "PVT v2", "convnext_": "ConvNeXt",
+    "crossvit_": "CrossViT", "volo_": "VOLO", "convit_": "ConViT", "shvit_": "SHViT", "repvit_": "RepViT",
+    "fastvit_": "FastViT", "cait_": "CaiT", "coat_": "CoaT", "twins_": "Twins", "poolformer_": "PoolFormer",
+    "poolformerv2_": "PoolFormer", "edgenext_": "EdgeNeXt",
 }
 
 
@@ -82,10 +89,10 @@ def list_models() -> list[tuple[str, str]]:
 
 
 def family_of(arch: str) -> str:
-    """The supported family an architecture belongs to, longest prefix first."""
-    for prefix in sorted(SUPPORTED_FAMILIES, key=len, reverse=True):
+    """The known family an architecture belongs to, longest prefix first."""
+    for prefix in sorted(FAMILIES, key=len, reverse=True):
         if arch.startswith(prefix):
-            return SUPPORTED_FAMILIES[prefix]
+            return FAMILIES[prefix]
     return "other timm model"
 
 

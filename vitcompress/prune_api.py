@@ -24,7 +24,8 @@ from .registry import lookup
 from .evaluate import PredictorSource, evaluate, fidelity, summarize
 from .export import compare_latency, export_float
 from .fileio import prepare_output_dir, write_json
-from .models import LoadedModel
+from .models import LoadedModel, family_of
+from .support import check_supported
 from .workers import Workers, open_pool
 from .prune.baseline import MagnitudePruner
 from .prune.lpvit import LPViTConfig, LPViTPruner, Plan, apply_plan
@@ -332,6 +333,7 @@ def prune(job: PruneJob, progress: ProgressFn = no_progress) -> dict:
     loaded = load(job.model, job.checkpoint, job.pretrained)
     if loaded.quant_state is not None:
         raise VitcompressError(f"{job.checkpoint} is quantized; prune the float checkpoint, then quantize the result")
+    check_supported(loaded.arch, family_of(loaded.arch), job.method)
     if job.method == "ofb" and (reason := ofb_unsupported(loaded.model)) is not None:
         raise VitcompressError(f"--method ofb does not support {loaded.arch}: {reason}")
     prep = loaded.preprocessing

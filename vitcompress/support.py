@@ -15,17 +15,35 @@ from .errors import VitcompressError
 
 @dataclass(frozen=True)
 class Unsupported:
-    family: str  # fnmatch pattern over ``models.family_of`` names
     method: str  # quantize --method or prune --method name
-    reason: str  # one line: what in the family the method cannot handle (yet)
+    families: tuple[str, ...]  # fnmatch patterns over ``models.family_of`` names
+    reason: str  # one line: what in these families the method cannot handle (yet)
+
+    def covers(self, family: str, method: str) -> bool:
+        return method == self.method and any(fnmatch.fnmatch(family, f) for f in self.families)
 
 
-UNSUPPORTED: tuple[Unsupported, ...] = ()
+# Hierarchical families: the embedding width changes from stage to stage.
+_STAGED = ("Swin Transformer*", "MobileViT*", "EfficientFormer*", "LeViT", "EfficientViT*", "TinyViT", "Next-ViT",
+           "PVT v2", "ConvNeXt", "SHViT", "RepViT", "FastViT", "CoaT", "Twins", "PoolFormer", "EdgeNeXt")
+
+UNSUPPORTED: tuple[Unsupported, ...] = (
+    Unsupported("ofb", _STAGED, "OFB searches one embedding width shared by every block of a plain ViT; this family's "
+                "width changes from stage to stage (conv, pooling or windowed stages between its attention blocks)"),
+    Unsupported("ofb", ("CaiT",), "class-attention blocks and talking-heads attention (heads mixed across each other "
+                "before and after the softmax) are outside OFB's head/MLP/embedding search space"),
+    Unsupported("ofb", ("ConViT",), "gated positional self-attention (a per-head gate between content and positional "
+                "attention) is outside OFB's head/MLP/embedding search space"),
+    Unsupported("ofb", ("CrossViT",), "two token branches of different widths joined by cross-attention: no single "
+                "embedding width for OFB to search"),
+    Unsupported("ofb", ("VOLO",), "outlooker blocks (attention weights generated per local window) are outside "
+                "OFB's head/MLP/embedding search space"),
+)
 
 
 def unsupported_reason(family: str, method: str) -> str | None:
     """The reason ``method`` does not support ``family``, or None when it does (first match wins)."""
-    return next((u.reason for u in UNSUPPORTED if u.method == method and fnmatch.fnmatch(family, u.family)), None)
+    return next((u.reason for u in UNSUPPORTED if u.covers(family, method)), None)
 
 
 def check_supported(arch: str, family: str, method: str) -> None:

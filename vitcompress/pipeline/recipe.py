@@ -24,6 +24,8 @@ from typing import Any
 import yaml
 
 from ..errors import VitcompressError
+from ..models import family_of, resolve_arch
+from ..support import check_supported
 from .steps import STEPS, StepSpec
 
 SCHEMA = "vitcompress-recipe/1"
@@ -279,5 +281,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), r
         steps.append(Step(kind, config, line))
     if require_schema and model.name is None and model.checkpoint is None:
         raise where.error(model_doc.line or 1, "model", "name a model: model.name (timm name or alias) or model.checkpoint")
+    if model.name is not None:  # a method the family does not support fails here, before any step runs
+        arch = resolve_arch(model.name)
+        for i, step in enumerate(steps):
+            method = STEPS[step.kind].method(step.options)
+            try:
+                if method is not None:
+                    check_supported(arch, family_of(arch), method)
+            except VitcompressError as e:
+                raise where.error(step.line, f"steps[{i + 1}].{step.kind}.method", str(e)) from None
     return Recipe(path=path, model=model, data=data, seed=seed, steps=tuple(steps), description=str(doc.get("description") or ""),
                   overrides=tuple(overrides))

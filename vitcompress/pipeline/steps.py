@@ -189,11 +189,13 @@ class StepSpec:
     validate: Callable[[Any, Callable[[str, str], Exception]], None] = _no_checks
     build: Callable[["StepSpec", dict, Callable], Any] = _build_default
     needs: tuple[str, ...] = ("calib",)  # the recipe's data folders the step reads
+    method: Callable[[Any], str | None] = lambda config: None  # the method it runs (support.py's name), if any
 
 
 STEPS: dict[str, StepSpec] = {
-    "prune": StepSpec("prune", PruneOptions, _run_prune, _validate_prune),
-    "quantize": StepSpec("quantize", QuantizeOptions, _run_quantize, _validate_quantize, _build_quantize),
+    "prune": StepSpec("prune", PruneOptions, _run_prune, _validate_prune, method=lambda o: o.method),
+    "quantize": StepSpec("quantize", QuantizeOptions, _run_quantize, _validate_quantize, _build_quantize,
+                         method=lambda o: o.config.method),
     "check": StepSpec("check", CheckOptions, _run_check, _validate_check, needs=("eval",)),
 }
 
