@@ -37,6 +37,18 @@ INT8_QDQ_ALLOWED = {"session.qdqisint8allowed": "1"}
 NUMERICS_KEY = "numerics"  # what the integer kernels need of the CPU (see integer_numerics)
 
 
+@torch.onnx.symbolic_helper.parse_args("v", "v", "v", "is", "is", "is")
+def _col2im(g, x, output_size, kernel_size, dilation: list[int], padding: list[int], stride: list[int]):
+    """aten::col2im (``F.fold``) as ONNX Col2Im over two spatial axes. torch's own symbolic reads the
+    number of axes off ``output_size``'s static shape, which an (H, W) computed from the input's
+    shape does not have (VOLO's outlooker attention), and fails; fold is always 2-D."""
+    return g.op("Col2Im", x, output_size, kernel_size, dilations_i=dilation or [1, 1],
+                pads_i=[p for p in padding for _ in range(2)] or [0, 0, 0, 0], strides_i=stride or [1, 1])
+
+
+torch.onnx.register_custom_op_symbolic("aten::col2im", _col2im, 18)
+
+
 def _torch_to_onnx(model: nn.Module, input_size: tuple[int, int, int]) -> onnx.ModelProto:
     buf = io.BytesIO()
     x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
