@@ -99,6 +99,11 @@ def _quantize(arch: str, out: Path, **config) -> dict:
            "label": r["bits"]["label"], "simulated_layers": len(r["coverage"]["simulated_layers"])}
     if with_eval:
         row["float_rounding_floor"] = _float_rounding_floor(out / r["artifacts"]["checkpoint"]["path"])
+    islands: dict[str, int] = {}
+    for island in r["coverage"]["float_islands"]:
+        islands[island["op"]] = islands.get(island["op"], 0) + island["macs"]
+    total = r["coverage"]["total_macs"]
+    row["float_macs_by_op"] = {op: round(m / total, 3) for op, m in sorted(islands.items(), key=lambda kv: -kv[1])[:3]}
     if "placement_auto" in r:
         row["chosen"] = r["placement_auto"]["chosen"]
         row["agreement_vs_fp32"] = r["holdout_fidelity"]["top1_agreement"]
@@ -278,8 +283,11 @@ def _markdown(records: dict[tuple[str, str], dict]) -> str:
               "(in brackets: the float-rounding floor, the agreement of that simulation with itself computed in float64): "
               + (", ".join(f"{r['family']} × {r['method']} ({r['agreement_vs_torch']:.1f}% vs "
                            f"{_fmt(r.get('float_rounding_floor'), '{:.1f}%')})" for r in low) or "none") + ".",
-              "- Families slower than float at W8A8 under the default placement: "
-              + (", ".join(f"{r['family']} ({r['speedup']:.2f}x)" for r in slow) or "none") + "."]
+              "- Families slower than float at W8A8 under the default placement, and the float operators holding "
+              "most of their remaining MACs (what caps them): "
+              + ("; ".join(f"{r['family']} ({r['speedup']:.2f}x; float: "
+                           + (", ".join(f"{op} {100 * share:.0f}%" for op, share in r.get("float_macs_by_op", {}).items()) or "—") + ")"
+                           for r in slow) or "none") + "."]
     return "\n".join(lines) + "\n"
 
 
