@@ -2,6 +2,7 @@
 in integer kernels, is it faster than float, how long did it take.
 
     python benchmarks/bench_conformance.py [--families DeiT,Swin] [--methods float,speed] [--resume] [--cpu 1]
+    python benchmarks/bench_conformance.py --time     # then, on an otherwise idle machine
 
 One cell = one family (its smallest timm member, random weights, native input size) × one method,
 run in its own process, so a crash or a hang is that cell's "failed" and nothing else's. Cells use
@@ -13,9 +14,15 @@ model), so the table is reproducible on a fresh clone. Statuses:
   with its reason; the cell checks the refusal really happens.
 - failed: anything else (an error, a traceback, a timeout), with its last line.
 
+Two phases, because the cells' work may share the machine but their timing may not (a neighbour on
+the other core moved one fp32/int8 ratio from 2.1x to 1.3x). The cells keep their artifacts under
+bench-out/conformance/ (their in-run latency uses a few rounds and is not reported); ``--time``
+then times every ok cell's compressed artifact against its fp32 one, alternated, one cell after
+the other, and only those ratios are published. Run it with nothing else on the machine.
+
 Writes benchmarks/conformance.json (one record per cell; ``--resume`` keeps the records of cells
 already run), benchmarks/CONFORMANCE.md and the README's supported-model table from it.
-Nothing else should load the machine while it runs; ``--cpu N`` pins the cells to one core.
+``--cpu N`` pins the cells to one core (two runs on different columns may then share the machine).
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +43,12 @@ sys.path.insert(0, str(ROOT))
 
 CONFORMANCE_JSON = ROOT / "benchmarks" / "conformance.json"
 CONFORMANCE_MD = ROOT / "benchmarks" / "CONFORMANCE.md"
+ARTIFACTS = ROOT / "bench-out" / "conformance"  # each cell's output folder, kept for the timing phase
 README = ROOT / "README.md"
 CALIB, EVAL = ROOT / "calib" / "train", ROOT / "calib" / "val"
 CALIB_SIZE, EVAL_SIZE, PRUNE_CALIB_SIZE = 32, 200, 64
-LATENCY_ROUNDS = 15
+LATENCY_ROUNDS = 30  # the timing phase, per cell
+IN_RUN_LATENCY_ROUNDS = 2  # what the commands themselves time during the cells (not reported)
 W8A8_MIN_AGREEMENT = 99.0
 # Q-HyViT's defaults take tens of minutes per 224-px model on one core; every piece still runs
 QHYVIT_BUDGET = {"rounds": 1, "alphas": 10, "scale_tuning_steps": 20}  # the bar an ok W8A8 cell's export must meet against its torch simulation
@@ -92,10 +101,11 @@ def _quantize(arch: str, out: Path, **config) -> dict:
     with_eval = placement != "default"  # default judges itself on held-out calibration images (label-free)
     job = QuantizeJob(out=out, model=arch, pretrained=False, config=QuantConfig(placement=placement, **config),
                       calib_dir=CALIB, calib_size=CALIB_SIZE, eval_dir=EVAL if with_eval else None,
-                      eval_size=EVAL_SIZE, latency_rounds=LATENCY_ROUNDS)
+                      eval_size=EVAL_SIZE, latency_rounds=IN_RUN_LATENCY_ROUNDS)
     r = quantize(job)
     row = {"agreement_vs_torch": r["accuracy"]["export_vs_torch_agreement"] if with_eval else None,
-           "integer_mac_share": r["coverage"]["integer_mac_share"], "speedup": r["latency"]["speedup"],
+           "integer_mac_share": r["coverage"]["integer_mac_share"],
+           "artifacts": _artifact_pair(out, r["artifacts"]["quantized"]["path"]),
            "label": r["bits"]["label"], "simulated_layers": len(r["coverage"]["simulated_layers"])}
     if with_eval:
         row["float_rounding_floor"] = _float_rounding_floor(out / r["artifacts"]["checkpoint"]["path"])
@@ -142,9 +152,14 @@ def _prune(arch: str, out: Path, method: str) -> dict:
     from vitcompress.prune_api import PruneJob, prune
 
     job = PruneJob(out=out, model=arch, pretrained=False, method=method, target_flops=1.5, calib_dir=CALIB,
-                   calib_size=PRUNE_CALIB_SIZE, latency_rounds=LATENCY_ROUNDS, search_steps=30, search_minutes=5.0)
+                   calib_size=PRUNE_CALIB_SIZE, latency_rounds=IN_RUN_LATENCY_ROUNDS, search_steps=30, search_minutes=5.0)
     r = prune(job)
-    return {"macs_reduction": r["pruning"]["macs_reduction"], "speedup": r["latency"]["speedup"]}
+    return {"macs_reduction": r["pruning"]["macs_reduction"], "artifacts": _artifact_pair(out, r["artifacts"]["pruned"]["path"])}
+
+
+def _artifact_pair(out: Path, compressed: str) -> dict:
+    """The cell's fp32 and compressed files, relative to ARTIFACTS (for the timing phase)."""
+    return {"fp32": str((out / "model.fp32.onnx").relative_to(ARTIFACTS)), "compressed": str((out / compressed).relative_to(ARTIFACTS))}
 
 
 def _float(arch: str, out: Path) -> dict:
@@ -194,19 +209,22 @@ def run_cell(family: str, method: str) -> dict:
     planned = unsupported_reason(family_of(arch), spec.support_name)
     started = time.perf_counter()
     record: dict = {"family": family, "arch": arch, "method": method, "date": dt.date.today().isoformat()}
-    with tempfile.TemporaryDirectory(prefix="conformance-") as tmp:
-        try:
-            record.update(spec.run(arch, Path(tmp) / "out"))
-            record["status"] = "ok" if planned is None else "failed"
-            if planned is not None:
-                record["reason"] = f"the support table says unsupported ({planned}) but it ran"
-        except VitcompressError as e:
-            said = str(e)
-            record["status"] = "unsupported" if planned is not None and planned in said else "failed"
-            record["reason"] = said.splitlines()[0][:300]
-        except Exception as e:  # noqa: BLE001  (any crash is this cell's failure, reported, not raised)
-            record["status"] = "failed"
-            record["reason"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+    out = ARTIFACTS / arch / method
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        record.update(spec.run(arch, out))
+        record["status"] = "ok" if planned is None else "failed"
+        if planned is not None:
+            record["reason"] = f"the support table says unsupported ({planned}) but it ran"
+    except VitcompressError as e:
+        said = str(e)
+        record["status"] = "unsupported" if planned is not None and planned in said else "failed"
+        record["reason"] = said.splitlines()[0][:300]
+    except Exception as e:  # noqa: BLE001  (any crash is this cell's failure, reported, not raised)
+        record["status"] = "failed"
+        record["reason"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
     record["wall_s"] = round(time.perf_counter() - started, 1)
     return record
 
@@ -227,6 +245,29 @@ def _cell_in_child(family: str, method: str, timeout: float, cpu: int | None) ->
             "reason": f"process exited {done.returncode}: {last[:300]}", "wall_s": round(time.perf_counter() - started, 1)}
 
 
+def time_cells(records: dict[tuple[str, str], dict]) -> None:
+    """The timing phase: each ok cell's compressed artifact against its fp32 one, alternated, 1 thread."""
+    import onnx
+
+    from vitcompress.export import compare_latency
+
+    for key, r in records.items():
+        if r["status"] != "ok" or "artifacts" not in r:
+            continue
+        fp32, compressed = (ARTIFACTS / r["artifacts"][k] for k in ("fp32", "compressed"))
+        if not (fp32.exists() and compressed.exists()):
+            print(f"{r['family']} × {r['method']}: artifacts gone (re-run the cell); not timed", flush=True)
+            continue
+        dims = onnx.load(str(fp32), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        shape = (1, *(d.dim_value for d in dims[1:]))
+        lat = compare_latency({"fp32": fp32, "compressed": compressed}, shape, threads=1, rounds=LATENCY_ROUNDS)
+        r["speedup"] = lat["fp32"]["median_ms"] / lat["compressed"]["median_ms"]
+        r["latency_ms"] = {k: round(v["median_ms"], 2) for k, v in lat.items()}
+        r["timed"] = dt.date.today().isoformat()
+        print(f"{r['family']:22s} {r['method']:10s} {r['speedup']:.2f}x", flush=True)
+        publish({key: r})
+
+
 def _fmt(v, pattern: str) -> str:
     return "—" if v is None else pattern.format(v)
 
@@ -238,9 +279,10 @@ def _cell_text(r: dict | None) -> str:
         return f"**{r['status']}**"
     if r["method"] == "float":
         return f"ok · {_fmt(r.get('agreement_vs_torch'), '{:.1f}%')}"
+    ratio = _fmt(r.get("speedup"), "{:.2f}x")
     if r["method"] in ("lpvit", "ofb"):
-        return f"ok · {r['speedup']:.2f}x"
-    parts = [f"ok · {r['speedup']:.2f}x", f"int {100 * r['integer_mac_share']:.0f}%"]
+        return f"ok · {ratio}"
+    parts = [f"ok · {ratio}", f"int {100 * r['integer_mac_share']:.0f}%"]
     if r.get("agreement_vs_torch") is not None:
         floor = r.get("float_rounding_floor")
         parts.append(f"{r['agreement_vs_torch']:.1f}%" + ("" if floor is None else f" ({floor:.1f}%)"))
@@ -255,11 +297,12 @@ def _markdown(records: dict[tuple[str, str], dict]) -> str:
     lines = [
         "# Conformance: every family × every method", "",
         f"Made by `make conformance` (`python benchmarks/bench_conformance.py`) — {dt.date.today().isoformat()}. "
-        f"{cpu_line()} Cells ran one at a time, 1 thread, onnxruntime.", "",
+        f"{cpu_line()}", "",
         "Each family by its smallest timm member, random weights, native input size; calibration on "
         f"{CALIB_SIZE} bundled images (`calib/train`; {PRUNE_CALIB_SIZE} for pruning), the export compared with "
         f"its torch model on {EVAL_SIZE} bundled images (`calib/val`). A cell reads: status · fp32/compressed latency "
-        "ratio (onnxruntime, 1 thread, alternated runs) · share of MACs in integer kernels · top-1 agreement of the "
+        f"ratio (onnxruntime, 1 thread, {LATENCY_ROUNDS} alternated rounds, timed cell after cell on an otherwise idle machine "
+        "after all cells ran; — where not timed) · share of MACs in integer kernels · top-1 agreement of the "
         "exported artifact with its torch simulation (in brackets: the same simulation computed in float64 vs float32, the floor float rounding alone sets on random weights) · for `default`, the placement it chose (judged on held-out "
         "calibration images). `unsupported` cells are decisions of `vitcompress/support.py`, refused in one line "
         "before any work; their reasons are listed below the table.", "",
@@ -277,7 +320,7 @@ def _markdown(records: dict[tuple[str, str], dict]) -> str:
         lines += [f"| {r['family']} | {r['method']} | {r['status']} | {r['reason'].replace('|', '/')} |" for r in notes]
     low = [r for r in records.values() if r["status"] == "ok" and r["method"] not in ("float", "greedy-mp")
            and r.get("agreement_vs_torch") is not None and r["agreement_vs_torch"] < W8A8_MIN_AGREEMENT]
-    slow = [r for r in records.values() if r["status"] == "ok" and r["method"] == "default" and r["speedup"] < 1.0]
+    slow = [r for r in records.values() if r["status"] == "ok" and r["method"] == "default" and r.get("speedup", 1.0) < 1.0]
     lines += ["", "## Bars", "",
               f"- W8A8 cells whose export agrees with its torch simulation on less than {W8A8_MIN_AGREEMENT:g}% "
               "(in brackets: the float-rounding floor, the agreement of that simulation with itself computed in float64): "
@@ -346,6 +389,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="keep the records of cells already in conformance.json")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds a cell may run")
     ap.add_argument("--cpu", type=int, default=None, help="pin the cells to this core")
+    ap.add_argument("--time", action="store_true", help="time every ok cell's artifacts (nothing else may run)")
     ap.add_argument("--cell", nargs=2, metavar=("FAMILY", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cpu is not None:
@@ -355,6 +399,9 @@ def main() -> None:
         return
     families = _names(args.families, list(FAMILY_MODELS), "families")
     methods = _names(args.methods, list(METHODS), "methods")
+    if args.time:
+        time_cells({k: r for k, r in _merged({}).items() if k[0] in families and k[1] in methods})
+        return
     done = _merged({})  # other cells' records stay; the cells asked for are re-run unless --resume
     records: dict[tuple[str, str], dict] = {}
     for method in methods:  # column by column: a partial run fills whole columns
