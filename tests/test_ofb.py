@@ -93,12 +93,16 @@ def test_ofb_cli_flops_target_reloads_from_checkpoint_alone_and_exports(tmp_path
     np.testing.assert_allclose(run_session(make_session(out / "model.pruned.onnx"), x.numpy()), ref, atol=1e-4)
 
 
-def test_unsupported_family_fails_in_one_line(tmp_path):
+@pytest.mark.parametrize("arch, reason", [
+    ("mobilevit_xxs", "width changes from stage to stage"),  # a known family: the support table's decision
+    ("resnet18", "not a timm VisionTransformer"),  # outside the known families: OFB's own structural check
+])
+def test_unsupported_family_fails_in_one_line(tmp_path, arch, reason):
     import timm
 
-    assert "not a timm VisionTransformer" in ofb_unsupported(timm.create_model("mobilevit_xxs", num_classes=10))
-    result = runner.invoke(app, ["prune", "--method", "ofb", "--model", "mobilevit_xxs", "--no-pretrained",
+    assert "not a timm VisionTransformer" in ofb_unsupported(timm.create_model(arch, num_classes=10))
+    result = runner.invoke(app, ["prune", "--method", "ofb", "--model", arch, "--no-pretrained",
                                  "--calib", str(CALIB), "--target-flops", "2", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
-    assert "ofb" in result.output and "not a timm VisionTransformer" in result.output
+    assert "ofb" in result.output and reason in " ".join(result.output.split())
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o" / "model.fp32.onnx").exists()

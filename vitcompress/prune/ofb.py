@@ -52,7 +52,7 @@ from torch import nn
 
 from ..errors import VitcompressError
 from .recover import RecoverConfig, _augment
-from .structure import (EMBED_KEY, embed_unsupported, find_prunable, keep_embed_channels, keep_units,
+from .structure import (EMBED_KEY, embed_unsupported, find_prunable, unit_macs, keep_embed_channels, keep_units,
                         residual_readers, set_submodule, token_count)
 
 InfoProgressFn = Callable[[int, int, str], None]  # (step, steps, one-line state)
@@ -321,12 +321,7 @@ class OFBSearch:
         total = patches * C * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
         for pm in self.modules:
             g = self.unit_groups.get(pm.name)
-            units = width(g, pm.units)
-            if pm.kind == "attn":
-                d = pm.unit_width
-                total = total + T * units * d * (4 * C + 2 * T)
-            else:
-                total = total + 2 * T * C * units
+            total = total + width(g, pm.units) * unit_macs(pm.kind, T, C, pm.unit_width)
         classes = getattr(getattr(s, "head", None), "out_features", 0)
         return total + C * classes
 

@@ -88,6 +88,17 @@ def token_count(model: nn.Module) -> int:
     return max(n, 1)
 
 
+def unit_macs(kind: str, tokens, width, unit_width: int = 1, out_width=None):
+    """Multiply-accumulates per image of one unit: a head of ``unit_width`` channels (its q, k, v
+    and output projections from/to ``width`` channels, and its scores and weighted sum over
+    ``tokens``), or one hidden unit of an MLP (one input and one output weight per channel).
+    Works on ints and on tensors (OFB's expected widths are differentiable)."""
+    out_width = width if out_width is None else out_width
+    if kind == "attn":
+        return tokens * unit_width * (3 * width + out_width + 2 * tokens)
+    return tokens * (width + out_width)
+
+
 def find_prunable(model: nn.Module) -> list[PrunableModule]:
     """Every timm Attention / Mlp (or already emptied branch) inside a block, in model order."""
     Attention, Mlp = _attention_cls(), _mlp_cls()
@@ -105,12 +116,13 @@ def find_prunable(model: nn.Module) -> list[PrunableModule]:
         if isinstance(m, Attention):
             _check_attention(name, m)
             c, d = m.qkv.in_features, m.head_dim
-            macs = tokens * (3 * c * d + d * m.proj.out_features + 2 * tokens * d)
-            found.append(PrunableModule(name, "attn", m.num_heads, c, d, macs, norm_name))
+            found.append(PrunableModule(name, "attn", m.num_heads, c, d, unit_macs("attn", tokens, c, d, m.proj.out_features),
+                                        norm_name))
         elif isinstance(m, Mlp):
             _check_mlp(name, m)
             c = m.fc1.in_features
-            found.append(PrunableModule(name, "mlp", m.fc1.out_features, c, 1, tokens * (c + m.fc2.out_features), norm_name))
+            found.append(PrunableModule(name, "mlp", m.fc1.out_features, c, 1, unit_macs("mlp", tokens, c, 1, m.fc2.out_features),
+                                        norm_name))
         elif isinstance(m, BiasBranch) and leaf in ("attn", "mlp"):
             found.append(PrunableModule(name, leaf, 0, m.bias.shape[0], 1, 0, norm_name))
     if not found:
