@@ -19,6 +19,9 @@ TINY = {
     "DeiT": ("deit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2), 32),
     "Swin Transformer": ("swin_tiny_patch4_window7_224",
                          dict(img_size=64, window_size=4, depths=(1, 1), num_heads=(2, 4), embed_dim=32), 64),
+    # its qkv is computed from the layer's weight unless routed through the module (quant/routing.py)
+    "Swin Transformer v2": ("swinv2_tiny_window8_256",
+                            dict(img_size=64, window_size=4, depths=(1, 1), num_heads=(2, 4), embed_dim=32), 64),
     "MobileViT v1": ("mobilevit_xxs", {}, 64),
     "LeViT": ("levit_128s", dict(img_size=64), 64),
 }
@@ -55,3 +58,43 @@ def test_family_quantizes_exports_and_runs_integer_kernels(family, tmp_path):
     quantization_error = np.abs(simulated - reference).mean()
     agreement = (exported.argmax(1) == simulated.argmax(1)).mean()
     assert export_error < 0.35 * quantization_error and agreement >= 0.97
+
+
+def test_a_layer_the_model_bypasses_is_routed_through_its_module_or_named():
+    """Swin v2 computes qkv with F.linear on the layer's weight: routed, it is calibrated and stays
+    exact in float; a bypass no rule covers names the layer in a one-line error."""
+    import timm
+
+    from vitcompress.errors import VitcompressError
+    from vitcompress.quant.routing import route_module_calls
+
+    model = timm.create_model(TINY["Swin Transformer v2"][0], num_classes=10, **TINY["Swin Transformer v2"][1]).eval()
+    x = torch.randn(2, 3, 64, 64)
+    reference = model(x)
+    assert len(route_module_calls(model)) == 2 and torch.allclose(model(x), reference, atol=1e-6)
+
+    class Bypass(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.fc = torch.nn.Conv2d(3, 8, 4, 4), torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(self.stem(x).mean((2, 3)), self.fc.weight, self.fc.bias)
+
+    with pytest.raises(VitcompressError, match=r"^fc: an observer saw no data.*--skip 'fc'"):
+        quantize_(Bypass().eval(), QuantConfig(), [x])
+
+
+def test_volo_fold_exports(tmp_path):
+    """VOLO's outlooker attention folds with an output size computed from the input (Col2Im)."""
+    from timm.models.volo import VOLO
+
+    from vitcompress.export import export_float
+
+    model = VOLO(layers=(1, 1, 1, 1), img_size=64, embed_dims=(32, 64, 64, 64), num_heads=(1, 2, 2, 2), num_classes=10).eval()
+    path = tmp_path / "volo.onnx"
+    export_float(model, (3, 64, 64), path, {})
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(x).numpy()
+    assert np.abs(run_session(make_session(path), x.numpy()) - reference).max() < 1e-4

@@ -50,6 +50,11 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("lpvit", ("SHViT",), f"single-head attention over a channel slice and conv FFNs; {_LPVIT_UNIT}"),
     Unsupported("lpvit", ("RepViT", "FastViT"), "no attention in its blocks (re-parameterisable conv blocks, "
                 f"RepMixer token mixing) and conv MLPs; {_LPVIT_UNIT}"),
+    Unsupported("lpvit", ("Swin Transformer*", "MobileViT v1", "EfficientFormer v1", "CoaT", "Twins", "EdgeNeXt",
+                          "VOLO", "CrossViT"),
+                "its blocks run at different token counts (stages, windows or two branches) while LPViT's MACs "
+                "accounting assumes one token count for every block, and its own attention variants are not yet "
+                f"mapped to units; {_LPVIT_UNIT}"),
     Unsupported("lpvit", ("ConvNeXt", "PoolFormer"), "no attention (depthwise-conv or pooling token mixer), and "
                 f"MLPs of 1x1 convs; {_LPVIT_UNIT}"),
     Unsupported("ofb", _STAGED, "OFB searches one embedding width shared by every block of a plain ViT; this family's "

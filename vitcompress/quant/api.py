@@ -21,6 +21,7 @@ from .modules import quantizers, wrap_attention, wrap_silu, wrap_weighted
 from .spec import QuantSpec
 from .placement import PlacementPlan, get_placement, kind_of, plan, reads_image
 from .registry import METHODS, RESTORERS, Progress
+from .routing import route_module_calls
 from .tracing import consumers_of
 
 
@@ -56,6 +57,7 @@ def prepare(model: nn.Module, config: QuantConfig, family: str = "", example: to
     A placement with ``gated_silu`` needs ``example`` (to find the SiLUs fed by quantized convs
     from the dataflow) or the names themselves (``gated_silu``, when restoring a checkpoint)."""
     placement = get_placement(config.placement)
+    route_module_calls(model)  # before wrapping: layers the model bypasses would never be calibrated
     p = plan(model, placement, config.skip, family)
     modules = dict(model.named_modules())
     for name in p.weighted:

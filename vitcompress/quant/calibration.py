@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import VitcompressError
 from .modules import quantizers
 from .registry import Progress
 
@@ -50,6 +51,21 @@ def float_copy(model: nn.Module) -> nn.Module:
 def logits_kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
     """KL(reference ‖ candidate) of two batches of logits (or log-probabilities), mean per image."""
     return float(F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean"))
+
+
+def freeze_named(name: str, quantizer: nn.Module) -> None:
+    """Freeze one quantizer; a layer the calibration pass never reached is named in the error."""
+    try:
+        quantizer.freeze()
+    except VitcompressError as e:
+        layer = name.rsplit(".", 1)[0]
+        raise VitcompressError(f"{layer}: {e} (the model may use its weight without calling the layer; "
+                               f"keep it float with --skip '{layer}')") from None
+
+
+def freeze_all(model: nn.Module) -> None:
+    for name, q in quantizers(model):
+        freeze_named(name, q)
 
 
 def set_mode(model: nn.Module, mode: str) -> None:

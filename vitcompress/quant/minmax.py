@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .calibration import run_batches, set_mode
+from .calibration import freeze_all, run_batches, set_mode
 from .config import QuantConfig
 from .modules import quantizers
 from .registry import Progress, register_method
@@ -35,8 +35,7 @@ def calibrate_observers(model: nn.Module, config: QuantConfig, batches: Sequence
             progress(len(batches), len(batches))
     else:
         run_batches(model, batches, progress)
-    for _, q in quantizers(model):
-        q.freeze()
+    freeze_all(model)
     return {"observers": {"weights": config.weight_observer, "activations": config.act_observer},
             "calibration_shards": len(shards) if sharded else 1}
 

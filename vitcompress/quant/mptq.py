@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import VitcompressError
-from .calibration import logits_kl, run_batches
+from .calibration import freeze_named, logits_kl, run_batches
 from .options import register_options
 from .registry import Progress, register_method, register_restorer
 from .gptq import gptq_layers
@@ -426,7 +426,7 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
             q.observe()
         run_batches(model, batches)
         for n, q in plain.items():
-            q.freeze()
+            freeze_named(n, q)
             setup.bank[(n, q.spec.bits)] = (q.scale.clone(), q.zero_point.clone())
         for n, q in plain.items():
             q.mode = "off"

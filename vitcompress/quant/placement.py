@@ -87,12 +87,15 @@ PLACEMENTS: dict[str, Placement] = {
 }
 ALIASES = {"accuracy": "partial"}
 
-# Per family and placement: module-name patterns kept float, each decision measured (the figures:
-# docs/quantization.md, "Per-family decisions"). EfficientFormer v2's talking-head convs mix
-# attention maps right after a Softmax: quantizing their input turns that Softmax into
-# QLinearSoftmax, slower than the float one, for convs too small to gain.
+# Per family and placement ("*": every placement): module-name patterns kept float, each decision
+# measured (the figures: docs/quantization.md, "Per-family decisions"). EfficientFormer v2's
+# talking-head convs mix attention maps right after a Softmax: quantizing their input turns that
+# Softmax into QLinearSoftmax, slower than the float one, for convs too small to gain. Swin v2's
+# continuous position-bias MLP reads a constant coordinate table: float, the exporter folds it into
+# a constant; quantized, it would run as Q/DQ around float kernels at every inference.
 FAMILY_SKIP: dict[str, dict[str, tuple[str, ...]]] = {
     "EfficientFormer v2": {"speed": ("*.talking_head1", "*.talking_head2")},
+    "Swin Transformer v2": {"*": ("*.cpb_mlp.*",)},
 }
 
 
@@ -165,7 +168,8 @@ _FLOAT_KINDS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.GELU, nn.SiLU, nn
 
 
 def plan(model: nn.Module, placement: Placement, extra_skip: tuple[str, ...] = (), family: str = "") -> PlacementPlan:
-    skip = placement.skip + FAMILY_SKIP.get(family, {}).get(placement.name, ()) + tuple(extra_skip)
+    family_skip = FAMILY_SKIP.get(family, {})
+    skip = placement.skip + family_skip.get("*", ()) + family_skip.get(placement.name, ()) + tuple(extra_skip)
     weighted, attention, skipped = [], [], []
     float_counts: Counter[str] = Counter()
     for name, m in model.named_modules():
