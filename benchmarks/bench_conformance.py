@@ -386,7 +386,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--families", help="comma-separated family names (default: all)")
     ap.add_argument("--methods", help="comma-separated method columns (default: all)")
-    ap.add_argument("--resume", action="store_true", help="keep the records of cells already in conformance.json")
+    ap.add_argument("--resume", action="store_true", help="skip cells already ok or unsupported in conformance.json (failed ones run again)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds a cell may run")
     ap.add_argument("--cpu", type=int, default=None, help="pin the cells to this core")
     ap.add_argument("--time", action="store_true", help="time every ok cell's artifacts (nothing else may run)")
@@ -406,7 +406,7 @@ def main() -> None:
     records: dict[tuple[str, str], dict] = {}
     for method in methods:  # column by column: a partial run fills whole columns
         for family in families:
-            if args.resume and (family, method) in done:
+            if args.resume and done.get((family, method), {}).get("status") in ("ok", "unsupported"):
                 continue
             r = _cell_in_child(family, method, args.timeout, args.cpu)
             records[(family, method)] = r
