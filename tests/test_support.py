@@ -58,3 +58,12 @@ def test_recipe_naming_an_unsupported_pair_fails_at_load_with_its_line(tmp_path)
                       "steps:\n  - prune: {method: ofb, target_flops: 1.5}\n")
     with pytest.raises(VitcompressError, match=r"r\.yaml:5: .*ofb does not support swin_tiny"):
         load_recipe(recipe)
+
+
+def test_models_command_lists_the_refusals():
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for row in UNSUPPORTED:
+        assert f"not supported: {row.method} on {', '.join(row.families)}" in text
+    assert "benchmarks/CONFORMANCE.md" in text

@@ -506,7 +506,7 @@ def models():
     out_console.print(t)
     out_console.print("families: " + ", ".join(sorted(set(FAMILIES.values()))) + "; any timm name is accepted.")
     for row in UNSUPPORTED:
-        out_console.print(f"not supported: {row.method} on {row.family} ({row.reason})", highlight=False)
+        out_console.print(f"not supported: {row.method} on {', '.join(row.families)} ({row.reason})", highlight=False)
     out_console.print("measured support of every family by every method: benchmarks/CONFORMANCE.md", highlight=False)
 
 
