@@ -27,36 +27,40 @@ class Unsupported:
 _STAGED = ("Swin Transformer*", "MobileViT*", "EfficientFormer*", "LeViT", "EfficientViT*", "TinyViT", "Next-ViT",
            "PVT v2", "ConvNeXt", "SHViT", "RepViT", "FastViT", "CoaT", "Twins", "PoolFormer", "EdgeNeXt")
 
-# LPViT removes whole heads of timm's Attention (qkv + proj Linear) and hidden units of timm's Mlp.
-_LPVIT_UNIT = "LPViT removes heads of timm's Attention and hidden units of timm's Mlp"
+
+def _lpvit(families: tuple[str, ...], what: str) -> Unsupported:
+    """An LPViT row: what the family has instead of the units LPViT removes (whole heads of timm's
+    Attention, qkv + proj Linear, and hidden units of timm's Mlp)."""
+    return Unsupported("lpvit", families, f"{what}; LPViT removes heads of timm's Attention and hidden units of timm's Mlp")
+
 
 UNSUPPORTED: tuple[Unsupported, ...] = (
-    Unsupported("lpvit", ("MobileViT v2",), "separable linear self-attention (one context score per token, 1x1 convs, "
-                f"no heads) and conv MLPs; {_LPVIT_UNIT}"),
-    Unsupported("lpvit", ("EfficientFormer v2",), "attention and MLPs are convolutions (Attention2d with talking "
-                f"heads, ConvMlpWithNorm); {_LPVIT_UNIT}"),
-    Unsupported("lpvit", ("LeViT",), "LeViT's own attention and MLPs (Linear + BatchNorm pairs, attention biases "
-                f"per head) are not yet mapped to units; {_LPVIT_UNIT}"),
-    Unsupported("lpvit", ("EfficientViT (MIT)",), "ReLU linear attention over multi-scale conv projections and "
-                f"MBConv blocks: no heads or Linear MLPs; {_LPVIT_UNIT}"),
-    Unsupported("lpvit", ("EfficientViT (MSRA)",), "cascaded group attention (each head's output feeds the next "
-                f"head's input, so a head cannot be removed alone) and conv FFNs; {_LPVIT_UNIT}"),
-    Unsupported("lpvit", ("TinyViT",), "TinyViT's own attention (attention biases per head) and NormMlp are not yet "
-                f"mapped to units; {_LPVIT_UNIT}"),
-    Unsupported("lpvit", ("Next-ViT",), "convolutional multi-head attention, spatially reduced attention and conv "
-                f"MLPs; {_LPVIT_UNIT}"),
-    Unsupported("lpvit", ("PVT v2",), "spatial-reduction attention (separate q and kv projections) and MLPs with a "
-                f"depthwise conv inside are not yet mapped to units; {_LPVIT_UNIT}"),
-    Unsupported("lpvit", ("SHViT",), f"single-head attention over a channel slice and conv FFNs; {_LPVIT_UNIT}"),
-    Unsupported("lpvit", ("RepViT", "FastViT"), "no attention in its blocks (re-parameterisable conv blocks, "
-                f"RepMixer token mixing) and conv MLPs; {_LPVIT_UNIT}"),
-    Unsupported("lpvit", ("Swin Transformer*", "MobileViT v1", "EfficientFormer v1", "CoaT", "Twins", "EdgeNeXt",
-                          "VOLO", "CrossViT"),
-                "its blocks run at different token counts (stages, windows or two branches) while LPViT's MACs "
-                "accounting assumes one token count for every block, and its own attention variants are not yet "
-                f"mapped to units; {_LPVIT_UNIT}"),
-    Unsupported("lpvit", ("ConvNeXt", "PoolFormer"), "no attention (depthwise-conv or pooling token mixer), and "
-                f"MLPs of 1x1 convs; {_LPVIT_UNIT}"),
+    _lpvit(("MobileViT v2",), "separable linear self-attention (one context score per token, 1x1 convs, "
+           "no heads) and conv MLPs"),
+    _lpvit(("EfficientFormer v2",), "attention and MLPs are convolutions (Attention2d with talking "
+           "heads, ConvMlpWithNorm)"),
+    _lpvit(("LeViT",), "LeViT's own attention and MLPs (Linear + BatchNorm pairs, attention biases "
+           "per head) are not yet mapped to units"),
+    _lpvit(("EfficientViT (MIT)",), "ReLU linear attention over multi-scale conv projections and "
+           "MBConv blocks: no heads or Linear MLPs"),
+    _lpvit(("EfficientViT (MSRA)",), "cascaded group attention (each head's output feeds the next "
+           "head's input, so a head cannot be removed alone) and conv FFNs"),
+    _lpvit(("TinyViT",), "TinyViT's own attention (attention biases per head) and NormMlp are not yet "
+           "mapped to units"),
+    _lpvit(("Next-ViT",), "convolutional multi-head attention, spatially reduced attention and conv "
+           "MLPs"),
+    _lpvit(("PVT v2",), "spatial-reduction attention (separate q and kv projections) and MLPs with a "
+           "depthwise conv inside are not yet mapped to units"),
+    _lpvit(("SHViT",), "single-head attention over a channel slice and conv FFNs"),
+    _lpvit(("RepViT", "FastViT"), "no attention in its blocks (re-parameterisable conv blocks, "
+           "RepMixer token mixing) and conv MLPs"),
+    _lpvit(("Swin Transformer*", "MobileViT v1", "EfficientFormer v1", "CoaT", "Twins", "EdgeNeXt",
+            "VOLO", "CrossViT"),
+           "its blocks run at different token counts (stages, windows or two branches) while LPViT's MACs "
+           "accounting assumes one token count for every block, and its own attention variants are not yet "
+           "mapped to units"),
+    _lpvit(("ConvNeXt", "PoolFormer"), "no attention (depthwise-conv or pooling token mixer), and "
+           "MLPs of 1x1 convs"),
     Unsupported("ofb", _STAGED, "OFB searches one embedding width shared by every block of a plain ViT; this family's "
                 "width changes from stage to stage (conv, pooling or windowed stages between its attention blocks)"),
     Unsupported("ofb", ("CaiT",), "class-attention blocks and talking-heads attention (heads mixed across each other "
