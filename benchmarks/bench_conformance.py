@@ -108,7 +108,7 @@ def _quantize(arch: str, out: Path, **config) -> dict:
            "artifacts": _artifact_pair(out, r["artifacts"]["quantized"]["path"]),
            "label": r["bits"]["label"], "simulated_layers": len(r["coverage"]["simulated_layers"])}
     if with_eval:
-        row["float_rounding_floor"] = _float_rounding_floor(out / r["artifacts"]["checkpoint"]["path"])
+        row.update(simulation_checks(out / r["artifacts"]["checkpoint"]["path"], out / r["artifacts"]["quantized"]["path"]))
     islands: dict[str, int] = {}
     for island in r["coverage"]["float_islands"]:
         islands[island["op"]] = islands.get(island["op"], 0) + island["macs"]
@@ -120,32 +120,49 @@ def _quantize(arch: str, out: Path, **config) -> dict:
     return row
 
 
-def _float_rounding_floor(checkpoint: Path) -> float | None:
-    """Top-1 agreement of the quantized torch model computed in float32 with itself computed in
-    float64, on the cells' evaluation images: how many decisions float rounding alone flips. A
-    random-weight network is chaotic (its top-2 logits are near ties, and one activation rounded to
-    the neighbouring grid point spreads through every later block), so an export can be no closer to
-    its simulation than this, whatever its kernels do; a real export bug shows as far less."""
+def simulation_checks(checkpoint: Path, artifact: Path) -> dict:
+    """How close the exported artifact is to its torch simulation, and what closer would even mean,
+    on the cells' evaluation images.
+
+    ``float_rounding_floor``: top-1 agreement of the simulation computed in float32 with itself in
+    float64: how many decisions float rounding alone flips. A random-weight network is chaotic (its
+    top-2 logits are near ties, and one activation rounded to the neighbouring grid point spreads
+    through every later block), so an export can be no closer to its simulation than this, whatever
+    its kernels do. ``disagreement_margin``: the largest top-1/top-2 logit gap of the simulation, in
+    units of its logits' standard deviation, over the images where the artifact's top-1 differs. A
+    missing or misplaced quantizer flips clear decisions too; flips confined to near ties (margins of
+    a few hundredths) are rounding, not a fault."""
     import copy
 
+    import numpy as np
     import torch
 
     from vitcompress import load
     from vitcompress.artifacts import evaluation_images
     from vitcompress.data import load_tensor
     from vitcompress.evaluate import fidelity
+    from vitcompress.export import make_session
+    from vitcompress.export.runtime import run_session
 
     loaded = load(checkpoint=checkpoint)
     images, _ = evaluation_images(loaded, EVAL, EVAL_SIZE, 0)
     x = load_tensor(images, loaded.preprocessing)
+    with torch.no_grad():
+        single = torch.cat([loaded.model(b) for b in x.split(32)]).numpy()
+    session = make_session(artifact)
+    exported = np.concatenate([run_session(session, b.numpy()) for b in x.split(32)])
+    top2 = np.sort(single, axis=1)[:, -2:]
+    margins = (top2[:, 1] - top2[:, 0]) / single.std()
+    flipped = single.argmax(1) != exported.argmax(1)
+    checks = {"disagreement_margin": float(margins[flipped].max()) if flipped.any() else 0.0, "float_rounding_floor": None}
     model64 = copy.deepcopy(loaded.model).double()
     try:
         with torch.no_grad():
-            single = torch.cat([loaded.model(b) for b in x.split(32)])
-            double = torch.cat([model64(b.double()) for b in x.split(32)]).float()
+            double = torch.cat([model64(b.double()) for b in x.split(32)]).float().numpy()
+        checks["float_rounding_floor"] = fidelity(double, single)["top1_agreement"]
     except RuntimeError:  # a module that builds float32 tensors of its own: no float64 reference
-        return None
-    return fidelity(double.numpy(), single.numpy())["top1_agreement"]
+        pass
+    return checks
 
 
 def _prune(arch: str, out: Path, method: str) -> dict:
@@ -245,6 +262,20 @@ def _cell_in_child(family: str, method: str, timeout: float, cpu: int | None) ->
             "reason": f"process exited {done.returncode}: {last[:300]}", "wall_s": round(time.perf_counter() - started, 1)}
 
 
+def diagnose_cells(records: dict[tuple[str, str], dict]) -> None:
+    """Fill ``simulation_checks`` for ok quantize cells that lack them, from their kept artifacts."""
+    for key, r in records.items():
+        if r["status"] != "ok" or r.get("agreement_vs_torch") is None or "disagreement_margin" in r:
+            continue
+        out = ARTIFACTS / r["arch"] / r["method"]
+        checkpoints = sorted(out.glob("model.*.pth"))
+        if not checkpoints or "artifacts" not in r:
+            continue
+        r.update(simulation_checks(checkpoints[0], ARTIFACTS / r["artifacts"]["compressed"]))
+        print(f"{r['family']:22s} {r['method']:10s} floor {r['float_rounding_floor']} margin {r['disagreement_margin']:.3f}", flush=True)
+        publish({key: r})
+
+
 def time_cells(records: dict[tuple[str, str], dict]) -> None:
     """The timing phase: each ok cell's compressed artifact against its fp32 one, alternated, 1 thread."""
     import onnx
@@ -284,8 +315,9 @@ def _cell_text(r: dict | None) -> str:
         return f"ok · {ratio}"
     parts = [f"ok · {ratio}", f"int {100 * r['integer_mac_share']:.0f}%"]
     if r.get("agreement_vs_torch") is not None:
-        floor = r.get("float_rounding_floor")
-        parts.append(f"{r['agreement_vs_torch']:.1f}%" + ("" if floor is None else f" ({floor:.1f}%)"))
+        floor, margin = r.get("float_rounding_floor"), r.get("disagreement_margin")
+        parts.append(f"{r['agreement_vs_torch']:.1f}%" + ("" if floor is None else f" ({floor:.1f}%)")
+                     + ("" if not margin else f" m{margin:.2f}"))
     if r.get("chosen"):
         parts.append(r["chosen"])
     return " · ".join(parts)
@@ -303,7 +335,7 @@ def _markdown(records: dict[tuple[str, str], dict]) -> str:
         f"its torch model on {EVAL_SIZE} bundled images (`calib/val`). A cell reads: status · fp32/compressed latency "
         f"ratio (onnxruntime, 1 thread, {LATENCY_ROUNDS} alternated rounds, timed cell after cell on an otherwise idle machine "
         "after all cells ran; — where not timed) · share of MACs in integer kernels · top-1 agreement of the "
-        "exported artifact with its torch simulation (in brackets: the same simulation computed in float64 vs float32, the floor float rounding alone sets on random weights) · for `default`, the placement it chose (judged on held-out "
+        "exported artifact with its torch simulation (in brackets: the same simulation computed in float64 vs float32, the floor float rounding alone sets on random weights; m: the largest top-1/top-2 logit gap, in logit standard deviations, among the images where they disagree — near ties are rounding, clear decisions flipped would be a fault) · for `default`, the placement it chose (judged on held-out "
         "calibration images). `unsupported` cells are decisions of `vitcompress/support.py`, refused in one line "
         "before any work; their reasons are listed below the table.", "",
         f"Cells: {counts['ok']} ok, {counts['unsupported']} unsupported, {counts['failed']} failed, "
@@ -325,7 +357,8 @@ def _markdown(records: dict[tuple[str, str], dict]) -> str:
               f"- W8A8 cells whose export agrees with its torch simulation on less than {W8A8_MIN_AGREEMENT:g}% "
               "(in brackets: the float-rounding floor, the agreement of that simulation with itself computed in float64): "
               + (", ".join(f"{r['family']} × {r['method']} ({r['agreement_vs_torch']:.1f}% vs "
-                           f"{_fmt(r.get('float_rounding_floor'), '{:.1f}%')})" for r in low) or "none") + ".",
+                           f"{_fmt(r.get('float_rounding_floor'), '{:.1f}%')}, flips at margins up to "
+                           f"{_fmt(r.get('disagreement_margin'), '{:.3f}')})" for r in low) or "none") + ".",
               "- Families slower than float at W8A8 under the default placement, and the float operators holding "
               "most of their remaining MACs (what caps them): "
               + ("; ".join(f"{r['family']} ({r['speedup']:.2f}x; float: "
@@ -389,6 +422,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="skip cells already ok or unsupported in conformance.json (failed ones run again)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds a cell may run")
     ap.add_argument("--cpu", type=int, default=None, help="pin the cells to this core")
+    ap.add_argument("--diagnose", action="store_true", help="add the simulation checks to ok cells run without them")
     ap.add_argument("--time", action="store_true", help="time every ok cell's artifacts (nothing else may run)")
     ap.add_argument("--cell", nargs=2, metavar=("FAMILY", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -399,6 +433,9 @@ def main() -> None:
         return
     families = _names(args.families, list(FAMILY_MODELS), "families")
     methods = _names(args.methods, list(METHODS), "methods")
+    if args.diagnose:
+        diagnose_cells({k: r for k, r in _merged({}).items() if k[0] in families and k[1] in methods})
+        return
     if args.time:
         time_cells({k: r for k, r in _merged({}).items() if k[0] in families and k[1] in methods})
         return
