@@ -169,7 +169,7 @@ def _prune(arch: str, out: Path, method: str) -> dict:
     from vitcompress.prune_api import PruneJob, prune
 
     job = PruneJob(out=out, model=arch, pretrained=False, method=method, target_flops=1.5, calib_dir=CALIB,
-                   calib_size=PRUNE_CALIB_SIZE, latency_rounds=IN_RUN_LATENCY_ROUNDS, search_steps=30, search_minutes=5.0)
+                   calib_size=PRUNE_CALIB_SIZE, latency_rounds=IN_RUN_LATENCY_ROUNDS, search_steps=100, search_minutes=8.0)
     r = prune(job)
     return {"macs_reduction": r["pruning"]["macs_reduction"], "artifacts": _artifact_pair(out, r["artifacts"]["pruned"]["path"])}
 
@@ -208,7 +208,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("greedy-mp", "MPTQ greedy mixed precision to 6 bits on average", "mptq",
            lambda a, o: _quantize(a, o, method="mptq", method_options={"target_bits": 6.0, "bit_choices": [4, 6, 8]})),
     Method("lpvit", "LPViT unit pruning to 1.5x fewer MACs", "lpvit", lambda a, o: _prune(a, o, "lpvit")),
-    Method("ofb", "OFB search to 1.5x fewer MACs (30 steps)", "ofb", lambda a, o: _prune(a, o, "ofb")),
+    Method("ofb", "OFB search to 1.5x fewer MACs (100 steps)", "ofb", lambda a, o: _prune(a, o, "ofb")),
 )}
 
 
