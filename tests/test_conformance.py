@@ -98,3 +98,25 @@ def test_volo_fold_exports(tmp_path):
     with torch.no_grad():
         reference = model(x).numpy()
     assert np.abs(run_session(make_session(path), x.numpy()) - reference).max() < 1e-4
+
+
+def test_a_layer_shared_between_blocks_reloads_from_a_quantized_checkpoint(tmp_path):
+    """CoaT registers one conv position encoding under several names; its checkpoint must reload."""
+    import timm
+
+    from vitcompress import QuantizeJob, load, quantize
+    from vitcompress.models import FAMILIES
+
+    assert FAMILIES["coat_"] == "CoaT"
+    model = timm.create_model("coat_lite_tiny", num_classes=10, img_size=64)
+    names = {n for n, m in model.named_modules(remove_duplicate=False)} - {n for n, _ in model.named_modules()}
+    assert any(n.endswith("cpe.proj") for n in names)  # the premise: a module under two names
+    ckpt = tmp_path / "coat.pth"
+    torch.save(model.state_dict(), ckpt)
+    out = tmp_path / "q"
+    quantize(QuantizeJob(out=out, model="coat_lite_tiny", checkpoint=ckpt, config=QuantConfig(placement="speed"),
+                         calib_dir=CALIB, calib_size=8, latency_rounds=1))
+    reloaded = load(checkpoint=out / "model.int8.pth")
+    x = load_tensor(sample(scan_images(VAL), 4, 0), reloaded.preprocessing)
+    with torch.no_grad():
+        assert reloaded.model(x).shape == (4, 10)

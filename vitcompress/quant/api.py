@@ -17,7 +17,7 @@ from ..registry import lookup
 from . import minmax  # noqa: F401  (registers the "minmax" method)
 from .config import QuantConfig
 from .fold import fold_batchnorm, fold_layer_scale
-from .modules import quantizers, wrap_attention, wrap_silu, wrap_weighted
+from .modules import TensorQuantizer, quantizers, wrap_attention, wrap_silu, wrap_weighted
 from .spec import QuantSpec
 from .placement import PlacementPlan, get_placement, kind_of, plan, reads_image
 from .registry import METHODS, RESTORERS, Progress
@@ -129,6 +129,8 @@ def restore_quantized(model: nn.Module, config: QuantConfig, state: dict, family
 
 
 def float_state_dict(model: nn.Module) -> dict:
-    """The model's own parameters and buffers, without quantizer buffers (the timm keys)."""
-    names = [n for n, _ in quantizers(model)]
+    """The model's own parameters and buffers, without quantizer buffers (the timm keys). A module
+    registered under two names (CoaT shares one conv position encoding between blocks) has its
+    quantizers' buffers under both in the state dict: every name is excluded."""
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, TensorQuantizer)]
     return {k: v for k, v in model.state_dict().items() if not any(k.startswith(n + ".") for n in names)}
