@@ -423,6 +423,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="skip cells already ok or unsupported in conformance.json (failed ones run again)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds a cell may run")
     ap.add_argument("--cpu", type=int, default=None, help="pin the cells to this core")
+    ap.add_argument("--publish", action="store_true", help="only rewrite CONFORMANCE.md and the README table from conformance.json")
     ap.add_argument("--diagnose", action="store_true", help="add the simulation checks to ok cells run without them")
     ap.add_argument("--time", action="store_true", help="time every ok cell's artifacts (nothing else may run)")
     ap.add_argument("--cell", nargs=2, metavar=("FAMILY", "METHOD"), help=argparse.SUPPRESS)
@@ -434,6 +435,9 @@ def main() -> None:
         return
     families = _names(args.families, list(FAMILY_MODELS), "families")
     methods = _names(args.methods, list(METHODS), "methods")
+    if args.publish:
+        publish({})
+        return
     if args.diagnose:
         diagnose_cells({k: r for k, r in _merged({}).items() if k[0] in families and k[1] in methods})
         return
