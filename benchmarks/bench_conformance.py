@@ -382,9 +382,10 @@ def _readme_table(records: dict[tuple[str, str], dict]) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    scratch = path.with_name(path.name + ".tmp")
-    scratch.write_text(text)
-    scratch.replace(path)
+    from vitcompress.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def _merged(records: dict[tuple[str, str], dict]) -> dict[tuple[str, str], dict]:

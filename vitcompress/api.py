@@ -99,10 +99,11 @@ def _prepare(job: QuantizeJob, pool: LocalPool | RayPool) -> _Prepared:
     loaded = load(job.model, job.checkpoint, job.pretrained)
     if loaded.quant_state is not None:
         raise VitcompressError(f"{job.checkpoint} is already quantized; start from the float checkpoint")
-    check_supported(loaded.arch, family_of(loaded.arch), job.config.method)
+    family = family_of(loaded.arch)
+    check_supported(loaded.arch, family, job.config.method)
     get_runtime(job.runtime)  # a missing optional runtime fails before any work
     calib, calib_images, calib_sample, calibration = calibration_images(loaded, job.calib_dir, job.calib_size, job.seed)
-    prepared = _Prepared(loaded, family_of(loaded.arch), resolve_target(job.target_cpu), calib, calibration, pool=pool)
+    prepared = _Prepared(loaded, family, resolve_target(job.target_cpu), calib, calibration, pool=pool)
     if job.eval_dir is None and job.config.placement in MEASURED_PLACEMENTS:
         prepared.holdout_set = sample(without(calib_images, calib_sample), job.holdout_size, job.seed)
     if job.eval_dir is not None:
