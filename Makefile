@@ -42,7 +42,8 @@ bench-prune: $(STAMP)
 	$(PY) benchmarks/bench_prune.py --out benchmarks/RESULTS.md
 
 # Every model family × every method (benchmarks/CONFORMANCE.md and the README's supported-model table);
-# needs only the bundled images; long (hours on 2 cores), resumable with ARGS=--resume.
+# needs only the bundled images; long (hours on 2 cores), resumable with ARGS=--resume; the published
+# ratios come from ARGS=--time, run afterwards on an otherwise idle machine.
 conformance: $(STAMP)
 	$(PY) benchmarks/bench_conformance.py $(ARGS)
 
