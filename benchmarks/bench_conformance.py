@@ -434,6 +434,11 @@ def main() -> None:
     if args.cell:
         print(json.dumps(run_cell(*args.cell)))
         return
+    from vitcompress.models import family_of
+
+    misnamed = [f"{f} ({a} is {family_of(a)})" for f, a in FAMILY_MODELS.items() if family_of(a) != f]
+    if misnamed:  # the support table is keyed by models.FAMILIES' names: the rows here must use them
+        sys.exit(f"families named differently from vitcompress.models.FAMILIES: {', '.join(misnamed)}")
     families = _names(args.families, list(FAMILY_MODELS), "families")
     methods = _names(args.methods, list(METHODS), "methods")
     if args.publish:
