@@ -70,3 +70,45 @@ def test_no_pretrained_builds_random_weights():
 def test_uncached_pretrained_weights_fail_fast_with_a_way_out():
     with pytest.raises(VitcompressError, match="--checkpoint PATH"):
         load_model("deit-tiny", pretrained=True)
+
+
+def _tiny_fastvit():
+    """FastViT in a tiny configuration: MobileOne stem, RepMixer and attention stages, all trained as branches."""
+    from vitcompress.models import LoadedModel, _create, _preprocessing_from_timm
+
+    kwargs = dict(layers=(1, 1, 1, 1), embed_dims=(8, 16, 32, 64), num_classes=10)
+    torch.manual_seed(0)
+    model = _create("fastvit_t8", None, kwargs).eval()
+    for m in model.modules():  # non-trivial BatchNorm statistics, so merging them is really tested
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return LoadedModel(model, "fastvit_t8", _preprocessing_from_timm(model), 10, kwargs={k: v for k, v in kwargs.items() if k != "num_classes"})
+
+
+def test_branchy_families_load_merged_and_their_checkpoints_reload(tmp_path):
+    """FastViT's training-time branches are merged on load (same function), and a checkpoint of the
+    merged model records it, so it reloads into the merged layout; a training-form checkpoint merges after."""
+    import copy
+
+    from vitcompress.artifacts import save_checkpoint
+    from vitcompress.models import to_inference_form
+
+    trained = _tiny_fastvit()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = trained.model(x)
+    save_checkpoint(tmp_path / "train_form.pth", trained, trained.model.state_dict())
+    merged = copy.deepcopy(trained)
+    assert to_inference_form(merged.model, merged.arch)
+    merged.inference_form = True
+    names = {n for n, _ in merged.model.named_modules()}
+    assert not any(n.endswith(("rbr_conv", "rbr_scale", "large_conv")) for n in names)  # the branches are gone
+    save_checkpoint(tmp_path / "merged.pth", merged, merged.model.state_dict())
+
+    for path in ("train_form.pth", "merged.pth"):
+        reloaded = load_model(checkpoint=tmp_path / path)
+        assert reloaded.inference_form
+        with torch.no_grad():
+            assert torch.allclose(reloaded.model(x), expected, atol=1e-4), path
+    assert not to_inference_form(load_model("deit_tiny_patch16_224", pretrained=False).model, "deit_tiny_patch16_224")

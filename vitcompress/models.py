@@ -51,6 +51,14 @@ FAMILIES: dict[str, str] = {
     "poolformerv2_": "PoolFormer", "edgenext_": "EdgeNeXt",
 }
 
+# Families whose timm blocks train as parallel branches that merge into one layer for inference
+# (timm's reparameterize_model). Every load converts them: quantizing the training form would put a
+# quantizer on every branch and run them all (FastViT's W8A8 artifact ran at 0.4x its float one).
+INFERENCE_FORM: dict[str, str] = {
+    "FastViT": "MobileOne blocks, RepMixer, large-kernel and positional-encoding convs train as parallel branches",
+    "RepViT": "RepVGG-style depthwise blocks train as 3x3 + 1x1 conv + identity branches",
+}
+
 
 @dataclass
 class LoadedModel:
@@ -65,6 +73,7 @@ class LoadedModel:
     weights: str = "checkpoint"  # "checkpoint" | "pretrained" | "random"
     quant_state: dict | None = None  # present when the checkpoint was written by `quantize`
     metrics: dict = field(default_factory=dict)
+    inference_form: bool = False  # the model's training-time branches were merged (INFERENCE_FORM)
 
     @property
     def accuracy_meaningful(self) -> bool:
@@ -94,6 +103,17 @@ def family_of(arch: str) -> str:
         if arch.startswith(prefix):
             return FAMILIES[prefix]
     return "other timm model"
+
+
+def to_inference_form(model: nn.Module, arch: str) -> bool:
+    """Merge the training-time branches of a family listed in INFERENCE_FORM, in place (exact up to
+    float rounding in eval mode); whether anything was merged."""
+    if family_of(arch) not in INFERENCE_FORM:
+        return False
+    from timm.models import reparameterize_model
+
+    reparameterize_model(model.eval(), inplace=True)
+    return True
 
 
 def _create(arch: str, num_classes: int | None, kwargs: dict, pretrained: bool = False) -> nn.Module:
@@ -198,14 +218,17 @@ def load_model(
         arch = resolve_arch(name)
         model = _create(arch, _infer_num_classes(arch, obj), {})
         _load_state(model, obj, path)
-        model.eval()
-        return LoadedModel(model, arch, _preprocessing_from_timm(model), _num_classes(model), source=str(path))
+        merged = to_inference_form(model.eval(), arch)
+        return LoadedModel(model, arch, _preprocessing_from_timm(model), _num_classes(model), source=str(path),
+                           inference_form=merged)
     if name is None:
         raise VitcompressError("say which model to load: --model NAME and/or --checkpoint PATH")
     arch = resolve_arch(name)
     if not pretrained:
         model = _create(arch, None, {}).eval()
-        return LoadedModel(model, arch, _preprocessing_from_timm(model), _num_classes(model), source=f"timm:{arch}", weights="random")
+        merged = to_inference_form(model, arch)
+        return LoadedModel(model, arch, _preprocessing_from_timm(model), _num_classes(model), source=f"timm:{arch}",
+                           weights="random", inference_form=merged)
     try:
         with _hub_offline():
             model = _create(arch, None, {}, pretrained=True).eval()
@@ -217,7 +240,9 @@ def load_model(
             "(a state dict or a vitcompress-zoo file), or --no-pretrained for random weights "
             "(VITCOMPRESS_ALLOW_DOWNLOAD=1 allows a download where a model hub is reachable)"
         ) from None
-    return LoadedModel(model, arch, _preprocessing_from_timm(model), _num_classes(model), source=f"timm:{arch}", weights="pretrained")
+    merged = to_inference_form(model, arch)
+    return LoadedModel(model, arch, _preprocessing_from_timm(model), _num_classes(model), source=f"timm:{arch}",
+                       weights="pretrained", inference_form=merged)
 
 
 @contextlib.contextmanager
@@ -255,11 +280,14 @@ def _from_zoo(obj: dict, path: Path, name: str | None,
         raise VitcompressError(f"{path} is not a valid {ZOO_FORMAT} checkpoint: missing or bad {e}") from None
     if name is not None and resolve_arch(name) != arch:
         raise VitcompressError(f"{path} holds a {arch}, not a {resolve_arch(name)}")
-    model = _create(resolve_arch(arch), num_classes, kwargs)
+    model = _create(resolve_arch(arch), num_classes, kwargs).eval()
+    saved_merged = bool(obj.get("inference_form"))  # written by vitcompress from a merged model
+    if saved_merged and not to_inference_form(model, arch):
+        raise VitcompressError(f"{path} holds merged {arch} weights, but its family has no inference form here")
     if before_load is not None:
         before_load(model, obj)
     _load_state(model, state, path)
-    model.eval()
+    merged = saved_merged or to_inference_form(model, arch)  # a training-form checkpoint merges after loading
     classes = obj.get("classes")
     if "input_size" in obj:
         # zoo files describe small fixed-size inputs: resized exactly unless they say otherwise
@@ -268,7 +296,7 @@ def _from_zoo(obj: dict, path: Path, name: str | None,
         prep = _preprocessing_from_timm(model, classes)
     return LoadedModel(
         model, arch, prep, num_classes, kwargs=kwargs, source=str(path),
-        quant_state=obj.get("quant_state"), metrics=dict(obj.get("metrics") or {}),
+        quant_state=obj.get("quant_state"), metrics=dict(obj.get("metrics") or {}), inference_form=merged,
     )
 
 
@@ -287,6 +315,7 @@ def checkpoint_dict(loaded: LoadedModel, state_dict: dict, **extra: Any) -> dict
         "interpolation": p.interpolation,
         "crop_pct": p.crop_pct,
         "resize_mode": p.resize_mode,
+        "inference_form": loaded.inference_form,
         "state_dict": {k: v.detach().clone().contiguous() for k, v in state_dict.items()},
         **extra,
     }
