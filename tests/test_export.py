@@ -322,3 +322,27 @@ def test_speed_keeps_small_image_convs_float_and_quantizes_patch_embeddings():
     assert reduction_size(model["stem"]) < IMAGE_CONV_MIN_REDUCTION <= reduction_size(model["patch_embed"])
     assert plan(model, get_placement("speed")).weighted == ["patch_embed", "fc"]
     assert plan(model, get_placement("partial")).weighted == ["stem", "patch_embed", "fc"]
+
+
+def test_speed_wide_keeps_every_small_reduction_conv_float_and_promises_integer_for_the_rest(tmp_path):
+    from torch import nn
+
+    from vitcompress.quant.placement import get_placement, plan, reduction_size
+
+    block = nn.Sequential(nn.Conv2d(64, 64, 1), nn.Conv2d(64, 64, 7, padding=3, groups=64), nn.Conv2d(64, 32, 1),
+                          nn.Conv2d(32, 32, 1), nn.Conv2d(32, 64, 3, padding=1, groups=16), nn.Conv2d(64, 64, 3, padding=1)).eval()
+    # products per output: 64, 49 (7x7 depthwise), 64, 32 (1x1 over 32 channels), 18 (grouped), 576
+    assert [reduction_size(m) for m in block] == [64, 49, 64, 32, 18, 576]
+    wide = plan(block, get_placement("speed-wide"))
+    assert wide.weighted == ["0", "2", "5"] and wide.float_modules == {"Conv2d": 3}
+    assert plan(block, get_placement("speed")).weighted == ["0", "1", "2", "3", "4", "5"]
+
+    torch.manual_seed(0)
+    quantized = copy.deepcopy(block)
+    x = torch.randn(8, 64, 12, 12)
+    quantize_(quantized, QuantConfig(placement="speed-wide"), [x], None)
+    path = tmp_path / "wide.onnx"
+    export_qdq(quantized, (64, 12, 12), path, {})
+    coverage = int8_coverage(path)
+    assert not coverage["simulated_layers"]  # the wide-reduction convs run as QLinearConv
+    assert 0 < coverage["integer_mac_share"] < 1  # the three small-reduction convs are float islands

@@ -234,6 +234,12 @@ def _compute_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, int, fr
     return compute
 
 
+def _constants(model: onnx.ModelProto) -> set[str]:
+    """Names of the graph's constant tensors: a compute node whose weight is one of them (not a
+    DequantizeLinear output) has a float weight, left float by the placement."""
+    return {t.name for t in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+
+
 def _onnxruntime_integer(qdq_path: str | Path, compute: list) -> tuple[list[bool], dict[str, int]]:
     """Which compute nodes onnxruntime's optimized graph runs as integer kernels, and those kernels' counts.
 
@@ -285,12 +291,14 @@ def int8_coverage(qdq_path: str | Path, runtime: str = DEFAULT_RUNTIME) -> dict:
     integer, op_counts = lookup(INTEGER_KERNELS, runtime, "runtime")(qdq_path, compute)
     total = sum(m for _, m, _ in compute) or 1
     int_macs, islands = 0, []
+    constants = _constants(model)
     for (n, macs, q), is_int in zip(compute, integer):
         if is_int:
             int_macs += macs
         else:
             islands.append({"node": n.name or n.output[0], "layer": module_name_of(n.name), "op": n.op_type,
-                            "macs": macs, "quantized_inputs": len(q), "weight_only": n.op_type in WEIGHT_ONLY_OPS})
+                            "macs": macs, "quantized_inputs": len(q), "weight_only": n.op_type in WEIGHT_ONLY_OPS,
+                            "float_weight": len(n.input) > 1 and n.input[1] in constants})
     islands.sort(key=lambda r: -r["macs"])
     return {
         "runtime": runtime_info(runtime),
@@ -299,8 +307,10 @@ def int8_coverage(qdq_path: str | Path, runtime: str = DEFAULT_RUNTIME) -> dict:
         "integer_macs": int_macs,
         "integer_kernels": op_counts,
         "float_islands": islands,
-        # layers with quantized inputs that still run a float kernel: simulated, not integer
-        "simulated_layers": [i["layer"] or i["node"] for i in islands if i["quantized_inputs"] and not i["weight_only"]],
+        # layers with quantized inputs that still run a float kernel: simulated, not integer (a layer
+        # whose weight the placement left float only reads a dequantized activation: a float layer)
+        "simulated_layers": [i["layer"] or i["node"] for i in islands
+                             if i["quantized_inputs"] and not i["weight_only"] and not i["float_weight"]],
         # layers exported with packed low-bit weights over a float GEMM (by choice: --weight-format int4)
         "weight_only_layers": [i["layer"] or i["node"] for i in islands if i["weight_only"]],
     }

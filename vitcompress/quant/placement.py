@@ -71,10 +71,16 @@ class Placement:
     # Convs reading the image (see ``reads_image``) are quantized only when each output sums at
     # least this many products (``reduction_size``); 0 quantizes them all.
     image_conv_min_reduction: int = 0
+    # Any conv summing fewer products per output than this stays float (depthwise and small grouped
+    # convs, 1x1 convs over few channels, small stems); 0 quantizes them all.
+    conv_min_reduction: int = 0
 
 
 # Measured with onnxruntime 1.31, 1 thread (docs/quantization.md): int8 lost on a 3×3 RGB stem (27
-# products per output) and won on deit's 16×16 patch embedding (768).
+# products per output) and won on deit's 16×16 patch embedding (768). "speed-wide" applies the same
+# bound to every conv: depthwise convs (9-49 products) and 1x1 convs over fewer than 64 channels stay
+# float. Which of the two is faster depends on the model (FastViT 0.5x -> 1.25x, MobileViT v2
+# 1.00x -> 0.96x), so the default measures.
 IMAGE_CONV_MIN_REDUCTION = 64
 
 
@@ -84,6 +90,8 @@ PLACEMENTS: dict[str, Placement] = {
     "linear": Placement("linear", kinds=("linear",)),
     "speed": Placement("speed", integer_kinds=("linear", "conv"), conv_outputs=True, gated_silu=True,
                        image_conv_min_reduction=IMAGE_CONV_MIN_REDUCTION, attention_matmuls=True),
+    "speed-wide": Placement("speed-wide", integer_kinds=("linear", "conv"), conv_outputs=True, gated_silu=True,
+                                attention_matmuls=True, conv_min_reduction=IMAGE_CONV_MIN_REDUCTION),
 }
 ALIASES = {"accuracy": "partial"}
 
@@ -112,7 +120,7 @@ class Candidate:
 # with signed symmetric activations: the form OpenVINO's CPU plugin runs fastest (its attention
 # fusion takes signed inputs); onnxruntime runs int8 activations slower than uint8 ones.
 CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
-    Candidate("speed", "speed"), Candidate("linear", "linear"), Candidate("partial", "partial"),
+    Candidate("speed", "speed"), Candidate("speed-wide", "speed-wide"), Candidate("linear", "linear"), Candidate("partial", "partial"),
     Candidate("matmul-int8", "partial+matmul", act_symmetric=True),
 )}
 
@@ -132,10 +140,11 @@ class DefaultRule:
 
 # First match wins. Figures in docs/quantization.md ("The default placement").
 DEFAULT_RULES: tuple[DefaultRule, ...] = (
-    DefaultRule("onnxruntime", "*", "*", ("speed", "linear", "partial"),
+    DefaultRule("onnxruntime", "*", "*", ("speed", "speed-wide", "linear", "partial"),
                 "onnxruntime fuses the speed placement's chains (QLinearConv, QLinearSigmoid, integer attention "
                 "products) and leaves partial's quantized convs as Q/DQ around float convs; speed was the fastest "
-                "placement on every family measured, with VNNI and with AVX2 only"),
+                "placement on most families measured, with VNNI and with AVX2 only; where its int8 depthwise convs "
+                "cost more than they save (FastViT, EfficientViT), speed-wide keeps them float"),
     DefaultRule("openvino", "*", "*", ("matmul-int8", "partial", "speed"),
                 "OpenVINO's CPU plugin runs the quantized convs of partial artifacts as u8 kernels itself, and the "
                 "attention products fastest with signed activations; partial beat speed on every family measured there "
@@ -176,7 +185,8 @@ def plan(model: nn.Module, placement: Placement, extra_skip: tuple[str, ...] = (
         skipped_by_pattern = any(fnmatch.fnmatch(name, p) for p in skip)
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             kind = kind_of(m)
-            if reads_image(m) and reduction_size(m) < placement.image_conv_min_reduction:
+            if (reads_image(m) and reduction_size(m) < placement.image_conv_min_reduction) or (
+                    isinstance(m, nn.Conv2d) and reduction_size(m) < placement.conv_min_reduction):
                 float_counts[type(m).__name__] += 1  # by design (the placement's data), not a skip
             elif kind in placement.kinds and is_wrappable_weighted(m) and not skipped_by_pattern:
                 weighted.append(name)
