@@ -132,7 +132,9 @@ def simulation_checks(checkpoint: Path, artifact: Path) -> dict:
     its kernels do. ``disagreement_margin``: the largest top-1/top-2 logit gap of the simulation, in
     units of its logits' standard deviation, over the images where the artifact's top-1 differs. A
     missing or misplaced quantizer flips clear decisions too; flips confined to near ties (margins of
-    a few hundredths) are rounding, not a fault."""
+    a few hundredths) are rounding, not a fault. ``decisive_agreement``: the agreement on the
+    ``decisive_images``, those whose gap is wider than every gap float rounding alone flipped (the
+    float64/float32 comparison): decisions rounding cannot move, which an export must keep."""
     import copy
 
     import numpy as np
@@ -160,9 +162,14 @@ def simulation_checks(checkpoint: Path, artifact: Path) -> dict:
     try:
         with torch.no_grad():
             double = torch.cat([model64(b.double()) for b in x.split(32)]).float().numpy()
-        checks["float_rounding_floor"] = fidelity(double, single)["top1_agreement"]
     except RuntimeError:  # a module that builds float32 tensors of its own: no float64 reference
-        pass
+        return checks
+    checks["float_rounding_floor"] = fidelity(double, single)["top1_agreement"]
+    rounding_flips = double.argmax(1) != single.argmax(1)
+    # Decisive images: a top-1/top-2 gap wider than any that float rounding alone flipped.
+    decisive = margins > (margins[rounding_flips].max() if rounding_flips.any() else 0.0)
+    checks["decisive_images"] = int(decisive.sum())
+    checks["decisive_agreement"] = float(100.0 * (~flipped[decisive]).mean()) if decisive.any() else None
     return checks
 
 
@@ -319,6 +326,8 @@ def _cell_text(r: dict | None) -> str:
         floor, margin = r.get("float_rounding_floor"), r.get("disagreement_margin")
         parts.append(f"{r['agreement_vs_torch']:.1f}%" + ("" if floor is None else f" ({floor:.1f}%)")
                      + ("" if not margin else f" m{margin:.2f}"))
+    if r.get("decisive_agreement") is not None:
+        parts.append(f"decisive {r['decisive_agreement']:.0f}% of {r['decisive_images']}")
     if r.get("chosen"):
         parts.append(r["chosen"])
     return " · ".join(parts)
@@ -336,7 +345,7 @@ def _markdown(records: dict[tuple[str, str], dict]) -> str:
         f"its torch model on {EVAL_SIZE} bundled images (`calib/val`). A cell reads: status · fp32/compressed latency "
         f"ratio (onnxruntime, 1 thread, {LATENCY_ROUNDS} alternated rounds, timed cell after cell on an otherwise idle machine "
         "after all cells ran; — where not timed) · share of MACs in integer kernels · top-1 agreement of the "
-        "exported artifact with its torch simulation (in brackets: the same simulation computed in float64 vs float32, the floor float rounding alone sets on random weights; m: the largest top-1/top-2 logit gap, in logit standard deviations, among the images where they disagree — near ties are rounding, clear decisions flipped would be a fault) · for `default`, the placement it chose (judged on held-out "
+        "exported artifact with its torch simulation (in brackets: the same simulation computed in float64 vs float32, the floor float rounding alone sets on random weights; m: the largest top-1/top-2 logit gap, in logit standard deviations, among the images where they disagree — near ties are rounding, clear decisions flipped would be a fault; decisive: the agreement on the images whose gap is wider than every gap float rounding alone flipped, and how many they are) · for `default`, the placement it chose (judged on held-out "
         "calibration images). `unsupported` cells are decisions of `vitcompress/support.py`, refused in one line "
         "before any work; their reasons are listed below the table.", "",
         f"Cells: {counts['ok']} ok, {counts['unsupported']} unsupported, {counts['failed']} failed, "
@@ -353,6 +362,8 @@ def _markdown(records: dict[tuple[str, str], dict]) -> str:
         lines += [f"| {r['family']} | {r['method']} | {r['status']} | {r['reason'].replace('|', '/')} |" for r in notes]
     low = [r for r in records.values() if r["status"] == "ok" and r["method"] not in ("float", "greedy-mp")
            and r.get("agreement_vs_torch") is not None and r["agreement_vs_torch"] < W8A8_MIN_AGREEMENT]
+    decisive_low = [r for r in records.values() if r["status"] == "ok" and r["method"] not in ("float", "greedy-mp")
+                    and r.get("decisive_agreement") is not None and r["decisive_agreement"] < W8A8_MIN_AGREEMENT]
     slow = [r for r in records.values() if r["status"] == "ok" and r["method"] == "default" and r.get("speedup", 1.0) < 1.0]
     lines += ["", "## Bars", "",
               f"- W8A8 cells whose export agrees with its torch simulation on less than {W8A8_MIN_AGREEMENT:g}% "
@@ -360,6 +371,10 @@ def _markdown(records: dict[tuple[str, str], dict]) -> str:
               + (", ".join(f"{r['family']} × {r['method']} ({r['agreement_vs_torch']:.1f}% vs "
                            f"{_fmt(r.get('float_rounding_floor'), '{:.1f}%')}, flips at margins up to "
                            f"{_fmt(r.get('disagreement_margin'), '{:.3f}')})" for r in low) or "none") + ".",
+              f"- W8A8 cells whose export flips decisive images (gaps wider than any float rounding flipped; agreement "
+              f"below {W8A8_MIN_AGREEMENT:g}% on them; measured where the cell ran with this check): "
+              + (", ".join(f"{r['family']} × {r['method']} ({r['decisive_agreement']:.1f}% of {r['decisive_images']})"
+                           for r in decisive_low) or "none") + ".",
               "- Families slower than float at W8A8 under the default placement, and the float operators holding "
               "most of their remaining MACs (what caps them): "
               + ("; ".join(f"{r['family']} ({r['speedup']:.2f}x; float: "
