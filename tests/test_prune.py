@@ -100,6 +100,41 @@ def test_removing_zeroed_units_keeps_the_function(loaded):
         assert not torch.allclose(pruned(x), loaded.model(x), atol=1e-3)  # the pruning did change the model
 
 
+@pytest.mark.parametrize("arch,kwargs,side", [
+    # windowed attention at two stage widths and token counts
+    ("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=4, depths=(1, 1), num_heads=(2, 4), embed_dim=32), 64),
+    # timm Attention over unfolded patches, at three stages' patch grids
+    ("mobilevit_xxs", {}, 256),
+])
+def test_units_at_different_token_counts_are_costed_as_they_run_and_removed_exactly(arch, kwargs, side):
+    import timm
+
+    from vitcompress.prune.structure import apply_layout, count_macs, layout_of, macs
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, **kwargs).eval()
+    mods = find_prunable(model)
+    assert len({pm.tokens for pm in mods}) > 1 and any(pm.kind == "attn" for pm in mods)
+    zeroed, drop = copy.deepcopy(model), {}
+    for pm in find_prunable(zeroed):
+        drop[pm.name] = list(range(0, pm.units, 2))  # every other head / hidden unit
+        _zero_units(zeroed, pm, drop[pm.name])
+    pruned = copy.deepcopy(zeroed)
+    for pm in find_prunable(pruned):
+        keep_units(pruned, pm, [u for u in range(pm.units) if u not in drop[pm.name]])
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), zeroed(x), atol=1e-4, rtol=1e-4)
+    # the MACs the pruner plans with are the MACs the model runs (counted independently, by hooks)
+    size = (3, side, side)
+    assert count_macs(model, size) - count_macs(pruned, size) == macs(model) - macs(pruned) > 0
+    fresh = timm.create_model(arch, pretrained=False, **kwargs).eval()
+    apply_layout(fresh, layout_of(pruned))
+    fresh.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), pruned(x))
+
+
 def _run(*args):
     result = runner.invoke(app, [str(a) for a in args])
     return result.exit_code, result.output

@@ -54,11 +54,11 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     _lpvit(("SHViT",), "single-head attention over a channel slice and conv FFNs"),
     _lpvit(("RepViT", "FastViT"), "no attention in its blocks (re-parameterisable conv blocks, "
            "RepMixer token mixing) and conv MLPs"),
-    _lpvit(("Swin Transformer*", "MobileViT v1", "EfficientFormer v1", "CoaT", "Twins", "EdgeNeXt",
-            "VOLO", "CrossViT"),
-           "its blocks run at different token counts (stages, windows or two branches) while LPViT's MACs "
-           "accounting assumes one token count for every block, and its own attention variants are not yet "
-           "mapped to units"),
+    _lpvit(("Swin Transformer v2",), "Swin v2's window attention (a logit scale per head, a position-bias MLP "
+           "with an output per head, separate q and v biases) is not yet mapped to units"),
+    _lpvit(("EfficientFormer v1", "CoaT", "Twins", "EdgeNeXt", "VOLO", "CrossViT"),
+           "its own attention variants (attention biases per head, factorised, sub-sampled, channel, outlook or "
+           "cross-branch attention) are not yet mapped to units"),
     _lpvit(("ConvNeXt", "PoolFormer"), "no attention (depthwise-conv or pooling token mixer), and "
            "MLPs of 1x1 convs"),
     Unsupported("ofb", _STAGED, "OFB searches one embedding width shared by every block of a plain ViT; this family's "

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import VitcompressError
-from .structure import PrunableModule, find_prunable, keep_units, token_count, unit_index, unit_slices
+from .structure import PrunableModule, find_prunable, keep_units, module_tokens, unit_index, unit_slices
 
 ProgressFn = Callable[[int, int], None]
 
@@ -210,10 +210,11 @@ def tile_mask(shape: tuple[int, int], tile: tuple[int, int], keep: Iterable[int]
     return flat.reshape(nr, nc).repeat_interleave(bh, 0).repeat_interleave(bw, 1)[: shape[0], : shape[1]]
 
 
-def _tile_layers(model: nn.Module, grads: dict[str, torch.Tensor], tile: tuple[int, int], min_keep: float,
-                 tokens: int) -> list[LayerBlocks]:
+def _tile_layers(model: nn.Module, grads: dict[str, torch.Tensor], tile: tuple[int, int], min_keep: float) -> list[LayerBlocks]:
     layers = []
+    seen = module_tokens(model)
     for name, lin in tile_linears(model).items():
+        tokens = seen.get(name.rpartition(".")[0], (0, 0))[0]  # those of its attention / MLP module
         w = lin.weight.detach()
         g = grads[f"{name}.weight"]
         wg, wt = _tiles(w * g, tile), _tiles(w, tile)
@@ -260,7 +261,7 @@ class LPViTPruner:
         if config.block == "unit":
             self.layers = _unit_layers(model, grads, modules, config.min_keep)
         else:
-            self.layers = _tile_layers(model, grads, config.tile, config.min_keep, token_count(model))
+            self.layers = _tile_layers(model, grads, config.tile, config.min_keep)
         if not self.layers:
             raise VitcompressError("nothing left to prune: every prunable module is already empty")
         self.curves = [distortion_curve(layer, config.levels, eps) for layer in self.layers]

@@ -3,8 +3,10 @@
 A *unit* is the smallest piece that can be cut out of a dense model and leave a smaller dense
 model behind:
 
-- an attention head of ``timm.layers.Attention``: its ``head_dim`` rows in each of the q, k and v
-  parts of ``qkv`` (weight and bias) and the matching ``head_dim`` columns of ``proj``;
+- an attention head of ``timm.layers.Attention`` or Swin's ``WindowAttention`` (``HEAD_ATTENTION``):
+  its ``head_dim`` rows in each of the q, k and v parts of ``qkv`` (weight and bias), the matching
+  ``head_dim`` columns of ``proj``, and its entry in any per-head parameter (Swin's relative
+  position bias table);
 - an MLP hidden unit of ``timm.layers.Mlp``: one row of ``fc1`` (and its bias) and the matching
   column of ``fc2``.
 
@@ -18,6 +20,10 @@ lives in the patch embedding's output rows, the class/register tokens and positi
 LayerNorms that read the residual stream, the input columns of every Linear that reads a norm's
 output (qkv, fc1, head) and the output rows of every Linear that writes the stream (proj, fc2), and
 LayerScale. :func:`keep_embed_channels` removes channels from all of them.
+
+A unit's MACs depend on how many tokens its module sees per image and how many each query attends
+to; both are measured once per model by one forward pass at its input size (``module_tokens``), so
+blocks at different token counts (stages, windows, patch grids) are costed as they run.
 
 The *layout* (units kept per module, plus ``embed_dim`` where the residual width can be pruned) is
 a plain dict stored in checkpoints; :func:`apply_layout` reshapes a freshly built model to it before
@@ -45,6 +51,36 @@ class PrunableModule:
     unit_width: int  # head_dim for attention, 1 for MLP
     macs_per_unit: int  # multiply-accumulates per image for one unit (Linear + attention matmuls)
     norm_name: str | None  # the LayerNorm feeding it inside its block (Identity once the module is gone)
+    tokens: int = 1  # tokens per image the module processes
+
+
+@dataclass(frozen=True)
+class HeadAttention:
+    """An attention class whose heads can be cut: a fused ``qkv`` Linear (q, k, v parts, each
+    ``num_heads`` heads wide), a ``proj`` Linear, ``num_heads``, and parameters holding one entry
+    per head along an axis."""
+
+    module: str  # "package.module:Class"
+    per_head: tuple[tuple[str, int], ...] = ()  # (parameter, axis) with one entry per head
+
+    def cls(self) -> type:
+        import importlib
+
+        where, _, name = self.module.partition(":")
+        return getattr(importlib.import_module(where), name)
+
+
+# What head pruning knows, as data. Each class's forward reads num_heads and reshapes qkv by it, so
+# the smaller module runs timm's own code.
+HEAD_ATTENTION: tuple[HeadAttention, ...] = (
+    HeadAttention("timm.layers:Attention"),
+    # windowed attention at a stage's width; its relative position bias table has a column per head
+    HeadAttention("timm.models.swin_transformer:WindowAttention", (("relative_position_bias_table", 1),)),
+)
+
+
+def _head_attention(m: nn.Module) -> HeadAttention | None:
+    return next((h for h in HEAD_ATTENTION if isinstance(m, h.cls())), None)
 
 
 class BiasBranch(nn.Module):
@@ -56,12 +92,6 @@ class BiasBranch(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self.bias.expand(*x.shape[:-1], self.bias.shape[0])
-
-
-def _attention_cls():
-    from timm.layers import Attention
-
-    return Attention
 
 
 def _mlp_cls():
@@ -80,6 +110,53 @@ def _check_mlp(name: str, m: nn.Module) -> None:
         raise VitcompressError(f"{name}: only Linear MLPs without a hidden norm can be pruned structurally")
 
 
+TOKENS_ATTR = "vitcompress_module_tokens"  # the measurement below, cached on the model (units do not change it)
+
+
+def _input_size(model: nn.Module) -> tuple[int, int, int]:
+    pe = getattr(model, "patch_embed", None)
+    img = getattr(pe, "img_size", None)
+    channels = int(getattr(getattr(pe, "proj", None), "in_channels", 3))
+    if img is not None:
+        return (channels, int(img[0]), int(img[1]))
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" not in cfg:
+        raise VitcompressError(f"{type(model).__name__}: no input size known to measure its token counts")
+    return tuple(int(v) for v in cfg["input_size"])
+
+
+def module_tokens(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Per attention / MLP module: (tokens it processes per image, tokens each query attends to),
+    measured by running the model once at batch 1 at its input size."""
+    cached = getattr(model, TOKENS_ATTR, None)
+    if cached is not None:
+        return cached
+    Mlp = _mlp_cls()
+    seen: dict[str, tuple[int, int]] = {}
+
+    def hook(name: str, kind: str):
+        def record(m, inp, out):
+            x = inp[0]
+            if kind == "attn":  # (batch x windows, tokens per window, width)
+                seen[name] = (x.shape[0] * x.shape[1], x.shape[1])
+            else:  # (..., width): every position but the channels is a token
+                seen[name] = (x.numel() // x.shape[-1], 0)
+        return record
+
+    hooks = [m.register_forward_hook(hook(n, "attn" if _head_attention(m) else "mlp"))
+             for n, m in model.named_modules() if _head_attention(m) is not None or isinstance(m, Mlp)]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *_input_size(model)))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    setattr(model, TOKENS_ATTR, seen)
+    return seen
+
+
 def token_count(model: nn.Module) -> int:
     """Tokens per image (patches plus class/prefix tokens) of a ViT-style model."""
     pe = getattr(model, "patch_embed", None)
@@ -88,21 +165,24 @@ def token_count(model: nn.Module) -> int:
     return max(n, 1)
 
 
-def unit_macs(kind: str, tokens, width, unit_width: int = 1, out_width=None):
+def unit_macs(kind: str, tokens, width, unit_width: int = 1, out_width=None, attended=None):
     """Multiply-accumulates per image of one unit: a head of ``unit_width`` channels (its q, k, v
-    and output projections from/to ``width`` channels, and its scores and weighted sum over
-    ``tokens``), or one hidden unit of an MLP (one input and one output weight per channel).
-    Works on ints and on tensors (OFB's expected widths are differentiable)."""
+    and output projections from/to ``width`` channels, and its scores and weighted sum over the
+    ``attended`` tokens each query sees: all ``tokens`` unless windowed), or one hidden unit of an
+    MLP (one input and one output weight per channel). Works on ints and on tensors (OFB's expected
+    widths are differentiable)."""
     out_width = width if out_width is None else out_width
+    attended = tokens if attended is None else attended
     if kind == "attn":
-        return tokens * unit_width * (3 * width + out_width + 2 * tokens)
+        return tokens * unit_width * (3 * width + out_width + 2 * attended)
     return tokens * (width + out_width)
 
 
 def find_prunable(model: nn.Module) -> list[PrunableModule]:
-    """Every timm Attention / Mlp (or already emptied branch) inside a block, in model order."""
-    Attention, Mlp = _attention_cls(), _mlp_cls()
-    tokens = token_count(model)
+    """Every head-structured attention (``HEAD_ATTENTION``) / timm Mlp (or already emptied branch)
+    inside a block, in model order."""
+    Mlp = _mlp_cls()
+    tokens = module_tokens(model)
     found: list[PrunableModule] = []
     modules = dict(model.named_modules())
     for name, m in model.named_modules():
@@ -113,20 +193,21 @@ def find_prunable(model: nn.Module) -> list[PrunableModule]:
             cand = "norm1" if leaf == "attn" else "norm2"
             if hasattr(parent, cand):
                 norm_name = f"{parent_name}.{cand}"
-        if isinstance(m, Attention):
+        if _head_attention(m) is not None:
             _check_attention(name, m)
-            c, d = m.qkv.in_features, m.head_dim
-            found.append(PrunableModule(name, "attn", m.num_heads, c, d, unit_macs("attn", tokens, c, d, m.proj.out_features),
-                                        norm_name))
+            c, d = m.qkv.in_features, m.qkv.out_features // 3 // m.num_heads
+            n, attended = tokens.get(name, (0, 0))  # (0: never reached, costs nothing)
+            found.append(PrunableModule(name, "attn", m.num_heads, c, d,
+                                        unit_macs("attn", n, c, d, m.proj.out_features, attended), norm_name, n))
         elif isinstance(m, Mlp):
             _check_mlp(name, m)
-            c = m.fc1.in_features
-            found.append(PrunableModule(name, "mlp", m.fc1.out_features, c, 1, unit_macs("mlp", tokens, c, 1, m.fc2.out_features),
-                                        norm_name))
+            c, (n, _) = m.fc1.in_features, tokens.get(name, (0, 0))
+            found.append(PrunableModule(name, "mlp", m.fc1.out_features, c, 1, unit_macs("mlp", n, c, 1, m.fc2.out_features),
+                                        norm_name, n))
         elif isinstance(m, BiasBranch) and leaf in ("attn", "mlp"):
             found.append(PrunableModule(name, leaf, 0, m.bias.shape[0], 1, 0, norm_name))
     if not found:
-        raise VitcompressError("no timm Attention/Mlp modules found: structural pruning supports ViT/DeiT-style models")
+        raise VitcompressError("no timm Attention/Mlp modules found: structural pruning supports ViT/DeiT/Swin-style models")
     return found
 
 
@@ -135,7 +216,7 @@ def unit_slices(model: nn.Module, pm: PrunableModule) -> list[tuple[nn.Parameter
     ``[u*w, (u+1)*w)`` along ``axis`` within each of the ``parts`` equal chunks of that axis
     (qkv has 3 parts: q, k, v), where ``w`` is the unit width (see :func:`unit_index`)."""
     m = model.get_submodule(pm.name)
-    if pm.kind == "attn":
+    if pm.kind == "attn":  # (per-head parameters are one entry wide, not head_dim: cut, not scored)
         out = [(m.qkv.weight, 0, 3), (m.proj.weight, 1, 1)]
         if m.qkv.bias is not None:
             out.append((m.qkv.bias, 0, 3))
@@ -196,8 +277,12 @@ def keep_units(model: nn.Module, pm: PrunableModule, keep: Iterable[int]) -> Non
         cols = unit_index(pm, m.proj.in_features, 1, keep)
         m.qkv = _linear_like(m.qkv, m.qkv.weight[rows], None if m.qkv.bias is None else m.qkv.bias[rows])
         m.proj = _linear_like(m.proj, m.proj.weight[:, cols], m.proj.bias)
+        heads = torch.tensor(keep, dtype=torch.long)
+        for param, axis in _head_attention(m).per_head:
+            setattr(m, param, _cut(getattr(m, param), axis, heads))
         m.num_heads = len(keep)
-        m.attn_dim = len(keep) * m.head_dim
+        if hasattr(m, "attn_dim"):
+            m.attn_dim = len(keep) * pm.unit_width
     elif pm.kind == "mlp":
         if not keep:
             _empty(model, pm, m.fc2.bias, m.fc2.out_features)
@@ -369,7 +454,6 @@ def apply_prune_state(model: nn.Module, prune_state: dict) -> None:
 def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
     """Multiply-accumulates per image of every Linear/Conv2d plus the attention products
     (q·kᵀ and attn·v), counted by running the model once at batch 1."""
-    Attention = _attention_cls()
     total = [0]
 
     def linear(m, inp, out):
@@ -380,7 +464,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
 
     def attention(m, inp, out):
         n = inp[0].shape[-2]
-        total[0] += 2 * n * n * m.attn_dim * inp[0].shape[0]
+        total[0] += 2 * n * n * (m.qkv.out_features // 3) * inp[0].shape[0]
 
     hooks = []
     for m in model.modules():
@@ -388,7 +472,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
             hooks.append(m.register_forward_hook(linear))
         elif isinstance(m, nn.Conv2d):
             hooks.append(m.register_forward_hook(conv))
-        elif isinstance(m, Attention):
+        elif _head_attention(m) is not None:
             hooks.append(m.register_forward_hook(attention))
     try:
         with torch.no_grad():
