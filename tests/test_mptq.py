@@ -248,3 +248,32 @@ def test_mptq_on_swin_exports_exactly(tmp_path):
         ref = model(x).numpy()
     out = run_session(make_session(tmp_path / "swin.onnx"), x.numpy())
     assert (out.argmax(1) == ref.argmax(1)).mean() == 1.0 and abs(out - ref).max() < 1e-4
+
+
+def test_mptq_checkpoint_of_a_swin_reloads_with_the_biases_smoothing_added(tmp_path):
+    """SQ-b moves a channel shift into the bias of Swin's patch-merging Linear, built without one:
+    the quantized checkpoint must reload into a fresh model (it did not: 'unexpected keys')."""
+    from vitcompress import QuantizeJob, load, quantize
+    from vitcompress.artifacts import save_checkpoint
+    from vitcompress.models import LoadedModel, _create
+    from vitcompress.data import Preprocessing
+    from tests.conftest import CALIB
+
+    kwargs = dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(1, 1), num_heads=(2, 2))
+    torch.manual_seed(0)
+    model = _create("swin_tiny_patch4_window7_224", 10, kwargs).eval()
+    assert model.layers[1].downsample.reduction.bias is None
+    prep = Preprocessing(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3, resize_mode="exact")
+    float_ckpt = tmp_path / "swin.pth"
+    save_checkpoint(float_ckpt, LoadedModel(model, "swin_tiny_patch4_window7_224", prep, 10, kwargs=kwargs), model.state_dict())
+    r = quantize(QuantizeJob(out=tmp_path / "q", checkpoint=float_ckpt, config=QuantConfig(method="mptq"),
+                             calib_dir=CALIB, calib_size=16, latency_rounds=1))
+    reloaded = load(checkpoint=tmp_path / "q" / r["artifacts"]["checkpoint"]["path"])
+    assert reloaded.model.layers[1].downsample.reduction.bias is not None
+    from vitcompress.export import make_session
+    from vitcompress.export.runtime import run_session
+
+    x = torch.randn(4, 3, 32, 32)
+    exported = run_session(make_session(tmp_path / "q" / r["artifacts"]["quantized"]["path"]), x.numpy())
+    with torch.no_grad():  # the reloaded simulation is the model that was exported
+        np.testing.assert_allclose(reloaded.model(x).numpy(), exported, atol=1e-3)

@@ -31,6 +31,20 @@ def _layout_for_checkpoint(model: torch.nn.Module, checkpoint: dict) -> None:
     quant_state = checkpoint.get("quant_state") or {}
     prepare_folded_scales(model, [tuple(p) for p in quant_state.get("folded_scales") or []])
     prepare_folded_layout(model, [tuple(p) for p in quant_state.get("folded_pairs") or []])
+    if checkpoint.get("quant_state") is not None:
+        _add_biases(model, checkpoint.get("state_dict") or {})
+
+
+def _add_biases(model: torch.nn.Module, state: dict) -> None:
+    """Zero biases where a quantized checkpoint has one and the fresh layer has none: smoothing
+    (MPTQ's SQ-b) moves a channel shift into the bias of a Linear built without one (Swin's patch
+    merging, a qkv without bias)."""
+    modules = dict(model.named_modules())
+    for key, value in state.items():
+        name, _, leaf = key.rpartition(".")
+        layer = modules.get(name)
+        if leaf == "bias" and isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) and layer.bias is None:
+            layer.bias = torch.nn.Parameter(torch.zeros(value.shape, dtype=layer.weight.dtype))
 
 
 def prune_extra(model: torch.nn.Module) -> dict:
