@@ -113,11 +113,7 @@ def _quantize(arch: str, out: Path, **config) -> dict:
            "label": r["bits"]["label"], "simulated_layers": len(r["coverage"]["simulated_layers"])}
     if with_eval:
         row.update(simulation_checks(out / r["artifacts"]["checkpoint"]["path"], out / r["artifacts"]["quantized"]["path"]))
-    islands: dict[str, int] = {}
-    for island in r["coverage"]["float_islands"]:
-        islands[island["op"]] = islands.get(island["op"], 0) + island["macs"]
-    total = r["coverage"]["total_macs"]
-    row["float_macs_by_op"] = {op: round(m / total, 3) for op, m in sorted(islands.items(), key=lambda kv: -kv[1])[:3]}
+    row["float_macs_by_op"] = {op: round(share, 3) for op, share in list(r["coverage"]["float_mac_share_by_op"].items())[:3]}
     if "placement_auto" in r:
         row["chosen"] = r["placement_auto"]["chosen"]
         row["agreement_vs_fp32"] = r["holdout_fidelity"]["top1_agreement"]

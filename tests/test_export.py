@@ -346,3 +346,5 @@ def test_speed_wide_keeps_every_small_reduction_conv_float_and_promises_integer_
     coverage = int8_coverage(path)
     assert not coverage["simulated_layers"]  # the wide-reduction convs run as QLinearConv
     assert 0 < coverage["integer_mac_share"] < 1  # the three small-reduction convs are float islands
+    assert list(coverage["float_mac_share_by_op"]) == ["Conv"]
+    assert coverage["float_mac_share_by_op"]["Conv"] == pytest.approx(1 - coverage["integer_mac_share"])

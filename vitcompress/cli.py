@@ -116,7 +116,9 @@ def print_quantize_report(r: dict) -> None:
                           f"(a skip pattern, the per-family table in quant/placement.py, or an unsupported subclass): {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}")
     if r["coverage"]["float_islands"]:
         top = r["coverage"]["float_islands"][:3]
-        out_console.print("largest float islands: " + ", ".join(f"{i['node']} ({i['op']})" for i in top))
+        by_op = list(r["coverage"].get("float_mac_share_by_op", {}).items())[:3]
+        out_console.print("largest float islands: " + ", ".join(f"{i['node']} ({i['op']})" for i in top)
+                          + ("; float MACs by operator: " + ", ".join(f"{op} {100 * share:.1f}%" for op, share in by_op) if by_op else ""))
     if r["coverage"].get("simulated_layers"):
         out_console.print(f"simulated (Q/DQ around a float kernel): {len(r['coverage']['simulated_layers'])} layer(s)")
     _print_session_config(r["export"])

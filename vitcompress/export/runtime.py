@@ -300,6 +300,9 @@ def int8_coverage(qdq_path: str | Path, runtime: str = DEFAULT_RUNTIME) -> dict:
                             "macs": macs, "quantized_inputs": len(q), "weight_only": n.op_type in WEIGHT_ONLY_OPS,
                             "float_weight": len(n.input) > 1 and n.input[1] in constants})
     islands.sort(key=lambda r: -r["macs"])
+    by_op: Counter[str] = Counter()
+    for island in islands:
+        by_op[island["op"]] += island["macs"]
     return {
         "runtime": runtime_info(runtime),
         "integer_mac_share": int_macs / total,
@@ -307,6 +310,8 @@ def int8_coverage(qdq_path: str | Path, runtime: str = DEFAULT_RUNTIME) -> dict:
         "integer_macs": int_macs,
         "integer_kernels": op_counts,
         "float_islands": islands,
+        # where the float MACs are, by operator type (what caps an int8 artifact's speed), largest first
+        "float_mac_share_by_op": {op: m / total for op, m in by_op.most_common()},
         # layers with quantized inputs that still run a float kernel: simulated, not integer (a layer
         # whose weight the placement left float only reads a dequantized activation: a float layer)
         "simulated_layers": [i["layer"] or i["node"] for i in islands
