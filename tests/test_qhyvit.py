@@ -194,6 +194,29 @@ def test_depthwise_inputs_with_uneven_channels_choose_per_channel_activations():
     assert kl[-1] < kl[0]  # the searched model is closer to float than min-max on the calibration images
 
 
+def test_a_depthwise_conv_fed_directly_by_a_conv_keeps_a_per_tensor_input_and_the_export_runs(tmp_path):
+    """Nothing between the two convs: onnxruntime fuses the first with the depthwise conv's input
+    quantizer into one QLinearConv, whose output zero point must be a single value (RepViT's stem
+    failed at inference with a per-channel one)."""
+    from vitcompress.export import export_qdq, make_session
+    from vitcompress.export.runtime import run_session
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.SiLU(),
+                          nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    with torch.no_grad():  # uneven channel ranges, which per-channel inputs would otherwise win on
+        model[0].weight.mul_(torch.logspace(-2, 1, 8).view(8, 1, 1, 1))
+    x = torch.randn(32, 3, 8, 8)
+    result = quantize_(model, QuantConfig(method="qhyvit", fold_batchnorm=False,
+                                          method_options={"rounds": 1, "alphas": 10, "activation_granularity": "all"}), [x])
+    assert "1" not in result.method_info["qhyvit"]["per_channel_activations"]
+    assert not model[1].input_quantizer.spec.per_channel
+    export_qdq(model, (3, 8, 8), tmp_path / "m.onnx", {})
+    out = run_session(make_session(tmp_path / "m.onnx"), x.numpy())
+    with torch.no_grad():
+        assert (out.argmax(1) == model(x).numpy().argmax(1)).mean() >= 0.95
+
+
 def test_augmented_calibration_images_are_mirrors_and_shifts():
     from vitcompress.quant.scale_tuning import augmented
 

@@ -59,12 +59,13 @@ from .gptq import gptq_layers
 from .scale_tuning import augmented, tune_activation_scales
 from .bridge import Bridge, find_bridges, layer_order
 from .config import QuantConfig
-from .modules import TensorQuantizer
+from .modules import QuantConv2d, QuantLinear, TensorQuantizer
 from .placement import is_depthwise
 from .reconstruction import (ReconstructionConfig, check_reconstruction_options, reconstruction_kept, reconstruction_refinement,
                              steps_for)
 from .refine import Refinement, apply_refinements
 from .spec import QuantSpec, qparams_from_range
+from .tracing import consumers_of
 
 
 AUTO_MAX_BITS = 4  # reconstruction by default at this width or below (docs/reconstruction.md)
@@ -92,7 +93,9 @@ class QHyViTOptions:
     qdrop: float = 0.5  # QDrop's probability that an activation element passes unquantized during reconstruction
     bias_correction: bool = True  # ours: empirical bias correction after the search (bias_correction.py)
     scale_tuning_steps: int = 600  # ours: end-to-end activation-scale tuning after them (scale_tuning.py); 0 = off
-    activation_granularity: str = "depthwise"  # per-channel activation candidates: "depthwise" | "all" | "none"
+    # per-channel activation candidates: "depthwise" convs | "all" convs | "none"; never a Linear, nor a
+    # layer fed directly by another (onnxruntime's fused integer kernels take one activation zero point)
+    activation_granularity: str = "depthwise"
     search_scheme: bool = True
     # ours: activation candidates (α, granularity, scheme) scored by a 2-fold cross-fit over the
     # calibration images (range from one half, error on the other): per-channel ranges fit on few
@@ -271,6 +274,10 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
     example = calib[:1]
     with quantizers_off(model):
         bridges = find_bridges(model, layers, example) if opts.bridge_reconstruction else []
+        # A layer reading another quantized layer's output directly: onnxruntime fuses that producer
+        # with this layer's input quantizer into one integer kernel (QLinearConv / QLinearMatMul),
+        # whose output zero point must be a single value, so its input cannot be per channel.
+        fed_by_layer = set(consumers_of(model, layers, (QuantConv2d, QuantLinear), example))
     bridge_of = {n: br for br in bridges for n in br.layers}
     order = [n for n, _ in layer_order(model, layers, example)]
     alphas = _alpha_grid(opts.alphas)
@@ -322,7 +329,9 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
             if opts.search_granularity:
                 wspecs.append(QuantSpec(wq.spec.bits, True, False, 0))
             schemes = [aq.spec.symmetric, not aq.spec.symmetric] if opts.search_scheme else [aq.spec.symmetric]
-            per_channel_ok = {"all": True, "depthwise": is_depthwise(t.layer), "none": False}[opts.activation_granularity]
+            # (a Linear's input stays per tensor too: onnxruntime's integer MatMul kernels take one zero point)
+            per_channel_ok = ({"all": True, "depthwise": is_depthwise(t.layer), "none": False}[opts.activation_granularity]
+                              and isinstance(t.layer, nn.Conv2d) and t.name not in fed_by_layer)
             granularities = [False, True] if per_channel_ok else [False]
             axis = 1 if isinstance(t.layer, nn.Conv2d) else -1  # channels: NCHW maps, (…, D) tokens
             aspecs = [QuantSpec(aq.spec.bits, sym, pc, axis if pc else 0) for pc in granularities for sym in schemes]
