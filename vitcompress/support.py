@@ -56,9 +56,9 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
            "RepMixer token mixing) and conv MLPs"),
     _lpvit(("Swin Transformer v2",), "Swin v2's window attention (a logit scale per head, a position-bias MLP "
            "with an output per head, separate q and v biases) is not yet mapped to units"),
-    _lpvit(("EfficientFormer v1", "CoaT", "Twins", "EdgeNeXt", "VOLO", "CrossViT"),
-           "its own attention variants (attention biases per head, factorised, sub-sampled, channel, outlook or "
-           "cross-branch attention) are not yet mapped to units"),
+    _lpvit(("EfficientFormer v1", "CoaT", "Twins", "EdgeNeXt", "VOLO"),
+           "its own attention variants (attention biases per head, factorised, sub-sampled, channel or outlook "
+           "attention) are not yet mapped to units"),
     _lpvit(("ConvNeXt", "PoolFormer"), "no attention (depthwise-conv or pooling token mixer), and "
            "MLPs of 1x1 convs"),
     Unsupported("ofb", _STAGED, "OFB searches one embedding width shared by every block of a plain ViT; this family's "
