@@ -277,3 +277,34 @@ def test_mptq_checkpoint_of_a_swin_reloads_with_the_biases_smoothing_added(tmp_p
     exported = run_session(make_session(tmp_path / "q" / r["artifacts"]["quantized"]["path"]), x.numpy())
     with torch.no_grad():  # the reloaded simulation is the model that was exported
         np.testing.assert_allclose(reloaded.model(x).numpy(), exported, atol=1e-3)
+
+
+def test_a_layernorm_whose_output_also_reaches_a_conv_through_a_reshape_is_not_smoothed():
+    """PVT v2's norm1 feeds q (a Linear) and, reshaped to a map, the spatial-reduction conv: hooks see
+    only the Linear. Folding into such a pair would change the conv's input, so it is left out."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.q, self.other = nn.LayerNorm(8), nn.Linear(8, 8), nn.LayerNorm(8)
+            self.sr, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(8, 8)
+
+        def forward(self, x):  # x: (B, 16 tokens, 8)
+            y = self.norm(x)
+            reduced = self.sr(y.transpose(1, 2).reshape(-1, 8, 4, 4)).flatten(2).transpose(1, 2)
+            return self.q(y) + reduced + self.fc(self.other(x))
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    with torch.no_grad():
+        model.norm.bias.uniform_(-1, 1), model.other.bias.uniform_(-1, 1)
+    x = torch.randn(4, 16, 8)
+    assert [p.norm for p in find_layernorm_linear_pairs(model, x)] == ["other"]
+    spec = QuantSpec(8, True, True, 0)
+    with torch.no_grad():
+        before = model(x)
+    chosen = apply_sqb(model, [x], lambda name: (spec, QuantSpec(8, False, False, 0)))
+    assert list(chosen) == ["other"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, atol=1e-4, rtol=1e-4)

@@ -17,8 +17,9 @@ Interpretations (the paper's text is partly unavailable here; see docs/mptq.md):
   the consuming Linear(s) with their weights and inputs quantized at that layer's bit-widths.
 Pairs come from the dataflow (one forward pass with hooks: which Linear consumes exactly the
 tensor a LayerNorm produced), never from module names. A LayerNorm whose output also feeds
-anything other than Linears is left alone (its other consumer would see the changed output);
-the float output is checked after folding, as BatchNorm folding does.
+anything other than Linears is left alone (its other consumer would see the changed output): each
+pair is checked by folding an arbitrary shift and scale and comparing the float output, and the
+output is checked again after the real folding, as BatchNorm folding does.
 """
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ def find_layernorm_linear_pairs(model: nn.Module, example: torch.Tensor) -> list
 
     The forward pass records, per LayerNorm output tensor, the Linear modules that receive it, and
     counts how many modules of any other kind receive it; a LayerNorm with another module consumer is
-    skipped. (A consumer that is not a module, e.g. a residual add of the normalised tensor, cannot
-    be seen by hooks: ``apply_sqb`` checks the float output after folding and refuses such a model.)
+    skipped. A consumer the hooks cannot see (a residual add of the normalised tensor, a reshape into
+    a conv) is found by folding an arbitrary shift and scale into each pair and checking that the
+    float output does not move; such a pair is skipped too.
     """
     produced: dict[int, tuple[str, torch.Tensor]] = {}  # the tensor is kept alive so its id is not reused
     linear_consumers: dict[str, list[str]] = {}
@@ -86,7 +88,36 @@ def find_layernorm_linear_pairs(model: nn.Module, example: torch.Tensor) -> list
         if (isinstance(m, nn.Linear) or not list(m.children())) and not isinstance(m, (nn.LayerNorm, TensorQuantizer)):
             hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=name: pre(mod, inp, n)))
     forward_with_hooks(model, example, hooks)
-    return [SmoothPair(norm, linears) for norm, linears in linear_consumers.items() if norm not in other_consumers]
+    pairs = [SmoothPair(norm, linears) for norm, linears in linear_consumers.items() if norm not in other_consumers]
+    if not pairs:
+        return []
+    with torch.no_grad():
+        reference = model(example)
+    return [p for p in pairs if _fold_keeps_function(model, p, example, reference)]
+
+
+def _fold_keeps_function(model: nn.Module, pair: SmoothPair, example: torch.Tensor, reference: torch.Tensor,
+                         atol: float = 1e-4) -> bool:
+    """Whether folding an arbitrary shift and scale into the pair leaves the model's output as it
+    was: false when the LayerNorm's output also reaches an op the hooks cannot see (PVT v2 reshapes
+    it into a conv's input). The pair's parameters are restored afterwards."""
+    modules = dict(model.named_modules())
+    norm, linears = modules[pair.norm], [modules[n] for n in pair.linears]
+    saved = [(t, t.detach().clone()) for m in (norm, *linears) for t in (m.weight, m.bias) if t is not None]
+    biasless = [lin for lin in linears if lin.bias is None]
+    gen = torch.Generator().manual_seed(0)
+    width = norm.weight.shape[0]
+    fold_smoothing(norm, linears, torch.randn(width, generator=gen), torch.rand(width, generator=gen) + 0.5)
+    try:
+        with torch.no_grad():
+            out = model(example)
+    finally:
+        with torch.no_grad():
+            for t, value in saved:
+                t.copy_(value)
+        for lin in biasless:
+            lin.bias = None
+    return (out - reference).abs().max().item() <= atol * max(1.0, reference.abs().max().item())
 
 
 def find_value_proj_pairs(model: nn.Module) -> list[SmoothPair]:
