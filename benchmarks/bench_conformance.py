@@ -250,7 +250,12 @@ def run_cell(family: str, method: str) -> dict:
         record["status"] = "failed"
         record["reason"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
     record["wall_s"] = round(time.perf_counter() - started, 1)
+    record["finished"] = _now()
     return record
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _cell_in_child(family: str, method: str, timeout: float, cpu: int | None) -> dict:
@@ -260,13 +265,14 @@ def _cell_in_child(family: str, method: str, timeout: float, cpu: int | None) ->
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"family": family, "arch": FAMILY_MODELS[family], "method": method, "status": "failed",
-                "reason": f"timed out after {timeout:.0f} s", "wall_s": round(time.perf_counter() - started, 1)}
+                "reason": f"timed out after {timeout:.0f} s", "wall_s": round(time.perf_counter() - started, 1), "finished": _now()}
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode == 0 and lines:
         return json.loads(lines[-1])
     last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
     return {"family": family, "arch": FAMILY_MODELS[family], "method": method, "status": "failed",
-            "reason": f"process exited {done.returncode}: {last[:300]}", "wall_s": round(time.perf_counter() - started, 1)}
+            "reason": f"process exited {done.returncode}: {last[:300]}", "wall_s": round(time.perf_counter() - started, 1),
+            "finished": _now()}
 
 
 def diagnose_cells(records: dict[tuple[str, str], dict]) -> None:
@@ -408,11 +414,15 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _merged(records: dict[tuple[str, str], dict]) -> dict[tuple[str, str], dict]:
-    """The records on file with this run's cells laid over them (two runs may fill different columns)."""
-    on_file = {}
+    """The records on file with this run's cells laid over them, the newer record of a cell winning
+    (two runs may share the file: one must not put back a cell's old record over the other's new one)."""
+    merged = {}
     if CONFORMANCE_JSON.exists():
-        on_file = {(r["family"], r["method"]): r for r in json.loads(CONFORMANCE_JSON.read_text())}
-    return {**on_file, **records}
+        merged = {(r["family"], r["method"]): r for r in json.loads(CONFORMANCE_JSON.read_text())}
+    for key, r in records.items():
+        if r.get("finished", "") >= merged.get(key, {}).get("finished", ""):
+            merged[key] = r
+    return merged
 
 
 def publish(records: dict[tuple[str, str], dict]) -> None:
