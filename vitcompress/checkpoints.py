@@ -36,9 +36,9 @@ def _layout_for_checkpoint(model: torch.nn.Module, checkpoint: dict) -> None:
 
 
 def _add_biases(model: torch.nn.Module, state: dict) -> None:
-    """Zero biases where a quantized checkpoint has one and the fresh layer has none: smoothing
-    (MPTQ's SQ-b) moves a channel shift into the bias of a Linear built without one (Swin's patch
-    merging, a qkv without bias)."""
+    """Zero biases where a quantized checkpoint has one and the fresh layer has none: BatchNorm
+    folding gives a bias to convs built without one, and smoothing (MPTQ's SQ-b) moves a channel
+    shift into the bias of a Linear built without one (Swin's patch merging, a qkv without bias)."""
     modules = dict(model.named_modules())
     for key, value in state.items():
         name, _, leaf = key.rpartition(".")

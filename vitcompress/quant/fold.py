@@ -72,15 +72,14 @@ def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[st
 
 
 def prepare_folded_layout(model: nn.Module, pairs: list[tuple[str, str]]) -> None:
-    """Give a fresh model the layout of a folded one (conv biases, folded BatchNorm classes), so
-    a checkpoint written after folding loads into it."""
+    """Give a fresh model the layout of a folded one (folded BatchNorm classes), so a checkpoint
+    written after folding loads into it (the conv biases folding adds are re-created from the
+    checkpoint's state dict, with every other bias compression added: ``checkpoints.load``)."""
     modules = dict(model.named_modules())
     for conv_name, bn_name in pairs:
         conv, bn = modules.get(conv_name), modules.get(bn_name)
         if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
             raise VitcompressError(f"checkpoint folds {bn_name} into {conv_name}, which this model does not have")
-        if conv.bias is None:
-            conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
         _mark_folded(bn)
 
 
