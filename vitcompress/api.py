@@ -264,7 +264,7 @@ AUTO_PLACEMENT = "auto"  # every candidate measured; the fastest within the accu
 DEFAULT_PLACEMENT = "default"  # candidates in the order of placement.DEFAULT_RULES; the first faster than float within budget wins
 MEASURED_PLACEMENTS = (AUTO_PLACEMENT, DEFAULT_PLACEMENT)
 FIXED_LAYERS_PLACEMENT = "partial"  # the default of the methods beyond minmax (their searches are defined on it)
-AUTO_CANDIDATES = ("speed", "speed-wide", "linear", "partial", "matmul-int8")
+AUTO_CANDIDATES = tuple(CANDIDATES)  # every candidate the placement table defines
 # A candidate must run more than this share of its MACs in integer kernels: `linear` on MobileViT v2
 # quantizes only the classifier (well under 1 %), a float model that must not stand for "int8".
 MIN_INTEGER_SHARE = 0.25

@@ -218,17 +218,12 @@ def load_model(
         arch = resolve_arch(name)
         model = _create(arch, _infer_num_classes(arch, obj), {})
         _load_state(model, obj, path)
-        merged = to_inference_form(model.eval(), arch)
-        return LoadedModel(model, arch, _preprocessing_from_timm(model), _num_classes(model), source=str(path),
-                           inference_form=merged)
+        return _fresh(model, arch, source=str(path))
     if name is None:
         raise VitcompressError("say which model to load: --model NAME and/or --checkpoint PATH")
     arch = resolve_arch(name)
     if not pretrained:
-        model = _create(arch, None, {}).eval()
-        merged = to_inference_form(model, arch)
-        return LoadedModel(model, arch, _preprocessing_from_timm(model), _num_classes(model), source=f"timm:{arch}",
-                           weights="random", inference_form=merged)
+        return _fresh(_create(arch, None, {}), arch, source=f"timm:{arch}", weights="random")
     try:
         with _hub_offline():
             model = _create(arch, None, {}, pretrained=True).eval()
@@ -240,9 +235,13 @@ def load_model(
             "(a state dict or a vitcompress-zoo file), or --no-pretrained for random weights "
             "(VITCOMPRESS_ALLOW_DOWNLOAD=1 allows a download where a model hub is reachable)"
         ) from None
-    merged = to_inference_form(model, arch)
-    return LoadedModel(model, arch, _preprocessing_from_timm(model), _num_classes(model), source=f"timm:{arch}",
-                       weights="pretrained", inference_form=merged)
+    return _fresh(model, arch, source=f"timm:{arch}", weights="pretrained")
+
+
+def _fresh(model: nn.Module, arch: str, **fields: Any) -> LoadedModel:
+    """A model built here (not from a vitcompress checkpoint), in eval mode and its inference form."""
+    merged = to_inference_form(model.eval(), arch)
+    return LoadedModel(model, arch, _preprocessing_from_timm(model), _num_classes(model), inference_form=merged, **fields)
 
 
 @contextlib.contextmanager
