@@ -348,3 +348,33 @@ def test_speed_wide_keeps_every_small_reduction_conv_float_and_promises_integer_
     assert 0 < coverage["integer_mac_share"] < 1  # the three small-reduction convs are float islands
     assert list(coverage["float_mac_share_by_op"]) == ["Conv"]
     assert coverage["float_mac_share_by_op"]["Conv"] == pytest.approx(1 - coverage["integer_mac_share"])
+
+
+class _TwoReadersNet(torch.nn.Module):
+    """One LayerNorm output read by two Linears (ConViT's qk and v, PVT v2's q and kv)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 32, 8, 8)
+        self.norm = torch.nn.LayerNorm(32)
+        self.q, self.kv = torch.nn.Linear(32, 32), torch.nn.Linear(32, 64)
+        self.head = torch.nn.Linear(96, 10)
+
+    def forward(self, x):
+        t = self.norm(self.embed(x).flatten(2).transpose(1, 2))
+        return self.head(torch.cat([self.q(t), self.kv(t)], -1).mean(1))
+
+
+def test_a_signed_activation_read_by_two_layers_runs_in_integer_kernels(tmp_path):
+    torch.manual_seed(0)
+    m = _TwoReadersNet().eval()
+    calib = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    quantize_(m, QuantConfig(act_symmetric=True), calib)
+    info = export_qdq(m, (3, 32, 32), tmp_path / "q.onnx", {"k": "v"})
+    assert info["unsigned_shared_activations"] >= 1
+    cov = int8_coverage(tmp_path / "q.onnx")
+    assert not [n for n in cov["simulated_layers"] if n in ("q", "kv")], cov["simulated_layers"]
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x).numpy()
+    np.testing.assert_allclose(run_session(make_session(tmp_path / "q.onnx"), x.numpy()), ref, rtol=0, atol=1e-3 * np.abs(ref).max())

@@ -197,6 +197,52 @@ def sign_activation_matmul_operands(model: onnx.ModelProto) -> int:
     return moved
 
 
+def unsign_shared_activations(model: onnx.ModelProto) -> int:
+    """Move an activation quantized on the int8 grid and read by several layers (ConViT's qk and v,
+    PVT v2's q and kv on one LayerNorm output) to the uint8 grid: codes and zero point shifted by
+    +128, so every dequantized value is unchanged. onnxruntime's x86 kernels take int8 weights with
+    uint8 activations only; it makes this move itself for an activation read once, but not for a
+    shared one, which then stays a float MatMul on dequantized values. Only activations whose every
+    reader is a layer with a constant weight are moved (activation-by-activation products keep
+    their grid, see ``sign_activation_matmul_operands``). Returns how many were moved."""
+    g = model.graph
+    inits, consts = _graph_constants(g)
+    producer, uses = _dataflow(g)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+
+    def weight_layer_input(dq: onnx.NodeProto) -> bool:
+        def constant_weight(name: str) -> bool:
+            w = producer.get(name)
+            return w is not None and w.op_type == "DequantizeLinear" and (w.input[0] in inits or w.input[0] in consts)
+        return all(r.op_type in ("MatMul", "Gemm", "Conv") and len(r.input) > 1 and r.input[0] == dq.output[0]
+                   and constant_weight(r.input[1]) for r in readers.get(dq.output[0], []))
+
+    moved = 0
+    for q in g.node:
+        if q.op_type != "QuantizeLinear" or len(q.input) < 3:
+            continue
+        dqs = readers.get(q.output[0], [])
+        zq = _const_value(q.input[2], inits, consts)
+        if zq is None or zq.dtype != np.int8 or zq.size != 1 or not dqs:
+            continue
+        if not all(d.op_type == "DequantizeLinear" and len(d.input) > 2 and np.array_equal(_const_value(d.input[2], inits, consts), zq)
+                   for d in dqs):
+            continue
+        if len(dqs) + sum(uses[d.output[0]] for d in dqs) <= 2 or not all(weight_layer_input(d) for d in dqs):
+            continue  # read once (onnxruntime moves it itself) or read by an activation product
+        name = q.output[0] + "_zero_point_uint8"
+        g.initializer.append(numpy_helper.from_array((zq.astype(np.int16) + 128).astype(np.uint8), name))
+        q.input[2] = name
+        for d in dqs:
+            d.input[2] = name
+        moved += 1
+    _remove_unused(model)
+    return moved
+
+
 def _remove_unused(model: onnx.ModelProto) -> None:
     g = model.graph
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
@@ -417,6 +463,7 @@ def export_qdq(model: nn.Module, input_size: tuple[int, int, int], path: str | P
     with snapped_weights(model), onnx_export_mode():
         proto = _torch_to_onnx(model, input_size)
     folded = fold_weight_quantizers(proto)
+    unsigned = unsign_shared_activations(proto)
     signed = sign_activation_matmul_operands(proto) if signed_matmul_operands else 0
     nbits = weight_only_int4_matmuls(proto) if weight_format == "int4" else 0
     packed = pack_int4_weights(proto) if pack_int4 else 0
@@ -430,6 +477,7 @@ def export_qdq(model: nn.Module, input_size: tuple[int, int, int], path: str | P
     for n in proto.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return {"folded_weight_quantizers": folded, "signed_matmul_operands": signed, "weight_only_int4_matmuls": nbits,
+    return {"folded_weight_quantizers": folded, "unsigned_shared_activations": unsigned, "signed_matmul_operands": signed,
+            "weight_only_int4_matmuls": nbits,
             "int4_packed_weights": packed, SESSION_CONFIG_KEY: metadata.get(SESSION_CONFIG_KEY, {}), NUMERICS_KEY: numerics,
             **counts, "nodes": len(proto.graph.node)}
