@@ -124,3 +124,22 @@ def test_greedy_mixed_precision_probes_on_workers_choose_the_same_bits(loaded):
     assert mine["isolated_sensitivity"] == theirs["isolated_sensitivity"] and mine["assignment"] == theirs["assignment"]
     a, b = here.state_dict(), there.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_placement_candidates_build_on_workers_with_the_numbers_of_one_process(tmp_path):
+    from vitcompress import QuantConfig, QuantizeJob, quantize
+    from tests.conftest import BUNDLED_CKPT, CALIB
+
+    def run(name: str, workers: Workers) -> dict:
+        return quantize(QuantizeJob(out=tmp_path / name, checkpoint=BUNDLED_CKPT, config=QuantConfig(placement="auto"),
+                                    calib_dir=CALIB, calib_size=32, eval_dir=VAL, eval_size=100, latency_rounds=5,
+                                    workers=workers))
+
+    one, two = run("one", Workers()), run("two", Workers(count=2))
+    assert two["workers"]["backend"] == "ray" and one["workers"]["backend"] == "in-process"
+    numbers = ("placement", "drop", "top1_agreement", "within_budget")
+    assert [{k: c.get(k) for k in numbers} for c in one["placement_auto"]["candidates"]] == \
+           [{k: c.get(k) for k in numbers} for c in two["placement_auto"]["candidates"]]
+    within = [c for c in two["placement_auto"]["candidates"] if c.get("within_budget")]
+    assert two["placement_auto"]["chosen"] == max(within, key=lambda c: c["speedup"])["placement"]
+    assert two["latency"]["quantized"]["rounds"] == 5 and (tmp_path / "two" / "model.fp32.onnx").exists()

@@ -129,6 +129,39 @@ def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
 
 
 def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progress: ProgressFn) -> dict:
+    """Quantize, export and evaluate (``_build``), then time the artifact next to its fp32 file."""
+    report = _build(job, prepared, out, progress)
+    progress("latency", 0, 1)
+    report["latency"] = _latencies(job, out / "model.fp32.onnx", {"quantized": out / report["artifacts"]["quantized"]["path"]},
+                                   prepared.loaded.preprocessing.input_size)["quantized"]
+    report["timing_fields"] = TIMING_FIELDS
+    progress("latency", 1, 1)
+    write_json(out / "report.json", report)
+    return report
+
+
+def _latencies(job: QuantizeJob, fp32_path: Path, quantized: dict[str, Path], input_size: tuple[int, int, int]) -> dict[str, dict]:
+    """Each quantized file's report "latency" entry: all of them timed alternately with the fp32 file
+    in one process (on ``job.runtime``, and the fp32 file on the default runtime too where that differs:
+    speedups are judged against the fastest float deployment as well)."""
+    entries: dict = {"fp32": fp32_path}
+    if job.runtime != DEFAULT_RUNTIME:
+        entries[f"fp32_{DEFAULT_RUNTIME}"] = (fp32_path, DEFAULT_RUNTIME)
+    entries.update({f"quantized:{name}": path for name, path in quantized.items()})
+    lat = compare_latency(entries, (1, *input_size), threads=job.latency_threads, rounds=job.latency_rounds, runtime=job.runtime)
+    floats = {k: v for k, v in lat.items() if k.startswith("fp32")}
+    fastest_fp32 = min(v["median_ms"] for v in floats.values())
+    result = {}
+    for name in quantized:
+        q = lat[f"quantized:{name}"]
+        result[name] = {**floats, "quantized": q, "speedup": lat["fp32"]["median_ms"] / q["median_ms"],
+                        "speedup_vs_fastest_fp32": fastest_fp32 / q["median_ms"]}
+    return result
+
+
+def _build(job: QuantizeJob, prepared: _Prepared, out: Path, progress: ProgressFn) -> dict:
+    """Quantize, export, check the integer promise, save the checkpoint and evaluate: the report of
+    one artifact, all but its timing."""
     loaded, family, target_cpu = prepared.loaded, prepared.family, prepared.target_cpu
     prep, calib = loaded.preprocessing, prepared.calib
     eval_set, label_map = prepared.eval_set, prepared.label_map
@@ -229,21 +262,56 @@ def _quantize_prepared(job: QuantizeJob, prepared: _Prepared, out: Path, progres
             report["artifacts"][name] = file_info(path)
     if prepared.holdout_set is not None:
         report["holdout_fidelity"] = _holdout_fidelity(prepared, fp32_path, q_path, job.runtime, progress)
-
-    progress("latency", 0, 1)
-    entries = {"fp32": fp32_path, "quantized": q_path}
-    if job.runtime != DEFAULT_RUNTIME:  # speedups are judged against the fastest float deployment too
-        entries[f"fp32_{DEFAULT_RUNTIME}"] = (fp32_path, DEFAULT_RUNTIME)
-    lat = compare_latency(entries, (1, *prep.input_size), threads=job.latency_threads, rounds=job.latency_rounds,
-                          runtime=job.runtime)
-    lat["speedup"] = lat["fp32"]["median_ms"] / lat["quantized"]["median_ms"]
-    fastest_fp32 = min(v["median_ms"] for k, v in lat.items() if k.startswith("fp32"))
-    lat["speedup_vs_fastest_fp32"] = fastest_fp32 / lat["quantized"]["median_ms"]
-    report["latency"] = lat
-    report["timing_fields"] = TIMING_FIELDS
-    progress("latency", 1, 1)
-    write_json(out / "report.json", report)
     return report
+
+
+def _candidates_on_workers(trial_jobs: dict[str, QuantizeJob], prepared: _Prepared, scratch: Path,
+                           progress: ProgressFn) -> dict[str, tuple[dict | None, str | None]]:
+    """Every candidate built (quantized, exported, evaluated) as a worker task, then all of them timed
+    here, side by side with the fp32 file in one alternated run: timing on busy workers would measure
+    the neighbours. The fp32 file and its logits are made here first, once, on the pool. Each
+    candidate's evaluation runs the same fixed shards as in one process, so its numbers are the same;
+    unlike one process, every candidate is built (no stop at the first good one in the default order)."""
+    loaded, any_job = prepared.loaded, next(iter(trial_jobs.values()))
+    reference = prepare_output_dir(scratch / ".fp32", True, [])
+    fp32_path = reference / "model.fp32.onnx"
+    export_float(loaded.model, loaded.preprocessing.input_size, fp32_path, onnx_metadata(loaded, "fp32"))
+    prepared.fp32_onnx = fp32_path
+    for images, attr in ((prepared.eval_set, "fp32_logits"), (prepared.holdout_set, "holdout_fp32_logits")):
+        if images is not None:
+            logits, _, _ = evaluate({"fp32": PredictorSource(onnx=str(fp32_path), runtime=any_job.runtime)}, images,
+                                    loaded.preprocessing, 64, lambda d, t: progress("fp32 eval", d, t), prepared.pool)
+            setattr(prepared, attr, logits["fp32"])
+    shipped = replace(prepared, pool=LocalPool())  # inside a task, everything runs in that worker
+    outs = {p: prepare_output_dir(scratch / p, True, []) for p in trial_jobs}
+    done = [0]
+
+    def finished(i: int, _result) -> None:
+        done[0] += 1
+        progress("candidates", done[0], len(trial_jobs))
+
+    progress("candidates", 0, len(trial_jobs))
+    results = prepared.pool.map(_build_in_worker, [(j, shipped, outs[p]) for p, j in trial_jobs.items()], finished)
+    built = {p: (r.get("report"), r.get("error")) for p, r in zip(trial_jobs, results)}
+    ok = {p: r for p, (r, _) in built.items() if r is not None}
+    if ok:
+        progress("latency", 0, 1)
+        latencies = _latencies(any_job, fp32_path, {p: outs[p] / r["artifacts"]["quantized"]["path"] for p, r in ok.items()},
+                               loaded.preprocessing.input_size)
+        progress("latency", 1, 1)
+        for p, r in ok.items():
+            r.update(latency=latencies[p], timing_fields=TIMING_FIELDS, workers=prepared.pool.info)
+            write_json(outs[p] / "report.json", r)
+    return built
+
+
+def _build_in_worker(job: QuantizeJob, prepared: _Prepared, out: Path) -> dict:
+    """One candidate, as a worker task: its report, or the one-line reason it failed (a failed
+    candidate is an answer, not a failed shard)."""
+    try:
+        return {"report": _build(job, prepared, out, no_progress)}
+    except VitcompressError as e:
+        return {"error": str(e)}
 
 
 def _holdout_fidelity(prepared: _Prepared, fp32_path: Path, q_path: Path, runtime: str, progress: ProgressFn) -> dict:
@@ -298,7 +366,6 @@ def _quantize_auto(job: QuantizeJob, progress: ProgressFn, pool: LocalPool | Ray
     if job.max_drop < 0:
         raise VitcompressError(f"--max-drop must be >= 0, got {job.max_drop}")
     out = prepare_output_dir(job.out, job.force, ["report.json"])
-    trials = []
     prepared = _prepare(job, pool)  # model, images and the fp32 artifact are shared by every candidate
     if prepared.holdout_set is not None and len(prepared.holdout_set) == 0:
         raise VitcompressError(f"--placement auto needs images to judge accuracy on: --eval DIR, or more images in "
@@ -308,24 +375,30 @@ def _quantize_auto(job: QuantizeJob, progress: ProgressFn, pool: LocalPool | Ray
     first_good = job.config.placement == DEFAULT_PLACEMENT
     rule = default_placement_order(job.runtime, prepared.family, prepared.target_cpu["built_on"]["isa"])
     candidates = rule.order if first_good else AUTO_CANDIDATES
+    trial_jobs, skipped = {}, {}
+    for placement in candidates:
+        candidate = CANDIDATES[placement]
+        if candidate.act_symmetric and not prepared.target_cpu["signed_matmul_operands"]:
+            # int8 activations need int32 accumulation: not for a portable target
+            skipped[placement] = f"signed activations need a vnni target (this one is {prepared.target_cpu['resolved']})"
+            continue
+        trial_jobs[placement] = replace(job, config=replace(job.config, placement=candidate.placement,
+                                                            act_symmetric=job.config.act_symmetric or candidate.act_symmetric))
     with tempfile.TemporaryDirectory(prefix=".auto-", dir=out) as scratch:
-        for placement in candidates:
-            candidate = CANDIDATES[placement]
-            if candidate.act_symmetric and not prepared.target_cpu["signed_matmul_operands"]:
-                # int8 activations need int32 accumulation: not for a portable target
-                trials.append((placement, None, f"signed activations need a vnni target (this one is {prepared.target_cpu['resolved']})"))
-                continue
-            trial_job = replace(job, config=replace(job.config, placement=candidate.placement,
-                                                    act_symmetric=job.config.act_symmetric or candidate.act_symmetric))
-            trial_out = prepare_output_dir(Path(scratch) / placement, True, [])
-            try:
-                r = _quantize_prepared(trial_job, prepared, trial_out, progress)
-                trials.append((placement, r, None))
-            except VitcompressError as e:  # e.g. an integer promise the runtime did not keep
-                trials.append((placement, None, str(e)))
-                continue
-            if first_good and r["latency"]["speedup"] > 1.0 and _auto_budget_kept(r, job.max_drop, job.min_agreement)[0]:
-                break
+        if prepared.pool.in_process:
+            built = {}
+            for placement, trial_job in trial_jobs.items():
+                try:
+                    r = _quantize_prepared(trial_job, prepared, prepare_output_dir(Path(scratch) / placement, True, []), progress)
+                    built[placement] = (r, None)
+                except VitcompressError as e:  # e.g. an integer promise the runtime did not keep
+                    built[placement] = (None, str(e))
+                    continue
+                if first_good and r["latency"]["speedup"] > 1.0 and _auto_budget_kept(r, job.max_drop, job.min_agreement)[0]:
+                    break
+        else:
+            built = _candidates_on_workers(trial_jobs, prepared, Path(scratch), progress)
+        trials = [(p, None, skipped[p]) if p in skipped else (p, *built[p]) for p in candidates if p in skipped or p in built]
         summary = []
         for p, r, err in trials:
             if r is None:
