@@ -72,7 +72,8 @@ def test_without_ray_or_with_an_unreachable_cluster_it_fails_in_one_line(quantiz
         Workers(count=0)
 
 
-def test_sharded_min_max_calibration_gives_the_same_scales(loaded):
+@pytest.mark.parametrize("observer", ["minmax", "percentile", "mse"])
+def test_sharded_calibration_gives_the_same_scales(loaded, observer):
     import copy
 
     import torch
@@ -84,9 +85,10 @@ def test_sharded_min_max_calibration_gives_the_same_scales(loaded):
 
     images = load_tensor(sample(scan_images(CALIB), 96, 0), loaded.preprocessing).split(16)
     here, sharded = copy.deepcopy(loaded.model), copy.deepcopy(loaded.model)
-    quantize_(here, QuantConfig(placement="speed"), images)
+    config = QuantConfig(placement="speed", act_observer=observer)
+    quantize_(here, config, images)
     with open_pool(Workers(count=2)) as pool:
-        result = quantize_(sharded, QuantConfig(placement="speed"), images, map_shards=pool.map)
+        result = quantize_(sharded, config, images, map_shards=pool.map)
     assert result.method_info["calibration_shards"] == 3  # 6 batches, 2 per shard, on 2 workers
     mine, theirs = here.state_dict(), sharded.state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)

@@ -21,8 +21,9 @@ def calibrate_observers(model: nn.Module, config: QuantConfig, batches: Sequence
     """Baseline PTQ: one calibration pass with the configured observers, then freeze.
 
     ``map_shards`` (a pool's map) runs the pass on copies of the model, one per shard of batches,
-    and merges their statistics: exact for observers that can merge (min-max: min of mins, max of
-    maxes), so the scales are those of one pass. Observers that cannot merge run here."""
+    and merges their statistics in shard order: exact (min-max: min of mins, max of maxes;
+    percentile and MSE: their per-batch samples joined in batch order), so the scales are those of
+    one pass. Observers that cannot merge run here."""
     set_mode(model, "observe")
     observers = dict((n, q._observer) for n, q in quantizers(model))
     sharded = map_shards is not None and len(batches) > 1 and all(hasattr(o, "merge") for o in observers.values())

@@ -91,6 +91,10 @@ class _SampleObserver(Observer):
         stride = max(1, -(-x.shape[1] // self.per_batch))
         self.chunks.append(x[:, ::stride])
 
+    def merge(self, other: "_SampleObserver") -> None:
+        """Take in another copy's samples (exact: merged in batch order, the samples are one pass's)."""
+        self.chunks.extend(other.chunks)
+
     def samples(self) -> torch.Tensor:
         if not self.chunks:
             raise VitcompressError("an observer saw no data: the calibration pass did not reach this layer")
