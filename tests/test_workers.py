@@ -145,3 +145,25 @@ def test_auto_placement_candidates_build_on_workers_with_the_numbers_of_one_proc
     within = [c for c in two["placement_auto"]["candidates"] if c.get("within_budget")]
     assert two["placement_auto"]["chosen"] == max(within, key=lambda c: c["speedup"])["placement"]
     assert two["latency"]["quantized"]["rounds"] == 5 and (tmp_path / "two" / "model.fp32.onnx").exists()
+
+
+def test_gptq_input_statistics_on_workers_give_the_same_rounding(loaded, calib_batches):
+    import copy
+
+    import torch
+
+    from vitcompress.quant import QuantConfig, quantize_
+    from vitcompress.quant.gptq import gptq_layers
+
+    quantized = copy.deepcopy(loaded.model)
+    quantize_(quantized, QuantConfig(wbits=4, abits=8), calib_batches)
+    names = ["blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.5.mlp.fc2"]
+    here, sharded = copy.deepcopy(quantized), copy.deepcopy(quantized)
+    batches = [b for batch in calib_batches for b in batch.split(8)]  # 8 batches: 4 shards
+    assert gptq_layers(here, names, batches, loaded.model) == names
+    with open_pool(Workers(count=2)) as pool:
+        assert gptq_layers(sharded, names, batches, loaded.model, map_shards=pool.map) == names
+    for name in names:
+        before, mine, theirs = (m.get_submodule(name).weight for m in (quantized, here, sharded))
+        assert not torch.equal(before, mine)  # GPTQ moved the weights
+        assert torch.equal(mine, theirs), name

@@ -22,7 +22,7 @@ Our choices (not from a ViT paper; an extra step wherever a method offers it):
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -118,11 +118,39 @@ def _input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return patches.reshape(n, layer.in_channels, k, length).permute(1, 0, 3, 2).reshape(layer.in_channels, -1, k)
 
 
+STATISTICS_SHARD_BATCHES = 2  # calibration batches per shard of a layer's input statistics
+
+
 def _input_statistics(model: nn.Module, name: str, batches: Sequence[torch.Tensor],
-                      float_model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      float_model: nn.Module | None = None,
+                      map_shards: Callable[[Callable, list], list] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """H = Σ x̃ x̃ᵀ over the calibration rows of layer ``name``'s quantized input x̃ (the model quantized
     as it is), one per output row for depthwise convs; with ``float_model`` also the cross term
-    Σ (x - x̃) x̃ᵀ, x the float model's input to the same layer for the same image."""
+    Σ (x - x̃) x̃ᵀ, x the float model's input to the same layer for the same image.
+
+    The sums are taken over fixed shards of batches, then added in shard order, so they are the same
+    numbers whether ``map_shards`` (a worker pool's map) runs the shards or this process does."""
+    layer = model.get_submodule(name)
+    shards = [batches[i:i + STATISTICS_SHARD_BATCHES] for i in range(0, len(batches), STATISTICS_SHARD_BATCHES)]
+    args = [(model, name, shard, float_model) for shard in shards]
+    parts = map_shards(_shard_statistics, args) if map_shards is not None else [_shard_statistics(*a) for a in args]
+    acc: dict[str, torch.Tensor] = {}
+    for part in parts:
+        for key, value in part.items():
+            acc[key] = acc[key] + value if key in acc else value
+    h, cross = acc["h"], acc.get("cross")
+    if cross is not None and acc["rows"] < MIN_ROWS_PER_INPUT * h.shape[-1]:
+        cross = None
+    if h.dim() == 3:  # depthwise with a channel multiplier: output channel o reads input channel o // m
+        m = layer.out_channels // layer.in_channels
+        h = h.repeat_interleave(m, dim=0)
+        cross = cross.repeat_interleave(m, dim=0) if cross is not None else None
+    return h, cross
+
+
+def _shard_statistics(model: nn.Module, name: str, batches: Sequence[torch.Tensor],
+                      float_model: nn.Module | None) -> dict[str, torch.Tensor]:
+    """One shard's sums for ``_input_statistics`` (in a worker, on its own copy of the models)."""
     layer = model.get_submodule(name)
     acc: dict[str, torch.Tensor] = {}
     float_rows: list[torch.Tensor] = []
@@ -149,14 +177,7 @@ def _input_statistics(model: nn.Module, name: str, batches: Sequence[torch.Tenso
     finally:
         for handle in handles:
             handle.remove()
-    h, cross = acc["h"], acc.get("cross")
-    if cross is not None and acc["rows"] < MIN_ROWS_PER_INPUT * h.shape[-1]:
-        cross = None
-    if h.dim() == 3:  # depthwise with a channel multiplier: output channel o reads input channel o // m
-        m = layer.out_channels // layer.in_channels
-        h = h.repeat_interleave(m, dim=0)
-        cross = cross.repeat_interleave(m, dim=0) if cross is not None else None
-    return h, cross
+    return acc
 
 
 def float_output_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
@@ -176,7 +197,8 @@ def float_output_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torc
 
 
 def gptq_layers(model: nn.Module, names: Sequence[str], batches: Sequence[torch.Tensor],
-                float_model: nn.Module | None = None, act_order: bool = False) -> list[str]:
+                float_model: nn.Module | None = None, act_order: bool = False,
+                map_shards: Callable[[Callable, list], list] | None = None) -> list[str]:
     """GPTQ-round the weights of the named quantized layers (see ``supports_gptq``), in the given
     (execution) order; every quantizer must already hold its final parameters. Returns the layers
     rounded.
@@ -187,14 +209,16 @@ def gptq_layers(model: nn.Module, names: Sequence[str], batches: Sequence[torch.
     carries from the layers before it (the asymmetric objective of GPTAQ, arXiv 2504.02692; we solve
     for the target once and round it, where GPTAQ folds the term into its column updates). Layers
     with fewer than ``MIN_ROWS_PER_INPUT`` calibration rows per weight input keep the plain
-    objective. ``act_order``: see ``gptq_round``."""
+    objective. ``act_order``: see ``gptq_round``. ``map_shards`` (a worker pool's map): each layer's
+    input statistics are summed over shards of the batches on the workers (the same sums, see
+    ``_input_statistics``); the rounding itself runs here."""
     done = []
     for name in names:
         layer = model.get_submodule(name)
         wq = getattr(layer, "weight_quantizer", None)
         if wq is None or wq.mode != "quantize" or not supports_gptq(layer):
             continue
-        h, cross = _input_statistics(model, name, batches, float_model)
+        h, cross = _input_statistics(model, name, batches, float_model, map_shards)
         with torch.no_grad():
             w2d = layer.weight.reshape(layer.weight.shape[0], -1)
             if cross is not None:

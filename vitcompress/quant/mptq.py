@@ -340,8 +340,8 @@ def _kl_and_agreement(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, floa
 def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor], progress: Progress | None,
          map_shards: Callable | None = None) -> dict:
     """SQ-b + OPT-m (+ greedy mixed precision); see the module docstring and docs/mptq.md.
-    ``map_shards`` (a worker pool's map) runs greedy mixed precision's isolated probes on workers:
-    the same KLs, so the same assignment."""
+    ``map_shards`` (a worker pool's map) runs greedy mixed precision's isolated probes and GPTQ's
+    input statistics on workers: the same KLs, so the same assignment, and the same sums."""
     opts = MptqOptions.from_config(config)
     parts = set(opts.parts)
     example = batches[0]
@@ -514,7 +514,7 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
     refinements = [
         reconstruction,
         Refinement("gptq", lambda done: "gptq" in parts and not reconstruction_kept(done),
-                   lambda m, names, b: gptq_layers(m, linears, b), lambda m: [m.weight], judged_on=judged_on)]
+                   lambda m, names, b: gptq_layers(m, linears, b, map_shards=map_shards), lambda m: [m.weight], judged_on=judged_on)]
     steps = apply_refinements(model, weighted, batches, refinements, calibration_kl, calibration_kl())
     if steps:
         info["mptq"]["refinements"] = steps

@@ -266,10 +266,12 @@ def _search_quantizer(q: TensorQuantizer, tensor_fn: Callable[[], torch.Tensor],
 
 @register_method("qhyvit")
 def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
-           progress: Callable[[int, int], None] | None) -> dict:
+           progress: Callable[[int, int], None] | None, map_shards: Callable[[Callable, list], list] | None = None) -> dict:
+    """``map_shards`` (a worker pool's map): the min-max start point and GPTQ's input statistics are
+    computed in shards on the workers (the same numbers); the searches run here."""
     opts = QHyViTOptions.from_config(config)
     calib = torch.cat(list(batches))
-    calibrate_observers(model, config, batches, None)  # min-max start point (Δ₀)
+    calibrate_observers(model, config, batches, None, map_shards)  # min-max start point (Δ₀)
     layers = [n for n, m in model.named_modules() if hasattr(m, "weight_quantizer")]
     example = calib[:1]
     with quantizers_off(model):
@@ -386,7 +388,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
         def run(m: nn.Module, names: Sequence[str], b: Sequence[torch.Tensor]) -> list[str]:
             # m's weights are still float when GPTQ runs (it is the first post-search step)
             reference = None if target == "own" else float_copy(m)
-            return gptq_layers(m, names, b, reference, act_order=opts.gptq_act_order)
+            return gptq_layers(m, names, b, reference, act_order=opts.gptq_act_order, map_shards=map_shards)
         return run
 
     reconstruction, reconstruction_report = reconstruction_refinement(order, ReconstructionConfig(
