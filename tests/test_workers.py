@@ -167,3 +167,43 @@ def test_gptq_input_statistics_on_workers_give_the_same_rounding(loaded, calib_b
         before, mine, theirs = (m.get_submodule(name).weight for m in (quantized, here, sharded))
         assert not torch.equal(before, mine)  # GPTQ moved the weights
         assert torch.equal(mine, theirs), name
+
+
+def test_fisher_diagonals_on_workers_are_those_of_one_process(loaded, calib_batches):
+    import torch
+
+    from vitcompress.quant.fisher import output_fisher
+
+    images = torch.cat(list(calib_batches))[:40]  # 5 batches of 8: shards of 2, 2 and 1 batches
+    outputs_of = {"block1": loaded.model.blocks[1], "norm": loaded.model.norm}
+    here = output_fisher(loaded.model, images, outputs_of, 8, max_exact=4, seed=3)  # 10 classes > 4: sampled labels
+    with open_pool(Workers(count=2)) as pool:
+        sharded = output_fisher(loaded.model, images, outputs_of, 8, max_exact=4, seed=3, map_shards=pool.map)
+    assert list(here) == list(sharded) == ["block1", "norm"]
+    for key in here:
+        assert here[key].shape[0] == 40 and here[key].abs().sum() > 0
+        assert torch.equal(here[key], sharded[key]), key
+
+
+def test_qhyvit_on_workers_gives_the_model_of_one_process(loaded):
+    """End to end through the method: min-max start, Fisher diagonals, GPTQ statistics and the
+    reconstruction's Fisher sharded on workers give the same quantized model."""
+    import copy
+
+    import torch
+
+    from vitcompress.data import load_tensor, sample, scan_images
+    from vitcompress.quant import QuantConfig, quantize_
+    from tests.conftest import CALIB
+
+    batches = load_tensor(sample(scan_images(CALIB), 16, 0), loaded.preprocessing).split(4)
+    config = QuantConfig(method="qhyvit", wbits=6, abits=6,
+                         method_options={"rounds": 1, "alphas": 10, "scale_tuning_steps": 5, "reconstruction_steps": 3})
+    here, sharded = copy.deepcopy(loaded.model), copy.deepcopy(loaded.model)
+    torch.manual_seed(0)
+    quantize_(here, config, batches)
+    with open_pool(Workers(count=2)) as pool:
+        torch.manual_seed(0)
+        quantize_(sharded, config, batches, map_shards=pool.map)
+    mine, theirs = here.state_dict(), sharded.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)

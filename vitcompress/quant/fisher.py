@@ -8,7 +8,7 @@ labels sampled from the model's own prediction (Monte Carlo, seeded).
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,38 @@ def label_weights(logp: torch.Tensor, max_exact: int, seed: int) -> Iterator[tup
         yield torch.multinomial(p, 1, generator=g).squeeze(1), torch.full((n,), 1.0 / max_exact)
 
 
+FISHER_SHARD_BATCHES = 2  # batches of images per shard sent to a worker
+
+
 def output_fisher(model: nn.Module, images: torch.Tensor, outputs_of: dict[str, nn.Module], batch_size: int,
-                  max_exact: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+                  max_exact: int = 16, seed: int = 0,
+                  map_shards: Callable[[Callable, list], list] | None = None) -> dict[str, torch.Tensor]:
     """The diagonal Fisher at the output of each module in ``outputs_of`` (key → module), for every
-    image (first dimension image-major, as the module's output is). Run it on the float model."""
+    image (first dimension image-major, as the module's output is). Run it on the float model.
+
+    Each batch's Fisher depends only on its images and its seed (``seed`` + its first image's
+    index), so ``map_shards`` (a worker pool's map) can compute shards of batches on the workers;
+    joined in order they are one process's tensors."""
+    if map_shards is None:
+        return _fisher_of_batches(model, images, outputs_of, batch_size, max_exact, seed, 0)
+    name_of = {id(m): n for n, m in model.named_modules()}
+    names = {k: name_of[id(m)] for k, m in outputs_of.items()}  # modules travel as names inside the shipped model
+    step = batch_size * FISHER_SHARD_BATCHES
+    parts = map_shards(_fisher_shard, [(model, images[i:i + step], names, batch_size, max_exact, seed, i)
+                                       for i in range(0, len(images), step)])
+    return {k: torch.cat([p[k] for p in parts if k in p]) for k in outputs_of if any(k in p for p in parts)}
+
+
+def _fisher_shard(model: nn.Module, images: torch.Tensor, names: dict[str, str], batch_size: int, max_exact: int,
+                  seed: int, offset: int) -> dict[str, torch.Tensor]:
+    """One shard of ``output_fisher`` (in a worker, on its own copy of the model)."""
+    return _fisher_of_batches(model, images, {k: model.get_submodule(n) for k, n in names.items()}, batch_size,
+                              max_exact, seed, offset)
+
+
+def _fisher_of_batches(model: nn.Module, images: torch.Tensor, outputs_of: dict[str, nn.Module], batch_size: int,
+                       max_exact: int, seed: int, offset: int) -> dict[str, torch.Tensor]:
+    """``output_fisher`` over ``images``, whose first image is image ``offset`` of the whole set."""
     chunks: dict[str, list[torch.Tensor]] = {k: [] for k in outputs_of}
     outputs: dict[str, torch.Tensor] = {}
 
@@ -48,7 +76,7 @@ def output_fisher(model: nn.Module, images: torch.Tensor, outputs_of: dict[str, 
                 logp = F.log_softmax(model(images[i:i + batch_size].clone().requires_grad_(True)), dim=-1)
                 keys = list(outputs)
                 fisher = {k: torch.zeros_like(outputs[k]) for k in keys}
-                for y, w in label_weights(logp.detach(), max_exact, seed + i):
+                for y, w in label_weights(logp.detach(), max_exact, seed + offset + i):
                     nll = -logp.gather(1, y[:, None]).squeeze(1)
                     grads = torch.autograd.grad(nll.sum(), [outputs[k] for k in keys], retain_graph=True, allow_unused=True)
                     for k, g in zip(keys, grads):

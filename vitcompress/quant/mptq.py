@@ -340,8 +340,9 @@ def _kl_and_agreement(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, floa
 def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor], progress: Progress | None,
          map_shards: Callable | None = None) -> dict:
     """SQ-b + OPT-m (+ greedy mixed precision); see the module docstring and docs/mptq.md.
-    ``map_shards`` (a worker pool's map) runs greedy mixed precision's isolated probes and GPTQ's
-    input statistics on workers: the same KLs, so the same assignment, and the same sums."""
+    ``map_shards`` (a worker pool's map) runs greedy mixed precision's isolated probes, the Fisher
+    diagonals of reconstruction and GPTQ's input statistics on workers: the same KLs, so the same
+    assignment, and the same tensors."""
     opts = MptqOptions.from_config(config)
     parts = set(opts.parts)
     example = batches[0]
@@ -510,7 +511,7 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
     judged_on = f"{len(sens_x)} calibration images"
     reconstruction, reconstruction_report = reconstruction_refinement(weighted, ReconstructionConfig(
         steps=steps_for(opts.reconstruction_steps, narrowest, AUTO_MAX_BITS) if "reconstruction" in parts else 0,
-        drop_prob=opts.qdrop), progress=progress, judged_on=judged_on)
+        drop_prob=opts.qdrop), progress=progress, judged_on=judged_on, map_shards=map_shards)
     refinements = [
         reconstruction,
         Refinement("gptq", lambda done: "gptq" in parts and not reconstruction_kept(done),

@@ -152,7 +152,7 @@ class _Target:
 
 
 def _record(model: nn.Module, calib: torch.Tensor, targets: list[_Target], bs: int, fisher: bool,
-            fisher_labels: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+            fisher_labels: int = 16, seed: int = 0, map_shards: Callable | None = None) -> dict[str, torch.Tensor]:
     """One pass over the calibration images.
 
     ``fisher=False``: the float inputs of every target block and of every layer
@@ -162,7 +162,7 @@ def _record(model: nn.Module, calib: torch.Tensor, targets: list[_Target], bs: i
     """
     if fisher:
         lasts = {t.key: t.last for t in targets}
-        return {"g2:" + k: v for k, v in output_fisher(model, calib, lasts, bs, fisher_labels, seed).items()}
+        return {"g2:" + k: v for k, v in output_fisher(model, calib, lasts, bs, fisher_labels, seed, map_shards).items()}
     chunks: dict[str, list[torch.Tensor]] = {}
     hooks = []
 
@@ -267,8 +267,8 @@ def _search_quantizer(q: TensorQuantizer, tensor_fn: Callable[[], torch.Tensor],
 @register_method("qhyvit")
 def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
            progress: Callable[[int, int], None] | None, map_shards: Callable[[Callable, list], list] | None = None) -> dict:
-    """``map_shards`` (a worker pool's map): the min-max start point and GPTQ's input statistics are
-    computed in shards on the workers (the same numbers); the searches run here."""
+    """``map_shards`` (a worker pool's map): the min-max start point, the Fisher diagonals and GPTQ's
+    input statistics are computed in shards on the workers (the same numbers); the searches run here."""
     opts = QHyViTOptions.from_config(config)
     calib = torch.cat(list(batches))
     calibrate_observers(model, config, batches, None, map_shards)  # min-max start point (Δ₀)
@@ -295,7 +295,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
     step = 0
     with quantizers_off(model):  # the float model: inputs, outputs, Fisher and logits to match
         fp = _record(model, calib, targets, bs, fisher=False)
-        grads = _record(model, calib, targets, bs, fisher=True, seed=seed) if opts.objective == "hessian" else {}
+        grads = _record(model, calib, targets, bs, fisher=True, seed=seed, map_shards=map_shards) if opts.objective == "hessian" else {}
         float_logits = batched_logits(model, calib, bs)
         tuning_images = augmented(calib) if opts.scale_tuning_steps else None
         tuning_logits = batched_logits(model, tuning_images, bs) if opts.scale_tuning_steps else None
@@ -393,7 +393,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
 
     reconstruction, reconstruction_report = reconstruction_refinement(order, ReconstructionConfig(
         steps=steps_for(opts.reconstruction_steps, min(config.wbits, config.abits), AUTO_MAX_BITS),
-        drop_prob=opts.qdrop, batch_size=bs, seed=seed), bridges, progress)
+        drop_prob=opts.qdrop, batch_size=bs, seed=seed), bridges, progress, map_shards=map_shards)
     weights_of = lambda m: [m.weight]  # noqa: E731
     refinements = [
         reconstruction,

@@ -101,13 +101,14 @@ def learned_by_reconstruction(layer: nn.Module) -> list[torch.Tensor]:
 
 def reconstruction_refinement(layers: Sequence[str], config: ReconstructionConfig, bridges: Sequence[Bridge] = (),
                               progress: Callable[[int, int], None] | None = None,
-                              judged_on: str = "calibration images") -> tuple[Refinement, dict]:
+                              judged_on: str = "calibration images",
+                              map_shards: Callable[[Callable, list], list] | None = None) -> tuple[Refinement, dict]:
     """Reconstruction as a method's refinement (``refine.py``; on when ``config.steps`` > 0), and the
     dict its run fills with ``reconstruct``'s report (per block: error before/after, kept)."""
     report: dict = {}
 
     def run(model: nn.Module, names: Sequence[str], batches: Sequence[torch.Tensor]) -> list[str]:
-        report.update(reconstruct(model, layers, torch.cat(list(batches)), config, bridges, progress))
+        report.update(reconstruct(model, layers, torch.cat(list(batches)), config, bridges, progress, map_shards))
         return report["layers"]
 
     return Refinement("reconstruction", lambda done: config.steps > 0, run, learned_by_reconstruction, judged_on=judged_on), report
@@ -263,13 +264,15 @@ def _weighted_error(out: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
 
 
 def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, config: ReconstructionConfig,
-                bridges: Sequence[Bridge] = (), progress: Callable[[int, int], None] | None = None) -> dict:
+                bridges: Sequence[Bridge] = (), progress: Callable[[int, int], None] | None = None,
+                map_shards: Callable[[Callable, list], list] | None = None) -> dict:
     """Learn the rounding of the quantized ``layers`` (execution order) block by block, in place.
 
     Every quantizer must be frozen ("quantize") and the weights still float. Weights of kept blocks
     end exactly on their grids (so export and checkpoints carry the learned rounding); learned
     activation scales are set. Returns a report: per block, its layers, output error before and
-    after, kept or not, and seconds."""
+    after, kept or not, and seconds. ``map_shards`` (a worker pool's map): the Fisher diagonals are
+    computed in shards on the workers (the same tensors); the learning runs here."""
     if config.augment:
         images = augmented(images)
     fp = float_copy(model)
@@ -279,7 +282,7 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
         return {"blocks": [], "layers": []}
     bs = config.batch_size
     float_in, float_out = _capture(fp, images, blocks, bs, outputs=True)
-    fisher = (output_fisher(fp, images, {b.name: b.modules(fp)[-1] for b in blocks}, bs, config.fisher_labels, config.seed)
+    fisher = (output_fisher(fp, images, {b.name: b.modules(fp)[-1] for b in blocks}, bs, config.fisher_labels, config.seed, map_shards)
               if config.fisher else {})
     del fp
     generator = torch.Generator().manual_seed(config.seed)
