@@ -68,12 +68,15 @@ class Placement:
     skip: tuple[str, ...] = ()  # module-name patterns kept float
     conv_outputs: bool = False  # Q after each quantized conv's output (what onnxruntime needs to fuse QLinearConv)
     gated_silu: bool = False  # SiLU fed by a quantized conv: its sigmoid is quantized too (QLinearSigmoid + QLinearMul)
-    # Convs reading the image (see ``reads_image``) are quantized only when each output sums at
-    # least this many products (``reduction_size``); 0 quantizes them all.
-    image_conv_min_reduction: int = 0
-    # Any conv summing fewer products per output than this stays float (depthwise and small grouped
-    # convs, 1x1 convs over few channels, small stems); 0 quantizes them all.
+    # A conv summing fewer products per output than this (``reduction_size``) stays float: small
+    # stems, depthwise and small grouped convs, 1x1 convs over few channels; 0 quantizes them all.
     conv_min_reduction: int = 0
+    # which convs that bound applies to: "all", or "image" (only those reading the image, ``reads_image``)
+    conv_min_reduction_scope: str = "all"
+
+    def __post_init__(self):
+        if self.conv_min_reduction_scope not in ("all", "image"):
+            raise ValueError(f"conv_min_reduction_scope must be 'all' or 'image', got {self.conv_min_reduction_scope!r}")
 
 
 # Measured with onnxruntime 1.31, 1 thread (docs/quantization.md): int8 lost on a 3×3 RGB stem (27
@@ -89,7 +92,7 @@ PLACEMENTS: dict[str, Placement] = {
     "partial+matmul": Placement("partial+matmul", attention_matmuls=True),
     "linear": Placement("linear", kinds=("linear",)),
     "speed": Placement("speed", integer_kinds=("linear", "conv"), conv_outputs=True, gated_silu=True,
-                       image_conv_min_reduction=IMAGE_CONV_MIN_REDUCTION, attention_matmuls=True),
+                       conv_min_reduction=IMAGE_CONV_MIN_REDUCTION, conv_min_reduction_scope="image", attention_matmuls=True),
     "speed-wide": Placement("speed-wide", integer_kinds=("linear", "conv"), conv_outputs=True, gated_silu=True,
                                 attention_matmuls=True, conv_min_reduction=IMAGE_CONV_MIN_REDUCTION),
 }
@@ -185,8 +188,8 @@ def plan(model: nn.Module, placement: Placement, extra_skip: tuple[str, ...] = (
         skipped_by_pattern = any(fnmatch.fnmatch(name, p) for p in skip)
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             kind = kind_of(m)
-            if (reads_image(m) and reduction_size(m) < placement.image_conv_min_reduction) or (
-                    isinstance(m, nn.Conv2d) and reduction_size(m) < placement.conv_min_reduction):
+            if (isinstance(m, nn.Conv2d) and reduction_size(m) < placement.conv_min_reduction
+                    and (placement.conv_min_reduction_scope == "all" or reads_image(m))):
                 float_counts[type(m).__name__] += 1  # by design (the placement's data), not a skip
             elif kind in placement.kinds and is_wrappable_weighted(m) and not skipped_by_pattern:
                 weighted.append(name)
