@@ -6,7 +6,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from vitcompress.cpu import compatibility, detect_isa, resolve_target, target_of_numerics
+from vitcompress.cpu import compatibility, detect_isa, flags_executable, resolve_target, target_of_numerics
 from vitcompress.errors import VitcompressError
 from vitcompress.export import artifact_numerics, export_qdq
 from vitcompress.quant import QuantConfig, quantize_
@@ -23,6 +23,20 @@ def test_isa_detection_reads_the_flags_best_first():
     assert detect_isa(AVX2_FLAGS).name == "avx2" and not detect_isa(AVX2_FLAGS).int32_dot
     assert detect_isa({"asimd", "asimddp"}).name == "arm_dotprod" and detect_isa({"asimddp"}).int32_dot
     assert detect_isa(set()).name == "unknown" and not detect_isa(set()).int32_dot
+
+
+def test_flags_the_process_cannot_execute_are_dropped():
+    host = frozenset({"sse2", "fma", "avx", "avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni"})
+    agreeing = {"AVX": True, "AVX2": True, "AVX512F": True, "AVX512BW": True, "AVX512VNNI": True}
+    assert flags_executable(host, agreeing) == host and flags_executable(host, {}) == host
+    # an AVX2-only view of that host (an emulator, a masking hypervisor): CPUID denies AVX-512, so
+    # the AVX/AMX flags it does not confirm go too (avx_vnni included), and the ISA is AVX2
+    haswell = {"AVX": True, "AVX2": True, "AVX512F": False, "AVX512BW": False, "AVX512VNNI": False}
+    seen = flags_executable(host, haswell)
+    assert seen == {"sse2", "fma", "avx", "avx2"} and detect_isa(seen).name == "avx2"
+    # AVX-VNNI without AVX-512 (Alder Lake): nothing /proc/cpuinfo lists is denied, all kept
+    alder = frozenset({"avx", "avx2", "avx_vnni"})
+    assert detect_isa(flags_executable(alder, haswell)).name == "avx_vnni"
 
 
 def test_target_resolution_both_branches():

@@ -74,15 +74,46 @@ TARGET_ALIASES = {"avx2": "portable"}
 TARGET_CHOICES = ("auto", *TARGETS, *TARGET_ALIASES)
 
 
+# /proc/cpuinfo flags that numpy's CPU dispatch also reads from CPUID (its feature names): what
+# this process can execute, which is what onnxruntime's kernels dispatch on.
+CPUID_CHECKED = {"avx": "AVX", "avx2": "AVX2", "avx512f": "AVX512F", "avx512bw": "AVX512BW", "avx512_vnni": "AVX512VNNI"}
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """This machine's CPU feature flags (empty where /proc/cpuinfo is absent)."""
+    """This process's CPU feature flags (empty where /proc/cpuinfo is absent).
+
+    /proc/cpuinfo describes the host; an emulator (or a hypervisor masking features) can hide some
+    from the process, and the kernels then dispatch on what CPUID says. Where CPUID denies a flag
+    /proc/cpuinfo lists, /proc/cpuinfo is not this process's CPU: only the flags CPUID confirms are
+    kept (so an AVX2-only view of a VNNI host is AVX2, not VNNI)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return frozenset()
     line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
-    return frozenset(line.partition(":")[2].split())
+    return flags_executable(frozenset(line.partition(":")[2].split()), _cpuid_features())
+
+
+def flags_executable(listed: frozenset[str], cpuid: dict[str, bool]) -> frozenset[str]:
+    """The /proc/cpuinfo flags ``listed``, less the vector extensions this process cannot use when
+    ``cpuid`` (numpy's CPUID features) denies one that /proc/cpuinfo lists: then only the
+    AVX/AMX flags CPUID confirms are kept."""
+    if not any(cpuid.get(key) is False for flag, key in CPUID_CHECKED.items() if flag in listed):
+        return listed
+    return frozenset(f for f in listed if cpuid.get(CPUID_CHECKED.get(f, "")) is True or not f.startswith(("avx", "amx")))
+
+
+def _cpuid_features() -> dict[str, bool]:
+    """numpy's runtime CPU features (CPUID), {} where this numpy does not expose them."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__
+        except ImportError:
+            return {}
+    return dict(__cpu_features__)
 
 
 @functools.cache
