@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-caps bench-qhyvit bench-mptq bench-frontier bench-prune bench-workers conformance recipes bench-recipes install clean
+.PHONY: demo test bench bench-caps bench-qhyvit bench-mptq bench-frontier bench-prune bench-emulated-cpu bench-workers conformance recipes bench-recipes install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench-prune: $(STAMP)
 # ratios come from ARGS=--time, run afterwards on an otherwise idle machine.
 conformance: $(STAMP)
 	$(PY) benchmarks/bench_conformance.py $(ARGS)
+
+# The same int8 artifacts natively and on AVX2 kernels (qemu-x86_64 -cpu Haswell; apt-get install qemu-user)
+bench-emulated-cpu: $(STAMP)
+	$(PY) benchmarks/bench_emulated_cpu.py --out benchmarks/RESULTS.md
 
 bench-workers: $(STAMP)
 	$(PY) benchmarks/bench_workers.py --out benchmarks/RESULTS.md --workers 2 --large
