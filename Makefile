@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-caps bench-qhyvit bench-mptq bench-frontier bench-prune bench-emulated-cpu bench-workers conformance recipes bench-recipes install clean
+.PHONY: demo test test-avx2-emulated bench bench-caps bench-qhyvit bench-mptq bench-frontier bench-prune bench-emulated-cpu bench-workers conformance recipes bench-recipes install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The CPU-dependent tests on AVX2 kernels without an AVX2 machine: qemu-x86_64 -cpu Haswell (CPUID:
+# AVX2, no AVX-512/VNNI; apt-get install qemu-user). Emulated, so slow (about half an hour on 2 cores).
+test-avx2-emulated: $(STAMP)
+	qemu-x86_64 -cpu Haswell $(PY) -m pytest -q -p no:cacheprovider tests/test_export.py tests/test_cpu.py \
+		-k "agrees_with_torch or signed_attention or test_cpu"
 
 # Each writes its own section of benchmarks/RESULTS.md; they need ../shared (reference models, CIFAR-10).
 bench: $(STAMP)
