@@ -179,10 +179,7 @@ def _build(job: QuantizeJob, prepared: _Prepared, out: Path, progress: ProgressF
     fp32_path, q_path = out / "model.fp32.onnx", out / qname
     label = honest_label(cfg, {})
     common = {"method": cfg.method, "wbits": cfg.wbits, "abits": cfg.abits, "label": label}
-    if prepared.fp32_onnx is None:
-        export_float(loaded.model, prep.input_size, fp32_path, onnx_metadata(loaded, "fp32"))
-        prepared.fp32_onnx = fp32_path
-    else:
+    if _fp32_artifact(prepared, fp32_path) != fp32_path:
         with atomic_path(fp32_path) as tmp:
             shutil.copyfile(prepared.fp32_onnx, tmp)
     progress("export", 1, 2)
@@ -273,10 +270,7 @@ def _candidates_on_workers(trial_jobs: dict[str, QuantizeJob], prepared: _Prepar
     candidate's evaluation runs the same fixed shards as in one process, so its numbers are the same;
     unlike one process, every candidate is built (no stop at the first good one in the default order)."""
     loaded, any_job = prepared.loaded, next(iter(trial_jobs.values()))
-    reference = prepare_output_dir(scratch / ".fp32", True, [])
-    fp32_path = reference / "model.fp32.onnx"
-    export_float(loaded.model, loaded.preprocessing.input_size, fp32_path, onnx_metadata(loaded, "fp32"))
-    prepared.fp32_onnx = fp32_path
+    fp32_path = _fp32_artifact(prepared, prepare_output_dir(scratch / ".fp32", True, []) / "model.fp32.onnx")
     for images, attr in ((prepared.eval_set, "fp32_logits"), (prepared.holdout_set, "holdout_fp32_logits")):
         if images is not None:
             logits, _, _ = evaluate({"fp32": PredictorSource(onnx=str(fp32_path), runtime=any_job.runtime)}, images,
@@ -303,6 +297,14 @@ def _candidates_on_workers(trial_jobs: dict[str, QuantizeJob], prepared: _Prepar
             r.update(latency=latencies[p], timing_fields=TIMING_FIELDS, workers=prepared.pool.info)
             write_json(outs[p] / "report.json", r)
     return built
+
+
+def _fp32_artifact(prepared: _Prepared, path: Path) -> Path:
+    """The job's fp32 artifact: exported to ``path`` the first time, shared by every candidate after."""
+    if prepared.fp32_onnx is None:
+        export_float(prepared.loaded.model, prepared.loaded.preprocessing.input_size, path, onnx_metadata(prepared.loaded, "fp32"))
+        prepared.fp32_onnx = path
+    return prepared.fp32_onnx
 
 
 def _build_in_worker(job: QuantizeJob, prepared: _Prepared, out: Path) -> dict:
@@ -397,7 +399,7 @@ def _quantize_auto(job: QuantizeJob, progress: ProgressFn, pool: LocalPool | Ray
                 if first_good and r["latency"]["speedup"] > 1.0 and _auto_budget_kept(r, job.max_drop, job.min_agreement)[0]:
                     break
         else:
-            built = _candidates_on_workers(trial_jobs, prepared, Path(scratch), progress)
+            built = _candidates_on_workers(trial_jobs, prepared, Path(scratch), progress) if trial_jobs else {}
         trials = [(p, None, skipped[p]) if p in skipped else (p, *built[p]) for p in candidates if p in skipped or p in built]
         summary = []
         for p, r, err in trials:
