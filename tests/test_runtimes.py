@@ -102,3 +102,13 @@ def test_signed_activations_make_a_vnni_artifact(loaded, calib_batches, tmp_path
     info = export_qdq(m, loaded.preprocessing.input_size, tmp_path / "s.onnx", {})
     assert info["numerics"]["signed_activations"] > 0 and info["numerics"]["max_weight_code"] <= 64
     assert info["numerics"]["target"] == "vnni"
+
+
+def test_latency_of_fast_models_runs_long_enough_to_be_a_stable_ratio(artifacts):
+    quick = compare_latency({"f": artifacts / "f.onnx", "q": artifacts / "q.onnx"}, (1, 3, 32, 32), rounds=3, warmup=2)
+    assert quick["f"]["rounds"] == 3
+    lat = compare_latency({"f": artifacts / "f.onnx", "q": artifacts / "q.onnx"}, (1, 3, 32, 32), rounds=3, warmup=2,
+                          min_seconds=0.3)
+    per_round_ms = lat["f"]["median_ms"] + lat["q"]["median_ms"]
+    assert lat["f"]["rounds"] == lat["q"]["rounds"] > 3
+    assert lat["f"]["rounds"] * per_round_ms >= 0.3 * 1e3 * 0.5  # about min_seconds of timed runs (estimate from one warm-up)

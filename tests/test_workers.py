@@ -144,7 +144,7 @@ def test_auto_placement_candidates_build_on_workers_with_the_numbers_of_one_proc
            [{k: c.get(k) for k in numbers} for c in two["placement_auto"]["candidates"]]
     within = [c for c in two["placement_auto"]["candidates"] if c.get("within_budget")]
     assert two["placement_auto"]["chosen"] == max(within, key=lambda c: c["speedup"])["placement"]
-    assert two["latency"]["quantized"]["rounds"] == 5 and (tmp_path / "two" / "model.fp32.onnx").exists()
+    assert two["latency"]["quantized"]["rounds"] >= 5 and (tmp_path / "two" / "model.fp32.onnx").exists()
 
 
 def test_gptq_input_statistics_on_workers_give_the_same_rounding(loaded, calib_batches):

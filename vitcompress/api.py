@@ -62,6 +62,7 @@ class QuantizeJob:
     batch_size: int = 32
     latency_rounds: int = 30
     latency_threads: int = 1
+    latency_min_seconds: float = 2.0  # more rounds for fast models: the timed runs last about this long
     max_drop: float = 1.0  # --placement default/auto: top-1 points the chosen placement may lose on the eval set
     target_cpu: str = "auto"  # int8 kernels of the deployment CPU: auto (this machine), portable, vnni (see cpu.py)
     weight_format: str = "int8"  # int4: Linear weights of <= 4 bits stored packed as MatMulNBits (float GEMM)
@@ -148,7 +149,8 @@ def _latencies(job: QuantizeJob, fp32_path: Path, quantized: dict[str, Path], in
     if job.runtime != DEFAULT_RUNTIME:
         entries[f"fp32_{DEFAULT_RUNTIME}"] = (fp32_path, DEFAULT_RUNTIME)
     entries.update({f"quantized:{name}": path for name, path in quantized.items()})
-    lat = compare_latency(entries, (1, *input_size), threads=job.latency_threads, rounds=job.latency_rounds, runtime=job.runtime)
+    lat = compare_latency(entries, (1, *input_size), threads=job.latency_threads, rounds=job.latency_rounds, runtime=job.runtime,
+                          min_seconds=job.latency_min_seconds)
     floats = {k: v for k, v in lat.items() if k.startswith("fp32")}
     fastest_fp32 = min(v["median_ms"] for v in floats.values())
     result = {}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import statistics
 import tempfile
@@ -141,20 +142,31 @@ Candidate = Union[str, Path, tuple]  # a path (default runtime) or (path, runtim
 
 
 def compare_latency(paths: dict[str, Candidate], input_shape: tuple[int, ...], threads: int = 1,
-                    rounds: int = 30, warmup: int = 5, seed: int = 0, runtime: str = DEFAULT_RUNTIME) -> dict[str, dict]:
+                    rounds: int = 30, warmup: int = 5, seed: int = 0, runtime: str = DEFAULT_RUNTIME,
+                    min_seconds: float = 0.0) -> dict[str, dict]:
     """Median latency (ms) of several models, timed alternately in one process.
 
     Alternating A B B A ... spreads machine noise evenly, so the ratio of medians holds even when
     absolute times drift (see benchmarking notes). Each entry is a path run by ``runtime``, or a
     (path, runtime) pair, so one run can put the same file on two runtimes side by side.
+    ``min_seconds``: more rounds than ``rounds`` where needed for the timed runs to last about that
+    long (estimated from the last warm-up): 30 rounds of a sub-millisecond model last a few
+    milliseconds, and their ratio swings by ±10 % from run to run.
     """
     runtimes = {name: (p if isinstance(p, tuple) else (p, runtime)) for name, p in paths.items()}
     sessions = {name: open_session(p, rt, threads) for name, (p, rt) in runtimes.items()}
     x = np.random.default_rng(seed).standard_normal(input_shape).astype(np.float32)
     names = list(sessions)
+    per_round = 0.0  # seconds of one round, from each model's last warm-up run
     for name in names:
+        last = 0.0
         for _ in range(warmup):
+            t0 = time.perf_counter()
             sessions[name](x)
+            last = time.perf_counter() - t0
+        per_round += last
+    if min_seconds > 0 and per_round > 0:
+        rounds = max(rounds, math.ceil(min_seconds / per_round))
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         order = names if r % 2 == 0 else names[::-1]
