@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,19 @@ from torch import nn
 from ..errors import VitcompressError
 from .modules import quantizers
 from .registry import Progress
+
+ShardMap = Callable[[Callable, list], list]  # a pool's map: (function, argument tuples) -> results in order
+SHARD_BATCHES = 2  # calibration batches per shard sent to a worker (fixed: never from the worker count)
+
+
+def batch_shards(batches: Sequence) -> list:
+    """``batches`` cut into consecutive shards of SHARD_BATCHES, the same for any number of workers."""
+    return [batches[i:i + SHARD_BATCHES] for i in range(0, len(batches), SHARD_BATCHES)]
+
+
+def map_or_here(fn: Callable, args: list[tuple], map_shards: ShardMap | None) -> list:
+    """``fn(*a)`` for every argument tuple, on the workers when ``map_shards`` is given, else here; in order."""
+    return map_shards(fn, args) if map_shards is not None else [fn(*a) for a in args]
 
 def run_batches(model: nn.Module, batches: Sequence[torch.Tensor], progress: Progress | None = None) -> None:
     with torch.no_grad():

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .calibration import SHARD_BATCHES
+
 
 def label_weights(logp: torch.Tensor, max_exact: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(labels, weights) pairs whose weighted squared gradients sum to the diagonal Fisher."""
@@ -26,9 +28,6 @@ def label_weights(logp: torch.Tensor, max_exact: int, seed: int) -> Iterator[tup
     g = torch.Generator().manual_seed(seed)
     for _ in range(max_exact):
         yield torch.multinomial(p, 1, generator=g).squeeze(1), torch.full((n,), 1.0 / max_exact)
-
-
-FISHER_SHARD_BATCHES = 2  # batches of images per shard sent to a worker
 
 
 def output_fisher(model: nn.Module, images: torch.Tensor, outputs_of: dict[str, nn.Module], batch_size: int,
@@ -44,7 +43,7 @@ def output_fisher(model: nn.Module, images: torch.Tensor, outputs_of: dict[str, 
         return _fisher_of_batches(model, images, outputs_of, batch_size, max_exact, seed, 0)
     name_of = {id(m): n for n, m in model.named_modules()}
     names = {k: name_of[id(m)] for k, m in outputs_of.items()}  # modules travel as names inside the shipped model
-    step = batch_size * FISHER_SHARD_BATCHES
+    step = batch_size * SHARD_BATCHES
     parts = map_shards(_fisher_shard, [(model, images[i:i + step], names, batch_size, max_exact, seed, i)
                                        for i in range(0, len(images), step)])
     return {k: torch.cat([p[k] for p in parts if k in p]) for k in outputs_of if any(k in p for p in parts)}

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .calibration import batch_shards, map_or_here
 from .modules import TensorQuantizer
 from .placement import is_depthwise
 from .spec import fake_quantize
@@ -118,9 +119,6 @@ def _input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return patches.reshape(n, layer.in_channels, k, length).permute(1, 0, 3, 2).reshape(layer.in_channels, -1, k)
 
 
-STATISTICS_SHARD_BATCHES = 2  # calibration batches per shard of a layer's input statistics
-
-
 def _input_statistics(model: nn.Module, name: str, batches: Sequence[torch.Tensor],
                       float_model: nn.Module | None = None,
                       map_shards: Callable[[Callable, list], list] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -131,9 +129,7 @@ def _input_statistics(model: nn.Module, name: str, batches: Sequence[torch.Tenso
     The sums are taken over fixed shards of batches, then added in shard order, so they are the same
     numbers whether ``map_shards`` (a worker pool's map) runs the shards or this process does."""
     layer = model.get_submodule(name)
-    shards = [batches[i:i + STATISTICS_SHARD_BATCHES] for i in range(0, len(batches), STATISTICS_SHARD_BATCHES)]
-    args = [(model, name, shard, float_model) for shard in shards]
-    parts = map_shards(_shard_statistics, args) if map_shards is not None else [_shard_statistics(*a) for a in args]
+    parts = map_or_here(_shard_statistics, [(model, name, shard, float_model) for shard in batch_shards(batches)], map_shards)
     acc: dict[str, torch.Tensor] = {}
     for part in parts:
         for key, value in part.items():

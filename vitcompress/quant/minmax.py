@@ -1,18 +1,17 @@
 """The ``minmax`` method: the baseline every other method starts from."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from .calibration import freeze_all, run_batches, set_mode
+from .calibration import ShardMap, batch_shards, freeze_all, run_batches, set_mode
 from .config import QuantConfig
 from .modules import quantizers
 from .registry import Progress, register_method
 
 
-ShardMap = Callable[[Callable, list], list]  # a pool's map: (function, argument tuples) -> results in order
 
 
 @register_method("minmax")
@@ -28,7 +27,7 @@ def calibrate_observers(model: nn.Module, config: QuantConfig, batches: Sequence
     observers = dict((n, q._observer) for n, q in quantizers(model))
     sharded = map_shards is not None and len(batches) > 1 and all(hasattr(o, "merge") for o in observers.values())
     if sharded:
-        shards = [batches[i:i + SHARD_BATCHES] for i in range(0, len(batches), SHARD_BATCHES)]
+        shards = batch_shards(batches)
         for seen in map_shards(observe_shard, [(model, shard) for shard in shards]):
             for name, observer in seen.items():
                 observers[name].merge(observer)
@@ -39,9 +38,6 @@ def calibrate_observers(model: nn.Module, config: QuantConfig, batches: Sequence
     freeze_all(model)
     return {"observers": {"weights": config.weight_observer, "activations": config.act_observer},
             "calibration_shards": len(shards) if sharded else 1}
-
-
-SHARD_BATCHES = 2  # calibration batches per shard sent to a worker
 
 
 def observe_shard(model: nn.Module, batches: Sequence[torch.Tensor]) -> dict:
