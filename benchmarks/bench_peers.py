@@ -108,12 +108,13 @@ def _size(path: Path) -> int:
 
 
 def run_model(tag: str, workdir: Path, calib_dir: Path, calib_size: int, eval_dir: Path | None,
-              model: str | None = None, checkpoint: Path | None = None, rounds: int = 30, cache: Path | None = None) -> dict:
+              model: str | None = None, checkpoint: Path | None = None, rounds: int = 30, cache: Path | None = None,
+              min_seconds: float = 0.0) -> dict:
     """One model's row; with ``cache``, a row measured before (same tag) is read back instead."""
     cached = cache / f"{tag}.pkl" if cache else None
     if cached is not None and cached.exists():
         return pickle.loads(cached.read_bytes())
-    row = _measure_model(tag, workdir, calib_dir, calib_size, eval_dir, model, checkpoint, rounds)
+    row = _measure_model(tag, workdir, calib_dir, calib_size, eval_dir, model, checkpoint, rounds, min_seconds)
     if cached is not None:
         cache.mkdir(parents=True, exist_ok=True)
         cached.write_bytes(pickle.dumps(row))
@@ -121,7 +122,7 @@ def run_model(tag: str, workdir: Path, calib_dir: Path, calib_size: int, eval_di
 
 
 def _measure_model(tag: str, workdir: Path, calib_dir: Path, calib_size: int, eval_dir: Path | None,
-                   model: str | None, checkpoint: Path | None, rounds: int) -> dict:
+                   model: str | None, checkpoint: Path | None, rounds: int, min_seconds: float) -> dict:
     out = workdir / tag
     files, walls, chosen, failed_tools = {}, {}, {}, {}
     for tool, (placement, runtime) in OURS.items():
@@ -167,7 +168,7 @@ def _measure_model(tag: str, workdir: Path, calib_dir: Path, calib_size: int, ev
     row["coverage"] = {(t, rt): int8_coverage(files[t], rt)["integer_mac_share"] for t, rt in ROWS
                        if (t, rt) in entries and files[t].suffix == ".onnx"}
     lat = compare_latency({f"{t}@{rt}": v for (t, rt), v in entries.items()}, (1, *loaded.preprocessing.input_size),
-                          threads=1, rounds=rounds)
+                          threads=1, rounds=rounds, min_seconds=min_seconds)
     row["latency"] = {key: lat[f"{key[0]}@{key[1]}"]["median_ms"] for key in entries}
     row["versions"] = {rt: lat[f"fp32@{rt}"]["runtime"]["version"] for rt in RUNTIMES}
     if eval_dir is not None:
@@ -216,6 +217,9 @@ def main() -> None:
     add_io_arguments(ap)
     ap.add_argument("--calib-size", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--min-seconds", type=float, default=20.0,
+                    help="more rounds where needed for one model's alternated timing to last about this long (a 32-px "
+                         "model runs in under a millisecond: 30 rounds of it swing the ratios by about 10 %%)")
     ap.add_argument("--skip-speed", action="store_true", help="skip the 224-px random-weight models")
     ap.add_argument("--speed-models", nargs="+", default=SPEED_MODELS, metavar="MODEL",
                     help="the random-weight models to time (default: all six of the speed issue)")
@@ -236,9 +240,10 @@ def main() -> None:
         work = Path(tmp)
         acc_rows = [] if args.skip_zoo else [
             run_model(z, work, data / "train", args.calib_size, data / "val", checkpoint=zoo / f"{z}.pth",
-                      rounds=args.rounds, cache=args.cache) for z in ZOO_MODELS]
+                      rounds=args.rounds, cache=args.cache, min_seconds=args.min_seconds) for z in ZOO_MODELS]
         speed_rows = [] if args.skip_speed else [
-            run_model(m, work, data / "train", 32, None, model=m, rounds=args.rounds, cache=args.cache) for m in args.speed_models]
+            run_model(m, work, data / "train", 32, None, model=m, rounds=args.rounds, cache=args.cache,
+                      min_seconds=args.min_seconds) for m in args.speed_models]
     import nncf
     import onnxruntime
     import openvino
@@ -255,8 +260,8 @@ def main() -> None:
         f"Calibration: {args.calib_size} images sampled (seed 0) from `shared/data/cifar10/train`, the same tensor for every tool. "
         "Accuracy: all of `shared/data/cifar10/val`, each file run in the runtime of its row (agreement and drop against "
         "the fp32 file on the same runtime). "
-        f"Latency: 1 intra-op thread, batch 1, median of {args.rounds} alternated runs of every (file, runtime) pair in one "
-        "process after 5 warm-ups; `fp32/int8, same runtime` = that runtime's fp32 median / the row's median; `vs fastest "
+        f"Latency: 1 intra-op thread, batch 1, median of at least {args.rounds} alternated runs of every (file, runtime) pair "
+        f"in one process after 5 warm-ups, and as many more as make about {args.min_seconds:g} s of timed rounds per model; `fp32/int8, same runtime` = that runtime's fp32 median / the row's median; `vs fastest "
         "fp32` = the faster fp32 of the two runtimes / the row's median (> 1 is faster). OpenVINO compiles with "
         "INFERENCE_PRECISION_HINT=f32 (fp32 stays fp32 on bf16-capable CPUs), PERFORMANCE_HINT=LATENCY, one stream. "
         "int8 MAC share: MACs of MatMul/Gemm/Conv that the row's runtime runs on integer kernels (onnxruntime: its "

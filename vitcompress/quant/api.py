@@ -19,7 +19,7 @@ from .config import QuantConfig
 from .fold import fold_batchnorm, fold_layer_scale
 from .modules import TensorQuantizer, quantizers, wrap_attention, wrap_silu, wrap_weighted
 from .spec import QuantSpec
-from .placement import PlacementPlan, get_placement, kind_of, plan, reads_image
+from .placement import PlacementPlan, get_placement, is_narrow, kind_of, plan, reads_image
 from .registry import METHODS, RESTORERS, Progress
 from .routing import route_module_calls
 from .tracing import consumers_of
@@ -46,6 +46,9 @@ class QuantResult:
             **({"quantized_silu_gates": len(self.plan.gated_silu)} if self.plan.gated_silu else {}),
             **({"image_input_bits": {"bits": self.config.image_input_bits, "layers": self.plan.image_readers}}
                if self.plan.image_readers and self.config.image_input_bits != self.config.abits else {}),
+            **({"narrow_layer_bits": {"bits": self.config.narrow_layer_bits, "layers": self.plan.narrow}}
+               if self.plan.narrow and self.config.uniform_widths
+               and self.config.narrow_layer_bits > min(self.config.wbits, self.config.abits) else {}),
             **self.method_info,
         }
 
@@ -62,8 +65,9 @@ def prepare(model: nn.Module, config: QuantConfig, family: str = "", example: to
     modules = dict(model.named_modules())
     for name in p.weighted:
         m = modules[name]
-        wspec = config.weight_spec_linear  # axis 0 = output channel, for Linear and Conv2d alike
-        aspec = replace(config.act_spec, bits=config.image_input_bits) if reads_image(m) else config.act_spec
+        wbits, abits = config.layer_bits(is_narrow(m))
+        wspec = replace(config.weight_spec_linear, bits=config.weight_bits(wbits))  # axis 0 = output channel, for Linear and Conv2d alike
+        aspec = replace(config.act_spec, bits=config.image_input_bits if reads_image(m) else abits)
         wrap_weighted(m, wspec, aspec, config.weight_observer, config.act_observer,
                       config.act_spec if placement.conv_outputs else None)
     for name in p.attention:

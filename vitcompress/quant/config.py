@@ -23,6 +23,10 @@ class QuantConfig:
     reduce_range: weights use 7 bits of their grid (for int8 kernels without VNNI, see ``vitcompress.cpu``).
     image_input_bits: width of the input quantizer of layers reading the image (``placement.reads_image``):
         the image is 8-bit data, so by default it keeps 8 bits whatever ``abits`` says.
+    narrow_layer_bits: the least width of the weights and inputs of narrow layers (``placement.is_narrow``:
+        fewer than 64 products per output, e.g. depthwise convs): below it their rounding noise, not
+        averaged over many products, dominates the model's error (docs/quantization.md). Set it to
+        ``min(wbits, abits)`` or below to quantize them like every other layer.
     method_options: knobs of the chosen method (see each method's options dataclass).
     """
 
@@ -40,10 +44,11 @@ class QuantConfig:
     fold_layer_scale: bool = True
     reduce_range: bool = False
     image_input_bits: int = 8
+    narrow_layer_bits: int = 8
     method_options: dict = field(default_factory=dict)  # method-specific knobs, e.g. qhyvit's rounds
 
     def __post_init__(self):
-        for name in ("wbits", "abits", "image_input_bits"):
+        for name in ("wbits", "abits", "image_input_bits", "narrow_layer_bits"):
             v = getattr(self, name)
             if not isinstance(v, int) or not 2 <= v <= 8:
                 raise VitcompressError(f"{name} must be an integer between 2 and 8, got {v}")
@@ -56,6 +61,12 @@ class QuantConfig:
         """The grid width weights really get for a requested width (7 at most under reduce_range)."""
         return min(bits, 7) if self.reduce_range else bits
 
+    def layer_bits(self, narrow: bool) -> tuple[int, int]:
+        """(weight, activation) widths a layer asks for: ``narrow`` ones keep ``narrow_layer_bits`` at least."""
+        if not narrow:
+            return self.wbits, self.abits
+        return max(self.wbits, self.narrow_layer_bits), max(self.abits, self.narrow_layer_bits)
+
     @property
     def act_spec(self) -> QuantSpec:
         return QuantSpec(self.abits, self.act_symmetric, per_channel=False)
@@ -63,6 +74,12 @@ class QuantConfig:
     def _precision(self) -> tuple[str, bool] | None:
         """What the method's options make of the bit widths: (label, below 8 bits?), or None."""
         return precision(self.method, self.method_options or {})
+
+    @property
+    def uniform_widths(self) -> bool:
+        """One width for every layer (bar the image-reading and narrow ones); False where the method
+        assigns widths per layer (mixed precision), which then also decides the narrow layers'."""
+        return self._precision() is None
 
     @property
     def label(self) -> str:

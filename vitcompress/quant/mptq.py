@@ -36,8 +36,9 @@ from .reconstruction import (ReconstructionConfig, check_reconstruction_options,
                              steps_for)
 from .refine import Refinement, apply_refinements
 from .modules import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer, quantizers
-from .placement import reads_image
+from .placement import is_narrow, reads_image
 from .optm import TwoRegionLinear, TwoRegionMatMul, TwoRegionQuantizer, search_two_region
+from .rotation import rotate_residual_streams
 from .smoothquant import apply_sqb
 from .spec import QuantSpec, fake_quantize, qparams_from_range
 from .tracing import consumers_of, forward_with_hooks
@@ -52,7 +53,8 @@ EXPORT_NOTE_OPTM = ("OPT-m activations are exported as two QDQ regions of (b-1)-
                     "product they feed runs as two integer MatMuls on the same integer weights, summed in float "
                     "(twice the MACs of that product)")
 
-PARTS = ("sqb", "optm", "sqb-v", "range", "reconstruction", "gptq")
+PARTS = ("sqb", "optm", "sqb-v", "range", "reconstruction", "gptq")  # the default: every part but "rotate"
+KNOWN_PARTS = ("rotate",) + PARTS
 
 
 @register_options("mptq")
@@ -69,8 +71,9 @@ class MptqOptions:
         Linear/Conv inputs get their min-max range shrunk by the fraction minimising the output error);
         "reconstruction" (ours: block reconstruction with learned rounding, ``reconstruction_steps``);
         "gptq" (ours: Linear weights rounded by GPTQ's error compensation once every grid is chosen,
-        see ``gptq.py``; kept only if it lowers the calibration KL, ``refine.py``); () is plain
-        min-max calibration in the same placement.
+        see ``gptq.py``; kept only if it lowers the calibration KL, ``refine.py``); "rotate" (ours, off by
+        default: residual-stream rotation after QuaRot, ``rotation.py``; it did not win on the ViT
+        reference model, docs/mptq.md); () is plain min-max calibration in the same placement.
     reconstruction_steps: ours (BRECQ/AdaRound/QDrop, ``reconstruction.py``): weight rounding and
         input step sizes learned per transformer block once every grid is chosen, steps per block;
         0 = off; None = 200 below 8 bits (it lowered the held-out KL at W4A4 and W6A6), else off.
@@ -120,8 +123,8 @@ class MptqOptions:
         if opts.target_bits is not None and not opts.bit_choices[0] <= opts.target_bits <= opts.bit_choices[-1]:
             raise VitcompressError(f"--target-bits {opts.target_bits:g} is outside the bit choices {list(opts.bit_choices)}")
         check_reconstruction_options(opts.reconstruction_steps, opts.qdrop)
-        if set(opts.parts) - set(PARTS):
-            raise VitcompressError(f"unknown MPTQ part(s) {sorted(set(opts.parts) - set(PARTS))} (known: {', '.join(PARTS)})")
+        if set(opts.parts) - set(KNOWN_PARTS):
+            raise VitcompressError(f"unknown MPTQ part(s) {sorted(set(opts.parts) - set(KNOWN_PARTS))} (known: {', '.join(KNOWN_PARTS)})")
         if opts.full and config.placement != "partial+matmul":
             raise VitcompressError("mptq full quantization needs placement partial+matmul (the --full flag sets it)")
         return opts
@@ -349,6 +352,9 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
     modules = dict(model.named_modules())
     skip = config.skip
 
+    # 0. ours (QuaRot-style): rotate the residual stream, exact in float, before anything is measured
+    rotation_info = rotate_residual_streams(model, example[:2]) if "rotate" in parts else None
+
     # 1. --full: LayerNorm and GELU inputs
     extra: list[str] = []
     if opts.full:
@@ -394,8 +400,8 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
         passes = [{u: (b, b) for u, b in wanted.items()}]
     elif opts.target_bits is not None:
         passes = [{u: (b, b) for u in units} for b in opts.bit_choices]
-    else:
-        passes = [{u: (config.wbits, config.abits) for u in units}]
+    else:  # uniform widths; narrow layers keep config.narrow_layer_bits (mixed precision decides them itself)
+        passes = [{u: config.layer_bits(is_narrow(modules[u])) for u in units}]
 
     # 3. SQ-b, searched at the lowest width each layer may get
     sqb_info = {}
@@ -463,6 +469,8 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
 
     # 5. the assignment
     info: dict = {"mptq": {"parts": sorted(parts), "full": opts.full}}
+    if rotation_info is not None:
+        info["mptq"]["rotation"] = rotation_info
     mp_info = None
     sens_x = torch.cat(list(batches))[:SENSITIVITY_IMAGES]  # scores mixed-precision steps and judges refinements
     for q in setup.qs.values():
