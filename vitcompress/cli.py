@@ -110,6 +110,10 @@ def print_quantize_report(r: dict) -> None:
     q = r["quantization"]
     kept = ", ".join(f"{k} x{v}" for k, v in q["kept_float"].items()) or "nothing"
     out_console.print(f"kept float: {kept}; {q['functional_ops_float']}")
+    if q.get("narrow_layer_bits"):
+        nl = q["narrow_layer_bits"]
+        out_console.print(f"narrow layers (< 64 products per output) kept at {nl['bits']} bits: {len(nl['layers'])}, "
+                          f"{100 * nl['mac_share']:.1f}% of the quantized MACs")
     if q["kept_float_weighted_layers"]:
         names = q["kept_float_weighted_layers"]
         out_console.print(f"[yellow]warning:[/] {len(names)} Linear/Conv layer(s) the placement selects stayed float "

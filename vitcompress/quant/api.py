@@ -22,7 +22,7 @@ from .spec import QuantSpec
 from .placement import PlacementPlan, get_placement, is_narrow, kind_of, plan, reads_image
 from .registry import METHODS, RESTORERS, Progress
 from .routing import route_module_calls
-from .tracing import consumers_of
+from .tracing import consumers_of, layer_macs
 
 
 @dataclass
@@ -32,6 +32,7 @@ class QuantResult:
     method_info: dict = field(default_factory=dict)
     folded_pairs: list[tuple[str, str]] = field(default_factory=list)  # (conv, batchnorm)
     folded_scales: list[tuple[str, str]] = field(default_factory=list)  # (producer, layer scale)
+    narrow_mac_share: float = 0.0  # share of the quantized layers' MACs in narrow layers (QuantConfig.narrow_layer_bits)
 
     def summary(self) -> dict:
         return {
@@ -46,7 +47,8 @@ class QuantResult:
             **({"quantized_silu_gates": len(self.plan.gated_silu)} if self.plan.gated_silu else {}),
             **({"image_input_bits": {"bits": self.config.image_input_bits, "layers": self.plan.image_readers}}
                if self.plan.image_readers and self.config.image_input_bits != self.config.abits else {}),
-            **({"narrow_layer_bits": {"bits": self.config.narrow_layer_bits, "layers": self.plan.narrow}}
+            **({"narrow_layer_bits": {"bits": self.config.narrow_layer_bits, "layers": self.plan.narrow,
+                                      "mac_share": round(self.narrow_mac_share, 4)}}
                if self.plan.narrow and self.config.uniform_widths
                and self.config.narrow_layer_bits > min(self.config.wbits, self.config.abits) else {}),
             **self.method_info,
@@ -104,9 +106,11 @@ def quantize_(
     scales = fold_layer_scale(model, batches[0][:2]) if config.fold_layer_scale else []
     folded = fold_batchnorm(model, batches[0][:2]) if config.fold_batchnorm else []
     p = prepare(model, config, family, example=batches[0])
+    macs = layer_macs(model, p.weighted, batches[0][:1]) if p.narrow else {}  # quantizers are still off
+    narrow_share = sum(macs.get(n, 0) for n in p.narrow) / max(1, sum(macs.values()))
     sharding = {"map_shards": map_shards} if map_shards is not None and "map_shards" in inspect.signature(method).parameters else {}
     info = method(model, config, batches, progress, **sharding)
-    return QuantResult(config, p, info, folded, scales)
+    return QuantResult(config, p, info, folded, scales, narrow_share)
 
 
 def quant_state(model: nn.Module) -> dict:

@@ -110,11 +110,33 @@ def find_bridges(model: nn.Module, layers: list[str], example: torch.Tensor) -> 
             key = (parent, None, None)
         if key not in spans:
             spans[key] = Bridge(*key)
-    bridges = _merge_nested(list(spans.values()))
+    # a block called with more than one tensor, or not once per forward (CaiT's class-attention
+    # blocks take the tokens and the class token), cannot be a reconstruction target: its layers go alone
+    merged = _merge_nested(list(spans.values()))
+    bridges = [br for br, ok in zip(merged, well_formed(model, merged, example)) if ok]
     for br in bridges:
         prefixes = _member_prefixes(model, br)
         br.layers = [n for n, _ in order if any(n == p or n.startswith(p + ".") for p in prefixes)]
     return [br for br in bridges if br.layers]
+
+
+def well_formed(model: nn.Module, blocks: list[Bridge], example: torch.Tensor) -> list[bool]:
+    """Is each block called exactly once per forward, with one tensor in and one tensor out?"""
+    calls = [[0, True] for _ in blocks]
+    hooks = []
+    for i, b in enumerate(blocks):
+        first, last = b.modules(model)[0], b.modules(model)[-1]
+
+        def pre(m, args, kwargs, i=i):
+            calls[i][0] += 1
+            calls[i][1] &= len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+
+        def post(m, inp, out, i=i):
+            calls[i][1] &= isinstance(out, torch.Tensor)
+
+        hooks += [first.register_forward_pre_hook(pre, with_kwargs=True), last.register_forward_hook(post)]
+    forward_with_hooks(model, example, hooks)
+    return [n == 1 and ok for n, ok in calls]
 
 
 def _member_prefixes(model: nn.Module, br: Bridge) -> list[str]:

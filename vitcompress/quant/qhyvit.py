@@ -57,7 +57,7 @@ from .fisher import output_fisher
 from .bias_correction import correct_bias, float_output_means
 from .gptq import gptq_layers
 from .scale_tuning import augmented, tune_activation_scales
-from .bridge import Bridge, find_bridges, layer_order
+from .bridge import Bridge, find_bridges, layer_order, well_formed
 from .config import QuantConfig
 from .modules import QuantConv2d, QuantLinear, TensorQuantizer
 from .placement import is_depthwise
@@ -286,12 +286,17 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
     bs = opts.batch_size
     seed = 0
 
-    targets = [_Target(model, n, bridge_of.get(n)) for n in order]
+    # a layer outside the bridges that runs more than once per forward (CoaT shares one position-
+    # encoding conv between blocks) has no one input/output to search on: it keeps its min-max start
+    alone = [n for n in order if n not in bridge_of]
+    with quantizers_off(model):
+        repeated = {n for n, ok in zip(alone, well_formed(model, [Bridge(n, layers=[n]) for n in alone], example)) if not ok}
+    targets = [_Target(model, n, bridge_of.get(n)) for n in order if n not in repeated]
     history = []
     widened: dict[str, bool] = {}
     alpha_of: dict[TensorQuantizer, float] = {}  # each activation quantizer's current α (1 = the min-max start)
     n_images = len(calib)
-    total_steps = opts.rounds * len(order)
+    total_steps = opts.rounds * len(targets)
     step = 0
     with quantizers_off(model):  # the float model: inputs, outputs, Fisher and logits to match
         fp = _record(model, calib, targets, bs, fisher=False)
@@ -436,5 +441,6 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
             "choices": choices,
             "zero_point_fix_fired": overflow,
             "per_channel_activations": sorted(n for n, c in choices.items() if "per-channel" in c["activations"]),
+            **({"not_searched_called_repeatedly": sorted(repeated)} if repeated else {}),
         }
     }

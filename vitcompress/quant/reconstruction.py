@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..errors import VitcompressError
-from .bridge import Bridge
+from .bridge import Bridge, well_formed
 from .calibration import float_copy
 from .fisher import output_fisher
 from .modules import TensorQuantizer
@@ -136,25 +136,6 @@ def _unit_of(layer: str, sequential_children: set[str]) -> str:
     return parts[0]
 
 
-def _well_formed(model: nn.Module, blocks: list[Bridge], example: torch.Tensor) -> list[bool]:
-    """Is each block called exactly once per forward, with one tensor in and one tensor out?"""
-    calls = [[0, True] for _ in blocks]
-    hooks = []
-    for i, b in enumerate(blocks):
-        first, last = b.modules(model)[0], b.modules(model)[-1]
-
-        def pre(m, args, kwargs, i=i):
-            calls[i][0] += 1
-            calls[i][1] &= len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
-
-        def post(m, inp, out, i=i):
-            calls[i][1] &= isinstance(out, torch.Tensor)
-
-        hooks += [first.register_forward_pre_hook(pre, with_kwargs=True), last.register_forward_hook(post)]
-    forward_with_hooks(model, example, hooks)
-    return [n == 1 and ok for n, ok in calls]
-
-
 def reconstruction_blocks(model: nn.Module, layers: Sequence[str], example: torch.Tensor,
                           bridges: Sequence[Bridge] = ()) -> list[Bridge]:
     """The blocks to reconstruct, in execution order (``layers`` in execution order), each with the
@@ -180,12 +161,12 @@ def reconstruction_blocks(model: nn.Module, layers: Sequence[str], example: torc
         b.layers.sort(key=order.__getitem__)
     candidates = sorted(blocks.values(), key=lambda b: order[b.layers[0]])
     result = []
-    for b, ok in zip(candidates, _well_formed(model, candidates, example)):
+    for b, ok in zip(candidates, well_formed(model, candidates, example)):
         if ok:
             result.append(b)
             continue
         singles = [Bridge(n, layers=[n]) for n in b.layers]  # the layers alone; one called twice is left out
-        result += [s for s, fine in zip(singles, _well_formed(model, singles, example)) if fine]
+        result += [s for s, fine in zip(singles, well_formed(model, singles, example)) if fine]
     return result
 
 

@@ -36,3 +36,17 @@ def consumers_of(model: nn.Module, producers: Iterable[str], consumer_type: type
             hooks.append(m.register_forward_pre_hook(pre))
     forward_with_hooks(model, example, hooks)
     return found
+
+
+def layer_macs(model: nn.Module, names: Iterable[str], example: torch.Tensor) -> dict[str, int]:
+    """Multiply-accumulates per image of each named Linear/Conv2d, from one forward pass over
+    ``example`` (every call counts: a layer run twice costs twice)."""
+    macs: dict[str, int] = {}
+
+    def count(mod: nn.Module, inp, out: torch.Tensor, n: str) -> None:
+        per_output = mod.weight[0].numel() if isinstance(mod, nn.Conv2d) else mod.in_features
+        macs[n] = macs.get(n, 0) + out.numel() // out.shape[0] * per_output
+
+    forward_with_hooks(model, example, [model.get_submodule(n).register_forward_hook(
+        lambda m, i, o, n=n: count(m, i, o, n)) for n in names])
+    return macs
