@@ -252,3 +252,29 @@ def test_scale_tuning_lowers_the_kl_from_a_bad_activation_scale():
     assert after < 0.5 * before
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))  # only scales move
     assert "forward" not in vars(iq) and iq.mode == "quantize"
+
+
+class _SharedPositionConv(nn.Module):
+    """CoaT's pattern: one conv module run twice per forward (a position encoding shared by two blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pos = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.pos(x)
+        x = x + self.pos(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_layer_run_twice_per_forward_keeps_its_min_max_start_and_is_named():
+    torch.manual_seed(0)
+    model = _SharedPositionConv().eval()
+    x = torch.randn(8, 3, 8, 8)
+    result = quantize_(model, QuantConfig(method="qhyvit", method_options={"rounds": 1, "alphas": 6, "scale_tuning_steps": 0}), [x])
+    info = result.method_info["qhyvit"]
+    assert info["not_searched_called_repeatedly"] == ["pos"]
+    assert set(info["choices"]) == {"stem", "pos", "head"}
