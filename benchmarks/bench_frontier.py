@@ -52,13 +52,15 @@ def _config(model: str, variant: str, bits: int, steps: int) -> QuantConfig:
 
 
 def _quantize_in_own_process(job: QuantizeJob) -> tuple[Path, float, float]:
-    """(quantized artifact, method seconds, peak resident memory in MiB of the whole run)."""
+    """(quantized artifact, method seconds, peak resident memory in MiB of the whole run, the narrow
+    layers kept at 8 bits as the report gives them or None)."""
     import torch
 
     torch.set_num_threads(1)
     r = quantize(job)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    return job.out / r["artifacts"]["quantized"]["path"], r["quantization"]["seconds"], peak_mib
+    return (job.out / r["artifacts"]["quantized"]["path"], r["quantization"]["seconds"], peak_mib,
+            r["quantization"].get("narrow_layer_bits"))
 
 
 def main() -> None:
@@ -80,15 +82,16 @@ def main() -> None:
         for z in args.models:
             ckpt = args.shared / "zoo" / f"{z}.pth"
             loaded = load(checkpoint=ckpt)
-            runs = []
+            runs, narrow_note = [], None
             for bits in args.bits:
                 for variant in args.variants:
                     job = QuantizeJob(out=work / f"{z}_{variant}_{bits}", checkpoint=ckpt,
                                       config=_config(z, variant, bits, args.steps), calib_dir=data / "train",
                                       calib_size=args.calib_size, latency_rounds=1, force=True)
                     with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:  # a fresh process: its own peak memory
-                        path, seconds, peak = pool.submit(_quantize_in_own_process, job).result()
+                        path, seconds, peak, narrow = pool.submit(_quantize_in_own_process, job).result()
                     runs.append((bits, variant, path, seconds, peak))
+                    narrow_note = narrow or narrow_note
                     print(runs[-1], flush=True)
             files = {"fp32": runs[0][2].parent / "model.fp32.onnx", **{str(i): r[2] for i, r in enumerate(runs)}}
             logits, labels, _ = collect_logits({k: onnx_predictor(make_session(p)) for k, p in files.items()},
@@ -117,7 +120,11 @@ def main() -> None:
                     f"{args.calib_size} calibration images (seed 0) from `cifar10/train`; exported QDQ artifacts in "
                     f"onnxruntime; half B = the {len(held_out)} val images no variant was tuned on (`common.val_halves`), "
                     f"all = the {len(val)} val images. Wall: the method (`quantization.seconds`), 1 torch thread; "
-                    "peak: the whole quantize run's resident memory.",
+                    "peak: the whole quantize run's resident memory."
+                    + (f" Below W8 every row keeps the {len(narrow_note['layers'])} narrow layers (fewer than 64 products "
+                       f"per output, {100 * narrow_note['mac_share']:.1f} % of the quantized MACs) at "
+                       f"{narrow_note['bits']} bits (`QuantConfig.narrow_layer_bits`, docs/quantization.md)."
+                       if narrow_note else ""),
                     ["bits", "method", "agreement % (B)", "drop (B)", "KL (B)", "agreement % (all)", "drop (all)",
                      "KL (all)", "wall s", "peak MiB"], rows)
 

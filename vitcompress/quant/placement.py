@@ -112,6 +112,9 @@ PLACEMENTS: dict[str, Placement] = {
                        conv_min_reduction=IMAGE_CONV_MIN_REDUCTION, conv_min_reduction_scope="image", attention_matmuls=True),
     "speed-wide": Placement("speed-wide", integer_kinds=("linear", "conv"), conv_outputs=True, gated_silu=True,
                                 attention_matmuls=True, conv_min_reduction=IMAGE_CONV_MIN_REDUCTION),
+    # partial with narrow convs float: what a method (qhyvit, mptq) runs on at W8A8 by default, where
+    # 8-bit narrow convs cost accuracy and their int8 kernels do not pay (docs/quantization.md)
+    "partial-wide": Placement("partial-wide", conv_min_reduction=NARROW_PRODUCTS),
 }
 ALIASES = {"accuracy": "partial"}
 
