@@ -278,3 +278,40 @@ def test_a_layer_run_twice_per_forward_keeps_its_min_max_start_and_is_named():
     info = result.method_info["qhyvit"]
     assert info["not_searched_called_repeatedly"] == ["pos"]
     assert set(info["choices"]) == {"stem", "pos", "head"}
+
+
+class _ClassAttention(nn.Module):
+    """CaiT's pattern: a block called with two tensors (the tokens and the class token)."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = nn.Linear(8, 8)
+        self.q = nn.Linear(8, 8)
+
+    def forward(self, x, cls):
+        keys = self.k(x)  # (B, N, 8)
+        return cls + self.q(cls[:, 0] * keys.mean(1)).unsqueeze(1)  # (B, 8): the layout switches inside
+
+
+class _TwoInputBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, 8)
+        self.blocks = nn.Sequential(_ClassAttention(), _ClassAttention())
+
+    def forward(self, x):
+        x = self.stem(x)
+        cls = x[:, :1]
+        for b in self.blocks:
+            cls = b(x, cls)
+        return cls[:, 0]
+
+
+def test_a_block_taking_two_tensors_is_no_bridge_and_its_layers_are_searched_alone():
+    torch.manual_seed(0)
+    model = _TwoInputBlocks().eval()
+    x = torch.randn(8, 5, 4)
+    layers = ["stem", "blocks.0.k", "blocks.0.q", "blocks.1.k", "blocks.1.q"]
+    assert find_bridges(model, layers, x[:1]) == []
+    result = quantize_(model, QuantConfig(method="qhyvit", method_options={"rounds": 1, "alphas": 6, "scale_tuning_steps": 0}), [x])
+    assert set(result.method_info["qhyvit"]["choices"]) == set(layers)
