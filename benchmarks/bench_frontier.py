@@ -48,7 +48,8 @@ def _config(model: str, variant: str, bits: int, steps: int) -> QuantConfig:
     if variant == "minmax":
         return QuantConfig(wbits=bits, abits=bits)
     options = {"reconstruction_steps": steps if variant == "reconstruction" else 0}
-    return QuantConfig(method=METHOD_OF[model], wbits=bits, abits=bits, method_options=options)
+    # the placement `vitcompress quantize` gives a method without --placement (api.method_placement)
+    return QuantConfig(method=METHOD_OF[model], wbits=bits, abits=bits, placement="default", method_options=options)
 
 
 def _quantize_in_own_process(job: QuantizeJob) -> tuple[Path, float, float]:
@@ -120,8 +121,9 @@ def main() -> None:
                     f"{args.calib_size} calibration images (seed 0) from `cifar10/train`; exported QDQ artifacts in "
                     f"onnxruntime; half B = the {len(held_out)} val images no variant was tuned on (`common.val_halves`), "
                     f"all = the {len(val)} val images. Wall: the method (`quantization.seconds`), 1 torch thread; "
-                    "peak: the whole quantize run's resident memory."
-                    + (f" Below W8 every row keeps the {len(narrow_note['layers'])} narrow layers (fewer than 64 products "
+                    "peak: the whole quantize run's resident memory. Min-max rows: placement partial; method rows: the "
+                    "placement the CLI gives the method (`partial-wide` at W8A8, `partial` below; `api.method_placement`)."
+                    + (f" Below W8 every row keeps the narrow layers ({len(narrow_note['layers'])}: fewer than 64 products "
                        f"per output, {100 * narrow_note['mac_share']:.1f} % of the quantized MACs) at "
                        f"{narrow_note['bits']} bits (`QuantConfig.narrow_layer_bits`, docs/quantization.md)."
                        if narrow_note else ""),

@@ -101,3 +101,21 @@ def test_mptq_with_the_rotate_part_reports_it(loaded, calib_batches):
     model = copy.deepcopy(loaded.model).eval()
     result = quantize_(model, QuantConfig(method="mptq", method_options={"parts": ["rotate", "sqb"]}), calib_batches)
     assert result.method_info["mptq"]["rotation"]["rotated"] == [{"stream": "model", "width": 128}]
+
+
+@pytest.mark.parametrize("config, expected", [
+    (QuantConfig(method="qhyvit"), "partial-wide"),  # W8A8: narrow convs float
+    (QuantConfig(method="qhyvit", wbits=6, abits=6), "partial"),  # below: they keep 8 bits instead
+    (QuantConfig(method="mptq", method_options={"target_bits": 6}), "partial"),  # mixed precision decides widths itself
+])
+def test_the_placement_a_method_runs_on_by_default(config, expected):
+    from vitcompress.api import method_placement
+
+    assert method_placement(config) == expected
+
+
+def test_partial_wide_keeps_narrow_convs_float_and_quantizes_the_rest():
+    model = _small_convnet().eval()
+    result = quantize_(model, QuantConfig(placement="partial-wide", fold_batchnorm=False), [torch.randn(8, 3, 4, 4)])
+    assert set(_widths(model)) == {"3", "5"}
+    assert result.plan.float_modules["Conv2d"] == 3

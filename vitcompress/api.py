@@ -118,7 +118,7 @@ def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
     if job.config.placement == DEFAULT_PLACEMENT and (job.config.method != "minmax" or job.config.method_options.get("layer_bits")):
         # A method's search (qhyvit, mptq) and per-layer bits (--bits-from) are defined on the layers
         # of the placement they were made with: the measured choice is the baseline method's.
-        job = replace(job, config=replace(job.config, placement=FIXED_LAYERS_PLACEMENT))
+        job = replace(job, config=replace(job.config, placement=method_placement(job.config)))
     with open_pool(job.workers) as pool:
         if job.config.placement in MEASURED_PLACEMENTS:
             report = _quantize_auto(job, progress, pool)
@@ -335,7 +335,13 @@ def _holdout_fidelity(prepared: _Prepared, fp32_path: Path, q_path: Path, runtim
 AUTO_PLACEMENT = "auto"  # every candidate measured; the fastest within the accuracy budget wins
 DEFAULT_PLACEMENT = "default"  # candidates in the order of placement.DEFAULT_RULES; the first faster than float within budget wins
 MEASURED_PLACEMENTS = (AUTO_PLACEMENT, DEFAULT_PLACEMENT)
-FIXED_LAYERS_PLACEMENT = "partial"  # the default of the methods beyond minmax (their searches are defined on it)
+def method_placement(config: QuantConfig) -> str:
+    """The placement a method beyond minmax (qhyvit, mptq) runs on when none is asked for; its search
+    is defined on that placement's layers. ``partial``; at W8A8 with one width for every layer,
+    ``partial-wide``: narrow convs (fewer than 64 products per output) stay float, as 8-bit ones cost
+    Q-HyViT 0.8 points of agreement on mobilevit_xxs and their int8 kernels do not pay (docs/quantization.md).
+    Below 8 bits narrow layers keep 8 bits instead (``QuantConfig.narrow_layer_bits``)."""
+    return "partial-wide" if (config.wbits, config.abits) == (8, 8) and config.uniform_widths else "partial"
 AUTO_CANDIDATES = tuple(CANDIDATES)  # every candidate the placement table defines
 # A candidate must run more than this share of its MACs in integer kernels: `linear` on MobileViT v2
 # quantizes only the classifier (well under 1 %), a float model that must not stand for "int8".
