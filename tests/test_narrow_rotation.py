@@ -119,3 +119,17 @@ def test_partial_wide_keeps_narrow_convs_float_and_quantizes_the_rest():
     result = quantize_(model, QuantConfig(placement="partial-wide", fold_batchnorm=False), [torch.randn(8, 3, 4, 4)])
     assert set(_widths(model)) == {"3", "5"}
     assert result.plan.float_modules["Conv2d"] == 3
+
+
+def test_layer_macs_count_per_image_when_a_layer_sees_images_times_patches():
+    from vitcompress.quant.tracing import layer_macs
+
+    class Patches(nn.Module):  # MobileViT's unfold: (B, 4, 8) -> (B·2, 2, 8) before the Linear
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.fc(x.reshape(-1, 2, 8))
+
+    assert layer_macs(Patches(), ["fc"], torch.randn(3, 4, 8)) == {"fc": 4 * 8 * 5}

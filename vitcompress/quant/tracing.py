@@ -40,12 +40,13 @@ def consumers_of(model: nn.Module, producers: Iterable[str], consumer_type: type
 
 def layer_macs(model: nn.Module, names: Iterable[str], example: torch.Tensor) -> dict[str, int]:
     """Multiply-accumulates per image of each named Linear/Conv2d, from one forward pass over
-    ``example`` (every call counts: a layer run twice costs twice)."""
+    ``example`` (every call counts: a layer run twice costs twice). Per image of ``example``, not per
+    row of a layer's output: MobileViT runs its transformer on (images × patches, tokens, channels)."""
     macs: dict[str, int] = {}
 
     def count(mod: nn.Module, inp, out: torch.Tensor, n: str) -> None:
         per_output = mod.weight[0].numel() if isinstance(mod, nn.Conv2d) else mod.in_features
-        macs[n] = macs.get(n, 0) + out.numel() // out.shape[0] * per_output
+        macs[n] = macs.get(n, 0) + out.numel() * per_output // len(example)
 
     forward_with_hooks(model, example, [model.get_submodule(n).register_forward_hook(
         lambda m, i, o, n=n: count(m, i, o, n)) for n in names])
