@@ -110,7 +110,8 @@ def test_qhyvit_zero_point_report_and_export_agreement(loaded, calib_batches, tm
     calib = torch.cat(calib_batches)[:16]
     with torch.no_grad():
         float_logits = loaded.model(calib)
-    result = quantize_(m, QuantConfig(method="qhyvit", wbits=6, abits=6, method_options={"rounds": 2, "alphas": 6, "scale_tuning_steps": 100}),
+    result = quantize_(m, QuantConfig(method="qhyvit", wbits=6, abits=6, method_options={"rounds": 2, "alphas": 6, "scale_tuning_steps": 100,
+                                                                                      "reconstruction_steps": 0}),
                        [calib])
     info = result.method_info["qhyvit"]
     assert isinstance(info["zero_point_fix_fired"], int)
@@ -153,7 +154,7 @@ def test_qhyvit_checkpoint_reloads_with_each_layers_grid(tmp_path):
     from vitcompress.cli import app
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("steps:\n  - quantize: {method: qhyvit, wbits: 6, abits: 6, method_options: {rounds: 1, alphas: 6, scale_tuning_steps: 50}}\n")
+    recipe.write_text("steps:\n  - quantize: {method: qhyvit, wbits: 6, abits: 6, method_options: {rounds: 1, alphas: 6, scale_tuning_steps: 50, reconstruction_steps: 0}}\n")
     run = CliRunner().invoke
     r = run(app, ["quantize", "--checkpoint", str(BUNDLED_CKPT), "--recipe", str(recipe), "--calib", str(CALIB),
                   "--calib-size", "16", "--out", str(tmp_path / "q")])
@@ -186,7 +187,7 @@ def test_depthwise_inputs_with_uneven_channels_choose_per_channel_activations():
         model[0].weight.mul_(torch.logspace(-2, 1, 8).view(8, 1, 1, 1))
     x = torch.randn(32, 3, 8, 8)
     result = quantize_(model, QuantConfig(method="qhyvit", wbits=6, abits=6, fold_batchnorm=False,
-                                          method_options={"rounds": 1, "alphas": 10}), [x])
+                                          method_options={"rounds": 1, "alphas": 10, "reconstruction_steps": 0}), [x])
     info = result.method_info["qhyvit"]
     assert info["per_channel_activations"] == ["2"]  # only the depthwise conv may take per-channel inputs
     assert model[2].input_quantizer.spec.per_channel and model[2].input_quantizer.spec.axis == 1

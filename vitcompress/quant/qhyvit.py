@@ -68,7 +68,7 @@ from .spec import QuantSpec, qparams_from_range
 from .tracing import consumers_of
 
 
-AUTO_MAX_BITS = 4  # reconstruction by default at this width or below (docs/reconstruction.md)
+AUTO_MAX_BITS = 6  # reconstruction by default at this width or below (docs/reconstruction.md)
 
 
 @register_options("qhyvit")
@@ -86,8 +86,8 @@ class QHyViTOptions:
     # W6A6, 32 images, val KL: mobilevit_xxs 0.0127 -> 0.0102, mobilevitv2_050 0.0113 -> 0.0110 (docs/qhyvit.md)
     gptq_act_order: bool = True
     # ours (BRECQ/AdaRound/QDrop, reconstruction.py): weight rounding learned per block (bridge blocks and
-    # the blocks between them) after the search, steps per block; 0 = off; None = 200 at 4 bits or fewer,
-    # where it lowered the held-out KL, else off (at W6A6 it raised it: docs/reconstruction.md).
+    # the blocks between them) after the search, steps per block; 0 = off; None = 200 at 6 bits or fewer,
+    # where it lowered the held-out KL (at W6A6 only once narrow layers kept 8 bits: docs/reconstruction.md), else off.
     # GPTQ runs only where reconstruction was not kept.
     reconstruction_steps: int | None = None
     qdrop: float = 0.5  # QDrop's probability that an activation element passes unquantized during reconstruction
