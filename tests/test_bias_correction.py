@@ -24,7 +24,7 @@ def test_bias_correction_restores_every_layers_float_mean():
                           nn.Conv2d(8, 4, 1)).eval()
     x = torch.randn(32, 3, 8, 8)
     float_means = _means(model, x)
-    quantize_(model, QuantConfig(wbits=4, abits=4, fold_batchnorm=False), [x])
+    quantize_(model, QuantConfig(wbits=4, abits=4, narrow_layer_bits=4, fold_batchnorm=False), [x])
     before = _means(model, x)
     shift = max(float((before[n] - float_means[n]).abs().max()) for n in float_means)
     assert shift > 1e-3  # 4-bit quantization does move the means
@@ -42,7 +42,7 @@ def test_bias_correction_after_rewritten_weights_targets_the_float_model():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 4, 1)).eval()
     x = torch.rand(32, 3, 8, 8)  # positive mean, like images: a weight shift moves the output mean
     float_means = _means(model, x)
-    quantize_(model, QuantConfig(wbits=4, abits=8, fold_batchnorm=False), [x])
+    quantize_(model, QuantConfig(wbits=4, abits=8, narrow_layer_bits=4, fold_batchnorm=False), [x])
     taken_before = float_output_means(model, ["0", "2"], [x])
     with torch.no_grad():
         model[0].weight.add_(0.05)  # a weight rewrite with a mean shift, as rounding can leave
