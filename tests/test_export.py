@@ -42,7 +42,7 @@ def test_exported_qdq_agrees_with_torch_simulation(loaded, calib_batches, tmp_pa
 
 
 def test_subbyte_weights_use_the_clipped_grid(loaded, calib_batches, tmp_path):
-    _export(loaded, calib_batches, QuantConfig(wbits=4, abits=8), tmp_path / "q.onnx")
+    _export(loaded, calib_batches, QuantConfig(wbits=4, abits=8, narrow_layer_bits=4), tmp_path / "q.onnx")
     model = onnx.load(str(tmp_path / "q.onnx"))
     int_inits = [numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
     assert int_inits
@@ -204,7 +204,7 @@ def test_a_skipped_linear_and_a_broken_integer_promise_are_reported(tmp_path, mo
 
 def test_int4_packing_halves_weight_storage_and_keeps_the_function(loaded, calib_batches, tmp_path):
     m = copy.deepcopy(loaded.model)
-    quantize_(m, QuantConfig(wbits=4, abits=8), calib_batches)
+    quantize_(m, QuantConfig(wbits=4, abits=8, narrow_layer_bits=4), calib_batches)
     plain = export_qdq(m, loaded.preprocessing.input_size, tmp_path / "w4.onnx", {})
     packed = export_qdq(m, loaded.preprocessing.input_size, tmp_path / "w4p.onnx", {}, pack_int4=True)
     assert plain["int4_packed_weights"] == 0 and packed["int4_packed_weights"] == 26

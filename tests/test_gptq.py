@@ -56,7 +56,7 @@ def test_gptq_conv_dense_and_depthwise_beat_nearest_rounding():
     # correlated channels and smooth maps (as real feature maps are): the case where compensation pays
     base = torch.nn.functional.interpolate(torch.randn(64, 2, 4, 4), size=12, mode="bilinear")
     x = torch.cat([base, base, base, base], 1) + 0.05 * torch.randn(64, 8, 12, 12)
-    quantize_(model, QuantConfig(wbits=3, abits=8), [x])
+    quantize_(model, QuantConfig(wbits=3, abits=8, narrow_layer_bits=3), [x])
     originals = {n: m.weight.detach().clone() for n, m in model.named_children()}
     nearest = {n: m.weight_quantizer(m.weight).detach() for n, m in model.named_children()}
     inputs = {"0": x, "1": model[0](x).detach()}
@@ -86,7 +86,7 @@ def test_float_target_compensates_upstream_error():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
     x = torch.randn(512, 4) @ torch.randn(4, 16) + 0.1 * torch.randn(512, 16)
-    quantize_(model, QuantConfig(wbits=3, abits=8), [x])
+    quantize_(model, QuantConfig(wbits=3, abits=8, narrow_layer_bits=3), [x])
     reference = float_copy(model)
     with torch.no_grad():
         want = reference(x)

@@ -186,7 +186,7 @@ def test_depthwise_inputs_with_uneven_channels_choose_per_channel_activations():
     with torch.no_grad():  # channel ranges spanning three orders of magnitude after the first conv
         model[0].weight.mul_(torch.logspace(-2, 1, 8).view(8, 1, 1, 1))
     x = torch.randn(32, 3, 8, 8)
-    result = quantize_(model, QuantConfig(method="qhyvit", wbits=6, abits=6, fold_batchnorm=False,
+    result = quantize_(model, QuantConfig(method="qhyvit", wbits=6, abits=6, narrow_layer_bits=6, fold_batchnorm=False,
                                           method_options={"rounds": 1, "alphas": 10, "reconstruction_steps": 0}), [x])
     info = result.method_info["qhyvit"]
     assert info["per_channel_activations"] == ["2"]  # only the depthwise conv may take per-channel inputs
