@@ -106,7 +106,8 @@ def quantize_(
     scales = fold_layer_scale(model, batches[0][:2]) if config.fold_layer_scale else []
     folded = fold_batchnorm(model, batches[0][:2]) if config.fold_batchnorm else []
     p = prepare(model, config, family, example=batches[0])
-    macs = layer_macs(model, p.weighted, batches[0][:1]) if p.narrow else {}  # quantizers are still off
+    narrow_kept = p.narrow and config.uniform_widths and config.narrow_layer_bits > min(config.wbits, config.abits)
+    macs = layer_macs(model, p.weighted, batches[0][:1]) if narrow_kept else {}  # quantizers are still off
     narrow_share = sum(macs.get(n, 0) for n in p.narrow) / max(1, sum(macs.values()))
     sharding = {"map_shards": map_shards} if map_shards is not None and "map_shards" in inspect.signature(method).parameters else {}
     info = method(model, config, batches, progress, **sharding)
