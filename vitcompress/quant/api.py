@@ -49,8 +49,7 @@ class QuantResult:
                if self.plan.image_readers and self.config.image_input_bits != self.config.abits else {}),
             **({"narrow_layer_bits": {"bits": self.config.narrow_layer_bits, "layers": self.plan.narrow,
                                       "mac_share": round(self.narrow_mac_share, 4)}}
-               if self.plan.narrow and self.config.uniform_widths
-               and self.config.narrow_layer_bits > min(self.config.wbits, self.config.abits) else {}),
+               if self.plan.narrow and self.config.widens_narrow_layers else {}),
             **self.method_info,
         }
 
@@ -106,8 +105,7 @@ def quantize_(
     scales = fold_layer_scale(model, batches[0][:2]) if config.fold_layer_scale else []
     folded = fold_batchnorm(model, batches[0][:2]) if config.fold_batchnorm else []
     p = prepare(model, config, family, example=batches[0])
-    narrow_kept = p.narrow and config.uniform_widths and config.narrow_layer_bits > min(config.wbits, config.abits)
-    macs = layer_macs(model, p.weighted, batches[0][:1]) if narrow_kept else {}  # quantizers are still off
+    macs = layer_macs(model, p.weighted, batches[0][:1]) if p.narrow and config.widens_narrow_layers else {}  # quantizers are still off
     narrow_share = sum(macs.get(n, 0) for n in p.narrow) / max(1, sum(macs.values()))
     sharding = {"map_shards": map_shards} if map_shards is not None and "map_shards" in inspect.signature(method).parameters else {}
     info = method(model, config, batches, progress, **sharding)

@@ -82,6 +82,11 @@ class QuantConfig:
         return self._precision() is None
 
     @property
+    def widens_narrow_layers(self) -> bool:
+        """Do narrow layers get a wider width than the rest (``narrow_layer_bits`` above the width asked)?"""
+        return self.uniform_widths and self.narrow_layer_bits > min(self.wbits, self.abits)
+
+    @property
     def label(self) -> str:
         """'int8' only when everything quantized is 8-bit; otherwise the simulated WxAy name (or the
         method's own, e.g. mp5 for mixed precision at 5 bits on average)."""
