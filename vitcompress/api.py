@@ -335,6 +335,8 @@ def _holdout_fidelity(prepared: _Prepared, fp32_path: Path, q_path: Path, runtim
 AUTO_PLACEMENT = "auto"  # every candidate measured; the fastest within the accuracy budget wins
 DEFAULT_PLACEMENT = "default"  # candidates in the order of placement.DEFAULT_RULES; the first faster than float within budget wins
 MEASURED_PLACEMENTS = (AUTO_PLACEMENT, DEFAULT_PLACEMENT)
+
+
 def method_placement(config: QuantConfig) -> str:
     """The placement a method beyond minmax (qhyvit, mptq) runs on when none is asked for; its search
     is defined on that placement's layers. ``partial``; at W8A8 with one width for every layer,
@@ -342,6 +344,8 @@ def method_placement(config: QuantConfig) -> str:
     Q-HyViT 0.8 points of agreement on mobilevit_xxs and their int8 kernels do not pay (docs/quantization.md).
     Below 8 bits narrow layers keep 8 bits instead (``QuantConfig.narrow_layer_bits``)."""
     return "partial-wide" if (config.wbits, config.abits) == (8, 8) and config.uniform_widths else "partial"
+
+
 AUTO_CANDIDATES = tuple(CANDIDATES)  # every candidate the placement table defines
 # A candidate must run more than this share of its MACs in integer kernels: `linear` on MobileViT v2
 # quantizes only the classifier (well under 1 %), a float model that must not stand for "int8".

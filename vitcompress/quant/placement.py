@@ -101,7 +101,7 @@ class Placement:
 # bound to every conv: depthwise convs (9-49 products) and 1x1 convs over fewer than 64 channels stay
 # float. Which of the two is faster depends on the model (FastViT 0.5x -> 1.25x, MobileViT v2
 # 1.00x -> 0.96x), so the default measures.
-IMAGE_CONV_MIN_REDUCTION = 64
+IMAGE_CONV_MIN_REDUCTION = NARROW_PRODUCTS  # the same bound: a narrow conv (``is_narrow``)
 
 
 PLACEMENTS: dict[str, Placement] = {
