@@ -58,7 +58,8 @@ bench-emulated-cpu: $(STAMP)
 	$(PY) benchmarks/bench_emulated_cpu.py --out benchmarks/RESULTS.md
 
 bench-workers: $(STAMP)
-	$(PY) benchmarks/bench_workers.py --out benchmarks/RESULTS.md --workers 2 --large
+	$(PY) benchmarks/bench_workers.py --out benchmarks/RESULTS.md --workers 2 --large --repeat 3
+	$(PY) benchmarks/bench_workers.py --out benchmarks/RESULTS.md --workers 2 --repeat 3 --model deit_tiny_patch16_224
 
 # Every shipped pipeline recipe on the shared reference models (../shared), each into runs/<name>;
 # a re-run reuses finished steps. Fails on the first recipe whose check step fails.

@@ -169,6 +169,34 @@ def test_gptq_input_statistics_on_workers_give_the_same_rounding(loaded, calib_b
         assert torch.equal(mine, theirs), name
 
 
+def _square(i: int) -> int:
+    return i * i
+
+
+def test_the_driver_works_while_ray_starts_and_the_results_keep_their_order():
+    ran_here = []
+
+    def here(i: int) -> int:
+        ran_here.append(i)
+        return i * i
+
+    with open_pool(Workers(count=2)) as pool:
+        assert pool.info["startup_seconds"] is None  # Ray starts on the first map, not when the pool is made
+        assert pool.map(_square, [(i,) for i in range(12)], here=here) == [i * i for i in range(12)]
+        assert pool.info["startup_seconds"] > 0
+    # the driver took shards from the back while Ray started (a start takes seconds, a shard microseconds)
+    assert ran_here and ran_here == sorted(ran_here, reverse=True) and ran_here[0] == 11
+
+
+def test_a_shard_that_fails_in_the_driver_ends_the_map_with_its_error():
+    def here(i: int) -> int:
+        raise VitcompressError(f"image folder of shard {i} is unreadable")
+
+    with open_pool(Workers(count=2)) as pool:
+        with pytest.raises(VitcompressError, match="image folder of shard 3 is unreadable"):
+            pool.map(_square, [(i,) for i in range(4)], here=here)
+
+
 def test_fisher_diagonals_on_workers_are_those_of_one_process(loaded, calib_batches):
     import torch
 

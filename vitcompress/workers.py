@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -55,7 +56,12 @@ class LocalPool:
 
 
 class RayPool:
-    """Runs shards as Ray tasks, one CPU each, retried when their worker dies; results in shard order."""
+    """Runs shards as Ray tasks, one CPU each, retried when their worker dies; results in shard order.
+
+    Ray starts on the first ``map`` (or ``start``), not when the pool is made: a map that can run
+    shards here (``here``) works through them on a driver thread while Ray starts, so the start-up
+    seconds are not spent waiting. ``ray.init`` itself stays on the calling thread (Ray's node
+    processes do not survive a start from another thread)."""
 
     in_process = False
 
@@ -64,13 +70,22 @@ class RayPool:
             import ray
         except ImportError:
             raise VitcompressError(f"--workers/--ray-address need Ray: {RAY_INSTALL}") from None
+        if workers.address is not None and not ray.is_initialized():
+            _probe(workers.address)  # an address that does not answer fails now, in one line
         self.ray = ray
+        self.workers = workers
+        self.started_here = False
+        self.info = {"backend": "ray", "address": workers.address or "local", "workers": workers.count,
+                     "startup_seconds": None, "task_retries": TASK_RETRIES}
+
+    def start(self) -> None:
+        """Start (or join) Ray, once; ``info`` then says how many workers and how long it took."""
+        if self.info["startup_seconds"] is not None:
+            return
+        ray, workers = self.ray, self.workers
         t0 = time.perf_counter()
-        self.started_here = not ray.is_initialized()
-        if self.started_here:
-            if workers.address is not None:
-                _probe(workers.address)
-            else:
+        if not ray.is_initialized():
+            if workers.address is None:
                 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local instance: no token files written
             try:
                 if workers.address is not None:
@@ -79,47 +94,77 @@ class RayPool:
                     ray.init(num_cpus=workers.count, include_dashboard=False, log_to_driver=False)
             except Exception as e:  # ray raises ConnectionError, RuntimeError, ValueError... for a bad address
                 raise VitcompressError(f"cannot start or reach Ray ({workers.address or 'local'}): {str(e).splitlines()[0]}") from None
+            self.started_here = True
         cpus = int(ray.cluster_resources().get("CPU", workers.count))
-        self.info = {"backend": "ray", "address": workers.address or "local", "workers": min(workers.count, cpus) if workers.address is None else cpus,
-                     "startup_seconds": round(time.perf_counter() - t0, 2), "task_retries": TASK_RETRIES}
+        self.info.update(workers=min(workers.count, cpus) if workers.address is None else cpus,
+                         startup_seconds=round(time.perf_counter() - t0, 2))
 
     def map(self, fn: Callable, shards: Sequence[tuple], on_done: Callable[[int, Any], None] | None = None,
             here: Callable[[int], Any] | None = None) -> list:
         """``fn(*shard)`` for every shard, on the workers. With ``here`` (shard index -> the same result,
         computed in this process) the driver works until the first worker answers: workers take shards
-        from the front, the driver from the back, so it fills their start-up time instead of waiting
-        (after that it would only take cores from them)."""
-        ray = self.ray
-        task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=False)(_in_worker(fn))
+        from the front, the driver from the back, so it fills Ray's and the workers' start-up time
+        instead of waiting (after that it would only take cores from them)."""
         queue = list(range(len(shards)))
-        pending: dict = {}
         results: list = [None] * len(shards)
-        answered = [False]
+        lock = threading.Lock()
+        answered = threading.Event()  # a worker has answered, or the map ends: the driver stops taking shards
+        failure: list[BaseException] = []
 
         def finish(i: int, result: Any) -> None:
-            results[i] = result
-            if on_done:
-                on_done(i, result)
+            with lock:
+                results[i] = result
+                if on_done:
+                    on_done(i, result)
 
-        def collect(timeout: float | None) -> None:
-            done, _ = ray.wait(list(pending), num_returns=1 if timeout is None else len(pending), timeout=timeout)
+        def driver() -> None:
+            while not answered.is_set():
+                with lock:
+                    if not queue:
+                        return
+                    i = queue.pop()
+                try:
+                    finish(i, here(i))
+                except BaseException as e:  # raised again on the calling thread
+                    failure.append(e)
+                    answered.set()
+
+        helper = threading.Thread(target=driver, name="vitcompress-driver-shards", daemon=True) if here else None
+        if helper:
+            helper.start()
+        try:
+            self.start()
+            self._run_on_workers(fn, shards, queue, lock, finish, answered, failure)
+        finally:
+            answered.set()
+            if helper:
+                helper.join()
+        if failure:
+            raise failure[0]
+        return results
+
+    def _run_on_workers(self, fn: Callable, shards: Sequence[tuple], queue: list, lock: threading.Lock,
+                        finish: Callable[[int, Any], None], answered: threading.Event, failure: list) -> None:
+        """Feed the queue's front to the workers until it is empty and every task has answered."""
+        ray = self.ray
+        task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=False)(_in_worker(fn))
+        pending: dict = {}
+        while True:
+            if failure:  # the driver's shard failed: the run ends with its error
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                return
+            with lock:
+                while queue and len(pending) < self.info["workers"]:
+                    i = queue.pop(0)
+                    pending[task.remote(*shards[i])] = i
+            if not pending:
+                return
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)  # a timeout, so a driver failure is seen
             for ref in done:
                 i = pending.pop(ref)
                 finish(i, self._result(ref, i, len(shards), pending))
-                answered[0] = True
-
-        while queue or pending:
-            while queue and len(pending) < self.info["workers"]:
-                i = queue.pop(0)
-                pending[task.remote(*shards[i])] = i
-            if here is not None and queue and not answered[0]:
-                i = queue.pop()
-                finish(i, here(i))
-                if pending:
-                    collect(timeout=0)
-            elif pending:
-                collect(timeout=None)
-        return results
+                answered.set()
 
     def _result(self, ref, i: int, total: int, pending: dict) -> Any:
         """A finished task's result, or one line saying which shard failed (the others are cancelled)."""
