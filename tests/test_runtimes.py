@@ -46,6 +46,20 @@ def test_coverage_and_latency_name_their_runtime(artifacts):
     assert all(v["runtime"]["version"] for v in lat.values())
 
 
+def test_openvino_coverage_follows_layers_renamed_by_its_low_precision_passes(loaded, calib_batches, tmp_path):
+    """matmul-int8 on OpenVINO: every Linear and both attention products run in integer kernels. The
+    plugin renames the output projection's layer after its moved dequantization ("Multiply_…"), so
+    the layer is found by its weight; the attention products run in one fused snippet ("Subgraph")."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    m = copy.deepcopy(loaded.model)
+    candidate = CANDIDATES["matmul-int8"]
+    quantize_(m, QuantConfig(placement=candidate.placement, act_symmetric=candidate.act_symmetric), calib_batches)
+    export_qdq(m, loaded.preprocessing.input_size, tmp_path / "mm.onnx", {"num_classes": 10}, signed_matmul_operands=True)
+    cov = int8_coverage(tmp_path / "mm.onnx", "openvino")
+    assert [i["node"] for i in cov["float_islands"]] == [] and cov["integer_mac_share"] == 1.0
+    assert cov["integer_kernels"]["FullyConnected"] == 4 * len(loaded.model.blocks) + 1  # qkv, proj, fc1, fc2 per block; the head
+
+
 def test_a_missing_runtime_is_one_line_naming_the_install(monkeypatch, artifacts):
     monkeypatch.setattr(type(RUNTIMES["openvino"]), "available", lambda self: False)
     with pytest.raises(VitcompressError, match=r"runtime 'openvino' is not installed: pip install 'vitcompress\[openvino\]'"):

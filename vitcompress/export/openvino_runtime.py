@@ -16,7 +16,9 @@ from ..errors import VitcompressError
 # Latency of one request at a time, on the threads asked for: the deployment this tool measures.
 COMPILE_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
 INTEGER_PRECISIONS = frozenset({"u8", "i8"})
-EXECUTED_COMPUTE_LAYERS = frozenset({"Convolution", "FullyConnected", "MatMul", "GroupConvolution", "Deconvolution"})
+# "Subgraph": a fused snippet, e.g. the attention products with the Softmax between them
+EXECUTED_COMPUTE_LAYERS = frozenset({"Convolution", "FullyConnected", "MatMul", "GroupConvolution", "Deconvolution", "Subgraph"})
+WEIGHT_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Convert"})  # between a weight constant and its layer
 
 
 class OpenVinoSession:
@@ -53,7 +55,9 @@ def open_session(path: str | Path, threads: int = 0) -> OpenVinoSession:
 
 def integer_layers(path: str | Path) -> dict[str, str]:
     """{original ONNX node name: executed layer type} for the nodes fused into each compute layer the
-    CPU plugin runs on integer inputs (runtime precision u8/i8), read from its execution graph."""
+    CPU plugin runs on integer inputs (runtime precision u8/i8), read from its execution graph; and
+    {weight constant name: type} for the constant weight each such layer reads (OpenVINO's low-precision
+    passes may rename a layer after its moved dequantization, "Multiply_18570", but keep its weight's name)."""
     executed = compile_model(path, 1).get_runtime_model()
     layers = {}
     for op in executed.get_ordered_ops():
@@ -69,4 +73,17 @@ def integer_layers(path: str | Path) -> dict[str, str]:
                 parts = name.split("/")
                 for end in range(2, len(parts) + 1):
                     layers.setdefault("/".join(parts[:end]), kind)
+            if op.get_input_size() > 1:
+                for name in _weight_chain(op.input(1).get_source_output().get_node()):
+                    layers.setdefault(name, kind)
     return layers
+
+
+def _weight_chain(node) -> list[str]:
+    """Names along a compute layer's weight input, up to its constant (through layout and type ops)."""
+    names = []
+    while True:
+        names.append(node.get_friendly_name())
+        if node.get_rt_info()["layerType"].astype(str) not in WEIGHT_LAYOUT_OPS or node.get_input_size() == 0:
+            return names
+        node = node.input(0).get_source_output().get_node()

@@ -287,9 +287,21 @@ def _onnxruntime_integer(qdq_path: str | Path, compute: list) -> tuple[list[bool
 def _openvino_integer(qdq_path: str | Path, compute: list) -> tuple[list[bool], dict[str, int]]:
     from .openvino_runtime import integer_layers
 
-    layers = integer_layers(qdq_path)  # original ONNX node name -> the executed integer layer's type
-    flags = [bool(n.name) and n.name in layers for n, _, _ in compute]
-    return flags, dict(Counter(layers[n.name] for (n, _, _), is_int in zip(compute, flags) if is_int))
+    layers = integer_layers(qdq_path)  # original ONNX node name (or its weight's name) -> the executed integer layer's type
+    model = onnx.load(str(qdq_path))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    kinds = [next((layers[k] for k in (n.name, *_weight_sources(n, producer)) if k and k in layers), None) for n, _, _ in compute]
+    return [k is not None for k in kinds], dict(Counter(k for k in kinds if k is not None))
+
+
+def _weight_sources(node: onnx.NodeProto, producer: dict) -> list[str]:
+    """Tensor names a compute node's weight input comes from, through DequantizeLinear and layout ops."""
+    names, tensor = [], node.input[1] if len(node.input) > 1 else ""
+    while tensor:
+        names.append(tensor)
+        p = producer.get(tensor)
+        tensor = p.input[0] if p is not None and p.op_type in ("DequantizeLinear", "Transpose", "Reshape", "Cast") else ""
+    return names
 
 
 INTEGER_KERNELS = {"onnxruntime": _onnxruntime_integer, "openvino": _openvino_integer}
