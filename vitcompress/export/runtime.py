@@ -252,7 +252,7 @@ def _constants(model: onnx.ModelProto) -> set[str]:
     return {t.name for t in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
 
 
-def _onnxruntime_integer(qdq_path: str | Path, compute: list) -> tuple[list[bool], dict[str, int]]:
+def _onnxruntime_integer(qdq_path: str | Path, model: onnx.ModelProto, compute: list) -> tuple[list[bool], dict[str, int]]:
     """Which compute nodes onnxruntime's optimized graph runs as integer kernels, and those kernels' counts.
 
     A compute node counts as integer when a node of an integer kernel type carries its name
@@ -284,11 +284,10 @@ def _onnxruntime_integer(qdq_path: str | Path, compute: list) -> tuple[list[bool
     return flags, dict(Counter(n.op_type for n in integer_nodes))
 
 
-def _openvino_integer(qdq_path: str | Path, compute: list) -> tuple[list[bool], dict[str, int]]:
+def _openvino_integer(qdq_path: str | Path, model: onnx.ModelProto, compute: list) -> tuple[list[bool], dict[str, int]]:
     from .openvino_runtime import integer_layers
 
     layers = integer_layers(qdq_path)  # original ONNX node name (or its weight's name) -> the executed integer layer's type
-    model = onnx.load(str(qdq_path))
     producer = {o: n for n in model.graph.node for o in n.output}
     kinds = [next((layers[k] for k in (n.name, *_weight_sources(n, producer)) if k and k in layers), None) for n, _, _ in compute]
     return [k is not None for k in kinds], dict(Counter(k for k in kinds if k is not None))
@@ -304,6 +303,7 @@ def _weight_sources(node: onnx.NodeProto, producer: dict) -> list[str]:
     return names
 
 
+# (the file, its loaded graph, its compute nodes) -> which nodes run in integer kernels there, and those kernels' counts
 INTEGER_KERNELS = {"onnxruntime": _onnxruntime_integer, "openvino": _openvino_integer}
 
 
@@ -312,7 +312,7 @@ def int8_coverage(qdq_path: str | Path, runtime: str = DEFAULT_RUNTIME) -> dict:
     get_runtime(runtime)
     model = onnx.load(str(qdq_path))
     compute = _compute_nodes(model)
-    integer, op_counts = lookup(INTEGER_KERNELS, runtime, "runtime")(qdq_path, compute)
+    integer, op_counts = lookup(INTEGER_KERNELS, runtime, "runtime")(qdq_path, model, compute)
     total = sum(m for _, m, _ in compute) or 1
     int_macs, islands = 0, []
     constants = _constants(model)
