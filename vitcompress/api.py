@@ -33,7 +33,7 @@ from .support import check_supported
 from .workers import LocalPool, RayPool, Workers, open_pool
 from .quant import QuantConfig, float_state_dict, quant_state, quantize_
 from .quant.options import method_options
-from .quant.placement import CANDIDATES, default_placement_order, get_placement, kind_of
+from .quant.placement import CANDIDATES, check_placement_method, default_placement_order, get_placement, kind_of
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CHECKPOINT = PROJECT_ROOT / "calib" / "cifar10_vit_tiny.pth"
@@ -115,6 +115,7 @@ def _prepare(job: QuantizeJob, pool: LocalPool | RayPool) -> _Prepared:
 def quantize(job: QuantizeJob, progress: ProgressFn = no_progress) -> dict:
     """Load, calibrate, quantize, export float + QDQ ONNX, evaluate and time both on ``job.runtime``."""
     method_options(job.config)  # bad method options fail here, before any work
+    check_placement_method(job.config.placement, job.config.method)
     if job.config.placement == DEFAULT_PLACEMENT and (job.config.method != "minmax" or job.config.method_options.get("layer_bits")):
         # A method's search (qhyvit, mptq) and per-layer bits (--bits-from) are defined on the layers
         # of the placement they were made with: the measured choice is the baseline method's.

@@ -16,10 +16,11 @@ from ..errors import VitcompressError
 from ..registry import lookup
 from . import minmax  # noqa: F401  (registers the "minmax" method)
 from .config import QuantConfig
+from .eltwise import wrap_eltwise
 from .fold import fold_batchnorm, fold_layer_scale
 from .modules import TensorQuantizer, quantizers, wrap_attention, wrap_silu, wrap_weighted
 from .spec import QuantSpec
-from .placement import PlacementPlan, get_placement, is_narrow, kind_of, plan, reads_image
+from .placement import PlacementPlan, check_placement_method, get_placement, is_narrow, kind_of, plan, reads_image
 from .registry import METHODS, RESTORERS, Progress
 from .routing import route_module_calls
 from .tracing import consumers_of, layer_macs
@@ -40,7 +41,10 @@ class QuantResult:
             "quantized_attention_blocks": len(self.plan.attention),
             "kept_float": self.plan.float_modules,
             "kept_float_weighted_layers": self.plan.skipped,
-            "functional_ops_float": "residual adds, softmax, GELU and normalisation are not quantized"
+            "functional_ops_float": ("softmax and GELU are not quantized; the operands of residual adds, attention "
+                                     "products and normalisation are, where the placement knows the block "
+                                     f"({len(self.plan.eltwise)} module(s))" if self.plan.eltwise else
+                                     "residual adds, softmax, GELU and normalisation are not quantized")
             + ("" if self.plan.attention else "; attention matmuls are float"),
             "folded_batchnorms": len(self.folded_pairs),
             **({"folded_layer_scales": len(self.folded_scales)} if self.folded_scales else {}),
@@ -73,6 +77,8 @@ def prepare(model: nn.Module, config: QuantConfig, family: str = "", example: to
                       config.act_spec if placement.conv_outputs else None)
     for name in p.attention:
         wrap_attention(modules[name], config.act_spec, config.act_observer)
+    for name in p.eltwise:
+        wrap_eltwise(modules[name], config.act_spec, config.act_observer)
     if placement.gated_silu:
         if gated_silu is None:
             if example is None:
@@ -96,6 +102,7 @@ def quantize_(
     """Quantize ``model`` in place (fake-quant simulation) and return what was done. ``map_shards``
     (a worker pool's map) lets a method that can (min-max calibration) run its pass in shards."""
     method = lookup(METHODS, config.method, "method")
+    check_placement_method(config.placement, config.method)
     batches = list(calibration)
     if not batches:
         raise VitcompressError("calibration needs at least one image")

@@ -203,6 +203,27 @@ def wrap_attention(module: nn.Module, aspec: QuantSpec, a_observer: str) -> None
     module.av_matmul = QuantMatMul(TensorQuantizer(aspec, a_observer), TensorQuantizer(aspec, a_observer))
 
 
+_INPUT_CLASSES: dict[type, type] = {}
+
+
+class _QuantizedInput:
+    """Mixin: quantize the module's input, then run the module's own forward (LayerNorm, GELU, GroupNorm)."""
+
+    input_quantizer: TensorQuantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.input_quantizer(x))
+
+
+def wrap_input(module: nn.Module, spec: QuantSpec, observer: str) -> None:
+    """Quantize a module's (single) input before its own forward, in place."""
+    cls = type(module)
+    if cls not in _INPUT_CLASSES:
+        _INPUT_CLASSES[cls] = type("QuantInput" + cls.__name__, (_QuantizedInput, cls), {})
+    module.__class__ = _INPUT_CLASSES[cls]
+    module.input_quantizer = TensorQuantizer(spec, observer)
+
+
 @contextlib.contextmanager
 def snapped_weights(model: nn.Module) -> Iterator[None]:
     """Temporarily replace quantized weights by their fake-quantized values (for export)."""

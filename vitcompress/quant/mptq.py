@@ -35,7 +35,7 @@ from .mixed_precision import average_bits, greedy_mixed_precision
 from .reconstruction import (ReconstructionConfig, check_reconstruction_options, reconstruction_kept, reconstruction_refinement,
                              steps_for)
 from .refine import Refinement, apply_refinements
-from .modules import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer, quantizers
+from .modules import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer, quantizers, wrap_input
 from .placement import is_narrow, reads_image
 from .optm import TwoRegionLinear, TwoRegionMatMul, TwoRegionQuantizer, search_two_region
 from .rotation import rotate_residual_streams
@@ -131,25 +131,6 @@ class MptqOptions:
 
 
 # ---------------------------------------------------------------------------------------- wrapping
-
-_INPUT_CLASSES: dict[type, type] = {}
-
-
-class _QuantizedInput:
-    """Mixin: quantize the module's input, then run the module's own forward (LayerNorm, GELU)."""
-
-    input_quantizer: TensorQuantizer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.input_quantizer(x))
-
-
-def wrap_input(module: nn.Module, spec: QuantSpec, observer: str) -> None:
-    cls = type(module)
-    if cls not in _INPUT_CLASSES:
-        _INPUT_CLASSES[cls] = type("QuantInput" + cls.__name__, (_QuantizedInput, cls), {})
-    module.__class__ = _INPUT_CLASSES[cls]
-    module.input_quantizer = TensorQuantizer(spec, observer)
 
 
 @register_restorer("mptq")

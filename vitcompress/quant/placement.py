@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import VitcompressError
 from ..registry import lookup
+from .eltwise import eltwise_modules
 from .modules import is_wrappable_attention, is_wrappable_weighted
 
 
@@ -90,6 +91,10 @@ class Placement:
     conv_min_reduction: int = 0
     # which convs that bound applies to: "all", or "image" (only those reading the image, ``reads_image``)
     conv_min_reduction_scope: str = "all"
+    # the operands of elementwise ops quantized too: residual adds and the products inside the blocks
+    # of ``eltwise.ELTWISE_BLOCKS``, normalisation inputs outside them (what OpenVINO runs in int8)
+    eltwise: bool = False
+    methods: tuple[str, ...] = ()  # the methods that may calibrate it (empty: every method)
 
     def __post_init__(self):
         if self.conv_min_reduction_scope not in ("all", "image"):
@@ -115,6 +120,10 @@ PLACEMENTS: dict[str, Placement] = {
     # partial with narrow convs float: what a method (qhyvit, mptq) runs on at W8A8 by default, where
     # 8-bit narrow convs cost accuracy and their int8 kernels do not pay (docs/quantization.md)
     "partial-wide": Placement("partial-wide", conv_min_reduction=NARROW_PRODUCTS),
+    # partial+matmul with the tensors between layers quantized as well, so that they stay int8 in
+    # OpenVINO (its reorders between blocked conv outputs and elementwise ops then move int8)
+    # (min-max only: qhyvit's and mptq's searches are defined on weighted layers and attention products)
+    "eltwise": Placement("eltwise", attention_matmuls=True, eltwise=True, methods=("minmax",)),
 }
 ALIASES = {"accuracy": "partial"}
 
@@ -145,6 +154,7 @@ class Candidate:
 CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
     Candidate("speed", "speed"), Candidate("speed-wide", "speed-wide"), Candidate("linear", "linear"), Candidate("partial", "partial"),
     Candidate("matmul-int8", "partial+matmul", act_symmetric=True),
+    Candidate("eltwise-int8", "eltwise", act_symmetric=True),
 )}
 
 
@@ -163,6 +173,10 @@ class DefaultRule:
 
 # First match wins. Figures in docs/quantization.md ("The default placement").
 DEFAULT_RULES: tuple[DefaultRule, ...] = (
+    DefaultRule("openvino", "MobileViT v2", "*", ("eltwise-int8", "matmul-int8", "partial", "speed"),
+                "MobileViT v2's transformer blocks read their 1x1 convs' outputs through residual adds, GroupNorms "
+                "and the separable attention's products; with those operands float, OpenVINO reorders each conv "
+                "output in float (about a third of the int8 model's time at 256 px); quantized, the reorders move int8"),
     DefaultRule("onnxruntime", "*", "*", ("speed", "speed-wide", "linear", "partial"),
                 "onnxruntime fuses the speed placement's chains (QLinearConv, QLinearSigmoid, integer attention "
                 "products) and leaves partial's quantized convs as Q/DQ around float convs; speed was the fastest "
@@ -185,6 +199,13 @@ def get_placement(name: str) -> Placement:
     return lookup(PLACEMENTS, name, "placement", ALIASES)
 
 
+def check_placement_method(placement: str, method: str) -> None:
+    """A placement that only some methods can calibrate refuses the others in one line."""
+    p = PLACEMENTS.get(ALIASES.get(placement, placement))  # default/auto choose among candidates: nothing to check
+    if p is not None and p.methods and method not in p.methods:
+        raise VitcompressError(f"placement '{p.name}' is calibrated with {', '.join(p.methods)} only, not {method}")
+
+
 @dataclass
 class PlacementPlan:
     weighted: list[str]
@@ -194,6 +215,7 @@ class PlacementPlan:
     gated_silu: list[str] = field(default_factory=list)  # SiLU modules whose sigmoid is quantized
     image_readers: list[str] = field(default_factory=list)  # quantized layers reading the image (QuantConfig.image_input_bits)
     narrow: list[str] = field(default_factory=list)  # quantized narrow layers (``is_narrow``, QuantConfig.narrow_layer_bits)
+    eltwise: list[str] = field(default_factory=list)  # modules whose elementwise operands are quantized (``Placement.eltwise``)
 
 
 # Module types whose computation stays float under a partial policy, reported by type name.
@@ -228,6 +250,7 @@ def plan(model: nn.Module, placement: Placement, extra_skip: tuple[str, ...] = (
     if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         float_counts["MultiheadAttention"] += 1
     modules = dict(model.named_modules())
+    eltwise = eltwise_modules(model, lambda n: any(fnmatch.fnmatch(n, p) for p in skip)) if placement.eltwise else []
     return PlacementPlan(weighted, attention, dict(float_counts), skipped,
                          image_readers=[n for n in weighted if reads_image(modules[n])],
-                         narrow=[n for n in weighted if is_narrow(modules[n])])
+                         narrow=[n for n in weighted if is_narrow(modules[n])], eltwise=eltwise)
