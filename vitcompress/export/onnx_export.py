@@ -115,11 +115,14 @@ def fold_weight_quantizers(model: onnx.ModelProto) -> int:
     return folded
 
 
+def producers(g: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Each tensor's producing node."""
+    return {o: n for n in g.node for o in n.output}
+
+
 def _dataflow(g: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], Counter]:
     """Each tensor's producing node, and how many node inputs read each tensor."""
-    producer = {o: n for n in g.node for o in n.output}
-    uses = Counter(i for n in g.node for i in n.input)
-    return producer, uses
+    return producers(g), Counter(i for n in g.node for i in n.input)
 
 
 def _fold_weight_transposes(model: onnx.ModelProto) -> None:

@@ -21,7 +21,7 @@ import onnxruntime as ort
 from ..errors import VitcompressError
 from ..registry import lookup
 from ..cpu import compatibility
-from .onnx_export import NUMERICS_KEY, SESSION_CONFIG_KEY, stored_metadata
+from .onnx_export import NUMERICS_KEY, SESSION_CONFIG_KEY, producers, stored_metadata
 
 
 class CpuMismatchWarning(UserWarning):
@@ -234,7 +234,7 @@ def _compute_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, int, fr
     MatMul/Gemm/Conv of an exported graph."""
     nodes = [n for n in model.graph.node if n.op_type in COMPUTE_OPS]
     shapes = _measured_shapes(model, {t for n in nodes for t in (*n.input[:2], n.output[0])})
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = producers(model.graph)
     compute = []
     for n in nodes:
         qinputs = set()
@@ -288,7 +288,7 @@ def _openvino_integer(qdq_path: str | Path, model: onnx.ModelProto, compute: lis
     from .openvino_runtime import integer_layers
 
     layers = integer_layers(qdq_path)  # original ONNX node name (or its weight's name) -> the executed integer layer's type
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = producers(model.graph)
     kinds = [next((layers[k] for k in (n.name, *_weight_sources(n, producer)) if k and k in layers), None) for n, _, _ in compute]
     return [k is not None for k in kinds], dict(Counter(k for k in kinds if k is not None))
 
