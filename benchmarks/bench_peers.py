@@ -43,7 +43,7 @@ SPEED_MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "mobilevitv2_
 OURS = {"vitcompress default": ("default", "onnxruntime"), "vitcompress default --runtime openvino": ("default", "openvino"),
         "vitcompress partial": ("partial", "onnxruntime"), "vitcompress speed": ("speed", "onnxruntime"),
         "vitcompress linear": ("linear", "onnxruntime"), "vitcompress matmul-int8": ("matmul-int8", "openvino"),
-        "vitcompress eltwise-int8": ("eltwise-int8", "openvino")}
+        "vitcompress eltwise": ("eltwise", "openvino")}
 ONNX_PEERS = ["onnxruntime", "onnxruntime tuned", "nncf onnx"]
 RUNTIMES = ["onnxruntime", "openvino"]
 # (tool, runtime) rows: every QDQ ONNX file on both runtimes, but a file made for one runtime (the
@@ -275,8 +275,9 @@ def main() -> None:
         "`vitcompress default` is what `vitcompress quantize` does without a placement flag (the placement it chose in "
         "brackets, judged on held-out train images, never on val); the other rows force one placement "
         "(see docs/quantization.md; `matmul-int8`: Linear/Conv and attention products with signed symmetric int8 "
-        "activations, a candidate of the default on OpenVINO; `eltwise-int8`: the same plus the operands of residual "
-        "adds, attention products and norms, where the placement knows the block (MobileViT v2), norm inputs elsewhere).", "",
+        "activations, a candidate of the default on OpenVINO; `eltwise`: `partial` plus the attention products and "
+        "signed int8 operands of residual adds, attention products and norms, where the placement knows the block "
+        "(MobileViT v2), norm inputs elsewhere).", "",
     ]
     if acc_rows:
         lines += ["### Reference models (CIFAR-10, 32 px): accuracy and speed", "", *_fmt_table(acc_rows, True), ""]

@@ -70,6 +70,26 @@ def test_operands_are_quantized_where_the_table_says_and_the_export_computes_the
     assert (exported.argmax(1) == simulated.argmax(1)).all()
 
 
+def test_int8_operands_of_adds_and_products_ask_nothing_of_the_cpu(mobilevitv2, tmp_path):
+    """With unsigned layer inputs (the candidate's scheme) no int8 activation reaches a dot product:
+    the artifact's target follows its weights only; signed layer inputs are counted."""
+    import onnx
+
+    from vitcompress.export.onnx_export import NUMERICS_KEY
+
+    x = torch.randn(2, 3, 64, 64)
+    counts = {}
+    for symmetric in (False, True):
+        model = copy.deepcopy(mobilevitv2)
+        quantize_(model, QuantConfig(placement="eltwise", act_symmetric=symmetric, reduce_range=True), [x])
+        path = tmp_path / f"{symmetric}.onnx"
+        numerics = export_qdq(model, (3, 64, 64), path, {})[NUMERICS_KEY]
+        int8_quantizers = sum(n.op_type == "QuantizeLinear" and "stream_quantizer" in n.name for n in onnx.load(str(path)).graph.node)
+        counts[symmetric] = (numerics["signed_activations"], numerics["target"], int8_quantizers)
+    assert counts[False][0] == 0 and counts[False][1] == "portable" and counts[False][2] > 0
+    assert counts[True][0] > 0 and counts[True][1] == "vnni"
+
+
 def test_a_checkpoint_round_trip_recreates_every_operand_quantizer(mobilevitv2):
     from vitcompress.quant.api import quant_state, restore_quantized
 
@@ -87,8 +107,8 @@ def test_the_placement_is_data_and_refuses_methods_it_cannot_serve(mobilevitv2):
     for qualname, entry in ELTWISE_BLOCKS.items():
         assert entry.reason and qualname.startswith("timm.")
     assert eltwise_block(nn.Linear(2, 2)) is None
-    assert default_placement_order("openvino", "MobileViT v2", "avx512_vnni").order[0] == "eltwise-int8"
-    assert default_placement_order("onnxruntime", "MobileViT v2", "avx512_vnni").order[0] != "eltwise-int8"
-    assert get_placement(CANDIDATES["eltwise-int8"].placement).eltwise and CANDIDATES["eltwise-int8"].act_symmetric
+    assert default_placement_order("openvino", "MobileViT v2", "avx512_vnni").order[0] == "eltwise"
+    assert default_placement_order("onnxruntime", "MobileViT v2", "avx512_vnni").order[0] != "eltwise"
+    assert get_placement(CANDIDATES["eltwise"].placement).eltwise and not CANDIDATES["eltwise"].act_symmetric
     with pytest.raises(VitcompressError, match="placement 'eltwise' is calibrated with minmax only, not mptq"):
         quantize_(copy.deepcopy(mobilevitv2), QuantConfig(placement="eltwise", method="mptq"), [torch.randn(1, 3, 64, 64)])

@@ -115,6 +115,11 @@ def fold_weight_quantizers(model: onnx.ModelProto) -> int:
     return folded
 
 
+# the MAC-carrying ops of an exported graph (integer coverage counts their MACs)
+COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulNBits"})
+LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+
+
 def producers(g: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     """Each tensor's producing node."""
     return {o: n for n in g.node for o in n.output}
@@ -296,13 +301,24 @@ def integer_numerics(model: onnx.ModelProto, signed_operands: int) -> dict:
             if codes.size:
                 peak = max(peak, int(np.abs(codes.astype(np.int32)).max()))
     # activations quantized on the signed grid (symmetric activations, or the operands moved by
-    # sign_activation_matmul_operands): int8·int8 products, exact only with int32 accumulation
+    # sign_activation_matmul_operands) that a product reads: int8·int8 products, exact only with
+    # int32 accumulation (int8 operands of adds and elementwise products need nothing of the CPU)
     all_inits, consts = _graph_constants(model.graph)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
     signed_activations = 0
     for n in model.graph.node:
         if n.op_type == "QuantizeLinear" and len(n.input) > 2:
             zp = _const_value(n.input[2], all_inits, consts)
-            signed_activations += int(zp is not None and zp.dtype == np.int8)
+            reached = [r.output[0] for r in readers.get(n.output[0], []) if r.op_type == "DequantizeLinear"]
+            feeds_product = False
+            while reached and not feeds_product:  # through layout ops, which change no value
+                t = reached.pop()
+                feeds_product = any(r.op_type in COMPUTE_OPS for r in readers.get(t, []))
+                reached += [r.output[0] for r in readers.get(t, []) if r.op_type in LAYOUT_OPS]
+            signed_activations += int(zp is not None and zp.dtype == np.int8 and feeds_product)
     return {"max_weight_code": peak, "signed_matmul_operands": signed_operands, "signed_activations": signed_activations,
             "target": target_of_numerics(peak, max(signed_operands, signed_activations))}
 

@@ -21,7 +21,7 @@ import onnxruntime as ort
 from ..errors import VitcompressError
 from ..registry import lookup
 from ..cpu import compatibility
-from .onnx_export import NUMERICS_KEY, SESSION_CONFIG_KEY, producers, stored_metadata
+from .onnx_export import COMPUTE_OPS, NUMERICS_KEY, SESSION_CONFIG_KEY, producers, stored_metadata
 
 
 class CpuMismatchWarning(UserWarning):
@@ -43,7 +43,6 @@ INTEGER_OPS = frozenset({
     "QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger", "QGemm",
     "DynamicQuantizeMatMul", "QAttention", "QLinearAdd", "QLinearMul",
 })
-COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulNBits"})
 WEIGHT_ONLY_OPS = frozenset({"MatMulNBits"})  # packed low-bit weights, float arithmetic
 
 

@@ -116,16 +116,17 @@ def eltwise_modules(model: nn.Module, skipped: Callable[[str], bool]) -> list[st
 
 def wrap_eltwise(module: nn.Module, spec: QuantSpec, observer: str) -> None:
     """Insert the quantizers of one module ``eltwise_modules`` listed, in place (mode "off")."""
+    signed = replace(spec, symmetric=True, per_channel=False)
+    unsigned = replace(spec, symmetric=False, per_channel=False)  # zero point 0: the range always includes 0
     entry = eltwise_block(module)
     if entry is None:
-        wrap_input(module, spec, observer)
+        wrap_input(module, signed, observer)
         return
     if entry.forward is not None:
         module.__class__ = type("Quant" + type(module).__name__, (entry.forward, type(module)), {})
-    unsigned = replace(spec, symmetric=False, per_channel=False)  # zero point 0: the range always includes 0
     for name, non_negative in entry.quantizers.items():
-        setattr(module, name, TensorQuantizer(unsigned if non_negative else spec, observer))
+        setattr(module, name, TensorQuantizer(unsigned if non_negative else signed, observer))
     for name in entry.conv_outputs:
         conv = module.get_submodule(name)
         if isinstance(conv, QuantConv2d) and "output_quantizer" not in conv._modules:  # a conv kept float stays so
-            conv.output_quantizer = TensorQuantizer(spec, observer)
+            conv.output_quantizer = TensorQuantizer(signed, observer)

@@ -154,7 +154,7 @@ class Candidate:
 CANDIDATES: dict[str, Candidate] = {c.name: c for c in (
     Candidate("speed", "speed"), Candidate("speed-wide", "speed-wide"), Candidate("linear", "linear"), Candidate("partial", "partial"),
     Candidate("matmul-int8", "partial+matmul", act_symmetric=True),
-    Candidate("eltwise-int8", "eltwise", act_symmetric=True),
+    Candidate("eltwise", "eltwise"),
 )}
 
 
@@ -173,7 +173,7 @@ class DefaultRule:
 
 # First match wins. Figures in docs/quantization.md ("The default placement").
 DEFAULT_RULES: tuple[DefaultRule, ...] = (
-    DefaultRule("openvino", "MobileViT v2", "*", ("eltwise-int8", "matmul-int8", "partial", "speed"),
+    DefaultRule("openvino", "MobileViT v2", "*", ("eltwise", "matmul-int8", "partial", "speed"),
                 "MobileViT v2's transformer blocks read their 1x1 convs' outputs through residual adds, GroupNorms "
                 "and the separable attention's products; with those operands float, OpenVINO reorders each conv "
                 "output in float (about a third of the int8 model's time at 256 px); quantized, the reorders move int8"),
