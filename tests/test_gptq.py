@@ -137,3 +137,29 @@ def test_act_order_rounds_high_energy_inputs_first_and_lowers_the_error():
     assert torch.equal(fake_quantize(ordered, q.scale, q.zero_point, q.spec), ordered)
     err = {k: float((x @ (w - r).t()).pow(2).mean()) for k, r in (("natural", natural), ("ordered", ordered))}
     assert err["ordered"] < 0.8 * err["natural"], err
+
+
+def test_statistics_passes_stop_after_the_layer_s_last_call_in_a_forward():
+    """GPTQ's and bias correction's per-layer passes skip the layers after the one they need; a layer
+    run twice per forward (a shared module) still sees both calls."""
+    from torch import nn
+
+    from vitcompress.quant.tracing import StopAfter
+
+    class SharedTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared, self.after = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.after(self.shared(self.shared(x)))
+
+    model, calls = SharedTwice(), []
+    model.shared.register_forward_hook(lambda *_: calls.append("shared"))
+    model.after.register_forward_hook(lambda *_: calls.append("after"))
+    run = StopAfter(model.shared)
+    x = torch.randn(2, 4)
+    run(model, x)  # the first forward runs whole and counts
+    run(model, x)
+    run.remove()
+    assert calls == ["shared", "shared", "after", "shared", "shared"] and run.calls_per_forward == 2

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .calibration import quantizers_off, run_batches
+from .tracing import StopAfter
 
 
 def _channel_mean(out: torch.Tensor, layer: nn.Module) -> torch.Tensor:
@@ -29,10 +30,15 @@ def _output_means(model: nn.Module, layers: dict[str, nn.Module], batches: Seque
     sums: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_hook(lambda mod, i, o, n=n: sums.__setitem__(n, sums.get(n, 0) + _channel_mean(o, mod)))
              for n, m in layers.items()]
+    stop = StopAfter(next(iter(layers.values()))) if len(layers) == 1 else None  # one layer: each forward ends after it
     try:
-        run_batches(model, batches)
+        for x in batches:
+            if stop is not None:
+                stop(model, x)
+            else:
+                run_batches(model, [x])
     finally:
-        for h in hooks:
+        for h in [*hooks, *([stop] if stop is not None else [])]:
             h.remove()
     return {n: s / len(batches) for n, s in sums.items()}
 

@@ -32,6 +32,7 @@ from .calibration import batch_shards, map_or_here
 from .modules import TensorQuantizer
 from .placement import is_depthwise
 from .spec import fake_quantize
+from .tracing import StopAfter
 
 DAMPENING = 0.01
 # The float-output target is a least-squares fit per layer: with few calibration rows per input it
@@ -164,14 +165,16 @@ def _shard_statistics(model: nn.Module, name: str, batches: Sequence[torch.Tenso
     handles = [layer.register_forward_pre_hook(hook)]
     if float_model is not None:
         handles.append(float_model.get_submodule(name).register_forward_pre_hook(float_hook))
+    # the layers after this one are not needed: each forward stops after it
+    run = StopAfter(layer)
+    run_float = StopAfter(float_model.get_submodule(name)) if float_model is not None else None
     try:
-        with torch.no_grad():
-            for x in batches:
-                if float_model is not None:
-                    float_model(x)  # its layer input first, then the quantized model's hook pairs it
-                model(x)
+        for x in batches:
+            if run_float is not None:
+                run_float(float_model, x)  # its layer input first, then the quantized model's hook pairs it
+            run(model, x)
     finally:
-        for handle in handles:
+        for handle in [*handles, run, *([run_float] if run_float is not None else [])]:
             handle.remove()
     return acc
 

@@ -46,7 +46,7 @@ from .modules import TensorQuantizer
 from .refine import Refinement
 from .scale_tuning import LearnedStep, augmented
 from .spec import broadcast_param
-from .tracing import forward_with_hooks
+from .tracing import StopForward, forward_with_hooks
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches 0 and 1 exactly
 
@@ -119,10 +119,6 @@ def reconstruction_kept(done: dict) -> bool:
     return bool(done.get("reconstruction", {}).get("kept", False))
 
 
-class _Stop(Exception):
-    """Raised from a hook once what a pass was for has been captured: the rest of the model is skipped."""
-
-
 def _sequential_children(model: nn.Module) -> set[str]:
     return {f"{parent}.{child}" if parent else child
             for parent, m in model.named_modules() if isinstance(m, nn.Sequential) for child, _ in m.named_children()}
@@ -184,7 +180,7 @@ def _capture(model: nn.Module, images: torch.Tensor, blocks: Sequence[Bridge], b
         def pre(m, inp, k=b.name):
             ins[k].append(inp[0].detach().clone())
             if k == stop_at:
-                raise _Stop
+                raise StopForward
 
         hooks.append(first.register_forward_pre_hook(pre))
         if outputs:
@@ -194,7 +190,7 @@ def _capture(model: nn.Module, images: torch.Tensor, blocks: Sequence[Bridge], b
             for i in range(0, len(images), batch_size):
                 try:
                     model(images[i:i + batch_size])
-                except _Stop:
+                except StopForward:
                     pass
     finally:
         for h in hooks:

@@ -51,3 +51,39 @@ def layer_macs(model: nn.Module, names: Iterable[str], example: torch.Tensor) ->
     forward_with_hooks(model, example, [model.get_submodule(n).register_forward_hook(
         lambda m, i, o, n=n: count(m, i, o, n)) for n in names])
     return macs
+
+
+class StopForward(Exception):
+    """Raised from a hook once a pass has what it ran for: the rest of the model is skipped."""
+
+
+class StopAfter:
+    """Run forwards that end once ``module`` has run as often as it does in a whole forward.
+
+    A pass that only needs one layer's inputs or outputs does not need the layers after it: the
+    first forward runs whole and counts the module's calls (a module may run more than once per
+    forward, e.g. a shared position-encoding conv), later ones stop after that many. Hooks that
+    collect from the module must be registered before this object is made (hooks run in order)."""
+
+    def __init__(self, module: nn.Module):
+        self.calls_per_forward: int | None = None
+        self._seen = 0
+        self._handle = module.register_forward_hook(self._count)
+
+    def _count(self, module: nn.Module, inputs, output) -> None:
+        self._seen += 1
+        if self.calls_per_forward is not None and self._seen >= self.calls_per_forward:
+            raise StopForward
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> None:
+        """``model(x)`` without gradients, up to the module's last call."""
+        self._seen = 0
+        try:
+            with torch.no_grad():
+                model(x)
+        except StopForward:
+            return
+        self.calls_per_forward = self._seen
+
+    def remove(self) -> None:
+        self._handle.remove()
