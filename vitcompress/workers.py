@@ -108,7 +108,7 @@ class RayPool:
         queue = list(range(len(shards)))
         results: list = [None] * len(shards)
         lock = threading.Lock()
-        answered = threading.Event()  # a worker has answered, or the map ends: the driver stops taking shards
+        stop_driver = threading.Event()  # set when a worker answers, the driver fails or the map ends
         failure: list[BaseException] = []
 
         def finish(i: int, result: Any) -> None:
@@ -118,7 +118,7 @@ class RayPool:
                     on_done(i, result)
 
         def driver() -> None:
-            while not answered.is_set():
+            while not stop_driver.is_set():
                 with lock:
                     if not queue:
                         return
@@ -127,16 +127,16 @@ class RayPool:
                     finish(i, here(i))
                 except BaseException as e:  # raised again on the calling thread
                     failure.append(e)
-                    answered.set()
+                    stop_driver.set()
 
         helper = threading.Thread(target=driver, name="vitcompress-driver-shards", daemon=True) if here else None
         if helper:
             helper.start()
         try:
             self.start()
-            self._run_on_workers(fn, shards, queue, lock, finish, answered, failure)
+            self._run_on_workers(fn, shards, queue, lock, finish, stop_driver, failure)
         finally:
-            answered.set()
+            stop_driver.set()
             if helper:
                 helper.join()
         if failure:
@@ -144,7 +144,7 @@ class RayPool:
         return results
 
     def _run_on_workers(self, fn: Callable, shards: Sequence[tuple], queue: list, lock: threading.Lock,
-                        finish: Callable[[int, Any], None], answered: threading.Event, failure: list) -> None:
+                        finish: Callable[[int, Any], None], stop_driver: threading.Event, failure: list) -> None:
         """Feed the queue's front to the workers until it is empty and every task has answered."""
         ray = self.ray
         task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=False)(_in_worker(fn))
@@ -164,7 +164,7 @@ class RayPool:
             for ref in done:
                 i = pending.pop(ref)
                 finish(i, self._result(ref, i, len(shards), pending))
-                answered.set()
+                stop_driver.set()
 
     def _result(self, ref, i: int, total: int, pending: dict) -> Any:
         """A finished task's result, or one line saying which shard failed (the others are cancelled)."""
