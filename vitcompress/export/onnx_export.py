@@ -125,6 +125,15 @@ def producers(g: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in g.node for o in n.output}
 
 
+def readers(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Each tensor's reading nodes, in graph order."""
+    found: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            found.setdefault(i, []).append(n)
+    return found
+
+
 def _dataflow(g: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], Counter]:
     """Each tensor's producing node, and how many node inputs read each tensor."""
     return producers(g), Counter(i for n in g.node for i in n.input)
@@ -216,23 +225,20 @@ def unsign_shared_activations(model: onnx.ModelProto) -> int:
     g = model.graph
     inits, consts = _graph_constants(g)
     producer, uses = _dataflow(g)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    reading = readers(g)
 
     def weight_layer_input(dq: onnx.NodeProto) -> bool:
         def constant_weight(name: str) -> bool:
             w = producer.get(name)
             return w is not None and w.op_type == "DequantizeLinear" and (w.input[0] in inits or w.input[0] in consts)
         return all(r.op_type in ("MatMul", "Gemm", "Conv") and len(r.input) > 1 and r.input[0] == dq.output[0]
-                   and constant_weight(r.input[1]) for r in readers.get(dq.output[0], []))
+                   and constant_weight(r.input[1]) for r in reading.get(dq.output[0], []))
 
     moved = 0
     for q in g.node:
         if q.op_type != "QuantizeLinear" or len(q.input) < 3:
             continue
-        dqs = readers.get(q.output[0], [])
+        dqs = reading.get(q.output[0], [])
         zq = _const_value(q.input[2], inits, consts)
         if zq is None or zq.dtype != np.int8 or zq.size != 1 or not dqs:
             continue
@@ -304,20 +310,17 @@ def integer_numerics(model: onnx.ModelProto, signed_operands: int) -> dict:
     # sign_activation_matmul_operands) that a product reads: int8·int8 products, exact only with
     # int32 accumulation (int8 operands of adds and elementwise products need nothing of the CPU)
     all_inits, consts = _graph_constants(model.graph)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    reading = readers(model.graph)
     signed_activations = 0
     for n in model.graph.node:
         if n.op_type == "QuantizeLinear" and len(n.input) > 2:
             zp = _const_value(n.input[2], all_inits, consts)
-            reached = [r.output[0] for r in readers.get(n.output[0], []) if r.op_type == "DequantizeLinear"]
+            reached = [r.output[0] for r in reading.get(n.output[0], []) if r.op_type == "DequantizeLinear"]
             feeds_product = False
             while reached and not feeds_product:  # through layout ops, which change no value
                 t = reached.pop()
-                feeds_product = any(r.op_type in COMPUTE_OPS for r in readers.get(t, []))
-                reached += [r.output[0] for r in readers.get(t, []) if r.op_type in LAYOUT_OPS]
+                feeds_product = any(r.op_type in COMPUTE_OPS for r in reading.get(t, []))
+                reached += [r.output[0] for r in reading.get(t, []) if r.op_type in LAYOUT_OPS]
             signed_activations += int(zp is not None and zp.dtype == np.int8 and feeds_product)
     return {"max_weight_code": peak, "signed_matmul_operands": signed_operands, "signed_activations": signed_activations,
             "target": target_of_numerics(peak, max(signed_operands, signed_activations))}
