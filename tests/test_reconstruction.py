@@ -8,7 +8,8 @@ from vitcompress.errors import VitcompressError
 from vitcompress.quant import QuantConfig, quantize_
 from vitcompress.quant.bridge import find_bridges
 from vitcompress.quant.calibration import batched_logits, float_copy, logits_kl, quantizers_off
-from vitcompress.quant.reconstruction import AUTO_STEPS, ReconstructionConfig, reconstruct, reconstruction_blocks, steps_for
+from vitcompress.quant.reconstruction import (AUTO_STEPS, RECONSTRUCTION_AUGMENT, ReconstructionConfig, reconstruct, reconstruction_blocks,
+                                              steps_for)
 from vitcompress.quant.spec import fake_quantize
 
 
@@ -65,6 +66,19 @@ def test_reconstruction_rounds_onto_the_grid_and_beats_nearest_rounding():
         assert torch.equal(a, b), k
 
 
+def test_augmented_reconstruction_fits_the_views_too():
+    torch.manual_seed(0)
+    model = _vit()
+    calib = torch.randn(16, 3, 32, 32)
+    quantize_(model, QuantConfig(wbits=4, abits=4), list(calib.split(16)))
+    twin = copy.deepcopy(model)
+    plain = reconstruct(model, _weighted(model), calib, ReconstructionConfig(steps=20, batch_size=16))
+    report = reconstruct(twin, _weighted(twin), calib, ReconstructionConfig(steps=20, batch_size=16, augment=True))
+    assert plain["images"] == 16 and report["images"] == 16 * 10  # the images, their mirrors, both shifted 4 ways
+    errors = [(b["error_before"], b["error_after"]) for b in report["blocks"]]
+    assert errors != [(b["error_before"], b["error_after"]) for b in plain["blocks"]]  # measured on the views too
+
+
 @pytest.mark.parametrize("method", ["qhyvit", "mptq"])
 def test_methods_offer_reconstruction_as_a_refinement(method):
     torch.manual_seed(0)
@@ -78,12 +92,13 @@ def test_methods_offer_reconstruction_as_a_refinement(method):
     steps = info["post_search_steps"] if method == "qhyvit" else info["refinements"]
     recon = steps["reconstruction"]
     assert [b["block"] for b in recon["blocks"]] == ["patch_embed", "blocks.0", "blocks.1", "head"]
+    assert recon["images"] == 16 * (10 if RECONSTRUCTION_AUGMENT else 1)
     assert recon["kl_after"] < recon["kl_before"] if recon["kept"] else recon["kl_after"] >= recon["kl_before"]
     assert ("gptq" in steps) == (not recon["kept"])  # GPTQ rounds only weights reconstruction did not
 
 
 @pytest.mark.parametrize("method", ["qhyvit", "mptq"])
-@pytest.mark.parametrize("bad", [{"reconstruction_steps": -1}, {"qdrop": 1.0}])
+@pytest.mark.parametrize("bad", [{"reconstruction_steps": -1}, {"qdrop": 1.0}, {"reconstruction_augment": "yes"}])
 def test_bad_reconstruction_options_are_refused(method, bad):
     with pytest.raises(VitcompressError):
         quantize_(_vit(), QuantConfig(method=method, method_options=bad), [torch.randn(2, 3, 32, 32)])

@@ -32,8 +32,8 @@ from .registry import Progress, register_method, register_restorer
 from .gptq import gptq_layers
 from .config import QuantConfig
 from .mixed_precision import average_bits, greedy_mixed_precision
-from .reconstruction import (ReconstructionConfig, check_reconstruction_options, reconstruction_kept, reconstruction_refinement,
-                             steps_for)
+from .reconstruction import (RECONSTRUCTION_AUGMENT, ReconstructionConfig, check_reconstruction_options, reconstruction_kept,
+                             reconstruction_refinement, steps_for)
 from .refine import Refinement, apply_refinements
 from .modules import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer, quantizers, wrap_input
 from .placement import is_narrow, reads_image
@@ -79,6 +79,8 @@ class MptqOptions:
         0 = off; None = 200 below 8 bits (it lowered the held-out KL at W4A4 and W6A6), else off.
         GPTQ then runs only if reconstruction was not kept.
     qdrop: QDrop's probability that an activation element passes unquantized during reconstruction.
+    reconstruction_augment: reconstruct on the calibration images with their mirrors and shifts
+        (ours; docs/reconstruction.md).
     """
 
     full: bool = False
@@ -88,6 +90,7 @@ class MptqOptions:
     parts: tuple[str, ...] = PARTS
     reconstruction_steps: int | None = None
     qdrop: float = 0.5
+    reconstruction_augment: bool = RECONSTRUCTION_AUGMENT
 
     @staticmethod
     def precision(raw: dict) -> tuple[str, bool] | None:
@@ -112,7 +115,8 @@ class MptqOptions:
                        layer_bits={str(k): int(v) for k, v in dict(raw.get("layer_bits") or {}).items()},
                        parts=tuple(raw.get("parts", cls.parts)),
                        reconstruction_steps=None if raw.get("reconstruction_steps") is None else int(raw["reconstruction_steps"]),
-                       qdrop=float(raw.get("qdrop", cls.qdrop)))
+                       qdrop=float(raw.get("qdrop", cls.qdrop)),
+                       reconstruction_augment=raw.get("reconstruction_augment", cls.reconstruction_augment))
         except (TypeError, ValueError) as e:
             raise VitcompressError(f"bad mptq option: {e}") from None
         widths = opts.bit_choices + tuple(opts.layer_bits.values())
@@ -122,7 +126,7 @@ class MptqOptions:
             raise VitcompressError("give either --target-bits or --bits-from, not both")
         if opts.target_bits is not None and not opts.bit_choices[0] <= opts.target_bits <= opts.bit_choices[-1]:
             raise VitcompressError(f"--target-bits {opts.target_bits:g} is outside the bit choices {list(opts.bit_choices)}")
-        check_reconstruction_options(opts.reconstruction_steps, opts.qdrop)
+        check_reconstruction_options(opts.reconstruction_steps, opts.qdrop, opts.reconstruction_augment)
         if set(opts.parts) - set(KNOWN_PARTS):
             raise VitcompressError(f"unknown MPTQ part(s) {sorted(set(opts.parts) - set(KNOWN_PARTS))} (known: {', '.join(KNOWN_PARTS)})")
         if opts.full and config.placement != "partial+matmul":
@@ -500,7 +504,7 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
     judged_on = f"{len(sens_x)} calibration images"
     reconstruction, reconstruction_report = reconstruction_refinement(weighted, ReconstructionConfig(
         steps=steps_for(opts.reconstruction_steps, narrowest, AUTO_MAX_BITS) if "reconstruction" in parts else 0,
-        drop_prob=opts.qdrop), progress=progress, judged_on=judged_on, map_shards=map_shards)
+        drop_prob=opts.qdrop, augment=opts.reconstruction_augment), progress=progress, judged_on=judged_on, map_shards=map_shards)
     refinements = [
         reconstruction,
         Refinement("gptq", lambda done: "gptq" in parts and not reconstruction_kept(done),
@@ -510,7 +514,7 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
         info["mptq"]["refinements"] = steps
         info["mptq"]["gptq_layers"] = steps["gptq"]["layers"] if steps.get("gptq", {}).get("kept") else 0
         if "reconstruction" in steps:
-            steps["reconstruction"]["blocks"] = reconstruction_report["blocks"]
+            steps["reconstruction"].update(blocks=reconstruction_report["blocks"], images=reconstruction_report["images"])
 
     if range_info:
         info["mptq"]["range_fraction"] = {n.rsplit(".", 1)[0]: by_bits[setup.bits_of(n, final)] for n, by_bits in range_info.items()}

@@ -61,8 +61,8 @@ from .bridge import Bridge, find_bridges, layer_order, well_formed
 from .config import QuantConfig
 from .modules import QuantConv2d, QuantLinear, TensorQuantizer
 from .placement import is_depthwise
-from .reconstruction import (ReconstructionConfig, check_reconstruction_options, reconstruction_kept, reconstruction_refinement,
-                             steps_for)
+from .reconstruction import (RECONSTRUCTION_AUGMENT, ReconstructionConfig, check_reconstruction_options, reconstruction_kept,
+                             reconstruction_refinement, steps_for)
 from .refine import Refinement, apply_refinements
 from .spec import QuantSpec, qparams_from_range
 from .tracing import consumers_of
@@ -91,6 +91,7 @@ class QHyViTOptions:
     # GPTQ runs only where reconstruction was not kept.
     reconstruction_steps: int | None = None
     qdrop: float = 0.5  # QDrop's probability that an activation element passes unquantized during reconstruction
+    reconstruction_augment: bool = RECONSTRUCTION_AUGMENT  # ours: reconstruct on the images, their mirrors and shifts
     bias_correction: bool = True  # ours: empirical bias correction after the search (bias_correction.py)
     scale_tuning_steps: int = 600  # ours: end-to-end activation-scale tuning after them (scale_tuning.py); 0 = off
     # per-channel activation candidates: "depthwise" convs | "all" convs | "none"; never a Linear, nor a
@@ -109,7 +110,7 @@ class QHyViTOptions:
     objective: str = "hessian"  # "hessian" (the paper's) or "mse" (unweighted output error, for ablation)
 
     def __post_init__(self):
-        check_reconstruction_options(self.reconstruction_steps, self.qdrop)
+        check_reconstruction_options(self.reconstruction_steps, self.qdrop, self.reconstruction_augment)
         if self.gptq_target not in ("own", "float", "auto"):
             raise VitcompressError(f"qhyvit gptq_target must be own, float or auto, got {self.gptq_target!r}")
         if self.activation_granularity not in ("depthwise", "all", "none"):
@@ -398,7 +399,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
 
     reconstruction, reconstruction_report = reconstruction_refinement(order, ReconstructionConfig(
         steps=steps_for(opts.reconstruction_steps, min(config.wbits, config.abits), AUTO_MAX_BITS),
-        drop_prob=opts.qdrop, batch_size=bs, seed=seed), bridges, progress, map_shards=map_shards)
+        drop_prob=opts.qdrop, augment=opts.reconstruction_augment, batch_size=bs, seed=seed), bridges, progress, map_shards=map_shards)
     weights_of = lambda m: [m.weight]  # noqa: E731
     refinements = [
         reconstruction,
@@ -415,7 +416,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
     if "gptq" in post_steps:
         post_steps["gptq"]["target"] = first_target
     if "reconstruction" in post_steps:
-        post_steps["reconstruction"]["blocks"] = reconstruction_report["blocks"]
+        post_steps["reconstruction"].update(blocks=reconstruction_report["blocks"], images=reconstruction_report["images"])
     if "scale_tuning" in post_steps:
         post_steps["scale_tuning"]["augmented_kl_checks"] = tuning_checks  # start, then every 50 steps
 

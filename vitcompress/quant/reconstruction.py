@@ -73,6 +73,7 @@ class ReconstructionConfig:
 
 
 AUTO_STEPS = 200  # steps per block when a method's default turns reconstruction on (docs/reconstruction.md)
+RECONSTRUCTION_AUGMENT = False  # the methods' default for reconstructing on mirrored and shifted views too (docs/reconstruction.md)
 
 
 def steps_for(requested: int | None, narrowest_bits: int, auto_max_bits: int) -> int:
@@ -83,14 +84,16 @@ def steps_for(requested: int | None, narrowest_bits: int, auto_max_bits: int) ->
     return AUTO_STEPS if narrowest_bits <= auto_max_bits else 0
 
 
-def check_reconstruction_options(steps: int | None, drop_prob: float) -> None:
-    """The checks every method offering reconstruction makes on its two options (None: the method's default)."""
+def check_reconstruction_options(steps: int | None, drop_prob: float, augment: bool = False) -> None:
+    """The checks every method offering reconstruction makes on its options (steps None: the method's default)."""
     if steps is None:
         pass
     elif not isinstance(steps, int) or steps < 0:
         raise VitcompressError(f"reconstruction_steps must be a whole number ≥ 0, got {steps!r}")
     if not 0.0 <= float(drop_prob) < 1.0:
         raise VitcompressError(f"qdrop must be in [0, 1), got {drop_prob!r}")
+    if not isinstance(augment, bool):
+        raise VitcompressError(f"reconstruction_augment must be true or false, got {augment!r}")
 
 
 def learned_by_reconstruction(layer: nn.Module) -> list[torch.Tensor]:
@@ -256,7 +259,7 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
     with torch.no_grad():
         blocks = reconstruction_blocks(fp, layers, images[:1], bridges)
     if not blocks:
-        return {"blocks": [], "layers": []}
+        return {"blocks": [], "layers": [], "images": len(images)}
     bs = config.batch_size
     float_in, float_out = _capture(fp, images, blocks, bs, outputs=True)
     fisher = (output_fisher(fp, images, {b.name: b.modules(fp)[-1] for b in blocks}, bs, config.fisher_labels, config.seed, map_shards)
@@ -345,4 +348,5 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
         for p, flag in grad_flags:
             p.requires_grad_(flag)
     return {"blocks": report, "layers": [n for r in report if r["kept"] for n in r["layers"]],
-            "steps_per_block": config.steps, "drop_prob": config.drop_prob, "fisher_weighted": config.fisher}
+            "steps_per_block": config.steps, "drop_prob": config.drop_prob, "fisher_weighted": config.fisher,
+            "images": len(images)}  # with config.augment: the calibration images and their views
