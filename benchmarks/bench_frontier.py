@@ -29,7 +29,7 @@ from vitcompress.data import label_map_to_model, scan_images  # noqa: E402
 from vitcompress.evaluate import collect_logits, fidelity, onnx_predictor, summarize  # noqa: E402
 from vitcompress.export import make_session  # noqa: E402
 from vitcompress.quant import mptq, qhyvit  # noqa: E402
-from vitcompress.quant.reconstruction import AUTO_STEPS, steps_for  # noqa: E402
+from vitcompress.quant.reconstruction import AUTO_STEPS, RECONSTRUCTION_AUGMENT, steps_for  # noqa: E402
 
 METHOD_OF = {"cifar10_mobilevit_xxs": "qhyvit", "cifar10_mobilevitv2_050": "qhyvit", "cifar10_vit_tiny": "mptq"}
 VARIANTS = ["minmax", "method", "reconstruction"]
@@ -112,7 +112,8 @@ def main() -> None:
             for i, (bits, variant, _, seconds, peak) in enumerate(runs):
                 (ab, db, kb), (aa, da, ka) = measured(str(i), in_b), measured(str(i), every)
                 label = {"minmax": "min-max", "method": METHOD_OF[z],
-                         "reconstruction": f"{METHOD_OF[z]} + reconstruction ({args.steps} steps/block)"}[variant]
+                         "reconstruction": f"{METHOD_OF[z]} + reconstruction ({args.steps} steps/block"
+                                           + (", images with mirrors and shifts)" if RECONSTRUCTION_AUGMENT else ")")}[variant]
                 label += " (the default)" if _is_default(z, variant, bits, args.steps) else ""
                 rows.append(f"| W{bits}A{bits} | {label} | {ab:.2f} | {db:.2f} | {kb:.4f} | {aa:.2f} | {da:.2f} | {ka:.4f} "
                             f"| {seconds:.0f} | {peak:.0f} |")

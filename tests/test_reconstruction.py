@@ -77,6 +77,10 @@ def test_augmented_reconstruction_fits_the_views_too():
     assert plain["images"] == 16 and report["images"] == 16 * 10  # the images, their mirrors, both shifted 4 ways
     errors = [(b["error_before"], b["error_after"]) for b in report["blocks"]]
     assert errors != [(b["error_before"], b["error_after"]) for b in plain["blocks"]]  # measured on the views too
+    # the views are added only while the captured block tensors fit their budget
+    tight = reconstruct(copy.deepcopy(model), _weighted(model), calib, ReconstructionConfig(steps=1, batch_size=16, augment=True,
+                                                                                             capture_bytes=1))
+    assert tight["images"] == 16
 
 
 @pytest.mark.parametrize("method", ["qhyvit", "mptq"])

@@ -68,12 +68,13 @@ class ReconstructionConfig:
     warmup: float = 0.2
     fisher: bool = True
     fisher_labels: int = 16
-    augment: bool = False  # reconstruct on the images with their mirrors and shifts (scale_tuning.augmented)
+    augment: bool = False  # also reconstruct on the images' mirrors and shifts (scale_tuning.augmented), within ``capture_bytes``
+    capture_bytes: int = 2 << 30  # the views are added only while the captured block tensors fit in this
     seed: int = 0
 
 
 AUTO_STEPS = 200  # steps per block when a method's default turns reconstruction on (docs/reconstruction.md)
-RECONSTRUCTION_AUGMENT = False  # the methods' default for reconstructing on mirrored and shifted views too (docs/reconstruction.md)
+RECONSTRUCTION_AUGMENT = True  # the methods' default for reconstructing on mirrored and shifted views too (docs/reconstruction.md)
 
 
 def steps_for(requested: int | None, narrowest_bits: int, auto_max_bits: int) -> int:
@@ -201,6 +202,16 @@ def _capture(model: nn.Module, images: torch.Tensor, blocks: Sequence[Bridge], b
     return ({k: torch.cat(v) for k, v in ins.items()}, {k: torch.cat(v) for k, v in outs.items() if v})
 
 
+def _with_views(fp: nn.Module, images: torch.Tensor, blocks: Sequence[Bridge], budget: int) -> torch.Tensor:
+    """The images and as many of their views (``augmented``: mirrors, then shifts) as the captured
+    tensors allow: every block's input, output and Fisher weights are held for every image, which at
+    224 px and a few hundred images would take tens of GiB with all ten views."""
+    ins, outs = _capture(fp, images[:1], blocks, 1, outputs=True)
+    per_image = sum(t.numel() * t.element_size() for t in ins.values()) + 2 * sum(t.numel() * t.element_size() for t in outs.values())
+    views = max(1, min(10, budget // max(1, per_image * len(images))))
+    return augmented(images)[:views * len(images)]
+
+
 class _LearnedRounding:
     """AdaRound's rounding variables for one layer's weight, installed in its weight quantizer."""
 
@@ -253,13 +264,13 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
     activation scales are set. Returns a report: per block, its layers, output error before and
     after, kept or not, and seconds. ``map_shards`` (a worker pool's map): the Fisher diagonals are
     computed in shards on the workers (the same tensors); the learning runs here."""
-    if config.augment:
-        images = augmented(images)
     fp = float_copy(model)
     with torch.no_grad():
         blocks = reconstruction_blocks(fp, layers, images[:1], bridges)
     if not blocks:
         return {"blocks": [], "layers": [], "images": len(images)}
+    if config.augment:
+        images = _with_views(fp, images, blocks, config.capture_bytes)
     bs = config.batch_size
     float_in, float_out = _capture(fp, images, blocks, bs, outputs=True)
     fisher = (output_fisher(fp, images, {b.name: b.modules(fp)[-1] for b in blocks}, bs, config.fisher_labels, config.seed, map_shards)
