@@ -44,7 +44,7 @@ from .calibration import float_copy
 from .fisher import output_fisher
 from .modules import TensorQuantizer
 from .refine import Refinement
-from .scale_tuning import LearnedStep, augmented
+from .scale_tuning import VIEWS, LearnedStep, augmented
 from .spec import broadcast_param
 from .tracing import StopForward, forward_with_hooks
 
@@ -208,8 +208,7 @@ def _with_views(fp: nn.Module, images: torch.Tensor, blocks: Sequence[Bridge], b
     224 px and a few hundred images would take tens of GiB with all ten views."""
     ins, outs = _capture(fp, images[:1], blocks, 1, outputs=True)
     per_image = sum(t.numel() * t.element_size() for t in ins.values()) + 2 * sum(t.numel() * t.element_size() for t in outs.values())
-    views = max(1, min(10, budget // max(1, per_image * len(images))))
-    return augmented(images)[:views * len(images)]
+    return augmented(images, max(1, min(VIEWS, budget // max(1, per_image * len(images)))))
 
 
 class _LearnedRounding:

@@ -26,12 +26,18 @@ from .modules import TensorQuantizer
 from .spec import fake_quantize
 
 
-def augmented(images: torch.Tensor) -> torch.Tensor:
+VIEWS = 10  # what ``augmented`` makes of each image: itself, its mirror, and both shifted four ways
+
+
+def augmented(images: torch.Tensor, views: int = VIEWS) -> torch.Tensor:
     """The images, their mirrors, and both shifted by 1/16 of the side up, down, left and right
-    (rolled: the rows or columns that leave one edge re-enter at the other)."""
-    both = torch.cat([images, images.flip(-1)])
+    (rolled: the rows or columns that leave one edge re-enter at the other), in that order; only
+    the first ``views`` of those ``VIEWS`` sets are made."""
     d = max(1, images.shape[-1] // 16)
-    return torch.cat([both] + [both.roll(shift, dim) for shift in (d, -d) for dim in (-2, -1)])
+    base = (images, images.flip(-1))
+    shifted = [(b, shift, dim) for shift in (d, -d) for dim in (-2, -1) for b in (0, 1)]
+    made = list(base[:views]) + [base[b].roll(shift, dim) for b, shift, dim in shifted[:max(0, views - 2)]]
+    return torch.cat(made)
 
 
 class LearnedStep:
