@@ -24,7 +24,8 @@ def test_sqb_pairs_come_from_dataflow_and_float_function_is_unchanged(loaded, ca
     depth = len(model.blocks)
     assert {(p.norm, tuple(p.linears)) for p in pairs} == (
         {(f"blocks.{i}.norm1", (f"blocks.{i}.attn.qkv",)) for i in range(depth)}
-        | {(f"blocks.{i}.norm2", (f"blocks.{i}.mlp.fc1",)) for i in range(depth)})
+        | {(f"blocks.{i}.norm2", (f"blocks.{i}.mlp.fc1",)) for i in range(depth)}
+        | {("norm", ("head",))})  # the final norm reaches the head through the class token only
     x = calib_batches[0]
     with torch.no_grad():
         before = model(x)
@@ -308,3 +309,26 @@ def test_a_layernorm_whose_output_also_reaches_a_conv_through_a_reshape_is_not_s
     assert list(chosen) == ["other"]
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, atol=1e-4, rtol=1e-4)
+
+
+def test_a_pooled_layernorm_is_paired_only_where_the_fold_keeps_the_function():
+    """A LayerNorm read through token averaging pairs with the next Linear; one whose pooled output
+    also leaves the model unchanged by that Linear (here: added to the logits) is left out."""
+    from torch import nn
+
+    class Pooled(nn.Module):
+        def __init__(self, leak: bool):
+            super().__init__()
+            self.leak, self.norm, self.head = leak, nn.LayerNorm(8), nn.Linear(8, 8)
+
+        def forward(self, x):  # x: (B, 16 tokens, 8)
+            pooled = self.norm(x).mean(1)
+            return self.head(pooled) + (pooled if self.leak else 0)
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 8)
+    for leak, expected in ((False, [("norm", ["head"])]), (True, [])):
+        model = Pooled(leak).eval()
+        with torch.no_grad():
+            model.norm.bias.uniform_(-1, 1)
+        assert [(p.norm, p.linears) for p in find_layernorm_linear_pairs(model, x)] == expected

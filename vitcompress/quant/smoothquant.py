@@ -1,4 +1,4 @@
-"""SQ-b: SmoothQuant with a bias term, for every Linear fed directly by a LayerNorm (MPTQ-ViT).
+"""SQ-b: SmoothQuant with a bias term, for every Linear fed by a LayerNorm (MPTQ-ViT).
 
 A LayerNorm's output is strongly asymmetric per channel in ViTs (a few channels sit far from 0).
 SQ-b shifts each channel j of that output by a centre mu_j and divides it by a smoothing factor
@@ -16,7 +16,8 @@ Interpretations (the paper's text is partly unavailable here; see docs/mptq.md):
 - alpha is searched per LayerNorm over a grid (plus "centre only", s = 1) by the output error of
   the consuming Linear(s) with their weights and inputs quantized at that layer's bit-widths.
 Pairs come from the dataflow (one forward pass with hooks: which Linear consumes exactly the
-tensor a LayerNorm produced), never from module names. A LayerNorm whose output also feeds
+tensor a LayerNorm produced, or, ours, reads it through token selection or pooling: ViT's final
+norm -> head), never from module names. A LayerNorm whose output also feeds
 anything other than Linears is left alone (its other consumer would see the changed output): each
 pair is checked by folding an arbitrary shift and scale and comparing the float output, and the
 output is checked again after the real folding, as BatchNorm folding does.
@@ -60,20 +61,33 @@ def find_layernorm_linear_pairs(model: nn.Module, example: torch.Tensor) -> list
     skipped. A consumer the hooks cannot see (a residual add of the normalised tensor, a reshape into
     a conv) is found by folding an arbitrary shift and scale into each pair and checking that the
     float output does not move; such a pair is skipped too.
+
+    A LayerNorm whose output reaches no module directly (ViT's final norm: the class token is
+    selected, or the tokens averaged, before the head) is paired with the first Linear of its width
+    executed after it that reads no LayerNorm directly; selection and averaging over tokens commute
+    with a per-channel shift and scale, and the same fold check keeps only pairs where that holds.
     """
     produced: dict[int, tuple[str, torch.Tensor]] = {}  # the tensor is kept alive so its id is not reused
     linear_consumers: dict[str, list[str]] = {}
     other_consumers: dict[str, int] = {}
+    executed: list[tuple[str, bool]] = []  # in order: a LayerNorm (True) or a Linear reading no LayerNorm (False)
     hooks = []
+
+    def produce(mod, out, n):
+        produced[id(out)] = (n, out)
+        executed.append((n, True))
+
     for name, m in model.named_modules():
         if isinstance(m, nn.LayerNorm) and m.elementwise_affine and m.bias is not None:
-            hooks.append(m.register_forward_hook(lambda mod, inp, out, n=name: produced.__setitem__(id(out), (n, out))))
+            hooks.append(m.register_forward_hook(lambda mod, inp, out, n=name: produce(mod, out, n)))
 
     def pre(mod, inp, n):
         if not inp or not isinstance(inp[0], torch.Tensor):
             return
         entry = produced.get(id(inp[0]))
         if entry is None or entry[1] is not inp[0]:
+            if isinstance(mod, nn.Linear):
+                executed.append((n, False))
             return
         norm = entry[0]
         if isinstance(mod, nn.Linear):
@@ -89,11 +103,29 @@ def find_layernorm_linear_pairs(model: nn.Module, example: torch.Tensor) -> list
             hooks.append(m.register_forward_pre_hook(lambda mod, inp, n=name: pre(mod, inp, n)))
     forward_with_hooks(model, example, hooks)
     pairs = [SmoothPair(norm, linears) for norm, linears in linear_consumers.items() if norm not in other_consumers]
+    pairs += _pooled_pairs(model, executed, seen=set(linear_consumers) | set(other_consumers))
     if not pairs:
         return []
     with torch.no_grad():
         reference = model(example)
     return [p for p in pairs if _fold_keeps_function(model, p, example, reference)]
+
+
+def _pooled_pairs(model: nn.Module, executed: Sequence[tuple[str, bool]], seen: set[str]) -> list[SmoothPair]:
+    """Candidate pairs for LayerNorms whose output reached no module directly: each with the first
+    Linear of its width executed after it that reads no LayerNorm (the fold check decides)."""
+    modules = dict(model.named_modules())
+    pairs, taken = [], set()
+    for i, (norm, is_norm) in enumerate(executed):
+        if not is_norm or norm in seen or norm in taken:
+            continue
+        width = modules[norm].weight.shape[0]
+        later = (n for n, is_n in executed[i + 1:] if not is_n and modules[n].in_features == width and n not in taken)
+        linear = next(later, None)
+        if linear is not None:
+            pairs.append(SmoothPair(norm, [linear]))
+            taken |= {norm, linear}
+    return pairs
 
 
 def _fold_keeps_function(model: nn.Module, pair: SmoothPair, example: torch.Tensor, reference: torch.Tensor,
