@@ -32,8 +32,7 @@ from .registry import Progress, register_method, register_restorer
 from .gptq import gptq_layers
 from .config import QuantConfig
 from .mixed_precision import average_bits, greedy_mixed_precision
-from .reconstruction import (RECONSTRUCTION_AUGMENT, ReconstructionConfig, check_reconstruction_options, reconstruction_kept,
-                             reconstruction_refinement, steps_for)
+from .reconstruction import ReconstructionOptions, reconstruction_kept, reconstruction_refinement
 from .refine import Refinement, apply_refinements
 from .modules import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer, quantizers, wrap_input
 from .placement import is_narrow, reads_image
@@ -59,7 +58,7 @@ KNOWN_PARTS = ("rotate",) + PARTS
 
 @register_options("mptq")
 @dataclass(frozen=True)
-class MptqOptions:
+class MptqOptions(ReconstructionOptions):
     """The ``mptq`` method's knobs, read from ``QuantConfig.method_options``.
 
     full: also quantize attention products, Softmax/GELU outputs and LayerNorm/GELU inputs
@@ -77,10 +76,8 @@ class MptqOptions:
     reconstruction_steps: ours (BRECQ/AdaRound/QDrop, ``reconstruction.py``): weight rounding and
         input step sizes learned per transformer block once every grid is chosen, steps per block;
         0 = off; None = 200 below 8 bits (it lowered the held-out KL at W4A4 and W6A6), else off.
-        GPTQ then runs only if reconstruction was not kept.
-    qdrop: QDrop's probability that an activation element passes unquantized during reconstruction.
-    reconstruction_augment: reconstruct on the calibration images with their mirrors and shifts
-        (ours; docs/reconstruction.md).
+        GPTQ then runs only if reconstruction was not kept. ``qdrop``, ``reconstruction_augment``:
+        ``ReconstructionOptions``.
     """
 
     full: bool = False
@@ -88,9 +85,6 @@ class MptqOptions:
     bit_choices: tuple[int, ...] = (4, 5, 6, 8)
     layer_bits: dict = field(default_factory=dict)
     parts: tuple[str, ...] = PARTS
-    reconstruction_steps: int | None = None
-    qdrop: float = 0.5
-    reconstruction_augment: bool = RECONSTRUCTION_AUGMENT
 
     @staticmethod
     def precision(raw: dict) -> tuple[str, bool] | None:
@@ -126,7 +120,6 @@ class MptqOptions:
             raise VitcompressError("give either --target-bits or --bits-from, not both")
         if opts.target_bits is not None and not opts.bit_choices[0] <= opts.target_bits <= opts.bit_choices[-1]:
             raise VitcompressError(f"--target-bits {opts.target_bits:g} is outside the bit choices {list(opts.bit_choices)}")
-        check_reconstruction_options(opts.reconstruction_steps, opts.qdrop, opts.reconstruction_augment)
         if set(opts.parts) - set(KNOWN_PARTS):
             raise VitcompressError(f"unknown MPTQ part(s) {sorted(set(opts.parts) - set(KNOWN_PARTS))} (known: {', '.join(KNOWN_PARTS)})")
         if opts.full and config.placement != "partial+matmul":
@@ -502,9 +495,9 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
     weighted = [n for n in macs if hasattr(modules[n], "weight_quantizer")]  # execution order
     narrowest = min((min(wa) for wa in final.values()), default=8)
     judged_on = f"{len(sens_x)} calibration images"
-    reconstruction, reconstruction_report = reconstruction_refinement(weighted, ReconstructionConfig(
-        steps=steps_for(opts.reconstruction_steps, narrowest, AUTO_MAX_BITS) if "reconstruction" in parts else 0,
-        drop_prob=opts.qdrop, augment=opts.reconstruction_augment), progress=progress, judged_on=judged_on, map_shards=map_shards)
+    reconstruction, reconstruction_report = reconstruction_refinement(
+        weighted, opts.reconstruction_config(narrowest, AUTO_MAX_BITS, enabled="reconstruction" in parts),
+        progress=progress, judged_on=judged_on, map_shards=map_shards)
     refinements = [
         reconstruction,
         Refinement("gptq", lambda done: "gptq" in parts and not reconstruction_kept(done),

@@ -61,8 +61,7 @@ from .bridge import Bridge, find_bridges, layer_order, well_formed
 from .config import QuantConfig
 from .modules import QuantConv2d, QuantLinear, TensorQuantizer
 from .placement import is_depthwise
-from .reconstruction import (RECONSTRUCTION_AUGMENT, ReconstructionConfig, check_reconstruction_options, reconstruction_kept,
-                             reconstruction_refinement, steps_for)
+from .reconstruction import ReconstructionOptions, reconstruction_kept, reconstruction_refinement
 from .refine import Refinement, apply_refinements
 from .spec import QuantSpec, qparams_from_range
 from .tracing import consumers_of
@@ -73,7 +72,7 @@ AUTO_MAX_BITS = 6  # reconstruction by default at this width or below (docs/reco
 
 @register_options("qhyvit")
 @dataclass(frozen=True)
-class QHyViTOptions:
+class QHyViTOptions(ReconstructionOptions):
     alphas: int = 40
     rounds: int = 3
     search_granularity: bool = True
@@ -85,13 +84,9 @@ class QHyViTOptions:
     # ours: GPTQ takes input columns in decreasing order of their Hessian diagonal (GPTQ's act-order);
     # W6A6, 32 images, val KL: mobilevit_xxs 0.0127 -> 0.0102, mobilevitv2_050 0.0113 -> 0.0110 (docs/qhyvit.md)
     gptq_act_order: bool = True
-    # ours (BRECQ/AdaRound/QDrop, reconstruction.py): weight rounding learned per block (bridge blocks and
-    # the blocks between them) after the search, steps per block; 0 = off; None = 200 at 6 bits or fewer,
-    # where it lowered the held-out KL (at W6A6 only once narrow layers kept 8 bits: docs/reconstruction.md), else off.
-    # GPTQ runs only where reconstruction was not kept.
-    reconstruction_steps: int | None = None
-    qdrop: float = 0.5  # QDrop's probability that an activation element passes unquantized during reconstruction
-    reconstruction_augment: bool = RECONSTRUCTION_AUGMENT  # ours: reconstruct on the images, their mirrors and shifts
+    # reconstruction_steps, qdrop, reconstruction_augment (ReconstructionOptions): weight rounding learned per
+    # block (bridge blocks and the blocks between them) after the search; by default at 6 bits or fewer
+    # (AUTO_MAX_BITS), where it lowered the held-out KL (docs/reconstruction.md). GPTQ runs only where it was not kept.
     bias_correction: bool = True  # ours: empirical bias correction after the search (bias_correction.py)
     scale_tuning_steps: int = 600  # ours: end-to-end activation-scale tuning after them (scale_tuning.py); 0 = off
     # per-channel activation candidates: "depthwise" convs | "all" convs | "none"; never a Linear, nor a
@@ -110,7 +105,7 @@ class QHyViTOptions:
     objective: str = "hessian"  # "hessian" (the paper's) or "mse" (unweighted output error, for ablation)
 
     def __post_init__(self):
-        check_reconstruction_options(self.reconstruction_steps, self.qdrop, self.reconstruction_augment)
+        super().__post_init__()
         if self.gptq_target not in ("own", "float", "auto"):
             raise VitcompressError(f"qhyvit gptq_target must be own, float or auto, got {self.gptq_target!r}")
         if self.activation_granularity not in ("depthwise", "all", "none"):
@@ -397,9 +392,9 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
             return gptq_layers(m, names, b, reference, act_order=opts.gptq_act_order, map_shards=map_shards)
         return run
 
-    reconstruction, reconstruction_report = reconstruction_refinement(order, ReconstructionConfig(
-        steps=steps_for(opts.reconstruction_steps, min(config.wbits, config.abits), AUTO_MAX_BITS),
-        drop_prob=opts.qdrop, augment=opts.reconstruction_augment, batch_size=bs, seed=seed), bridges, progress, map_shards=map_shards)
+    reconstruction, reconstruction_report = reconstruction_refinement(
+        order, opts.reconstruction_config(min(config.wbits, config.abits), AUTO_MAX_BITS, batch_size=bs, seed=seed),
+        bridges, progress, map_shards=map_shards)
     weights_of = lambda m: [m.weight]  # noqa: E731
     refinements = [
         reconstruction,

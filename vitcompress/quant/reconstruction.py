@@ -97,6 +97,31 @@ def check_reconstruction_options(steps: int | None, drop_prob: float, augment: b
         raise VitcompressError(f"reconstruction_augment must be true or false, got {augment!r}")
 
 
+@dataclass(frozen=True)
+class ReconstructionOptions:
+    """The reconstruction knobs a method offers (its options dataclass inherits them, checked here).
+
+    reconstruction_steps: steps per block; 0 = off; None = ``AUTO_STEPS`` where the method's
+        narrowest width is at most its ``auto_max_bits`` (``steps_for``), else off.
+    qdrop: QDrop's probability that an activation element passes unquantized during reconstruction.
+    reconstruction_augment: ours: reconstruct on the calibration images, their mirrors and shifts.
+    """
+
+    reconstruction_steps: int | None = None
+    qdrop: float = 0.5
+    reconstruction_augment: bool = RECONSTRUCTION_AUGMENT
+
+    def __post_init__(self) -> None:
+        check_reconstruction_options(self.reconstruction_steps, self.qdrop, self.reconstruction_augment)
+
+    def reconstruction_config(self, narrowest_bits: int, auto_max_bits: int, enabled: bool = True,
+                              **fixed) -> ReconstructionConfig:
+        """The ``ReconstructionConfig`` these options ask for (``enabled`` False: 0 steps); ``fixed``:
+        the method's own settings (batch size, seed)."""
+        steps = steps_for(self.reconstruction_steps, narrowest_bits, auto_max_bits) if enabled else 0
+        return ReconstructionConfig(steps=steps, drop_prob=self.qdrop, augment=self.reconstruction_augment, **fixed)
+
+
 def learned_by_reconstruction(layer: nn.Module) -> list[torch.Tensor]:
     """What reconstruction may change in a quantized layer: its weight and its activation step sizes."""
     return [layer.weight] + [q.scale for q in layer.modules()
