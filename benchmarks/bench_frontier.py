@@ -1,6 +1,7 @@
 """The accuracy frontier: min-max, each reference model's method, and the method + block
 reconstruction, at W8A8/W6A6/W4A4, every row an exported artifact, reported on the half of val
-that no choice was tuned on.
+that no choice was tuned on. ``--variants mixed`` (mptq models): MPTQ-ViT's greedy mixed precision
+down to the row's width as a MAC-weighted average (``--target-bits``), with the default reconstruction.
 
 Val is split once (seeded): half A is where variants are compared while developing, half B is
 never used to choose anything. Each row gives agreement with the float artifact, top-1 drop and
@@ -33,12 +34,13 @@ from vitcompress.quant.reconstruction import AUTO_STEPS, RECONSTRUCTION_AUGMENT,
 
 METHOD_OF = {"cifar10_mobilevit_xxs": "qhyvit", "cifar10_mobilevitv2_050": "qhyvit", "cifar10_vit_tiny": "mptq"}
 VARIANTS = ["minmax", "method", "reconstruction"]
+MIXED = "mixed"  # not in the default set: greedy mixed precision at the width as an average (mptq only)
 AUTO_MAX_BITS = {"qhyvit": qhyvit.AUTO_MAX_BITS, "mptq": mptq.AUTO_MAX_BITS}
 
 
 def _is_default(model: str, variant: str, bits: int, steps: int) -> bool:
     """Is this row what `vitcompress quantize --method M --bits B` does with no other flag?"""
-    if variant == "minmax":
+    if variant in ("minmax", MIXED):
         return False
     auto = steps_for(None, bits, AUTO_MAX_BITS[METHOD_OF[model]])
     return (variant == "reconstruction") == (auto > 0) and (auto == 0 or auto == steps)
@@ -47,28 +49,31 @@ def _is_default(model: str, variant: str, bits: int, steps: int) -> bool:
 def _config(model: str, variant: str, bits: int, steps: int) -> QuantConfig:
     if variant == "minmax":
         return QuantConfig(wbits=bits, abits=bits)
+    if variant == MIXED:  # greedy mixed precision, reconstruction as the method's default does
+        return QuantConfig(method=METHOD_OF[model], wbits=8, abits=8, placement="default",
+                           method_options={"target_bits": float(bits), "reconstruction_steps": steps})
     options = {"reconstruction_steps": steps if variant == "reconstruction" else 0}
     # the placement `vitcompress quantize` gives a method without --placement (api.method_placement)
     return QuantConfig(method=METHOD_OF[model], wbits=bits, abits=bits, placement="default", method_options=options)
 
 
-def _quantize_in_own_process(job: QuantizeJob) -> tuple[Path, float, float]:
+def _quantize_in_own_process(job: QuantizeJob) -> tuple[Path, float, float, dict | None, float | None]:
     """(quantized artifact, method seconds, peak resident memory in MiB of the whole run, the narrow
-    layers kept at 8 bits as the report gives them or None)."""
+    layers kept at 8 bits as the report gives them or None, the mixed-precision average width or None)."""
     import torch
 
     torch.set_num_threads(1)
     r = quantize(job)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return (job.out / r["artifacts"]["quantized"]["path"], r["quantization"]["seconds"], peak_mib,
-            r["quantization"].get("narrow_layer_bits"))
+            r["quantization"].get("narrow_layer_bits"), (r["quantization"].get("mixed_precision") or {}).get("average_bits"))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(METHOD_OF), choices=list(METHOD_OF))
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
-    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS + [MIXED])
     ap.add_argument("--calib-size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=AUTO_STEPS, help="reconstruction steps per block")
     ap.add_argument("--work", type=Path, default=None, help="keep each run's output folder here (default: a temp dir)")
@@ -86,12 +91,15 @@ def main() -> None:
             runs, narrow_note = [], None
             for bits in args.bits:
                 for variant in args.variants:
+                    if variant == MIXED and METHOD_OF[z] != "mptq":
+                        print(f"{z}: greedy mixed precision is mptq's; no {MIXED} row", flush=True)
+                        continue
                     job = QuantizeJob(out=work / f"{z}_{variant}_{bits}", checkpoint=ckpt,
                                       config=_config(z, variant, bits, args.steps), calib_dir=data / "train",
                                       calib_size=args.calib_size, latency_rounds=1, force=True)
                     with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:  # a fresh process: its own peak memory
-                        path, seconds, peak, narrow = pool.submit(_quantize_in_own_process, job).result()
-                    runs.append((bits, variant, path, seconds, peak))
+                        path, seconds, peak, narrow, average = pool.submit(_quantize_in_own_process, job).result()
+                    runs.append((bits, variant, path, seconds, peak, average))
                     narrow_note = narrow or narrow_note
                     print(runs[-1], flush=True)
             files = {"fp32": runs[0][2].parent / "model.fp32.onnx", **{str(i): r[2] for i, r in enumerate(runs)}}
@@ -109,13 +117,16 @@ def main() -> None:
 
             every = np.ones(len(val), dtype=bool)
             rows = []
-            for i, (bits, variant, _, seconds, peak) in enumerate(runs):
+            for i, (bits, variant, _, seconds, peak, average) in enumerate(runs):
                 (ab, db, kb), (aa, da, ka) = measured(str(i), in_b), measured(str(i), every)
-                label = {"minmax": "min-max", "method": METHOD_OF[z],
-                         "reconstruction": f"{METHOD_OF[z]} + reconstruction ({args.steps} steps/block"
-                                           + (", images with mirrors and shifts)" if RECONSTRUCTION_AUGMENT else ")")}[variant]
+                recon = (f"reconstruction ({args.steps} steps/block"
+                         + (", images with mirrors and shifts)" if RECONSTRUCTION_AUGMENT else ")"))
+                label = {"minmax": "min-max", "method": METHOD_OF[z], "reconstruction": f"{METHOD_OF[z]} + {recon}",
+                         MIXED: f"{METHOD_OF[z]} greedy mixed precision over widths {'/'.join(map(str, mptq.MptqOptions.bit_choices))}, average "
+                                f"{average:.3f} (`--target-bits {bits}`) + {recon}"}[variant]
                 label += " (the default)" if _is_default(z, variant, bits, args.steps) else ""
-                rows.append(f"| W{bits}A{bits} | {label} | {ab:.2f} | {db:.2f} | {kb:.4f} | {aa:.2f} | {da:.2f} | {ka:.4f} "
+                width = f"W{bits}A{bits}" if variant != MIXED else f"mixed, {bits} avg"
+                rows.append(f"| {width} | {label} | {ab:.2f} | {db:.2f} | {kb:.4f} | {aa:.2f} | {da:.2f} | {ka:.4f} "
                             f"| {seconds:.0f} | {peak:.0f} |")
             float_b = summarize(logits["fp32"][in_b], labels[in_b], label_map, loaded.num_classes)["top1"]
             publish(args.out, f"frontier_{z}", f"Accuracy frontier on {z} (float top-1 {float_b:.2f} on half B)",
