@@ -121,9 +121,11 @@ def main() -> None:
                 (ab, db, kb), (aa, da, ka) = measured(str(i), in_b), measured(str(i), every)
                 recon = (f"reconstruction ({args.steps} steps/block"
                          + (", images with mirrors and shifts)" if RECONSTRUCTION_AUGMENT else ")"))
-                label = {"minmax": "min-max", "method": METHOD_OF[z], "reconstruction": f"{METHOD_OF[z]} + {recon}",
-                         MIXED: f"{METHOD_OF[z]} greedy mixed precision over widths {'/'.join(map(str, mptq.MptqOptions.bit_choices))}, average "
-                                f"{average:.3f} (`--target-bits {bits}`) + {recon}"}[variant]
+                if variant == MIXED:
+                    choices = "/".join(map(str, mptq.MptqOptions.bit_choices))
+                    label = f"{METHOD_OF[z]} greedy mixed precision over widths {choices}, average {average:.3f} (`--target-bits {bits}`) + {recon}"
+                else:
+                    label = {"minmax": "min-max", "method": METHOD_OF[z], "reconstruction": f"{METHOD_OF[z]} + {recon}"}[variant]
                 label += " (the default)" if _is_default(z, variant, bits, args.steps) else ""
                 width = f"W{bits}A{bits}" if variant != MIXED else f"mixed, {bits} avg"
                 rows.append(f"| {width} | {label} | {ab:.2f} | {db:.2f} | {kb:.4f} | {aa:.2f} | {da:.2f} | {ka:.4f} "

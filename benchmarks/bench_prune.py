@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from vitcompress.prune_api import PruneJob, prune  # noqa: E402
 
+MODELS = {"cifar10_vit_tiny": "the ViT reference model, 32 px", "deit_small_patch16_224": "timm, random weights, 224 px"}
 
 
 def _row(tag: str, r: dict) -> str:
@@ -61,7 +62,8 @@ def main() -> None:
     ap.add_argument("--recover-size", type=int, default=50000)
     ap.add_argument("--calib-size", type=int, default=1024)
     ap.add_argument("--eval-size", type=int, default=None)
-    ap.add_argument("--skip-deit-small", action="store_true")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
+                    help="the reference model (accuracy and speed) and/or deit_small (random weights, speed only)")
     ap.add_argument("--reports", type=Path, nargs="+", help="build the table from report.json files of `prune` runs")
     ap.add_argument("--work", type=Path, default=None, help="keep each run's output folder here (default: a temp dir)")
     ap.add_argument("--note", default="", help="text added under the table")
@@ -80,7 +82,7 @@ def main() -> None:
     rows, started = [], time.time()
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.work or Path(scratch)
-        for target in args.targets:
+        for target in args.targets if "cifar10_vit_tiny" in args.models else ():
             for method in args.methods:
                 job = PruneJob(out=Path(tmp) / f"{method}{target}", checkpoint=ckpt, method=method, target_speedup=target,
                                calib_dir=train, calib_size=args.calib_size, eval_dir=val, eval_size=args.eval_size,
@@ -88,7 +90,7 @@ def main() -> None:
                                recover_minutes=args.recover_minutes, force=True)
                 rows.append(_row("cifar10_vit_tiny", prune(job)))
                 print(rows[-1], flush=True)
-        if not args.skip_deit_small:
+        if "deit_small_patch16_224" in args.models:
             for target in args.targets:
                 for method in args.methods:  # speed only: OFB searches a few steps on random weights
                     job = PruneJob(out=Path(tmp) / f"deits{method}{target}", model="deit_small_patch16_224", pretrained=False,
