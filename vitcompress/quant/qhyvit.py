@@ -56,7 +56,7 @@ from .registry import register_method
 from .fisher import output_fisher
 from .bias_correction import correct_bias, float_output_means
 from .gptq import gptq_layers
-from .scale_tuning import augmented, tune_activation_scales
+from .scale_tuning import augmented, scale_tuning_refinement
 from .bridge import Bridge, find_bridges, layer_order, well_formed
 from .config import QuantConfig
 from .modules import QuantConv2d, QuantLinear, TensorQuantizer
@@ -369,16 +369,8 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
 
     # the float model's layer means, taken while the weights are still float (GPTQ rewrites them)
     float_means = float_output_means(model, order, batches) if opts.bias_correction else None
-    tuning_checks: list[float] = []
-
-    def tune_scales(*_) -> list:
-        tuning_checks.extend(tune_activation_scales(model, input_quantizers, tuning_images, tuning_logits,
-                                                    opts.scale_tuning_steps, batch_size=bs, seed=seed))
-        return input_quantizers
-
-    def tuning_judgement() -> tuple[float, float]:
-        # the augmented-image KL at the start and at the scales tuning kept, as measured by the tuning
-        return tuning_checks[0], min(tuning_checks)
+    scale_tuning, tuning_checks = scale_tuning_refinement(input_quantizers, tuning_images, tuning_logits,
+                                                          opts.scale_tuning_steps, batch_size=bs, seed=seed)
 
     # "auto": towards the float model below 8 bits; if that does not lower the calibration KL, plain
     # GPTQ gets its own chance (docs/qhyvit.md, "GPTQ target")
@@ -403,9 +395,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
                                              and "gptq" in done and not done["gptq"]["kept"]), round_weights("own"), weights_of),
         Refinement("bias_correction", lambda done: opts.bias_correction, lambda m, o, b: correct_bias(m, o, b, float_means),
                    lambda m: [m.bias] if m.bias is not None else []),
-        Refinement("scale_tuning", lambda done: opts.scale_tuning_steps > 0, tune_scales,
-                   lambda m: [m.input_quantizer.scale] if m.input_quantizer in input_quantizers else [], tuning_judgement,
-                   judged_on="augmented calibration images"),
+        scale_tuning,
     ]
     post_steps = apply_refinements(model, order, batches, refinements, end_to_end, e2e_history[-1], on_kept=e2e_history.append)
     if "gptq" in post_steps:

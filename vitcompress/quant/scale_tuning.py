@@ -23,6 +23,7 @@ from torch import nn
 
 from .calibration import batched_logits, logits_kl
 from .modules import TensorQuantizer
+from .refine import Refinement
 from .spec import fake_quantize
 
 
@@ -111,3 +112,24 @@ def tune_activation_scales(model: nn.Module, quantizers: Sequence[TensorQuantize
     for s, ls in zip(steps_, best):
         s.apply(ls)
     return checks
+
+
+def scale_tuning_refinement(quantizers: Sequence[TensorQuantizer], images: torch.Tensor | None,
+                            float_logits: torch.Tensor | None, steps: int, batch_size: int = 32,
+                            seed: int = 0) -> tuple[Refinement, list[float]]:
+    """Scale tuning as a method's refinement (``refine.py``; on when ``steps`` > 0), judged by its
+    own checks on the ``images`` it fits (the start and the best measured KL), and the list those
+    checks fill. The plain calibration images are too few to judge it (docs/qhyvit.md)."""
+    checks: list[float] = []
+    tuned = set(quantizers)
+
+    def run(model: nn.Module, names: Sequence[str], batches: Sequence[torch.Tensor]) -> list:
+        checks.extend(tune_activation_scales(model, quantizers, images, float_logits, steps, batch_size=batch_size, seed=seed))
+        return list(quantizers)
+
+    def changes(layer: nn.Module) -> list[torch.Tensor]:
+        q = getattr(layer, "input_quantizer", None)
+        return [q.scale] if q in tuned else []
+
+    return Refinement("scale_tuning", lambda done: steps > 0, run, changes, lambda: (checks[0], min(checks)),
+                      judged_on="augmented calibration images"), checks
