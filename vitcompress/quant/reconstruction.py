@@ -85,18 +85,6 @@ def steps_for(requested: int | None, narrowest_bits: int, auto_max_bits: int) ->
     return AUTO_STEPS if narrowest_bits <= auto_max_bits else 0
 
 
-def check_reconstruction_options(steps: int | None, drop_prob: float, augment: bool = False) -> None:
-    """The checks every method offering reconstruction makes on its options (steps None: the method's default)."""
-    if steps is None:
-        pass
-    elif not isinstance(steps, int) or steps < 0:
-        raise VitcompressError(f"reconstruction_steps must be a whole number ≥ 0, got {steps!r}")
-    if not 0.0 <= float(drop_prob) < 1.0:
-        raise VitcompressError(f"qdrop must be in [0, 1), got {drop_prob!r}")
-    if not isinstance(augment, bool):
-        raise VitcompressError(f"reconstruction_augment must be true or false, got {augment!r}")
-
-
 @dataclass(frozen=True)
 class ReconstructionOptions:
     """The reconstruction knobs a method offers (its options dataclass inherits them, checked here).
@@ -112,7 +100,13 @@ class ReconstructionOptions:
     reconstruction_augment: bool = RECONSTRUCTION_AUGMENT
 
     def __post_init__(self) -> None:
-        check_reconstruction_options(self.reconstruction_steps, self.qdrop, self.reconstruction_augment)
+        steps = self.reconstruction_steps
+        if steps is not None and (not isinstance(steps, int) or steps < 0):
+            raise VitcompressError(f"reconstruction_steps must be a whole number ≥ 0, got {steps!r}")
+        if not 0.0 <= float(self.qdrop) < 1.0:
+            raise VitcompressError(f"qdrop must be in [0, 1), got {self.qdrop!r}")
+        if not isinstance(self.reconstruction_augment, bool):
+            raise VitcompressError(f"reconstruction_augment must be true or false, got {self.reconstruction_augment!r}")
 
     def reconstruction_config(self, narrowest_bits: int, auto_max_bits: int, enabled: bool = True,
                               **fixed) -> ReconstructionConfig:
