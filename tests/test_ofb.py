@@ -23,6 +23,18 @@ def _tiny_vit(**kw):
                              embed_dim=32, depth=2, num_heads=4, **kw).eval()
 
 
+def _toy_search(g: WidthGroup, importance: torch.Tensor, target: float, steps: int = 1000) -> None:
+    opt = torch.optim.AdamW([g.alpha], lr=0.05, betas=(0.5, 0.999))
+    for step in range(1, steps + 1):
+        task = (importance * (1 - g.mask(0.1)) ** 2).sum()
+        loss = task + 5 * ((g.expected_width() - target) / 8) ** 2 + 0.5 * g.onehot_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            g.drop(0.2)
+
+
 def test_width_distribution_becomes_one_hot_at_the_target_on_a_toy_problem():
     """Eight units of falling importance (the task loses Σ importance·(1 − m)²), a FLOPs loss
     pulling the expected width to 3, the adaptive one-hot loss and progressive pruning: the
@@ -32,18 +44,30 @@ def test_width_distribution_becomes_one_hot_at_the_target_on_a_toy_problem():
         g = WidthGroup("mlp", "toy", 8, list(range(1, 9)), torch.Generator().manual_seed(seed))
         with torch.no_grad():
             g.score.copy_(importance)
-        opt = torch.optim.AdamW([g.alpha], lr=0.05, betas=(0.5, 0.999))
-        for step in range(1, 1001):
-            task = (importance * (1 - g.mask(0.1)) ** 2).sum()
-            loss = task + 5 * ((g.expected_width() - 3.0) / 8) ** 2 + 0.5 * g.onehot_loss()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if step % 20 == 0:
-                g.drop(0.2)
+        _toy_search(g, importance, 3.0)
         assert g.decided() and int(g.widths[g.choice()]) == 3
         assert float(g.probs().detach().max()) == pytest.approx(1.0)
         assert torch.equal(g.candidate_mask(hard=True), g.candidate_mask())  # the soft mask is the chosen prefix
+
+
+def test_a_decided_width_reopens_below_its_choice_and_can_cut_further():
+    """A continued search toward a tighter target: the candidates at or below the choice come back
+    (uniform), wider ones and the units past the choice stay off, and the toy settles on 2 of 8."""
+    importance = torch.tensor([8.0, 7, 1, 0.9, 0.8, 0.6, 0.4, 0.2]) / 8
+    g = WidthGroup("mlp", "toy", 8, list(range(1, 9)), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        g.score.copy_(importance)
+    _toy_search(g, importance, 5.0)
+    assert g.decided() and int(g.widths[g.choice()]) == 5
+    assert g.reopen()
+    assert g.alive.tolist() == [True] * 5 + [False] * 3 and not g.decided()
+    torch.testing.assert_close(g.probs()[:5], torch.full((5,), 0.2))
+    assert torch.all(g.mask(0.1)[5:] == 0)  # cut units stay cut in the soft mask too
+    _toy_search(g, importance, 2.0)
+    assert g.decided() and int(g.widths[g.choice()]) == 2
+    g.alive.fill_(False)
+    g.alive[0] = True
+    assert not g.reopen()  # nothing narrower than the narrowest candidate
 
 
 def test_folding_and_removal_keep_the_function_exactly():
@@ -51,6 +75,8 @@ def test_folding_and_removal_keep_the_function_exactly():
     search = OFBSearch(model, OFBConfig(steps=6, batch_size=8, prune_every=2, pad=1))
     x = torch.randn(32, 3, 16, 16)
     search.run(x, search.dense_macs / 2.5)
+    search.reopen()  # and a continuation below the choices (ceilings on the units)
+    search.run(x, search.dense_macs / 3, steps=4)
     for g in search.groups:  # make the masks far from trivial: random scores and distributions
         with torch.no_grad():
             g.score.copy_(torch.randn(g.units))

@@ -289,20 +289,24 @@ def _prune_ofb(job: PruneJob, loaded: LoadedModel, images: torch.Tensor, fp32: P
         gamma = min(1.5, max(0.3, math.log(max(achieved, 1.01)) / math.log(factor_probe)))
     factor = goal ** (1.0 / gamma)
     steps, seconds = cfg.steps, cfg.max_seconds
-    runs = []
+    runs, reopened = [], 0
     for rnd in range(OFB_MAX_ROUNDS):
         run = search.run(images, search.dense_macs / factor, steps=steps, max_seconds=seconds,
                          progress=lambda d, t, info: progress("search", d, t, info))
-        runs.append({"round": rnd, "macs_factor_target": factor, "requested_steps": steps, **run})
+        runs.append({"round": rnd, "macs_factor_target": factor, "requested_steps": steps,
+                     "groups_reopened": reopened, **run})
         slim = search.slim()
-        achieved, path = record(slim, "search" if rnd == 0 else "search continued toward a tighter target")
+        note = "search" if rnd == 0 else "search continued toward a tighter target"
+        achieved, path = record(slim, note + (", the decided widths re-opened below their choice" if reopened else ""))
         if achieved >= goal:
             break
+        # every width decided: re-open the narrower candidates (the search could not go on otherwise)
+        reopened = search.reopen() if all(g.decided() for g in search.groups) else 0
         if all(g.decided() for g in search.groups):
-            raise VitcompressError(
-                f"OFB settled every width at {achieved:.2f}x, short of the {goal:g}x target; ask for a higher target "
-                f"(e.g. --target-speedup {goal * goal / achieved:.2f}) so the first round aims further")
-        factor *= (goal / achieved) ** (1.0 / gamma) * 1.02
+            raise VitcompressError(f"OFB reached {achieved:.2f}x with every width at its narrowest candidate, "
+                                   f"short of the {goal:g}x target; lower the target")
+        # from where the widths landed (a search can end past its MACs target)
+        factor = max(factor, iterations[-1]["macs_factor"]) * (goal / achieved) ** (1.0 / gamma) * 1.02
         steps, seconds = max(cfg.prune_every, cfg.steps // 5), cfg.max_seconds / 5
     else:
         raise VitcompressError(f"OFB reached {achieved:.2f}x, short of the {goal:g}x target after {OFB_MAX_ROUNDS} "

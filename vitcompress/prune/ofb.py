@@ -105,6 +105,9 @@ class WidthGroup(nn.Module):
         self.kind, self.name, self.units = kind, name, units
         self.register_buffer("widths", torch.tensor(sorted(set(widths)), dtype=torch.float32))
         self.register_buffer("alive", torch.ones(len(self.widths), dtype=torch.bool))
+        # units ranked at or past the ceiling are off whatever the candidates say: set when a decided
+        # group is re-opened below its choice (:meth:`reopen`), whose cut units must stay cut
+        self.register_buffer("ceiling", torch.tensor(float(units)))
         # σ(s) ≈ 0.95 at the start (the paper: s ~ N(0, 0.2), σ ≈ 0.5, which halves every unit of a
         # trained model at w = 0.99; a short post-training search cannot afford that detour)
         self.score = nn.Parameter(score_init + torch.randn(units, generator=gen) * 0.2)
@@ -134,7 +137,11 @@ class WidthGroup(nn.Module):
         hard = hard or self.decided()
         cand = self.candidate_mask(hard)
         m = w * torch.sigmoid(self.score) + (1 - w) * cand
-        return m * cand if hard else m
+        if hard:
+            return m * cand
+        if self.ceiling < self.units:
+            return m * (self.rank() < self.ceiling).to(m.dtype)
+        return m
 
     def expected_width(self) -> torch.Tensor:
         return (self.probs() * self.widths).sum()
@@ -172,6 +179,20 @@ class WidthGroup(nn.Module):
         self.alive &= ~dead
         self.alpha[~self.alive] = 0.0
         return int(dead.sum())
+
+    @torch.no_grad()
+    def reopen(self) -> bool:
+        """Bring back the candidates at or below the chosen width, with a uniform distribution as
+        at the start, so that a continued search can cut further. Wider candidates stay dead and
+        the units past the choice stay off. True when anything was re-opened."""
+        chosen = self.widths[self.choice()]
+        alive = self.widths <= chosen
+        if int(alive.sum()) <= 1:
+            return False
+        self.alive.copy_(alive)
+        self.ceiling.fill_(float(chosen))
+        self.alpha.zero_()
+        return True
 
     def final(self, w: float) -> tuple[list[int], torch.Tensor]:
         """The units of the chosen width (index order) and every unit's final mask value (0 for
@@ -247,6 +268,7 @@ class OFBSearch:
             self.groups.append(g)
         self.w = config.w_start
         self.step = 0
+        self._reopened = False
         self.masks: dict[str, torch.Tensor] = {}
         self.embed_masks: tuple[torch.Tensor, torch.Tensor] | None = None
         self.hard = False
@@ -375,6 +397,7 @@ class OFBSearch:
         T = cfg.temperature
         t0 = time.perf_counter()
         start, trace = self.step, []
+        fresh, self._reopened = start == 0 or self._reopened, False
         perm, pos = torch.randperm(len(images), generator=self.gen), 0
         self.student.train()
         try:
@@ -385,7 +408,7 @@ class OFBSearch:
                     perm, pos = torch.randperm(len(images), generator=self.gen), 0
                 x = _augment(images[perm[pos:pos + cfg.batch_size]], aug, self.gen)
                 pos += cfg.batch_size
-                self.w = self._w_at(i, steps) if start == 0 else cfg.w_end
+                self.w = self._w_at(i, steps) if fresh else cfg.w_end
                 lr_scale = 0.5 * (1 + math.cos(math.pi * i / steps))
                 for o, base in ((opt, cfg.lr), (arch, cfg.arch_lr)):
                     for group in o.param_groups:
@@ -403,8 +426,9 @@ class OFBSearch:
                 # the one-hot loss waits for the warm-up to end, then ramps in over as many steps: from a
                 # near-uniform p it amplifies whatever direction p is moving, so the task and FLOPs
                 # losses must have shaped p first (at full weight it collapses every group in ~20 steps)
-                warm = start == 0 and i < cfg.warmup * steps
-                ramp = 1.0 if start else min(1.0, max(0.0, i / steps - cfg.warmup) / cfg.warmup)
+                # (and so does a continuation after :meth:`reopen`, whose choices start over)
+                warm = fresh and i < cfg.warmup * steps
+                ramp = min(1.0, max(0.0, i / steps - cfg.warmup) / cfg.warmup) if fresh else 1.0
                 sparsity = sum(cfg.group_weight * (ramp * g.onehot_loss()
                                                    + (cfg.l1_heads if g.kind == "heads" else cfg.l1_units)
                                                    * torch.sigmoid(g.score).sum()) for g in self.groups)
@@ -435,6 +459,15 @@ class OFBSearch:
         every = max(1, len(trace) // 40)
         return {"steps": len(trace), "seconds": time.perf_counter() - t0, "target_macs": float(target_macs),
                 "trace": trace[::every], "decided": sum(g.decided() for g in self.groups), "groups": len(self.groups)}
+
+    def reopen(self) -> int:
+        """Re-open every group below its choice (:meth:`WidthGroup.reopen`) so that the next
+        :meth:`run` can cut further; that run replays the first one's schedule (w falls from
+        w_start, the one-hot loss and candidate dying wait for the warm-up) within the narrower
+        space. How many groups were re-opened."""
+        count = sum(g.reopen() for g in self.groups)
+        self._reopened = self._reopened or count > 0
+        return count
 
     # -- result -----------------------------------------------------------------------------
     def widths(self) -> dict[str, int]:
