@@ -96,6 +96,16 @@ def test_folding_and_removal_keep_the_function_exactly():
         assert not torch.allclose(model(x), out, atol=1e-3)
 
 
+def test_a_time_budget_fits_the_whole_schedule_into_the_steps_it_allows():
+    """Cut by its time budget, the search still goes through its warm-up, ramp and dying checks
+    (planned over the steps that fit), instead of stopping with half-learned distributions."""
+    search = OFBSearch(_tiny_vit(), OFBConfig(steps=100_000, batch_size=8, pad=1))
+    result = search.run(torch.randn(32, 3, 16, 16), search.dense_macs / 2, max_seconds=2.0)
+    assert result["planned_steps"] < 100_000
+    assert result["steps"] <= result["planned_steps"]
+    assert search.w == pytest.approx(search.config.w_end)  # the warm-up ended within the budget
+
+
 def test_ofb_cli_flops_target_reloads_from_checkpoint_alone_and_exports(tmp_path):
     from vitcompress import load
     from vitcompress.export import make_session

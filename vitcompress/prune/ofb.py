@@ -18,7 +18,8 @@ images replaces the paper's labelled training; see docs/ofb.md):
   than cross-entropy; docs/ofb.md has the trials).
 - **Progressive pruning.** Every ``prune_every`` steps after the warm-up, candidates with
   ``p ≤ 0.2 / n`` are dropped for good; a group with one candidate left is decided, and from then on its units outside
-  the chosen width are off (the paper cuts them physically at that point).
+  the chosen width are off (the paper cuts them physically at that point). Ours: a continuation
+  toward a tighter target can re-open every group below its choice (:meth:`OFBSearch.reopen`).
 - **Folding and removal.** At the end each group keeps its most probable surviving width; the kept
   units' mask values are folded into the weights (:meth:`OFBSearch.slim`) and everything else is
   removed physically, which leaves a smaller dense timm model with exactly the function of the
@@ -56,6 +57,7 @@ from .structure import (EMBED_KEY, embed_unsupported, find_prunable, unit_macs, 
                         residual_readers, set_submodule, token_count)
 
 InfoProgressFn = Callable[[int, int, str], None]  # (step, steps, one-line state)
+PLAN_AFTER_STEPS = 3  # steps timed before a search with a time budget fits its schedule to it
 
 
 @dataclass(frozen=True)
@@ -399,17 +401,25 @@ class OFBSearch:
         start, trace = self.step, []
         fresh, self._reopened = start == 0 or self._reopened, False
         perm, pos = torch.randperm(len(images), generator=self.gen), 0
+        # the schedule (w, learning rates, one-hot ramp, candidate dying) runs over `plan` steps: the
+        # step count, or as many as the time budget allows once a few steps were timed; a search cut
+        # by time in the middle of its warm-up would pick widths from half-learned distributions
+        plan, drop_every = steps, cfg.prune_every
         self.student.train()
         try:
             for i in range(steps):
-                if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+                elapsed = time.perf_counter() - t0
+                if i >= plan or (max_seconds is not None and elapsed > max_seconds):
                     break
+                if max_seconds is not None and i == PLAN_AFTER_STEPS:
+                    plan = max(i + 1, min(steps, int(max_seconds * i / elapsed)))
+                    drop_every = max(1, min(cfg.prune_every, plan // 20))
                 if pos + cfg.batch_size > len(perm):
                     perm, pos = torch.randperm(len(images), generator=self.gen), 0
                 x = _augment(images[perm[pos:pos + cfg.batch_size]], aug, self.gen)
                 pos += cfg.batch_size
-                self.w = self._w_at(i, steps) if fresh else cfg.w_end
-                lr_scale = 0.5 * (1 + math.cos(math.pi * i / steps))
+                self.w = self._w_at(i, plan) if fresh else cfg.w_end
+                lr_scale = 0.5 * (1 + math.cos(math.pi * i / plan))
                 for o, base in ((opt, cfg.lr), (arch, cfg.arch_lr)):
                     for group in o.param_groups:
                         group["lr"] = base * lr_scale
@@ -417,7 +427,7 @@ class OFBSearch:
                     target = F.log_softmax(self.teacher(x) / T, dim=1)
                 dec = None
                 if self.decoder is not None and not all(g.decided() for g in self.groups):
-                    ratio = cfg.pmim_ratio[0] + (cfg.pmim_ratio[1] - cfg.pmim_ratio[0]) * min(1.0, i / max(1.0, cfg.warmup * steps))
+                    ratio = cfg.pmim_ratio[0] + (cfg.pmim_ratio[1] - cfg.pmim_ratio[0]) * min(1.0, i / max(1.0, cfg.warmup * plan))
                     logits, dec = self._pmim_loss(x, ratio)
                 else:
                     logits = self.student(x)
@@ -427,8 +437,8 @@ class OFBSearch:
                 # near-uniform p it amplifies whatever direction p is moving, so the task and FLOPs
                 # losses must have shaped p first (at full weight it collapses every group in ~20 steps)
                 # (and so does a continuation after :meth:`reopen`, whose choices start over)
-                warm = fresh and i < cfg.warmup * steps
-                ramp = min(1.0, max(0.0, i / steps - cfg.warmup) / cfg.warmup) if fresh else 1.0
+                warm = fresh and i < cfg.warmup * plan
+                ramp = min(1.0, max(0.0, i / plan - cfg.warmup) / cfg.warmup) if fresh else 1.0
                 sparsity = sum(cfg.group_weight * (ramp * g.onehot_loss()
                                                    + (cfg.l1_heads if g.kind == "heads" else cfg.l1_units)
                                                    * torch.sigmoid(g.score).sum()) for g in self.groups)
@@ -442,7 +452,7 @@ class OFBSearch:
                 arch.step()
                 self.step += 1
                 died = 0
-                if self.step % cfg.prune_every == 0 and not warm:
+                if self.step % drop_every == 0 and not warm:
                     died = sum(g.drop(cfg.prune_threshold) for g in self.groups)
                     if died:  # the paper resets α's optimiser state when candidates die
                         arch.state.clear()
@@ -453,11 +463,11 @@ class OFBSearch:
                               "macs_factor": self.dense_macs / macs,
                               "entropy": entropy, "died": died})
                 if progress:
-                    progress(i + 1, steps, f"loss {task.item():.3f}  MACs {self.dense_macs / macs:.2f}x  entropy {entropy:.2f}")
+                    progress(i + 1, plan, f"loss {task.item():.3f}  MACs {self.dense_macs / macs:.2f}x  entropy {entropy:.2f}")
         finally:
             self.student.eval()
         every = max(1, len(trace) // 40)
-        return {"steps": len(trace), "seconds": time.perf_counter() - t0, "target_macs": float(target_macs),
+        return {"steps": len(trace), "planned_steps": plan, "seconds": time.perf_counter() - t0, "target_macs": float(target_macs),
                 "trace": trace[::every], "decided": sum(g.decided() for g in self.groups), "groups": len(self.groups)}
 
     def reopen(self) -> int:
