@@ -271,7 +271,7 @@ def prune(
     recover_size: int = typer.Option(5000, "--recover-size"),
     recover_minutes: float = typer.Option(10.0, "--recover-minutes", help="Time limit of the recovery."),
     search_steps: int = typer.Option(2000, "--search-steps", help="OFB: search steps (distillation over the recovery images)."),
-    search_minutes: float = typer.Option(15.0, "--search-minutes", help="OFB: time limit of the search."),
+    search_minutes: float = typer.Option(15.0, "--search-minutes", help="OFB: time limit of the first search round; each continuation toward a measured target gets a fifth of it."),
     pmim: bool = typer.Option(False, "--pmim", help="OFB: masked-image-modelling regulariser during the search."),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output folder."),

@@ -81,7 +81,7 @@ class PruneJob:
     max_iterations: int = 8
     tolerance: float = 0.08  # stop once S <= measured <= S * (1 + tolerance)
     search_steps: int = 2000  # OFB: search steps (over the recovery images)
-    search_minutes: float = 15.0  # OFB: time limit of the search
+    search_minutes: float = 15.0  # OFB: time limit of the first search round (continuations: a fifth each)
     pmim: bool = False  # OFB: masked-image-modelling regulariser during the search
     workers: Workers = field(default_factory=Workers)  # where the evaluation's shards run (--workers, --ray-address)
 
