@@ -16,9 +16,9 @@ images replaces the paper's labelled training; see docs/ofb.md):
   in) and an L1 term on ``σ(s)``, plus the FLOPs loss ``λ·((F − F_target) / F_dense)²`` on the
   expected multiply-accumulates (λ = 300 against the paper's 5: distillation losses are far smaller
   than cross-entropy; docs/ofb.md has the trials).
-- **Progressive pruning.** Every ``prune_every`` steps after the warm-up, candidates with
-  ``p ≤ 0.2 / n`` are dropped for good; a group with one candidate left is decided, and from then on its units outside
-  the chosen width are off (the paper cuts them physically at that point). Ours: a continuation
+- **Progressive pruning.** Every ``prune_every`` steps after the warm-up (every twentieth of a
+  shorter search), candidates with ``p ≤ 0.2 / n`` are dropped for good; a group with one candidate
+  left is decided, and from then on its units outside the chosen width are off (the paper cuts them physically at that point). Ours: a continuation
   toward a tighter target can re-open every group below its choice (:meth:`OFBSearch.reopen`).
 - **Folding and removal.** At the end each group keeps its most probable surviving width; the kept
   units' mask values are folded into the weights (:meth:`OFBSearch.slim`) and everything else is
@@ -58,6 +58,13 @@ from .structure import (EMBED_KEY, embed_unsupported, find_prunable, unit_macs, 
 
 InfoProgressFn = Callable[[int, int, str], None]  # (step, steps, one-line state)
 PLAN_AFTER_STEPS = 3  # steps timed before a search with a time budget fits its schedule to it
+DROP_CHECKS = 20  # a short search checks for dying candidates at least this often (every prune_every steps otherwise)
+
+
+def _drop_every(prune_every: int, planned_steps: int) -> int:
+    """Steps between progressive-pruning checks: ``prune_every``, or less in a short search (a
+    60-step search with checks every 50 would decide its widths in one go)."""
+    return max(1, min(prune_every, planned_steps // DROP_CHECKS))
 
 
 @dataclass(frozen=True)
@@ -404,7 +411,8 @@ class OFBSearch:
         # the schedule (w, learning rates, one-hot ramp, candidate dying) runs over `plan` steps: the
         # step count, or as many as the time budget allows once a few steps were timed; a search cut
         # by time in the middle of its warm-up would pick widths from half-learned distributions
-        plan, drop_every = steps, cfg.prune_every
+        plan = steps
+        drop_every = _drop_every(cfg.prune_every, plan)
         self.student.train()
         try:
             for i in range(steps):
@@ -413,7 +421,7 @@ class OFBSearch:
                     break
                 if max_seconds is not None and i == PLAN_AFTER_STEPS:
                     plan = max(i + 1, min(steps, int(max_seconds * i / elapsed)))
-                    drop_every = max(1, min(cfg.prune_every, plan // 20))
+                    drop_every = _drop_every(cfg.prune_every, plan)
                 if pos + cfg.batch_size > len(perm):
                     perm, pos = torch.randperm(len(images), generator=self.gen), 0
                 x = _augment(images[perm[pos:pos + cfg.batch_size]], aug, self.gen)
