@@ -27,6 +27,7 @@ import torch
 from common import ROOT, add_io_arguments, write_section  # the script's own folder is on sys.path
 sys.path.insert(0, str(ROOT))
 
+from vitcompress.errors import VitcompressError  # noqa: E402
 from vitcompress.prune_api import PruneJob, prune  # noqa: E402
 
 MODELS = {"cifar10_vit_tiny": "the ViT reference model, 32 px", "deit_small_patch16_224": "timm, random weights, 224 px"}
@@ -50,6 +51,16 @@ def _row(tag: str, r: dict) -> str:
     else:
         cells += ["-"] * 5
     return "| " + " | ".join(cells) + " |"
+
+
+def _run(tag: str, job: PruneJob) -> str:
+    """The row of one `prune` run; a run that fails (an unreachable target) is a row too."""
+    try:
+        row = _row(tag, prune(job))
+    except VitcompressError as e:
+        row = "| " + " | ".join([tag, job.method, f"{job.target_speedup}x", f'failed: "{e}"'] + ["-"] * 9) + " |"
+    print(row, flush=True)
+    return row
 
 
 def main() -> None:
@@ -88,16 +99,14 @@ def main() -> None:
                                calib_dir=train, calib_size=args.calib_size, eval_dir=val, eval_size=args.eval_size,
                                recover_steps=args.recover_steps, recover_size=args.recover_size,
                                recover_minutes=args.recover_minutes, force=True)
-                rows.append(_row("cifar10_vit_tiny", prune(job)))
-                print(rows[-1], flush=True)
+                rows.append(_run("cifar10_vit_tiny", job))
         if "deit_small_patch16_224" in args.models:
             for target in args.targets:
                 for method in args.methods:  # speed only: OFB searches a few steps on random weights
                     job = PruneJob(out=Path(tmp) / f"deits{method}{target}", model="deit_small_patch16_224", pretrained=False,
                                    method=method, target_speedup=target, calib_dir=train, calib_size=32, batch_size=16,
                                    recover_size=256, search_steps=60, latency_rounds=20, force=True)
-                    rows.append(_row("deit_small_patch16_224 (random, 224 px)", prune(job)))
-                    print(rows[-1], flush=True)
+                    rows.append(_run("deit_small_patch16_224 (random, 224 px)", job))
     _write(args, rows, started)
 
 
