@@ -18,8 +18,9 @@ images replaces the paper's labelled training; see docs/ofb.md):
   than cross-entropy; docs/ofb.md has the trials).
 - **Progressive pruning.** Every ``prune_every`` steps after the warm-up (every twentieth of a
   shorter search), candidates with ``p ≤ 0.2 / n`` are dropped for good; a group with one candidate
-  left is decided, and from then on its units outside the chosen width are off (the paper cuts them physically at that point). Ours: a continuation
-  toward a tighter target can re-open every group below its choice (:meth:`OFBSearch.reopen`).
+  left is decided, and from then on its units outside the chosen width are off (the paper cuts
+  them physically at that point). Ours: a continuation toward a tighter target can re-open every
+  group below its choice (:meth:`OFBSearch.reopen`).
 - **Folding and removal.** At the end each group keeps its most probable surviving width; the kept
   units' mask values are folded into the weights (:meth:`OFBSearch.slim`) and everything else is
   removed physically, which leaves a smaller dense timm model with exactly the function of the
