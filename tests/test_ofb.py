@@ -70,6 +70,19 @@ def test_a_decided_width_reopens_below_its_choice_and_can_cut_further():
     assert not g.reopen()  # nothing narrower than the narrowest candidate
 
 
+def test_an_undecided_width_keeps_the_candidate_nearest_its_expected_width():
+    """Cut short, a group keeps the surviving width the FLOPs loss steered its expectation to, not
+    the most probable one; decided, it keeps its candidate."""
+    g = WidthGroup("mlp", "m", 8, [2, 4, 6, 8], torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        g.alpha.copy_(torch.tensor([1.0, 0.0, 0.0, 1.2]))  # the most probable is 8, the expectation ~5.1
+    expected = float(g.expected_width())
+    assert 4.0 < expected < 6.0
+    assert int(g.widths[g.choice()]) == (4 if expected < 5.0 else 6)
+    g.alive.copy_(torch.tensor([False, False, False, True]))
+    assert int(g.widths[g.choice()]) == 8
+
+
 def test_folding_and_removal_keep_the_function_exactly():
     model = _tiny_vit(init_values=0.1)  # with LayerScale, which carries embedding channels too
     search = OFBSearch(model, OFBConfig(steps=6, batch_size=8, prune_every=2, pad=1))

@@ -157,7 +157,12 @@ class WidthGroup(nn.Module):
         return (self.probs() * self.widths).sum()
 
     def choice(self) -> int:
-        return int(torch.argmax(self.probs().detach()))
+        """The candidate kept: the decided one; before p is one-hot (a search cut short), the
+        surviving candidate nearest the expected width, which the FLOPs loss steers toward the target
+        (ours: the paper keeps the most probable, the same candidate once p is one-hot)."""
+        p = self.probs().detach()
+        gap = (self.widths - (p * self.widths).sum()).abs().masked_fill(~self.alive, float("inf"))
+        return int(torch.argmin(gap))  # a tie keeps the narrower
 
     def decided(self) -> bool:
         return int(self.alive.sum()) == 1
@@ -185,7 +190,7 @@ class WidthGroup(nn.Module):
         p = self.probs()
         dead = self.alive & (p <= threshold / n)
         if int(dead.sum()) >= n:  # never all: the most probable survives
-            dead[self.choice()] = False
+            dead[torch.argmax(p)] = False
         self.alive &= ~dead
         self.alpha[~self.alive] = 0.0
         return int(dead.sum())
