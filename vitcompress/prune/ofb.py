@@ -21,7 +21,8 @@ images replaces the paper's labelled training; see docs/ofb.md):
   left is decided, and from then on its units outside the chosen width are off (the paper cuts
   them physically at that point). Ours: a continuation toward a tighter target can re-open every
   group below its choice (:meth:`OFBSearch.reopen`).
-- **Folding and removal.** At the end each group keeps its most probable surviving width; the kept
+- **Folding and removal.** At the end each group keeps its chosen width (:meth:`WidthGroup.choice`:
+  the decided candidate, or for a search cut short the one nearest the expected width); the kept
   units' mask values are folded into the weights (:meth:`OFBSearch.slim`) and everything else is
   removed physically, which leaves a smaller dense timm model with exactly the function of the
   masked model at its final masks.
@@ -160,8 +161,7 @@ class WidthGroup(nn.Module):
         """The candidate kept: the decided one; before p is one-hot (a search cut short), the
         surviving candidate nearest the expected width, which the FLOPs loss steers toward the target
         (ours: the paper keeps the most probable, the same candidate once p is one-hot)."""
-        p = self.probs().detach()
-        gap = (self.widths - (p * self.widths).sum()).abs().masked_fill(~self.alive, float("inf"))
+        gap = (self.widths - self.expected_width().detach()).abs().masked_fill(~self.alive, float("inf"))
         return int(torch.argmin(gap))  # a tie keeps the narrower
 
     def decided(self) -> bool:
@@ -363,10 +363,6 @@ class OFBSearch:
         return total + C * classes
 
     # -- search -----------------------------------------------------------------------------
-    def _w_at(self, step: int, steps: int) -> float:
-        t = min(1.0, step / max(1.0, self.config.warmup * steps))
-        return self.config.w_start + (self.config.w_end - self.config.w_start) * t
-
     def _pmim_loss(self, x: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Student forward with a share of patches masked; (logits, reconstruction L1 on them)."""
         b = x.shape[0]
@@ -432,7 +428,8 @@ class OFBSearch:
                     perm, pos = torch.randperm(len(images), generator=self.gen), 0
                 x = _augment(images[perm[pos:pos + cfg.batch_size]], aug, self.gen)
                 pos += cfg.batch_size
-                self.w = self._w_at(i, plan) if fresh else cfg.w_end
+                warmed = min(1.0, i / max(1.0, cfg.warmup * plan))  # share of the warm-up done
+                self.w = cfg.w_start + (cfg.w_end - cfg.w_start) * warmed if fresh else cfg.w_end
                 lr_scale = 0.5 * (1 + math.cos(math.pi * i / plan))
                 for o, base in ((opt, cfg.lr), (arch, cfg.arch_lr)):
                     for group in o.param_groups:
@@ -441,7 +438,7 @@ class OFBSearch:
                     target = F.log_softmax(self.teacher(x) / T, dim=1)
                 dec = None
                 if self.decoder is not None and not all(g.decided() for g in self.groups):
-                    ratio = cfg.pmim_ratio[0] + (cfg.pmim_ratio[1] - cfg.pmim_ratio[0]) * min(1.0, i / max(1.0, cfg.warmup * plan))
+                    ratio = cfg.pmim_ratio[0] + (cfg.pmim_ratio[1] - cfg.pmim_ratio[0]) * warmed
                     logits, dec = self._pmim_loss(x, ratio)
                 else:
                     logits = self.student(x)
