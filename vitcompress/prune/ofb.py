@@ -60,6 +60,7 @@ from .structure import (EMBED_KEY, embed_unsupported, find_prunable, unit_macs, 
 
 InfoProgressFn = Callable[[int, int, str], None]  # (step, steps, one-line state)
 PLAN_AFTER_STEPS = 3  # steps timed before a search with a time budget fits its schedule to it
+REPLAN_AFTER_STEPS = 20  # ...and fits it again on the steps since (the first steps run slower), still early in the warm-up
 DROP_CHECKS = 20  # a short search checks for dying candidates at least this often (every prune_every steps otherwise)
 
 
@@ -67,6 +68,13 @@ def _drop_every(prune_every: int, planned_steps: int) -> int:
     """Steps between progressive-pruning checks: ``prune_every``, or less in a short search (a
     60-step search with checks every 50 would decide its widths in one go)."""
     return max(1, min(prune_every, planned_steps // DROP_CHECKS))
+
+
+def _warmup_shares(i: int, planned_steps: int, warmup: float) -> tuple[float, float]:
+    """At step ``i`` of a fresh search: (share of the warm-up done, share of the one-hot ramp done).
+    The warm-up is the first ``warmup`` share of the planned steps; the ramp as many steps after it."""
+    span = warmup * planned_steps
+    return min(1.0, i / max(1.0, span)), min(1.0, max(0.0, (i - span) / span))
 
 
 @dataclass(frozen=True)
@@ -413,7 +421,7 @@ class OFBSearch:
         # the schedule (w, learning rates, one-hot ramp, candidate dying) runs over `plan` steps: the
         # step count, or as many as the time budget allows once a few steps were timed; a search cut
         # by time in the middle of its warm-up would pick widths from half-learned distributions
-        plan = steps
+        plan, first_fit = steps, 0.0
         drop_every = _drop_every(cfg.prune_every, plan)
         self.student.train()
         try:
@@ -421,15 +429,20 @@ class OFBSearch:
                 elapsed = time.perf_counter() - t0
                 if i >= plan or (max_seconds is not None and elapsed > max_seconds):
                     break
-                if max_seconds is not None and i == PLAN_AFTER_STEPS:
-                    plan = max(i + 1, min(steps, int(max_seconds * i / elapsed)))
+                if max_seconds is not None and i in (PLAN_AFTER_STEPS, REPLAN_AFTER_STEPS):
+                    # the refit times only the steps after the first fit: the first steps (allocations,
+                    # caches) are slower, and a plan timed on them ended a search 16 % early
+                    since, at = (PLAN_AFTER_STEPS, first_fit) if i == REPLAN_AFTER_STEPS else (0, 0.0)
+                    per_step = (elapsed - at) / (i - since)
+                    plan = max(i + 1, min(steps, i + int((max_seconds - elapsed) / per_step)))
                     drop_every = _drop_every(cfg.prune_every, plan)
+                    first_fit = elapsed
                 if pos + cfg.batch_size > len(perm):
                     perm, pos = torch.randperm(len(images), generator=self.gen), 0
                 x = _augment(images[perm[pos:pos + cfg.batch_size]], aug, self.gen)
                 pos += cfg.batch_size
-                warmed = min(1.0, i / max(1.0, cfg.warmup * plan))  # share of the warm-up done
-                self.w = cfg.w_start + (cfg.w_end - cfg.w_start) * warmed if fresh else cfg.w_end
+                warmed, ramp = _warmup_shares(i, plan, cfg.warmup) if fresh else (1.0, 1.0)
+                self.w = cfg.w_start + (cfg.w_end - cfg.w_start) * warmed
                 lr_scale = 0.5 * (1 + math.cos(math.pi * i / plan))
                 for o, base in ((opt, cfg.lr), (arch, cfg.arch_lr)):
                     for group in o.param_groups:
@@ -448,8 +461,7 @@ class OFBSearch:
                 # near-uniform p it amplifies whatever direction p is moving, so the task and FLOPs
                 # losses must have shaped p first (at full weight it collapses every group in ~20 steps)
                 # (and so does a continuation after :meth:`reopen`, whose choices start over)
-                warm = fresh and i < cfg.warmup * plan
-                ramp = min(1.0, max(0.0, i / plan - cfg.warmup) / cfg.warmup) if fresh else 1.0
+                warm = warmed < 1.0
                 sparsity = sum(cfg.group_weight * (ramp * g.onehot_loss()
                                                    + (cfg.l1_heads if g.kind == "heads" else cfg.l1_units)
                                                    * torch.sigmoid(g.score).sum()) for g in self.groups)
