@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import BUNDLED_CKPT, CALIB, VAL
 from vitcompress.cli import app
-from vitcompress.prune.ofb import OFBConfig, OFBSearch, WidthGroup, ofb_unsupported
+from vitcompress.prune.ofb import OFBConfig, OFBSearch, WidthGroup, _fitted_plan, ofb_unsupported
 from vitcompress.prune.structure import count_macs, layout_of
 
 runner = CliRunner()
@@ -117,6 +117,16 @@ def test_a_time_budget_fits_the_whole_schedule_into_the_steps_it_allows():
     assert result["planned_steps"] < 100_000
     assert result["steps"] <= result["planned_steps"]
     assert search.w == pytest.approx(search.config.w_end)  # the warm-up ended within the budget
+
+
+def test_the_refit_plan_times_only_the_steps_after_the_first_fit():
+    """Three slow first steps (3 s each), then 1 s a step: the first fit plans for the slow pace, the
+    refit after 20 steps for the real one, and neither plans past the requested steps."""
+    first = _fitted_plan(3, 9.0, (0, 0.0), 900.0, 2000)
+    assert first == 300
+    refit = _fitted_plan(20, 26.0, (3, 9.0), 900.0, 2000)
+    assert refit == 20 + 874
+    assert _fitted_plan(20, 26.0, (3, 9.0), 900.0, 500) == 500
 
 
 def test_ofb_cli_flops_target_reloads_from_checkpoint_alone_and_exports(tmp_path):

@@ -70,6 +70,16 @@ def _drop_every(prune_every: int, planned_steps: int) -> int:
     return max(1, min(prune_every, planned_steps // DROP_CHECKS))
 
 
+def _fitted_plan(done: int, elapsed: float, timed_from: tuple[int, float], max_seconds: float, steps: int) -> int:
+    """The steps a search with a time budget plans for, after ``done`` steps in ``elapsed`` seconds:
+    the seconds left at the pace of the steps since ``timed_from`` (step, seconds), at most ``steps``.
+    The refit times only the steps after the first fit: the first steps (allocations, caches) are
+    slower, and a plan timed on them alone ended a 15-minute search after 756 s."""
+    since, at = timed_from
+    per_step = (elapsed - at) / (done - since)
+    return max(done + 1, min(steps, done + int((max_seconds - elapsed) / per_step)))
+
+
 def _warmup_shares(i: int, planned_steps: int, warmup: float) -> tuple[float, float]:
     """At step ``i`` of a fresh search: (share of the warm-up done, share of the one-hot ramp done).
     The warm-up is the first ``warmup`` share of the planned steps; the ramp as many steps after it."""
@@ -430,13 +440,10 @@ class OFBSearch:
                 if i >= plan or (max_seconds is not None and elapsed > max_seconds):
                     break
                 if max_seconds is not None and i in (PLAN_AFTER_STEPS, REPLAN_AFTER_STEPS):
-                    # the refit times only the steps after the first fit: the first steps (allocations,
-                    # caches) are slower, and a plan timed on them ended a search 16 % early
-                    since, at = (PLAN_AFTER_STEPS, first_fit) if i == REPLAN_AFTER_STEPS else (0, 0.0)
-                    per_step = (elapsed - at) / (i - since)
-                    plan = max(i + 1, min(steps, i + int((max_seconds - elapsed) / per_step)))
+                    timed = (0, 0.0) if i == PLAN_AFTER_STEPS else (PLAN_AFTER_STEPS, first_fit)
+                    plan = _fitted_plan(i, elapsed, timed, max_seconds, steps)
                     drop_every = _drop_every(cfg.prune_every, plan)
-                    first_fit = elapsed
+                    first_fit = first_fit or elapsed
                 if pos + cfg.batch_size > len(perm):
                     perm, pos = torch.randperm(len(images), generator=self.gen), 0
                 x = _augment(images[perm[pos:pos + cfg.batch_size]], aug, self.gen)
