@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import json
 import multiprocessing
 import resource
 import sys
@@ -46,13 +47,24 @@ def _is_default(model: str, variant: str, bits: int, steps: int) -> bool:
     return (variant == "reconstruction") == (auto > 0) and (auto == 0 or auto == steps)
 
 
-def _config(model: str, variant: str, bits: int, steps: int) -> QuantConfig:
+def _option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` from the command line; the value read as JSON (false, 0.3, [..]), else as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _config(model: str, variant: str, bits: int, steps: int, extra: dict) -> QuantConfig:
     if variant == "minmax":
         return QuantConfig(wbits=bits, abits=bits)
     if variant == MIXED:  # greedy mixed precision, reconstruction as the method's default does
         return QuantConfig(method=METHOD_OF[model], wbits=8, abits=8, placement="default",
-                           method_options={"target_bits": float(bits), "reconstruction_steps": steps})
-    options = {"reconstruction_steps": steps if variant == "reconstruction" else 0}
+                           method_options={"target_bits": float(bits), "reconstruction_steps": steps, **extra})
+    options = {"reconstruction_steps": steps if variant == "reconstruction" else 0, **extra}
     # the placement `vitcompress quantize` gives a method without --placement (api.method_placement)
     return QuantConfig(method=METHOD_OF[model], wbits=bits, abits=bits, placement="default", method_options=options)
 
@@ -76,6 +88,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS + [MIXED])
     ap.add_argument("--calib-size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=AUTO_STEPS, help="reconstruction steps per block")
+    ap.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                    help="a method option for every row but min-max (an ablation; the rows then say so)")
     ap.add_argument("--work", type=Path, default=None, help="keep each run's output folder here (default: a temp dir)")
     add_io_arguments(ap)
     args = ap.parse_args()
@@ -83,6 +97,7 @@ def main() -> None:
     val = scan_images(data / "val", require_labels=True)
     _, held_out = val_halves(val)
     ctx = multiprocessing.get_context("spawn")
+    extra = dict(args.option)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         for z in args.models:
@@ -95,7 +110,7 @@ def main() -> None:
                         print(f"{z}: greedy mixed precision is mptq's; no {MIXED} row", flush=True)
                         continue
                     job = QuantizeJob(out=work / f"{z}_{variant}_{bits}", checkpoint=ckpt,
-                                      config=_config(z, variant, bits, args.steps), calib_dir=data / "train",
+                                      config=_config(z, variant, bits, args.steps, extra), calib_dir=data / "train",
                                       calib_size=args.calib_size, latency_rounds=1, force=True)
                     with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:  # a fresh process: its own peak memory
                         path, seconds, peak, narrow, average = pool.submit(_quantize_in_own_process, job).result()
@@ -126,7 +141,9 @@ def main() -> None:
                     label = f"{METHOD_OF[z]} greedy mixed precision over widths {choices}, average {average:.3f} (`--target-bits {bits}`) + {recon}"
                 else:
                     label = {"minmax": "min-max", "method": METHOD_OF[z], "reconstruction": f"{METHOD_OF[z]} + {recon}"}[variant]
-                label += " (the default)" if _is_default(z, variant, bits, args.steps) else ""
+                if extra and variant != "minmax":
+                    label += ", " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in extra.items())
+                label += " (the default)" if _is_default(z, variant, bits, args.steps) and not extra else ""
                 width = f"W{bits}A{bits}" if variant != MIXED else f"mixed, {bits} avg"
                 rows.append(f"| {width} | {label} | {ab:.2f} | {db:.2f} | {kb:.4f} | {aa:.2f} | {da:.2f} | {ka:.4f} "
                             f"| {seconds:.0f} | {peak:.0f} |")

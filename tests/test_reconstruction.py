@@ -101,8 +101,23 @@ def test_methods_offer_reconstruction_as_a_refinement(method):
     assert ("gptq" in steps) == (not recon["kept"])  # GPTQ rounds only weights reconstruction did not
 
 
+def test_plain_squared_error_is_an_option():
+    # reconstruction_fisher=False: the block error is not weighted by the Fisher diagonal
+    torch.manual_seed(0)
+    model, calib = _vit(), torch.randn(16, 3, 32, 32)
+    reports = {}
+    for fisher in (True, False):
+        options = {"reconstruction_steps": 5, "reconstruction_augment": False, "reconstruction_fisher": fisher}
+        result = quantize_(copy.deepcopy(model), QuantConfig(method="mptq", wbits=4, abits=4, method_options=options), list(calib.split(8)))
+        reports[fisher] = result.method_info["mptq"]["refinements"]["reconstruction"]
+    assert reports[True]["fisher_weighted"] is True and reports[False]["fisher_weighted"] is False
+    # the same model, images and grids: only the weighting of the measured block error differs
+    assert [b["error_before"] for b in reports[True]["blocks"]] != [b["error_before"] for b in reports[False]["blocks"]]
+
+
 @pytest.mark.parametrize("method", ["qhyvit", "mptq"])
-@pytest.mark.parametrize("bad", [{"reconstruction_steps": -1}, {"qdrop": 1.0}, {"reconstruction_augment": "yes"}])
+@pytest.mark.parametrize("bad", [{"reconstruction_steps": -1}, {"qdrop": 1.0}, {"reconstruction_augment": "yes"},
+                                 {"reconstruction_fisher": "no"}])
 def test_bad_reconstruction_options_are_refused(method, bad):
     with pytest.raises(VitcompressError):
         quantize_(_vit(), QuantConfig(method=method, method_options=bad), [torch.randn(2, 3, 32, 32)])

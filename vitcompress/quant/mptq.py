@@ -76,7 +76,7 @@ class MptqOptions(ReconstructionOptions):
     reconstruction_steps: ours (BRECQ/AdaRound/QDrop, ``reconstruction.py``): weight rounding and
         input step sizes learned per transformer block once every grid is chosen, steps per block;
         0 = off; None = 200 below 8 bits (it lowered the held-out KL at W4A4 and W6A6), else off.
-        GPTQ then runs only if reconstruction was not kept. ``qdrop``, ``reconstruction_augment``:
+        GPTQ then runs only if reconstruction was not kept. ``qdrop``, ``reconstruction_augment``, ``reconstruction_fisher``:
         ``ReconstructionOptions``.
     """
 
@@ -110,7 +110,8 @@ class MptqOptions(ReconstructionOptions):
                        parts=tuple(raw.get("parts", cls.parts)),
                        reconstruction_steps=None if raw.get("reconstruction_steps") is None else int(raw["reconstruction_steps"]),
                        qdrop=float(raw.get("qdrop", cls.qdrop)),
-                       reconstruction_augment=raw.get("reconstruction_augment", cls.reconstruction_augment))
+                       reconstruction_augment=raw.get("reconstruction_augment", cls.reconstruction_augment),
+                       reconstruction_fisher=raw.get("reconstruction_fisher", cls.reconstruction_fisher))
         except (TypeError, ValueError) as e:
             raise VitcompressError(f"bad mptq option: {e}") from None
         widths = opts.bit_choices + tuple(opts.layer_bits.values())
@@ -507,7 +508,7 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
         info["mptq"]["refinements"] = steps
         info["mptq"]["gptq_layers"] = steps["gptq"]["layers"] if steps.get("gptq", {}).get("kept") else 0
         if "reconstruction" in steps:
-            steps["reconstruction"].update(blocks=reconstruction_report["blocks"], images=reconstruction_report["images"])
+            steps["reconstruction"].update(reconstruction_report)
 
     if range_info:
         info["mptq"]["range_fraction"] = {n.rsplit(".", 1)[0]: by_bits[setup.bits_of(n, final)] for n, by_bits in range_info.items()}

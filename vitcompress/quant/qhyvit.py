@@ -84,7 +84,7 @@ class QHyViTOptions(ReconstructionOptions):
     # ours: GPTQ takes input columns in decreasing order of their Hessian diagonal (GPTQ's act-order);
     # W6A6, 32 images, val KL: mobilevit_xxs 0.0127 -> 0.0102, mobilevitv2_050 0.0113 -> 0.0110 (docs/qhyvit.md)
     gptq_act_order: bool = True
-    # reconstruction_steps, qdrop, reconstruction_augment (ReconstructionOptions): weight rounding learned per
+    # reconstruction_steps, qdrop, reconstruction_augment, reconstruction_fisher (ReconstructionOptions): weight rounding learned per
     # block (bridge blocks and the blocks between them) after the search; by default at 6 bits or fewer
     # (AUTO_MAX_BITS), where it lowered the held-out KL (docs/reconstruction.md). GPTQ runs only where it was not kept.
     bias_correction: bool = True  # ours: empirical bias correction after the search (bias_correction.py)
@@ -401,7 +401,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
     if "gptq" in post_steps:
         post_steps["gptq"]["target"] = first_target
     if "reconstruction" in post_steps:
-        post_steps["reconstruction"].update(blocks=reconstruction_report["blocks"], images=reconstruction_report["images"])
+        post_steps["reconstruction"].update(reconstruction_report)
     if "scale_tuning" in post_steps:
         post_steps["scale_tuning"]["augmented_kl_checks"] = tuning_checks  # start, then every 50 steps
 

@@ -93,11 +93,14 @@ class ReconstructionOptions:
         narrowest width is at most its ``auto_max_bits`` (``steps_for``), else off.
     qdrop: QDrop's probability that an activation element passes unquantized during reconstruction.
     reconstruction_augment: ours: reconstruct on the calibration images, their mirrors and shifts.
+    reconstruction_fisher: weight the block output error by the Fisher diagonal (BRECQ's, Q-HyViT's
+        objective); False: plain squared error (docs/reconstruction.md compares them).
     """
 
     reconstruction_steps: int | None = None
     qdrop: float = 0.5
     reconstruction_augment: bool = RECONSTRUCTION_AUGMENT
+    reconstruction_fisher: bool = True
 
     def __post_init__(self) -> None:
         steps = self.reconstruction_steps
@@ -105,15 +108,17 @@ class ReconstructionOptions:
             raise VitcompressError(f"reconstruction_steps must be a whole number ≥ 0, got {steps!r}")
         if not 0.0 <= float(self.qdrop) < 1.0:
             raise VitcompressError(f"qdrop must be in [0, 1), got {self.qdrop!r}")
-        if not isinstance(self.reconstruction_augment, bool):
-            raise VitcompressError(f"reconstruction_augment must be true or false, got {self.reconstruction_augment!r}")
+        for name in ("reconstruction_augment", "reconstruction_fisher"):
+            if not isinstance(getattr(self, name), bool):
+                raise VitcompressError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def reconstruction_config(self, narrowest_bits: int, auto_max_bits: int, enabled: bool = True,
                               **fixed) -> ReconstructionConfig:
         """The ``ReconstructionConfig`` these options ask for (``enabled`` False: 0 steps); ``fixed``:
         the method's own settings (batch size, seed)."""
         steps = steps_for(self.reconstruction_steps, narrowest_bits, auto_max_bits) if enabled else 0
-        return ReconstructionConfig(steps=steps, drop_prob=self.qdrop, augment=self.reconstruction_augment, **fixed)
+        return ReconstructionConfig(steps=steps, drop_prob=self.qdrop, augment=self.reconstruction_augment,
+                                    fisher=self.reconstruction_fisher, **fixed)
 
 
 def learned_by_reconstruction(layer: nn.Module) -> list[torch.Tensor]:
@@ -127,12 +132,14 @@ def reconstruction_refinement(layers: Sequence[str], config: ReconstructionConfi
                               judged_on: str = "calibration images",
                               map_shards: Callable[[Callable, list], list] | None = None) -> tuple[Refinement, dict]:
     """Reconstruction as a method's refinement (``refine.py``; on when ``config.steps`` > 0), and the
-    dict its run fills with ``reconstruct``'s report (per block: error before/after, kept)."""
+    dict its run fills with ``reconstruct``'s report but the layer list (per block: error before/after,
+    kept; the settings it ran with)."""
     report: dict = {}
 
     def run(model: nn.Module, names: Sequence[str], batches: Sequence[torch.Tensor]) -> list[str]:
-        report.update(reconstruct(model, layers, torch.cat(list(batches)), config, bridges, progress, map_shards))
-        return report["layers"]
+        result = reconstruct(model, layers, torch.cat(list(batches)), config, bridges, progress, map_shards)
+        report.update((k, v) for k, v in result.items() if k != "layers")
+        return result["layers"]
 
     return Refinement("reconstruction", lambda done: config.steps > 0, run, learned_by_reconstruction, judged_on=judged_on), report
 
