@@ -49,7 +49,7 @@ def _row(tag: str, r: dict) -> str:
         cells += [f"{acc['fp32']['top1']:.2f}", f"{acc['before_recovery']['top1']:.2f}", f"{acc['after_recovery']['top1']:.2f}",
                   f"{acc['drop_after_recovery']:.2f}", f"{r['recovery'].get('steps', 0)} / {r['recovery'].get('seconds', 0):.0f} s"]
     else:
-        cells += ["-"] * 5
+        cells += ["-"] * (len(COLUMNS) - len(cells))
     return "| " + " | ".join(cells) + " |"
 
 
@@ -58,7 +58,7 @@ def _run(tag: str, job: PruneJob) -> str:
     try:
         row = _row(tag, prune(job))
     except VitcompressError as e:
-        row = "| " + " | ".join([tag, job.method, f"{job.target_speedup}x", f'failed: "{e}"'] + ["-"] * 9) + " |"
+        row = "| " + " | ".join([tag, job.method, f"{job.target_speedup}x", f'failed: "{e}"'] + ["-"] * (len(COLUMNS) - 4)) + " |"
     print(row, flush=True)
     return row
 
@@ -110,6 +110,10 @@ def main() -> None:
     _write(args, rows, started)
 
 
+COLUMNS = ["model", "method", "target", "speedup final, medians (minima)", "speedup search", "MACs reduction", "params",
+           "search", "fp32 top-1", "before recovery", "after recovery", "drop", "recovery steps / time"]
+
+
 def _write(args, rows: list[str], started: float) -> None:
     import onnxruntime
     import timm
@@ -134,8 +138,8 @@ Calibration: seeded sample of {args.calib_size} images of cifar10/train; recover
 model on {args.recover_size} train images, at most {args.recover_steps} steps / {args.recover_minutes:g} min on 2 threads;
 top-1 on cifar10/val ({args.eval_size or 'all 5000'} images) of the exported ONNX files in onnxruntime.
 
-| model | method | target | speedup final, medians (minima) | speedup search | MACs reduction | params | search | fp32 top-1 | before recovery | after recovery | drop | recovery steps / time |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| {" | ".join(COLUMNS)} |
+|{"---|" * len(COLUMNS)}
 """ + "\n".join(rows) + "\n" + (f"\n{args.note}\n" if args.note else "")
     write_section(args.out, text, args.section)
     print(f"wrote {args.out}")

@@ -36,6 +36,18 @@ def quantize_run(tmp_path_factory):
 
 
 @pytest.fixture
+def cpu_target(record_property):
+    """What ``--target-cpu auto`` resolves to here. Tests that run an exported artifact's integer
+    kernels quantize for it (7-bit weights on CPUs that add int8 pairs in int16), so they hold on
+    VNNI and AVX2 machines alike; the report records which branch ran."""
+    from vitcompress.cpu import resolve_target
+
+    resolved = resolve_target("auto")
+    record_property("target", f"auto -> {resolved['resolved']} on {resolved['built_on']['isa']}")
+    return resolved
+
+
+@pytest.fixture
 def small_image_dir(tmp_path):
     """An ImageFolder of 2 classes x 3 images copied from the bundle."""
     d = tmp_path / "imgs"

@@ -28,7 +28,7 @@ TINY = {
 
 
 @pytest.mark.parametrize("family", TINY)
-def test_family_quantizes_exports_and_runs_integer_kernels(family, tmp_path):
+def test_family_quantizes_exports_and_runs_integer_kernels(family, tmp_path, cpu_target):
     import timm
 
     arch, kwargs, side = TINY[family]
@@ -38,7 +38,7 @@ def test_family_quantizes_exports_and_runs_integer_kernels(family, tmp_path):
     prep = Preprocessing(input_size=(3, side, side), mean=(0.5,) * 3, std=(0.25,) * 3, resize_mode="exact")
     calib = load_tensor(sample(scan_images(CALIB), 16, 0), prep)
     quantized = copy.deepcopy(model)
-    result = quantize_(quantized, QuantConfig(placement="speed"), calib.split(16), None, family)
+    result = quantize_(quantized, QuantConfig(placement="speed", reduce_range=cpu_target["reduce_range"]), calib.split(16), None, family)
     assert result.plan.weighted
     path = tmp_path / "q.onnx"
     export_qdq(quantized, prep.input_size, path, {})

@@ -365,11 +365,11 @@ class _TwoReadersNet(torch.nn.Module):
         return self.head(torch.cat([self.q(t), self.kv(t)], -1).mean(1))
 
 
-def test_a_signed_activation_read_by_two_layers_runs_in_integer_kernels(tmp_path):
+def test_a_signed_activation_read_by_two_layers_runs_in_integer_kernels(tmp_path, cpu_target):
     torch.manual_seed(0)
     m = _TwoReadersNet().eval()
     calib = [torch.randn(8, 3, 32, 32) for _ in range(2)]
-    quantize_(m, QuantConfig(act_symmetric=True), calib)
+    quantize_(m, QuantConfig(act_symmetric=True, reduce_range=cpu_target["reduce_range"]), calib)
     info = export_qdq(m, (3, 32, 32), tmp_path / "q.onnx", {"k": "v"})
     assert info["unsigned_shared_activations"] >= 1
     cov = int8_coverage(tmp_path / "q.onnx")

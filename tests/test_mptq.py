@@ -226,7 +226,7 @@ def test_mptq_flags_need_the_mptq_method(tmp_path):
     assert r.exit_code == 2 and "--method mptq" in r.output
 
 
-def test_mptq_on_swin_exports_exactly(tmp_path):
+def test_mptq_on_swin_exports_exactly(tmp_path, cpu_target):
     """Swin: SQ-b pairs where a LayerNorm feeds a Linear directly (norm2 -> fc1, patch merging),
     OPT-m on fc2, GPTQ on every Linear; the QDQ export reproduces the torch simulation."""
     from timm.models.swin_transformer import SwinTransformer
@@ -239,7 +239,8 @@ def test_mptq_on_swin_exports_exactly(tmp_path):
                             num_classes=10).eval()
     x = torch.randn(16, 3, 32, 32)
     # reconstruction off: this test pins GPTQ on Swin (reconstruction would take the rounding over)
-    config = QuantConfig(method="mptq", wbits=4, abits=4, method_options={"reconstruction_steps": 0})
+    config = QuantConfig(method="mptq", wbits=4, abits=4, reduce_range=cpu_target["reduce_range"],
+                         method_options={"reconstruction_steps": 0})
     info = quantize_(model, config, [x[:8], x[8:]]).method_info["mptq"]
     paired = {lin for v in info["sqb"].values() for lin in v["linears"]}
     assert {"layers.0.blocks.0.mlp.fc1", "layers.1.downsample.reduction"} <= paired
