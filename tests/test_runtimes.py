@@ -91,6 +91,24 @@ def test_default_placement_rules_are_data_that_resolve_for_every_runtime():
     assert {r.runtime for r in DEFAULT_RULES} == set(RUNTIMES)
 
 
+@pytest.mark.parametrize("isa_flags", ["vnni", "avx2"])
+def test_the_automatic_placement_keeps_only_artifacts_the_target_promises(isa_flags):
+    """A built candidate whose integer kernels need int32 accumulation (signed activation operands:
+    MobileViT v2's eltwise on AVX2 did) is refused for a portable target, kept for a vnni one."""
+    from vitcompress.api import _held_to_target
+    from vitcompress.cpu import resolve_target
+    from tests.test_cpu import AVX2_FLAGS, VNNI_FLAGS
+
+    target = resolve_target("auto", VNNI_FLAGS if isa_flags == "vnni" else AVX2_FLAGS)
+    for needs in ("portable", "vnni"):
+        report = {"export": {"numerics": {"target": needs}}}
+        kept, why = _held_to_target(report, target)
+        if needs == "portable" or target["resolved"] == "vnni":
+            assert kept is report and why is None
+        else:
+            assert kept is None and "needs a vnni target" in why and "this one is portable" in why
+
+
 def test_check_of_a_vnni_artifact_on_a_cpu_without_int32_dot_products_says_so(artifacts, tmp_path, monkeypatch):
     """The gate still measures (and stands on what it measured), and the mismatch is one line and in the report."""
     import vitcompress.cpu

@@ -265,6 +265,17 @@ def _build(job: QuantizeJob, prepared: _Prepared, out: Path, progress: ProgressF
     return report
 
 
+def _held_to_target(report: dict, target_cpu: dict) -> tuple[dict | None, str | None]:
+    """A built candidate, or why the automatic choice may not keep it: a portable target promises an
+    artifact exact on every CPU, and this one's integer kernels need int32 accumulation (int8
+    activation operands or full-range weights, read from the file: ``cpu.target_of_numerics``)."""
+    needs = report["export"]["numerics"]["target"]
+    if target_cpu["resolved"] == "portable" and needs != "portable":
+        return None, (f"its artifact needs a {needs} target (int8 activation operands or full-range weights), "
+                      f"this one is {target_cpu['resolved']}")
+    return report, None
+
+
 def _candidates_on_workers(trial_jobs: dict[str, QuantizeJob], prepared: _Prepared, scratch: Path,
                            progress: ProgressFn) -> dict[str, tuple[dict | None, str | None]]:
     """Every candidate built (quantized, exported, evaluated) as a worker task, then all of them timed
@@ -404,15 +415,18 @@ def _quantize_auto(job: QuantizeJob, progress: ProgressFn, pool: LocalPool | Ray
             built = {}
             for placement, trial_job in trial_jobs.items():
                 try:
-                    r = _quantize_prepared(trial_job, prepared, prepare_output_dir(Path(scratch) / placement, True, []), progress)
-                    built[placement] = (r, None)
+                    built[placement] = _held_to_target(_quantize_prepared(
+                        trial_job, prepared, prepare_output_dir(Path(scratch) / placement, True, []), progress), prepared.target_cpu)
                 except VitcompressError as e:  # e.g. an integer promise the runtime did not keep
                     built[placement] = (None, str(e))
+                r = built[placement][0]
+                if r is None:
                     continue
                 if first_good and r["latency"]["speedup"] > 1.0 and _auto_budget_kept(r, job.max_drop, job.min_agreement)[0]:
                     break
         else:
             built = _candidates_on_workers(trial_jobs, prepared, Path(scratch), progress) if trial_jobs else {}
+            built = {p: (r, err) if r is None else _held_to_target(r, prepared.target_cpu) for p, (r, err) in built.items()}
         trials = [(p, None, skipped[p]) if p in skipped else (p, *built[p]) for p in candidates if p in skipped or p in built]
         summary = []
         for p, r, err in trials:
