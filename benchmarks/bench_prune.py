@@ -33,6 +33,10 @@ from vitcompress.prune_api import PruneJob, prune  # noqa: E402
 MODELS = {"cifar10_vit_tiny": "the ViT reference model, 32 px", "deit_small_patch16_224": "timm, random weights, 224 px"}
 
 
+COLUMNS = ["model", "method", "target", "speedup final, medians (minima)", "speedup search", "MACs reduction", "params",
+           "search", "fp32 top-1", "before recovery", "after recovery", "drop", "recovery steps / time"]  # of the table _write makes
+
+
 def _row(tag: str, r: dict) -> str:
     acc = r.get("accuracy")
     it = [i for i in r["iterations"] if i["meets_target"] and not i.get("probe")]
@@ -108,10 +112,6 @@ def main() -> None:
                                    recover_size=256, search_steps=60, latency_rounds=20, force=True)
                     rows.append(_run("deit_small_patch16_224 (random, 224 px)", job))
     _write(args, rows, started)
-
-
-COLUMNS = ["model", "method", "target", "speedup final, medians (minima)", "speedup search", "MACs reduction", "params",
-           "search", "fp32 top-1", "before recovery", "after recovery", "drop", "recovery steps / time"]
 
 
 def _write(args, rows: list[str], started: float) -> None:

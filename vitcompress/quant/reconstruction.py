@@ -273,10 +273,12 @@ class _LearnedRounding:
         del self.q.forward
 
 
-def _weighted_error(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Σ weight·(out − target)² per output position (summed over channels), averaged over positions."""
+def _weighted_error(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Σ weight·(out − target)² per output position (summed over channels), averaged over positions;
+    ``weight`` None: the plain squared error."""
     channels = out.shape[1] if out.dim() == 4 else out.shape[-1]
-    return (weight * (out - target).pow(2)).sum() * channels / out.numel()
+    squared = (out - target).pow(2)
+    return (squared if weight is None else weight * squared).sum() * channels / out.numel()
 
 
 def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, config: ReconstructionConfig,
@@ -315,7 +317,8 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
             x_q = _capture(model, images, [b], bs, outputs=False)[0][b.name]
             x_f, target = float_in[b.name], float_out[b.name]
             g2 = fisher.get(b.name)
-            weight = g2 / g2.mean() if g2 is not None and float(g2.mean()) > 0 else torch.ones_like(target)
+            # no Fisher (or a vanishing one): the plain error, without a tensor of ones as large as the outputs
+            weight = g2 / g2.mean() if g2 is not None and float(g2.mean()) > 0 else None
 
             def block(x: torch.Tensor) -> torch.Tensor:
                 for m in modules:
@@ -324,7 +327,7 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
 
             def error() -> float:
                 with torch.no_grad():
-                    return sum(float(_weighted_error(block(x_q[i:i + bs]), target[i:i + bs], weight[i:i + bs])) * len(x_q[i:i + bs])
+                    return sum(float(_weighted_error(block(x_q[i:i + bs]), target[i:i + bs], None if weight is None else weight[i:i + bs])) * len(x_q[i:i + bs])
                                for i in range(0, len(x_q), bs)) / len(x_q)
 
             before = error()
@@ -350,7 +353,7 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
                     if config.drop_prob > 0:
                         x = torch.where(torch.rand(x.shape, generator=generator) < config.drop_prob, x_f[idx], x)
                     with torch.enable_grad():
-                        loss = _weighted_error(block(x), target[idx], weight[idx])
+                        loss = _weighted_error(block(x), target[idx], None if weight is None else weight[idx])
                         if step >= warm and rounding:
                             progress_ = (step - warm) / max(1, config.steps - warm)
                             beta = config.beta_end + (config.beta_start - config.beta_end) * (1.0 - progress_)
