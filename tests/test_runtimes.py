@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from vitcompress.cli import app
 from vitcompress.data import load_tensor, sample, scan_images
 from vitcompress.errors import VitcompressError
-from vitcompress.export.runtime import CpuMismatchWarning
+from vitcompress.export.runtime import CpuMismatchWarning, op_class, op_times
 from vitcompress.export import RUNTIMES, compare_latency, export_float, export_qdq, int8_coverage, open_session
 from vitcompress.quant import QuantConfig, quantize_
 from vitcompress.quant.placement import CANDIDATES, DEFAULT_RULES, default_placement_order, get_placement
@@ -44,6 +44,16 @@ def test_coverage_and_latency_name_their_runtime(artifacts):
     lat = compare_latency({"fp32_ort": artifacts / "f.onnx", "int8_ov": (artifacts / "q.onnx", "openvino")}, (1, 3, 32, 32), rounds=3, warmup=1)
     assert lat["fp32_ort"]["runtime"]["name"] == "onnxruntime" and lat["int8_ov"]["runtime"]["name"] == "openvino"
     assert all(v["runtime"]["version"] for v in lat.values())
+
+
+def test_op_times_split_each_run_into_the_operators_that_ran(artifacts):
+    prof = op_times({"fp32": artifacts / "f.onnx", "int8": artifacts / "q.onnx"}, (1, 3, 32, 32), rounds=4, warmup=2)
+    classes = {name: {op_class(op) for op in p["ops"]} for name, p in prof.items()}
+    assert "integer products" not in classes["fp32"] and "float products" in classes["fp32"]
+    assert {"integer products", "quantize/dequantize"} <= classes["int8"]  # the speed placement's int8 kernels, measured
+    for p in prof.values():
+        assert 0 < sum(p["ops"].values()) <= p["run_ms"] * 1.05  # node times fit inside the runs (warm-ups left out)
+        assert set(p["nodes"]) == set(p["ops"]) and all(n >= 1 for n in p["nodes"].values())
 
 
 def test_openvino_coverage_follows_layers_renamed_by_its_low_precision_passes(loaded, calib_batches, tmp_path):

@@ -60,8 +60,12 @@ class OrtSession:
 
 
 def make_session(path: str | Path, threads: int = 0, optimized_path: str | None = None,
-                 level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
+                 level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                 profile_prefix: str | None = None) -> ort.InferenceSession:
     opts = ort.SessionOptions()
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = level
@@ -178,6 +182,58 @@ def compare_latency(paths: dict[str, Candidate], input_shape: tuple[int, ...], t
             "batch": input_shape[0], "runtime": runtime_info(runtimes[n][1])}
         for n, t in times.items()
     }
+
+
+# Operator classes of onnxruntime's optimized graph, for saying where a model's time goes.
+PRODUCT_OPS = COMPUTE_OPS | {"FusedMatMul", "FusedConv", "FusedGemm"}  # float matrix products as onnxruntime fuses them
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+
+
+def op_class(op_type: str) -> str:
+    """'integer products', 'float products', 'quantize/dequantize' or 'everything else'."""
+    if op_type in INTEGER_OPS:
+        return "integer products"
+    if op_type in PRODUCT_OPS:
+        return "float products"
+    return "quantize/dequantize" if op_type in QDQ_OPS else "everything else"
+
+
+def op_times(paths: dict[str, str | Path], input_shape: tuple[int, ...], threads: int = 1, rounds: int = 30,
+             warmup: int = 5, seed: int = 0) -> dict[str, dict]:
+    """Where each model's time goes: onnxruntime's own per-node profile, in ms per run by operator type.
+
+    The models run alternately, as in ``compare_latency``, so machine noise is spread evenly; the
+    warm-up runs are left out. Profiling adds a little time to every node, so the per-class sums
+    are for comparing models run this way, not for quoting as latencies (``compare_latency`` is).
+    Returns {name: {"run_ms": mean whole-run time, "ops": {op_type: ms}, "nodes": {op_type: count}}}.
+    """
+    import json
+
+    x = np.random.default_rng(seed).standard_normal(input_shape).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {n: make_session(p, threads, profile_prefix=str(Path(tmp) / f"profile_{i}"))
+                    for i, (n, p) in enumerate(paths.items())}
+        names = list(sessions)
+        for r in range(warmup + rounds):
+            for n in (names if r % 2 == 0 else names[::-1]):
+                run_session(sessions[n], x)
+        files = {n: s.end_profiling() for n, s in sessions.items()}
+        out = {}
+        for n, f in files.items():
+            events = json.loads(Path(f).read_text())
+            runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                          key=lambda e: e["ts"])[warmup:]
+            start = runs[0]["ts"]
+            ops: Counter = Counter()
+            nodes: Counter = Counter()
+            for e in events:
+                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+                    ops[e["args"]["op_name"]] += e["dur"]
+                    nodes[e["args"]["op_name"]] += 1
+            out[n] = {"run_ms": sum(e["dur"] for e in runs) / len(runs) / 1e3,
+                      "ops": {k: v / len(runs) / 1e3 for k, v in ops.most_common()},
+                      "nodes": {k: v // len(runs) for k, v in nodes.items()}}
+    return out
 
 
 def _measured_shapes(model: onnx.ModelProto, tensors: set[str]) -> dict[str, list[int]]:
