@@ -116,8 +116,8 @@ def test_plain_squared_error_is_an_option():
 
 
 @pytest.mark.parametrize("method", ["qhyvit", "mptq"])
-@pytest.mark.parametrize("bad", [{"reconstruction_steps": -1}, {"qdrop": 1.0}, {"reconstruction_augment": "yes"},
-                                 {"reconstruction_fisher": "no"}])
+@pytest.mark.parametrize("bad", [{"reconstruction_steps": -1}, {"reconstruction_steps": "many"}, {"qdrop": 1.0},
+                                 {"qdrop": "half"}, {"reconstruction_augment": "yes"}, {"reconstruction_fisher": "no"}])
 def test_bad_reconstruction_options_are_refused(method, bad):
     with pytest.raises(VitcompressError):
         quantize_(_vit(), QuantConfig(method=method, method_options=bad), [torch.randn(2, 3, 32, 32)])

@@ -110,11 +110,7 @@ class MptqOptions(ReconstructionOptions):
                        target_bits=None if raw.get("target_bits") is None else float(raw["target_bits"]),
                        bit_choices=tuple(sorted({int(b) for b in raw.get("bit_choices", cls.bit_choices)})),
                        layer_bits={str(k): int(v) for k, v in dict(raw.get("layer_bits") or {}).items()},
-                       parts=tuple(raw.get("parts", cls.parts)),
-                       reconstruction_steps=None if raw.get("reconstruction_steps") is None else int(raw["reconstruction_steps"]),
-                       qdrop=float(raw.get("qdrop", cls.qdrop)),
-                       reconstruction_augment=raw.get("reconstruction_augment", cls.reconstruction_augment),
-                       reconstruction_fisher=raw.get("reconstruction_fisher", cls.reconstruction_fisher))
+                       parts=tuple(raw.get("parts", cls.parts)), **cls.given(raw))
         except (TypeError, ValueError) as e:
             raise VitcompressError(f"bad mptq option: {e}") from None
         widths = opts.bit_choices + tuple(opts.layer_bits.values())

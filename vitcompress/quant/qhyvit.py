@@ -118,7 +118,7 @@ class QHyViTOptions(ReconstructionOptions):
         unknown = sorted(set(raw) - known)
         if unknown:
             raise VitcompressError(f"unknown qhyvit option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**raw)
+        return cls(**{**raw, **cls.given(raw)})
 
 
 def _alpha_grid(n: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ quantizers keep their parameters and are not dropped.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
 import torch
@@ -111,6 +111,17 @@ class ReconstructionOptions:
         for name in ("reconstruction_augment", "reconstruction_fisher"):
             if not isinstance(getattr(self, name), bool):
                 raise VitcompressError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    @staticmethod
+    def given(raw: dict) -> dict:
+        """The reconstruction options among a method's raw ``method_options`` (CLI, recipe), typed:
+        a recipe's ``qdrop: 1`` is a float, a steps count given as text a whole number."""
+        typed = {"reconstruction_steps": lambda v: None if v is None else int(v), "qdrop": float}
+        names = {f.name for f in fields(ReconstructionOptions)}
+        try:
+            return {k: typed.get(k, lambda v: v)(v) for k, v in raw.items() if k in names}
+        except (TypeError, ValueError) as e:
+            raise VitcompressError(f"bad reconstruction option: {e}") from None
 
     def reconstruction_config(self, narrowest_bits: int, auto_max_bits: int, enabled: bool = True,
                               **fixed) -> ReconstructionConfig:
