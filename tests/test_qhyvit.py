@@ -22,6 +22,7 @@ def _layers(model):
     ("efficientformer_l1", 224, ["stages.3.blocks[2:5]"]),                  # the 4-D -> 3-D switch (Flat)
     ("efficientformerv2_s0", 224, []),  # attention runs on 4-D maps: no layout switch between layers
     ("deit_tiny_patch16_224", 224, []),
+    ("swin_tiny_patch4_window7_224", 224, []),  # windows regroup tokens between Linears: no conv/token switch
 ])
 def test_bridge_blocks_found_from_structure(arch, size, expected):
     model = timm.create_model(arch, pretrained=False, num_classes=10).eval()

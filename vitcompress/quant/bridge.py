@@ -4,7 +4,8 @@ A bridge is where feature maps change between the conv layout (N, C, H, W) and a
 — (N, L, D) tokens, or MobileViTv2's (N, C, P, N) patches — and back. We record the input shape
 of every quantized layer in execution order; a layout switch between consecutive layers is a
 change of rank, or a 4-D reshape that keeps the spatial size (H·W) but not the spatial shape
-(a stride-2 conv changes the size, an unfold does not). The bridge block is the smallest module
+(a stride-2 conv changes the size, an unfold does not), with a conv on at least one side (between
+two Linear layers a change of rank only regroups tokens). The bridge block is the smallest module
 containing both sides of the switch; inside an ``nn.Sequential`` it is narrowed to the run of
 children between them. No module names or indices are hard-coded.
 """
@@ -53,6 +54,14 @@ def _layout_switch(a: torch.Size, b: torch.Size) -> bool:
     return False
 
 
+def _tokens_regrouped(model: nn.Module, a: str, b: str) -> bool:
+    """Two Linear layers: a change of rank between them only regroups tokens (Swin's and TinyViT's
+    windows, a pooled head). A Linear acts on the last dimension, so each token stays a token of
+    the same channels: no conv/token switch, no bridge. (Taken for one, it made every stage of
+    Swin a single bridge block, searched whole for each candidate of each of its layers.)"""
+    return isinstance(model.get_submodule(a), nn.Linear) and isinstance(model.get_submodule(b), nn.Linear)
+
+
 def _common_ancestor(a: str, b: str) -> str:
     pa, pb = a.split("."), b.split(".")
     common = []
@@ -95,7 +104,7 @@ def find_bridges(model: nn.Module, layers: list[str], example: torch.Tensor) -> 
     order = _probe(model, layers, example)
     spans: dict[tuple, Bridge] = {}
     for (a, sa), (b, sb) in zip(order, order[1:]):
-        if not _layout_switch(sa, sb):
+        if not _layout_switch(sa, sb) or _tokens_regrouped(model, a, b):
             continue
         parent = _common_ancestor(a, b)
         block = model.get_submodule(parent) if parent else model
