@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+from collections import Counter
 import json
 import os
 import subprocess
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from common import ROOT, cpu_line  # the script's own folder is on sys.path
+from common import ROOT  # the script's own folder is on sys.path
 sys.path.insert(0, str(ROOT))
 
 CONFORMANCE_JSON = ROOT / "benchmarks" / "conformance.json"
@@ -235,7 +236,7 @@ def run_cell(family: str, method: str) -> dict:
     arch, spec = FAMILY_MODELS[family], METHODS[method]
     planned = unsupported_reason(family_of(arch), spec.support_name)
     started = time.perf_counter()
-    record: dict = {"family": family, "arch": arch, "method": method, "date": dt.date.today().isoformat()}
+    record: dict = {"family": family, "arch": arch, "method": method, "date": dt.date.today().isoformat(), "cpu": _cpu()}
     out = ARTIFACTS / arch / method
     if out.exists():
         shutil.rmtree(out)
@@ -255,6 +256,13 @@ def run_cell(family: str, method: str) -> dict:
     record["wall_s"] = round(time.perf_counter() - started, 1)
     record["finished"] = _now()
     return record
+
+
+def _cpu() -> str:
+    from vitcompress.cpu import this_cpu
+
+    cpu = this_cpu()
+    return f"{cpu['model']} ({cpu['isa']})"
 
 
 def _now() -> str:
@@ -310,7 +318,7 @@ def time_cells(records: dict[tuple[str, str], dict]) -> None:
         lat = compare_latency({"fp32": fp32, "compressed": compressed}, shape, threads=1, rounds=LATENCY_ROUNDS)
         r["speedup"] = lat["fp32"]["median_ms"] / lat["compressed"]["median_ms"]
         r["latency_ms"] = {k: round(v["median_ms"], 2) for k, v in lat.items()}
-        r["timed"] = dt.date.today().isoformat()
+        r["timed"], r["timed_on"] = dt.date.today().isoformat(), _cpu()
         print(f"{r['family']:22s} {r['method']:10s} {r['speedup']:.2f}x", flush=True)
         publish({key: r})
 
@@ -341,13 +349,23 @@ def _cell_text(r: dict | None) -> str:
     return " · ".join(parts)
 
 
+def _where_cells_ran(records: dict[tuple[str, str], dict]) -> str:
+    """Cells are run and re-run over time, on whatever machine a run had: say when and where."""
+    dates = sorted(r["date"] for r in records.values() if r.get("date"))
+    cpus = Counter(r.get("cpu", "CPU not recorded") for r in records.values())
+    timed = Counter(r.get("timed_on", "CPU not recorded") for r in records.values() if r.get("timed"))
+    span = f"Cells ran {dates[0]} to {dates[-1]}" if dates else "Cells ran"
+    return (f"{span}, on: " + "; ".join(f"{c} ({n} cells)" for c, n in cpus.most_common())
+            + ". Timed on: " + ("; ".join(f"{c} ({n} cells)" for c, n in timed.most_common()) or "none yet") + ".")
+
+
 def _markdown(records: dict[tuple[str, str], dict]) -> str:
     families, methods = list(FAMILY_MODELS), list(METHODS)
     counts = {s: sum(1 for r in records.values() if r["status"] == s) for s in ("ok", "unsupported", "failed")}
     lines = [
         "# Conformance: every family × every method", "",
-        f"Made by `make conformance` (`python benchmarks/bench_conformance.py`) — {dt.date.today().isoformat()}. "
-        f"{cpu_line()}", "",
+        f"Made by `make conformance` (`python benchmarks/bench_conformance.py`); published {dt.date.today().isoformat()}. "
+        + _where_cells_ran(records), "",
         "Each family by its smallest timm member, random weights, native input size; calibration on "
         f"{CALIB_SIZE} bundled images (`calib/train`; {PRUNE_CALIB_SIZE} for pruning), the export compared with "
         f"its torch model on {EVAL_SIZE} bundled images (`calib/val`). A cell reads: status · fp32/compressed latency "
