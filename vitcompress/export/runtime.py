@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import math
 import os
 import statistics
@@ -207,8 +208,6 @@ def op_times(paths: dict[str, str | Path], input_shape: tuple[int, ...], threads
     are for comparing models run this way, not for quoting as latencies (``compare_latency`` is).
     Returns {name: {"run_ms": mean whole-run time, "ops": {op_type: ms}, "nodes": {op_type: count}}}.
     """
-    import json
-
     x = np.random.default_rng(seed).standard_normal(input_shape).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {n: make_session(p, threads, profile_prefix=str(Path(tmp) / f"profile_{i}"))
