@@ -25,17 +25,11 @@ sys.path.insert(0, str(ROOT))
 from vitcompress import load  # noqa: E402
 from vitcompress.data import load_tensor, sample, scan_images  # noqa: E402
 from vitcompress.quant import QuantConfig, quantize_  # noqa: E402
+from vitcompress.quant.calibration import batched_logits, kl_and_agreement  # noqa: E402
 from vitcompress.quant.modules import TensorQuantizer  # noqa: E402
 
 
-def _logits(model: torch.nn.Module, x: torch.Tensor, bs: int = 256) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(x[i:i + bs]) for i in range(0, len(x), bs)])
-
-
-def _kl_and_agreement(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
-    p, q = ref.log_softmax(1), out.log_softmax(1)
-    return float((p.exp() * (p - q)).sum(1).mean()), float((ref.argmax(1) == out.argmax(1)).float().mean() * 100)
+BATCH = 256
 
 
 def main() -> None:
@@ -55,18 +49,18 @@ def main() -> None:
     half_a, _ = val_halves(scan_images(data / "val", require_labels=True))
     x = load_tensor(half_a, loaded.preprocessing)
     model = loaded.model.eval()
-    ref = _logits(model, x)
+    ref = batched_logits(model, x, BATCH)
     q = copy.deepcopy(model)
     start = time.perf_counter()
     quantize_(q, QuantConfig(method=args.method, wbits=args.bits, abits=args.bits), [calib])
     seconds = time.perf_counter() - start
-    whole_kl, whole_agreement = _kl_and_agreement(ref, _logits(q, x))
+    whole_kl, whole_agreement = kl_and_agreement(ref, batched_logits(q, x, BATCH))
     rows = []
     for name, quantizer in q.named_modules():
         if not isinstance(quantizer, TensorQuantizer) or name.endswith("weight_quantizer"):
             continue
         quantizer.forward = lambda t: t  # this one alone passes its input through
-        kl, agreement = _kl_and_agreement(ref, _logits(q, x))
+        kl, agreement = kl_and_agreement(ref, batched_logits(q, x, BATCH))
         del quantizer.forward  # back to the class's forward
         rows.append((whole_kl - kl, name, kl, agreement))
     rows.sort(key=lambda r: -r[0])

@@ -66,6 +66,11 @@ def logits_kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
     return float(F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean"))
 
 
+def kl_and_agreement(reference: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
+    """``logits_kl`` and the top-1 agreement (%) of two batches of logits."""
+    return logits_kl(reference, logits), (logits.argmax(-1) == reference.argmax(-1)).float().mean().item() * 100
+
+
 def freeze_named(name: str, quantizer: nn.Module) -> None:
     """Freeze one quantizer; a layer the calibration pass never reached is named in the error."""
     try:

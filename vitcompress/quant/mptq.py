@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import VitcompressError
-from .calibration import freeze_named, logits_kl, run_batches
+from .calibration import freeze_named, kl_and_agreement, run_batches
 from .options import register_options
 from .registry import Progress, register_method, register_restorer
 from .gptq import gptq_layers
@@ -307,14 +307,8 @@ def _probe_kls(job: tuple) -> list[float]:
     for assign in assigns:
         setup.apply({u: (b, b) for u, b in assign.items()})
         with torch.no_grad():
-            kls.append(_kl_and_agreement(ref, setup.model(images))[0])
+            kls.append(kl_and_agreement(ref, setup.model(images))[0])
     return kls
-
-
-def _kl_and_agreement(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
-    kl = logits_kl(ref, out)
-    agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item() * 100
-    return kl, agree
 
 
 @register_method("mptq")
@@ -460,7 +454,7 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
         def evaluate(assign: dict[str, int]) -> tuple[float, float]:
             setup.apply({u: (b, b) for u, b in assign.items()})
             with torch.no_grad():
-                return _kl_and_agreement(ref, model(sens_x))
+                return kl_and_agreement(ref, model(sens_x))
 
         def probe_on_workers(assigns: list[dict[str, int]]) -> list[float]:
             chunks = [assigns[i:i + PROBES_PER_TASK] for i in range(0, len(assigns), PROBES_PER_TASK)]
@@ -490,7 +484,7 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
 
     def calibration_kl() -> float:
         with torch.no_grad():
-            return _kl_and_agreement(ref, model(sens_x))[0]
+            return kl_and_agreement(ref, model(sens_x))[0]
 
     weighted = [n for n in macs if hasattr(modules[n], "weight_quantizer")]  # execution order
     narrowest = min((min(wa) for wa in final.values()), default=8)
