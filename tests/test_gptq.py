@@ -163,3 +163,47 @@ def test_statistics_passes_stop_after_the_layer_s_last_call_in_a_forward():
     run(model, x)
     run.remove()
     assert calls == ["shared", "shared", "after", "shared", "shared"] and run.calls_per_forward == 2
+
+
+def test_block_by_block_statistics_round_exactly_as_the_whole_model_does_in_fewer_forwards(loaded, calib_batches):
+    """Each block's input is captured once (or is the previous block's output, run again) and only
+    the block runs per layer: the rounding is bit-identical to asking the whole model for every
+    layer's input, with far fewer passes through the model's stem."""
+    import copy
+
+    from vitcompress.quant import QuantConfig, quantize_
+    from vitcompress.quant.calibration import float_copy
+    from vitcompress.quant.gptq import _follows_previous, _round_layer, gptq_layers
+    from vitcompress.quant.reconstruction import reconstruction_blocks
+    from vitcompress.quant.calibration import quantizers_off
+
+    quantized = copy.deepcopy(loaded.model)
+    quantize_(quantized, QuantConfig(wbits=4, abits=8), calib_batches)
+    # the stem and the first four blocks: enough for chains and for the count of passes
+    names = [n for n, m in quantized.named_modules() if hasattr(m, "weight_quantizer")
+             and not (n.startswith("blocks.") and int(n.split(".")[1]) >= 4) and not n.startswith("head")]
+    float_model = float_copy(quantized)
+    with torch.no_grad(), quantizers_off(quantized):
+        blocks = reconstruction_blocks(quantized, names, calib_batches[0][:1])
+    follows = _follows_previous(quantized, blocks, calib_batches[0][:1])
+    # the position embedding is added between the stem and the first block; the blocks then chain
+    assert [b.name for b in blocks][:2] == ["patch_embed", "blocks.0"] and follows[:3] == [False, False, True]
+    assert len(blocks) == 5 and all(follows[2:])
+
+    def stem_calls(run) -> int:
+        calls = []
+        handle = model.patch_embed.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            run()
+        finally:
+            handle.remove()
+        return len(calls)
+
+    model = whole = copy.deepcopy(quantized)
+    whole_calls = stem_calls(lambda: [_round_layer(whole, n, calib_batches, float_model, True, None) for n in names])
+    model = blockwise = copy.deepcopy(quantized)
+    block_calls = stem_calls(lambda: gptq_layers(blockwise, names, calib_batches, float_model, act_order=True))
+    for name in names:
+        assert torch.equal(whole.get_submodule(name).weight, blockwise.get_submodule(name).weight), name
+        assert not torch.equal(whole.get_submodule(name).weight, quantized.get_submodule(name).weight), name
+    assert block_calls * 5 < whole_calls, (block_calls, whole_calls)

@@ -19,6 +19,12 @@ Our choices (not from a ViT paper; an extra step wherever a method offers it):
   its own k×k Hessian and is rounded alone. Other grouped convs keep nearest rounding.
 - After rounding, the layer's weight holds the rounded values themselves (exactly on its grid), so
   the weight quantizer reproduces them and checkpoints keep them.
+- Layers go block by block (the units reconstruction uses: a transformer block, a stage's child):
+  each block's input is captured once, and each of its layers' statistics come from running only
+  the block on it. Where one block's output is the next block's input, that input is the previous
+  block run again after its rounding, so the whole pass costs a few forwards however deep the model
+  (asking the whole model for every layer's input cost about half a forward per layer). The numbers
+  are the same as the whole model's: the same tensors go through the same modules, batch by batch.
 """
 from __future__ import annotations
 
@@ -28,11 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibration import batch_shards, map_or_here
+from .bridge import Bridge
+from .calibration import batch_shards, map_or_here, quantizers_off
 from .modules import TensorQuantizer
 from .placement import is_depthwise
+from .reconstruction import capture_inputs, reconstruction_blocks
 from .spec import fake_quantize
-from .tracing import StopAfter
+from .tracing import StopAfter, forward_with_hooks
 
 DAMPENING = 0.01
 # The float-output target is a least-squares fit per layer: with few calibration rows per input it
@@ -122,15 +130,19 @@ def _input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _input_statistics(model: nn.Module, name: str, batches: Sequence[torch.Tensor],
                       float_model: nn.Module | None = None,
-                      map_shards: Callable[[Callable, list], list] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      map_shards: Callable[[Callable, list], list] | None = None,
+                      float_batches: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """H = Σ x̃ x̃ᵀ over the calibration rows of layer ``name``'s quantized input x̃ (the model quantized
     as it is), one per output row for depthwise convs; with ``float_model`` also the cross term
-    Σ (x - x̃) x̃ᵀ, x the float model's input to the same layer for the same image.
+    Σ (x - x̃) x̃ᵀ, x the float model's input to the same layer for the same image. The float model
+    runs on ``float_batches`` where given (a block's float inputs), else on ``batches``.
 
     The sums are taken over fixed shards of batches, then added in shard order, so they are the same
     numbers whether ``map_shards`` (a worker pool's map) runs the shards or this process does."""
     layer = model.get_submodule(name)
-    parts = map_or_here(_shard_statistics, [(model, name, shard, float_model) for shard in batch_shards(batches)], map_shards)
+    float_shards = batch_shards(float_batches if float_batches is not None else batches)
+    parts = map_or_here(_shard_statistics, [(model, name, shard, float_model, float_shard)
+                                            for shard, float_shard in zip(batch_shards(batches), float_shards)], map_shards)
     acc: dict[str, torch.Tensor] = {}
     for part in parts:
         for key, value in part.items():
@@ -146,7 +158,7 @@ def _input_statistics(model: nn.Module, name: str, batches: Sequence[torch.Tenso
 
 
 def _shard_statistics(model: nn.Module, name: str, batches: Sequence[torch.Tensor],
-                      float_model: nn.Module | None) -> dict[str, torch.Tensor]:
+                      float_model: nn.Module | None, float_batches: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """One shard's sums for ``_input_statistics`` (in a worker, on its own copy of the models)."""
     layer = model.get_submodule(name)
     acc: dict[str, torch.Tensor] = {}
@@ -169,9 +181,9 @@ def _shard_statistics(model: nn.Module, name: str, batches: Sequence[torch.Tenso
     run = StopAfter(layer)
     run_float = StopAfter(float_model.get_submodule(name)) if float_model is not None else None
     try:
-        for x in batches:
+        for x, float_x in zip(batches, float_batches):
             if run_float is not None:
-                run_float(float_model, x)  # its layer input first, then the quantized model's hook pairs it
+                run_float(float_model, float_x)  # its layer input first, then the quantized model's hook pairs it
             run(model, x)
     finally:
         for handle in [*handles, run, *([run_float] if run_float is not None else [])]:
@@ -195,6 +207,63 @@ def float_output_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torc
     return torch.linalg.solve(h, (h + cross).transpose(0, 1) @ w.t()).t().to(weight.dtype)
 
 
+class _BlockInputs:
+    """Each block's input over the calibration batches (batch by batch), blocks taken in order.
+
+    A block whose input is the previous block's output tensor itself (seen in one forward) gets it
+    by running the previous block on that block's inputs; any other block by a forward of the whole
+    model that stops at it. ``forget`` drops the held inputs (a layer outside the blocks changed)."""
+
+    def __init__(self, model: nn.Module, blocks: Sequence[Bridge], batches: Sequence[torch.Tensor], follows: list[bool]):
+        self.model, self.blocks, self.batches, self.follows = model, blocks, batches, follows
+        self._held: tuple[int, list[torch.Tensor]] | None = None
+
+    def of(self, i: int) -> list[torch.Tensor]:
+        if self.follows[i] and self._held is not None and self._held[0] == i - 1:
+            with torch.no_grad():
+                xs = [self.blocks[i - 1].forward(self.model, x) for x in self._held[1]]
+        else:
+            xs = [capture_inputs(self.model, x, self.blocks[i]) for x in self.batches]
+        self._held = (i, xs)
+        return xs
+
+    def forget(self) -> None:
+        self._held = None
+
+
+def _follows_previous(model: nn.Module, blocks: Sequence[Bridge], example: torch.Tensor) -> list[bool]:
+    """For each block: is its input the very tensor the block before it returned (nothing between)?"""
+    seen: list[tuple[str, int, torch.Tensor]] = []  # every block's input and output, in call order
+    hooks = []
+    for i, b in enumerate(blocks):
+        first, last = b.modules(model)[0], b.modules(model)[-1]
+        hooks.append(first.register_forward_pre_hook(lambda m, inp, i=i: seen.append(("in", i, inp[0]))))
+        hooks.append(last.register_forward_hook(lambda m, inp, out, i=i: seen.append(("out", i, out))))
+    forward_with_hooks(model, example, hooks)
+    follows = [False] * len(blocks)
+    for (kind, i, t), (next_kind, j, u) in zip(seen, seen[1:]):
+        if kind == "out" and next_kind == "in" and j == i + 1 and t is u:
+            follows[j] = True
+    return follows
+
+
+def _round_layer(model: nn.Module, name: str, batches: Sequence[torch.Tensor], float_model: nn.Module | None,
+                 act_order: bool, map_shards: Callable[[Callable, list], list] | None,
+                 float_batches: Sequence[torch.Tensor] | None = None) -> None:
+    layer = model.get_submodule(name)
+    h, cross = _input_statistics(model, name, batches, float_model, map_shards, float_batches)
+    with torch.no_grad():
+        w2d = layer.weight.reshape(layer.weight.shape[0], -1)
+        if cross is not None:
+            w2d = float_output_target(w2d, h, cross)
+        layer.weight.copy_(gptq_round(w2d, h, layer.weight_quantizer, act_order=act_order).reshape(layer.weight.shape))
+
+
+def _as_module(model: nn.Module, block: Bridge) -> nn.Sequential:
+    """The block as a model of its own (the same module objects, not copies)."""
+    return nn.Sequential(*block.modules(model))
+
+
 def gptq_layers(model: nn.Module, names: Sequence[str], batches: Sequence[torch.Tensor],
                 float_model: nn.Module | None = None, act_order: bool = False,
                 map_shards: Callable[[Callable, list], list] | None = None) -> list[str]:
@@ -211,17 +280,33 @@ def gptq_layers(model: nn.Module, names: Sequence[str], batches: Sequence[torch.
     objective. ``act_order``: see ``gptq_round``. ``map_shards`` (a worker pool's map): each layer's
     input statistics are summed over shards of the batches on the workers (the same sums, see
     ``_input_statistics``); the rounding itself runs here."""
-    done = []
+    eligible = []
     for name in names:
         layer = model.get_submodule(name)
         wq = getattr(layer, "weight_quantizer", None)
-        if wq is None or wq.mode != "quantize" or not supports_gptq(layer):
-            continue
-        h, cross = _input_statistics(model, name, batches, float_model, map_shards)
-        with torch.no_grad():
-            w2d = layer.weight.reshape(layer.weight.shape[0], -1)
-            if cross is not None:
-                w2d = float_output_target(w2d, h, cross)
-            layer.weight.copy_(gptq_round(w2d, h, wq, act_order=act_order).reshape(layer.weight.shape))
+        if wq is not None and wq.mode == "quantize" and supports_gptq(layer):
+            eligible.append(name)
+    if not eligible:
+        return []
+    with torch.no_grad(), quantizers_off(model):
+        blocks = reconstruction_blocks(model, eligible, batches[0][:1])
+    follows = _follows_previous(model, blocks, batches[0][:1])
+    block_of = {n: i for i, b in enumerate(blocks) for n in b.layers}
+    quantized_in = _BlockInputs(model, blocks, batches, follows)
+    float_in = _BlockInputs(float_model, blocks, batches, follows) if float_model is not None else None
+    done, current = [], None
+    for name in eligible:
+        i = block_of.get(name)
+        if i is None:  # a layer outside every block (e.g. run twice per forward): the whole model runs
+            _round_layer(model, name, batches, float_model, act_order, map_shards)
+            quantized_in.forget()  # inputs held from before this rounding are stale
+        else:
+            if current is None or current[0] != i:
+                block = _as_module(model, blocks[i])
+                float_block = _as_module(float_model, blocks[i]) if float_model is not None else None
+                current = (i, block, float_block, quantized_in.of(i), float_in.of(i) if float_in is not None else None)
+            _, block, float_block, xs, float_xs = current
+            local = {id(m): n for n, m in block.named_modules()}[id(model.get_submodule(name))]
+            _round_layer(block, local, xs, float_block, act_order, map_shards, float_xs)
         done.append(name)
     return done

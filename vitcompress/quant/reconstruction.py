@@ -239,6 +239,11 @@ def _capture(model: nn.Module, images: torch.Tensor, blocks: Sequence[Bridge], b
     return ({k: torch.cat(v) for k, v in ins.items()}, {k: torch.cat(v) for k, v in outs.items() if v})
 
 
+def capture_inputs(model: nn.Module, images: torch.Tensor, block: Bridge) -> torch.Tensor:
+    """The input of ``block`` for one batch of ``images``; the forward stops there."""
+    return _capture(model, images, [block], len(images), outputs=False)[0][block.name]
+
+
 def _with_views(fp: nn.Module, images: torch.Tensor, blocks: Sequence[Bridge], budget: int) -> torch.Tensor:
     """The images and as many of their views (``augmented``: mirrors, then shifts) as the captured
     tensors allow: every block's input, output and Fisher weights are held for every image, which at
