@@ -256,6 +256,51 @@ def test_scale_tuning_lowers_the_kl_from_a_bad_activation_scale():
     assert "forward" not in vars(iq) and iq.mode == "quantize"
 
 
+def test_large_inputs_go_through_backward_in_pieces_with_the_same_numbers(monkeypatch):
+    """Where a batch's module outputs exceed the backward budget (224-px models), the Fisher
+    diagonals and scale tuning's steps take it in pieces: the same numbers as whole batches."""
+    from vitcompress.quant import calibration
+    from vitcompress.quant.fisher import output_fisher
+    from vitcompress.quant.scale_tuning import tune_activation_scales
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 12)).eval()
+    x = torch.randn(16, 3, 8, 8)
+    per_image = calibration.output_bytes_per_image(model, x[:1])
+    assert per_image == 4 * (8 * 6 * 6 * 3 + 12)  # conv, ReLU, Flatten and Linear outputs, float32
+    assert calibration.images_per_backward(model, x, 16, budget=3 * per_image + 1) == 3
+    assert calibration.images_per_backward(model, x, 16, budget=per_image // 2) == 1
+    assert calibration.images_per_backward(model, x, 16) == 16  # small inputs are never cut by default
+
+    outputs_of = {"conv": model[0], "head": model[3]}
+    whole = output_fisher(model, x, outputs_of, 16, max_exact=4, seed=3)  # 12 classes > 4: sampled labels
+    monkeypatch.setattr(calibration, "BACKWARD_BYTES", 3 * per_image)
+    pieces = output_fisher(model, x, outputs_of, 16, max_exact=4, seed=3)
+    monkeypatch.undo()
+    for key in outputs_of:
+        assert whole[key].shape[0] == 16 and whole[key].abs().sum() > 0
+        torch.testing.assert_close(pieces[key], whole[key], rtol=1e-5, atol=1e-12)
+
+    quantize_(model, QuantConfig(wbits=6, abits=4, fold_batchnorm=False), [x])
+    with torch.no_grad(), calibration.quantizers_off(model):
+        ref = model(x)
+    tuned = [model[0].input_quantizer, model[3].input_quantizer]
+    start = [q.scale.clone() for q in tuned]
+
+    def tune() -> list[torch.Tensor]:
+        for q, s in zip(tuned, start):
+            q.set_qparams(s.clone(), q.zero_point)
+        tune_activation_scales(model, tuned, x, ref, steps=5, lr=0.05, batch_size=8, check_every=5)
+        return [q.scale.clone() for q in tuned]
+
+    one_batch = tune()
+    monkeypatch.setattr(calibration, "BACKWARD_BYTES", 3 * calibration.output_bytes_per_image(model, x[:1]))
+    in_pieces = tune()
+    assert not torch.equal(one_batch[1], start[1])  # the steps moved the scale
+    for a, b in zip(in_pieces, one_batch):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+
+
 class _SharedPositionConv(nn.Module):
     """CoaT's pattern: one conv module run twice per forward (a position encoding shared by two blocks)."""
 

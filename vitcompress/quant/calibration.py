@@ -15,6 +15,11 @@ from .registry import Progress
 
 ShardMap = Callable[[Callable, list], list]  # a pool's map: (function, argument tuples) -> results in order
 SHARD_BATCHES = 2  # calibration batches per shard sent to a worker (fixed: never from the worker count)
+# Module outputs a backward pass may keep, counted as the bytes every leaf module outputs for its
+# images: autograd holds about four times that (inputs saved by each op, hook clones), so 1 GiB
+# keeps a backward through CaiT-XXS at 224 px (137 MiB a image) near 4 GiB instead of the 18 GiB a
+# 32-image batch took. Small inputs (32-px CIFAR-10 models: under 2 MiB a image) are not cut.
+BACKWARD_BYTES = 1 << 30
 
 
 def batch_shards(batches: Sequence) -> list:
@@ -38,6 +43,31 @@ def batched_logits(model: nn.Module, images: torch.Tensor, batch_size: int) -> t
     """The model's outputs for ``images``, computed ``batch_size`` at a time without gradients."""
     with torch.no_grad():
         return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def output_bytes_per_image(model: nn.Module, image: torch.Tensor) -> int:
+    """Bytes of every leaf module's tensor output in one forward of ``image`` (one image)."""
+    total = [0]
+
+    def count(module: nn.Module, inputs, output) -> None:
+        if isinstance(output, torch.Tensor):
+            total[0] += output.numel() * output.element_size()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if next(m.children(), None) is None]
+    try:
+        with torch.no_grad():
+            model(image)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0]
+
+
+def images_per_backward(model: nn.Module, image: torch.Tensor, wanted: int, budget: int | None = None) -> int:
+    """How many images one backward pass may take: ``wanted``, fewer where their module outputs
+    would exceed ``budget`` (default ``BACKWARD_BYTES``), at least one."""
+    budget = BACKWARD_BYTES if budget is None else budget
+    return max(1, min(wanted, budget // max(1, output_bytes_per_image(model, image[:1]))))
 
 
 @contextlib.contextmanager

@@ -4,7 +4,9 @@ Q-HyViT weighs each block's output error by diag((∂L/∂O)²) with L = KL(floa
 BRECQ weighs its block reconstruction the same way. At the float model that KL has zero gradient,
 and its Hessian is the Fisher information of the prediction, Σ_c p_c (∂ log p_c/∂O)²: exact (one
 backward pass per class) for up to ``max_exact`` classes, otherwise estimated from ``max_exact``
-labels sampled from the model's own prediction (Monte Carlo, seeded).
+labels sampled from the model's own prediction (Monte Carlo, seeded per image, so the numbers do
+not depend on how the images are batched). Backward passes take as many images as
+``calibration.images_per_backward`` allows at the model's input size.
 """
 from __future__ import annotations
 
@@ -14,20 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibration import SHARD_BATCHES
+from .calibration import SHARD_BATCHES, images_per_backward
 
 
 def label_weights(logp: torch.Tensor, max_exact: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(labels, weights) pairs whose weighted squared gradients sum to the diagonal Fisher."""
+    """(labels, weights) pairs whose weighted squared gradients sum to the diagonal Fisher; image j
+    of the batch draws its labels from a generator seeded ``seed + j``."""
     p = logp.exp()
     n, c = p.shape
     if c <= max_exact:
         for k in range(c):
             yield torch.full((n,), k, dtype=torch.long), p[:, k]
         return
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(max_exact):
-        yield torch.multinomial(p, 1, generator=g).squeeze(1), torch.full((n,), 1.0 / max_exact)
+    drawn = torch.stack([torch.multinomial(p[j], max_exact, replacement=True, generator=torch.Generator().manual_seed(seed + j))
+                         for j in range(n)])
+    for k in range(max_exact):
+        yield drawn[:, k], torch.full((n,), 1.0 / max_exact)
 
 
 def output_fisher(model: nn.Module, images: torch.Tensor, outputs_of: dict[str, nn.Module], batch_size: int,
@@ -68,6 +72,9 @@ def _fisher_of_batches(model: nn.Module, images: torch.Tensor, outputs_of: dict[
             return out.clone()  # downstream in-place ops must not rewrite the tensor we differentiate by
         return hook
 
+    if len(images) == 0:
+        return {}
+    batch_size = images_per_backward(model, images[:1], batch_size)
     hooks = [m.register_forward_hook(grab(k)) for k, m in outputs_of.items()]
     try:
         for i in range(0, len(images), batch_size):

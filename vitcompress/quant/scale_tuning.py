@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibration import batched_logits, logits_kl
+from .calibration import batched_logits, images_per_backward, logits_kl
 from .modules import TensorQuantizer
 from .refine import Refinement
 from .spec import fake_quantize
@@ -75,8 +75,12 @@ def tune_activation_scales(model: nn.Module, quantizers: Sequence[TensorQuantize
 
     The straight-through gradient is biased and each batch is noisy, so the KL on all ``images`` is
     measured at the start and every ``check_every`` steps, and the scales with the lowest one are
-    set in place (the starting scales if none was lower). Returns those measured KLs."""
+    set in place (the starting scales if none was lower). Returns those measured KLs.
+
+    A step's batch goes through backward in pieces where its module outputs would exceed
+    ``calibration.BACKWARD_BYTES`` (large inputs), the gradients summed: the same step."""
     ref = float_logits.log_softmax(-1)
+    piece = images_per_backward(model, images[:1], batch_size)
 
     def full_kl() -> float:
         return logits_kl(ref, batched_logits(model, images, batch_size))
@@ -95,9 +99,10 @@ def tune_activation_scales(model: nn.Module, quantizers: Sequence[TensorQuantize
         best = [ls.detach().clone() for ls in log_scales]
         for step in range(1, steps + 1):
             idx = torch.randperm(len(images), generator=generator)[:batch_size]
-            loss = F.kl_div(model(images[idx]).log_softmax(-1), ref[idx], log_target=True, reduction="batchmean")
             optimizer.zero_grad()
-            loss.backward()
+            for part in idx.split(piece):  # the batch's mean KL, its gradient summed over the pieces
+                loss = F.kl_div(model(images[part]).log_softmax(-1), ref[part], log_target=True, reduction="sum") / len(idx)
+                loss.backward()
             optimizer.step()
             schedule.step()
             if step % check_every == 0 or step == steps:
