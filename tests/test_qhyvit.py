@@ -19,7 +19,8 @@ def _layers(model):
 @pytest.mark.parametrize("arch, size, expected", [
     ("mobilevit_xxs", 64, ["stages.2.1", "stages.3.1", "stages.4.1"]),    # conv -> unfold -> tokens -> fold
     ("mobilevitv2_050", 64, ["stages.2.1", "stages.3.1", "stages.4.1"]),  # conv -> (C, P, N) patches -> fold
-    ("efficientformer_l1", 224, ["stages.3.blocks[2:5]"]),                  # the 4-D -> 3-D switch (Flat)
+    # the 4-D -> 3-D switch (Flat): from the last 4-D block through Flat to the first Linear after it
+    ("efficientformer_l1", 224, ["stages.3.blocks.2..stages.3.blocks.4.token_mixer.qkv"]),
     ("efficientformerv2_s0", 224, []),  # attention runs on 4-D maps: no layout switch between layers
     ("deit_tiny_patch16_224", 224, []),
     ("swin_tiny_patch4_window7_224", 224, []),  # windows regroup tokens between Linears: no conv/token switch
@@ -30,6 +31,70 @@ def test_bridge_blocks_found_from_structure(arch, size, expected):
     assert [b.name for b in bridges] == expected
     for b in bridges:  # every bridge holds both conv-layout and token-layout layers
         assert len(b.layers) >= 2
+
+
+class _TokenBlock(nn.Module):
+    """A Linear over the channels of a conv map's positions: conv layout in and out, tokens inside."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.fc = nn.Linear(c, c)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        return self.fc(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(n, c, h, w)
+
+
+class _Stage(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.down, self.blocks = nn.Conv2d(c, c, 1), nn.Sequential(_TokenBlock(c), _TokenBlock(c))
+
+    def forward(self, x):
+        return self.blocks(self.down(x))
+
+
+class _TwoStages(nn.Module):
+    def __init__(self, op_between: bool = False):
+        super().__init__()
+        self.stages, self.op_between = nn.Sequential(_Stage(8), _Stage(8)), op_between
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        if self.op_between:  # an operation between the stages: no chain across them
+            x = self.stages[1](self.stages[0](x) * 1.0)
+        else:
+            x = self.stages(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_switch_between_stages_bridges_the_tail_of_one_and_the_head_of_the_next():
+    """Where each module hands its output tensor itself to the next, the bridge is the narrowest
+    chain across the switch (last block of one stage, first conv of the next), not both stages
+    whole; with an operation between the stages it falls back to the span of both. Each bridge
+    run alone gives what it gives inside the model."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6)
+    model = _TwoStages().eval()
+    bridges = find_bridges(model, _layers(model), x)
+    assert [b.name for b in bridges] == ["stages.0.down..stages.0.blocks.0", "stages.0.blocks.1..stages.1.down",
+                                         "stages.1.down..stages.1.blocks.0"]
+    owned = [n for b in bridges for n in b.layers]
+    assert len(owned) == len(set(owned)) == 5  # each layer in one bridge; the last block and the head alone
+    for b in bridges:
+        seen = {}
+        first, last = b.modules(model)[0], b.modules(model)[-1]
+        hooks = [first.register_forward_pre_hook(lambda m, inp: seen.setdefault("in", inp[0])),
+                 last.register_forward_hook(lambda m, inp, out: seen.setdefault("out", out))]
+        with torch.no_grad():
+            model(x)
+            for h in hooks:
+                h.remove()
+            assert torch.equal(b.forward(model, seen["in"]), seen["out"]), b.name
+
+    fallback = _TwoStages(op_between=True).eval()
+    names = [b.name for b in find_bridges(fallback, _layers(fallback), x)]
+    assert "stages[0:2]" in names and "stages.0.blocks.1..stages.1.down" not in names
 
 
 def test_search_never_increases_the_objective_and_fixes_a_bad_start():

@@ -5,12 +5,16 @@ A bridge is where feature maps change between the conv layout (N, C, H, W) and a
 of every quantized layer in execution order; a layout switch between consecutive layers is a
 change of rank, or a 4-D reshape that keeps the spatial size (H·W) but not the spatial shape
 (a stride-2 conv changes the size, an unfold does not), with a conv on at least one side (between
-two Linear layers a change of rank only regroups tokens). The bridge block is the smallest module
-containing both sides of the switch; inside an ``nn.Sequential`` it is narrowed to the run of
-children between them. No module names or indices are hard-coded.
+two Linear layers a change of rank only regroups tokens). The bridge block is the narrowest chain
+of modules, each handing its output tensor itself to the next (seen in one forward), that runs
+from a module holding one side of the switch to one holding the other: the tail of one stage and
+the head of the next, not both stages whole. Where no such chain exists (a reshape between the
+two sides), it is the smallest module containing both sides, narrowed inside an ``nn.Sequential``
+to the run of children between them. No module names or indices are hard-coded.
 """
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
 
@@ -28,12 +32,17 @@ class Bridge:
     start: int | None = None  # child span [start, end] when parent is an nn.Sequential
     end: int | None = None
     layers: list[str] = field(default_factory=list)
+    members: tuple[str, ...] = ()  # a chain of modules across parents, run one after another
 
     @property
     def name(self) -> str:
+        if self.members:
+            return self.members[0] if len(self.members) == 1 else f"{self.members[0]}..{self.members[-1]}"
         return self.parent if self.start is None else f"{self.parent}[{self.start}:{self.end + 1}]"
 
     def modules(self, model: nn.Module) -> list[nn.Module]:
+        if self.members:
+            return [model.get_submodule(m) for m in self.members]
         block = model.get_submodule(self.parent) if self.parent else model
         if self.start is None:
             return [block]
@@ -99,21 +108,108 @@ def _probe(model: nn.Module, layers: list[str], example: torch.Tensor) -> list[t
     return layer_order(model, layers, example)
 
 
+@dataclass
+class _Call:
+    name: str
+    begin: int  # event counter at the call's start and end: a module called inside another lies between
+    end: int = -1
+    input: torch.Tensor | None = None  # the one tensor argument (None: several, or keywords)
+    output: torch.Tensor | None = None
+
+
+def _calls(model: nn.Module, example: torch.Tensor) -> list[_Call]:
+    """Every call of a module called once in one forward, with its input and output tensors."""
+    calls: list[_Call] = []
+    open_: dict[str, _Call] = {}
+    counts: dict[str, int] = {}
+    clock = [0]
+
+    def tick() -> int:
+        clock[0] += 1
+        return clock[0]
+
+    def pre(name: str):
+        def hook(m, args, kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            single = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+            open_[name] = _Call(name, tick(), input=args[0] if single else None)
+        return hook
+
+    def post(name: str):
+        def hook(m, args, output):
+            call = open_.pop(name, None)
+            if call is not None:
+                call.end, call.output = tick(), output if isinstance(output, torch.Tensor) else None
+                calls.append(call)
+        return hook
+
+    hooks = []
+    for name, m in model.named_modules():
+        if name:
+            hooks += [m.register_forward_pre_hook(pre(name), with_kwargs=True), m.register_forward_hook(post(name))]
+    forward_with_hooks(model, example, hooks)
+    return sorted((c for c in calls if counts[c.name] == 1 and c.input is not None and c.output is not None),
+                  key=lambda c: c.begin)
+
+
+def _inside(name: str, ancestor: str) -> bool:
+    return name == ancestor or name.startswith(ancestor + ".")
+
+
+def _narrowest_chain(calls: list[_Call], a: str, b: str, parent: str, layers: list[str]) -> tuple[str, ...] | None:
+    """The chain of modules inside ``parent``, each one's input the previous one's output tensor,
+    from a module holding ``a`` to one holding ``b``, with the fewest quantized ``layers`` (then
+    the fewest modules); None where there is none."""
+    inside = [c for c in calls if c.name != parent and _inside(c.name, parent)]
+    if not inside:
+        return None
+    by_input: dict[int, list[_Call]] = {}
+    for c in inside:
+        by_input.setdefault(id(c.input), []).append(c)
+    weight = {c.name: sum(_inside(n, c.name) for n in layers) for c in inside}
+    ends = {c.name for c in inside if _inside(b, c.name)}
+    frontier = [((weight[c.name], 1), i, c, (c.name,)) for i, c in enumerate(inside) if _inside(a, c.name)]
+    heapq.heapify(frontier)
+    settled: set[str] = set()
+    tie = len(inside)
+    while frontier:
+        cost, _, call, chain = heapq.heappop(frontier)
+        if call.name in settled:
+            continue
+        settled.add(call.name)
+        if call.name in ends:
+            return chain
+        for nxt in by_input.get(id(call.output), []):
+            if nxt.begin > call.end and nxt.name not in settled:
+                tie += 1
+                heapq.heappush(frontier, ((cost[0] + weight[nxt.name], cost[1] + 1), tie, nxt, chain + (nxt.name,)))
+    return None
+
+
 def find_bridges(model: nn.Module, layers: list[str], example: torch.Tensor) -> list[Bridge]:
-    """Bridge blocks covering every layout switch between consecutive quantized layers."""
+    """Bridge blocks covering every layout switch between consecutive quantized layers; each
+    layer belongs to the bridge with the fewest layers among those holding it."""
     order = _probe(model, layers, example)
+    calls = _calls(model, example)
+    names = [n for n, _ in order]
     spans: dict[tuple, Bridge] = {}
+    chains: dict[tuple[str, ...], Bridge] = {}
     for (a, sa), (b, sb) in zip(order, order[1:]):
         if not _layout_switch(sa, sb) or _tokens_regrouped(model, a, b):
             continue
         parent = _common_ancestor(a, b)
+        # (sides that share only the model itself: the whole model is no bridge, it is the end-to-end objective)
+        chain = _narrowest_chain(calls, a, b, parent, names) if parent else None
+        if chain is not None:
+            chains.setdefault(chain, Bridge(parent, members=chain))
+            continue
         block = model.get_submodule(parent) if parent else model
         key: tuple
         if isinstance(block, nn.Sequential):
-            names = [n for n, _ in block.named_children()]
+            children = [n for n, _ in block.named_children()]
             prefix = parent + "." if parent else ""
-            ia = names.index(a[len(prefix):].split(".")[0])
-            ib = names.index(b[len(prefix):].split(".")[0])
+            ia = children.index(a[len(prefix):].split(".")[0])
+            ib = children.index(b[len(prefix):].split(".")[0])
             key = (parent, min(ia, ib), max(ia, ib))
         else:
             key = (parent, None, None)
@@ -121,11 +217,19 @@ def find_bridges(model: nn.Module, layers: list[str], example: torch.Tensor) -> 
             spans[key] = Bridge(*key)
     # a block called with more than one tensor, or not once per forward (CaiT's class-attention
     # blocks take the tokens and the class token), cannot be a reconstruction target: its layers go alone
-    merged = _merge_nested(list(spans.values()))
+    merged = _merge_nested(list(spans.values())) + list(chains.values())
     bridges = [br for br, ok in zip(merged, well_formed(model, merged, example)) if ok]
     for br in bridges:
         prefixes = _member_prefixes(model, br)
-        br.layers = [n for n, _ in order if any(n == p or n.startswith(p + ".") for p in prefixes)]
+        br.layers = [n for n in names if any(_inside(n, p) for p in prefixes)]
+    # nested or overlapping bridges: a layer's error is measured on the narrowest one holding it
+    owner = {}
+    for br in bridges:
+        for n in br.layers:
+            if n not in owner or len(br.layers) <= len(owner[n].layers):
+                owner[n] = br
+    for br in bridges:
+        br.layers = [n for n in br.layers if owner[n] is br]
     return [br for br in bridges if br.layers]
 
 
@@ -149,6 +253,8 @@ def well_formed(model: nn.Module, blocks: list[Bridge], example: torch.Tensor) -
 
 
 def _member_prefixes(model: nn.Module, br: Bridge) -> list[str]:
+    if br.members:
+        return list(br.members)
     if br.start is None:
         return [br.parent] if br.parent else [""]
     block = model.get_submodule(br.parent) if br.parent else model

@@ -32,7 +32,7 @@ quantizers keep their parameters and are not dropped.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Sequence
 
 import torch
@@ -183,13 +183,14 @@ def reconstruction_blocks(model: nn.Module, layers: Sequence[str], example: torc
     for name in layers:
         if name in bridge_of:
             b = bridge_of[name]
-            blocks.setdefault(b.name, Bridge(b.parent, b.start, b.end))
+            blocks.setdefault(b.name, replace(b, layers=[]))
             blocks[b.name].layers.append(name)
         else:
             unit = _unit_of(name, sequential)
             blocks.setdefault(unit, Bridge(unit)).layers.append(name)
     # a unit inside another unit (a transformer block inside a MobileViT block) is part of the outer one
-    outer = {k: next((o for o in blocks if k.startswith(o + ".")), k) for k in blocks if blocks[k].start is None}
+    outer = {k: next((o for o in blocks if k.startswith(o + ".")), k) for k in blocks
+             if blocks[k].start is None and not blocks[k].members}
     for inner, o in outer.items():
         if o != inner:
             blocks[o].layers += blocks.pop(inner).layers
