@@ -171,7 +171,8 @@ def _record(model: nn.Module, calib: torch.Tensor, targets: list[_Target], bs: i
         if t.key in seen_blocks:
             continue
         seen_blocks.add(t.key)
-        hooks.append(t.first.register_forward_pre_hook(lambda m, inp, k=t.key: keep("in:" + k, inp[0])))
+        if t.bridge is not None:  # a layer alone: its block input is its layer input, recorded once
+            hooks.append(t.first.register_forward_pre_hook(lambda m, inp, k=t.key: keep("in:" + k, inp[0])))
         hooks.append(t.last.register_forward_hook(lambda m, inp, out, k=t.key: keep("out:" + k, out)))
     try:
         for i in range(0, len(calib), bs):
@@ -180,7 +181,13 @@ def _record(model: nn.Module, calib: torch.Tensor, targets: list[_Target], bs: i
     finally:
         for h in hooks:
             h.remove()
-    return {k: torch.cat(v) for k, v in chunks.items()}
+    recorded = {}
+    for k in list(chunks):  # joined one key at a time: the peak is the records and one key, not twice the records
+        recorded[k] = torch.cat(chunks.pop(k))
+    for t in targets:
+        if t.bridge is None:
+            recorded["in:" + t.key] = recorded["layer:" + t.name]
+    return recorded
 
 
 def _rows(n_rows: int, n_images: int, half: int | None) -> slice:
