@@ -173,7 +173,8 @@ def test_block_by_block_statistics_round_exactly_as_the_whole_model_does_in_fewe
 
     from vitcompress.quant import QuantConfig, quantize_
     from vitcompress.quant.calibration import float_copy
-    from vitcompress.quant.gptq import _follows_previous, _round_layer, gptq_layers
+    from vitcompress.quant.bridge import follows_previous
+    from vitcompress.quant.gptq import _round_layer, gptq_layers
     from vitcompress.quant.reconstruction import reconstruction_blocks
     from vitcompress.quant.calibration import quantizers_off
 
@@ -185,7 +186,7 @@ def test_block_by_block_statistics_round_exactly_as_the_whole_model_does_in_fewe
     float_model = float_copy(quantized)
     with torch.no_grad(), quantizers_off(quantized):
         blocks = reconstruction_blocks(quantized, names, calib_batches[0][:1])
-    follows = _follows_previous(quantized, blocks, calib_batches[0][:1])
+    follows = follows_previous(quantized, blocks, calib_batches[0][:1])
     # the position embedding is added between the stem and the first block; the blocks then chain
     assert [b.name for b in blocks][:2] == ["patch_embed", "blocks.0"] and follows[:3] == [False, False, True]
     assert len(blocks) == 5 and all(follows[2:])

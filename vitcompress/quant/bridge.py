@@ -152,6 +152,17 @@ def _calls(model: nn.Module, example: torch.Tensor) -> list[_Call]:
                   key=lambda c: c.begin)
 
 
+def follows_previous(model: nn.Module, blocks: list[Bridge], example: torch.Tensor) -> list[bool]:
+    """For each block: is its input the very tensor the block before it returned (nothing between)?"""
+    by_name = {c.name: c for c in _calls(model, example)}
+    ends = []
+    for b in blocks:
+        members = _member_prefixes(model, b)
+        ends.append((by_name.get(members[0]), by_name.get(members[-1])))
+    return [i > 0 and None not in (ends[i][0], ends[i - 1][1]) and ends[i][0].input is ends[i - 1][1].output
+            for i in range(len(blocks))]
+
+
 def _inside(name: str, ancestor: str) -> bool:
     return name == ancestor or name.startswith(ancestor + ".")
 

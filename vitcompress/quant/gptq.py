@@ -34,13 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bridge import Bridge
+from .bridge import Bridge, follows_previous
 from .calibration import batch_shards, map_or_here, quantizers_off
 from .modules import TensorQuantizer
 from .placement import is_depthwise
 from .reconstruction import capture_inputs, reconstruction_blocks
 from .spec import fake_quantize
-from .tracing import StopAfter, forward_with_hooks
+from .tracing import StopAfter
 
 DAMPENING = 0.01
 # The float-output target is a least-squares fit per layer: with few calibration rows per input it
@@ -231,22 +231,6 @@ class _BlockInputs:
         self._held = None
 
 
-def _follows_previous(model: nn.Module, blocks: Sequence[Bridge], example: torch.Tensor) -> list[bool]:
-    """For each block: is its input the very tensor the block before it returned (nothing between)?"""
-    seen: list[tuple[str, int, torch.Tensor]] = []  # every block's input and output, in call order
-    hooks = []
-    for i, b in enumerate(blocks):
-        first, last = b.modules(model)[0], b.modules(model)[-1]
-        hooks.append(first.register_forward_pre_hook(lambda m, inp, i=i: seen.append(("in", i, inp[0]))))
-        hooks.append(last.register_forward_hook(lambda m, inp, out, i=i: seen.append(("out", i, out))))
-    forward_with_hooks(model, example, hooks)
-    follows = [False] * len(blocks)
-    for (kind, i, t), (next_kind, j, u) in zip(seen, seen[1:]):
-        if kind == "out" and next_kind == "in" and j == i + 1 and t is u:
-            follows[j] = True
-    return follows
-
-
 def _round_layer(model: nn.Module, name: str, batches: Sequence[torch.Tensor], float_model: nn.Module | None,
                  act_order: bool, map_shards: Callable[[Callable, list], list] | None,
                  float_batches: Sequence[torch.Tensor] | None = None) -> None:
@@ -290,7 +274,7 @@ def gptq_layers(model: nn.Module, names: Sequence[str], batches: Sequence[torch.
         return []
     with torch.no_grad(), quantizers_off(model):
         blocks = reconstruction_blocks(model, eligible, batches[0][:1])
-    follows = _follows_previous(model, blocks, batches[0][:1])
+    follows = follows_previous(model, blocks, batches[0][:1])
     block_of = {n: i for i, b in enumerate(blocks) for n in b.layers}
     quantized_in = _BlockInputs(model, blocks, batches, follows)
     float_in = _BlockInputs(float_model, blocks, batches, follows) if float_model is not None else None
