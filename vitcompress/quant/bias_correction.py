@@ -7,6 +7,7 @@ model's output is measured on the calibration images and the bias is shifted so 
 the float model's (Nagel et al., "Data-Free Quantization", 2019, in its empirical form). Layers are
 corrected one after another so each sees the corrections upstream of it. Exact in expectation
 over the calibration images; it changes only biases, so export and integer kernels are untouched.
+Each layer's pass runs only its block (``blockwise.layer_passes``), the same numbers as the whole model's.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .blockwise import layer_passes
 from .calibration import quantizers_off, run_batches
 from .tracing import StopAfter
 
@@ -61,9 +63,9 @@ def correct_bias(model: nn.Module, layer_names: Sequence[str], batches: Sequence
     layers = {n: m for n, m in layers.items() if getattr(m, "bias", None) is not None}
     if float_means is None:
         float_means = float_output_means(model, list(layers), batches)
-    for name, layer in layers.items():
-        # one pass per layer: its input already carries the corrections made upstream
-        quant_mean = _output_means(model, {name: layer}, batches)[name]
+    # one pass per layer, block by block: its input already carries the corrections made upstream
+    for p in layer_passes(model, list(layers), batches):
+        quant_mean = _output_means(p.model, {p.layer: p.model.get_submodule(p.layer)}, p.batches)[p.layer]
         with torch.no_grad():
-            layer.bias -= (quant_mean - float_means[name]).to(layer.bias.dtype)
+            layers[p.name].bias -= (quant_mean - float_means[p.name]).to(layers[p.name].bias.dtype)
     return list(layers)

@@ -19,12 +19,8 @@ Our choices (not from a ViT paper; an extra step wherever a method offers it):
   its own k×k Hessian and is rounded alone. Other grouped convs keep nearest rounding.
 - After rounding, the layer's weight holds the rounded values themselves (exactly on its grid), so
   the weight quantizer reproduces them and checkpoints keep them.
-- Layers go block by block (the units reconstruction uses: a transformer block, a stage's child):
-  each block's input is captured once, and each of its layers' statistics come from running only
-  the block on it. Where one block's output is the next block's input, that input is the previous
-  block run again after its rounding, so the whole pass costs a few forwards however deep the model
-  (asking the whole model for every layer's input cost about half a forward per layer). The numbers
-  are the same as the whole model's: the same tensors go through the same modules, batch by batch.
+- Layers go block by block (``blockwise.layer_passes``): each layer's statistics come from running
+  only its block on the block's captured input, the same numbers as the whole model's passes.
 """
 from __future__ import annotations
 
@@ -34,11 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bridge import Bridge, follows_previous
-from .calibration import batch_shards, map_or_here, quantizers_off
+from .blockwise import layer_passes
+from .calibration import batch_shards, map_or_here
 from .modules import TensorQuantizer
 from .placement import is_depthwise
-from .reconstruction import capture_inputs, reconstruction_blocks
 from .spec import fake_quantize
 from .tracing import StopAfter
 
@@ -207,30 +202,6 @@ def float_output_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torc
     return torch.linalg.solve(h, (h + cross).transpose(0, 1) @ w.t()).t().to(weight.dtype)
 
 
-class _BlockInputs:
-    """Each block's input over the calibration batches (batch by batch), blocks taken in order.
-
-    A block whose input is the previous block's output tensor itself (seen in one forward) gets it
-    by running the previous block on that block's inputs; any other block by a forward of the whole
-    model that stops at it. ``forget`` drops the held inputs (a layer outside the blocks changed)."""
-
-    def __init__(self, model: nn.Module, blocks: Sequence[Bridge], batches: Sequence[torch.Tensor], follows: list[bool]):
-        self.model, self.blocks, self.batches, self.follows = model, blocks, batches, follows
-        self._held: tuple[int, list[torch.Tensor]] | None = None
-
-    def of(self, i: int) -> list[torch.Tensor]:
-        if self.follows[i] and self._held is not None and self._held[0] == i - 1:
-            with torch.no_grad():
-                xs = [self.blocks[i - 1].forward(self.model, x) for x in self._held[1]]
-        else:
-            xs = [capture_inputs(self.model, x, self.blocks[i]) for x in self.batches]
-        self._held = (i, xs)
-        return xs
-
-    def forget(self) -> None:
-        self._held = None
-
-
 def _round_layer(model: nn.Module, name: str, batches: Sequence[torch.Tensor], float_model: nn.Module | None,
                  act_order: bool, map_shards: Callable[[Callable, list], list] | None,
                  float_batches: Sequence[torch.Tensor] | None = None) -> None:
@@ -241,11 +212,6 @@ def _round_layer(model: nn.Module, name: str, batches: Sequence[torch.Tensor], f
         if cross is not None:
             w2d = float_output_target(w2d, h, cross)
         layer.weight.copy_(gptq_round(w2d, h, layer.weight_quantizer, act_order=act_order).reshape(layer.weight.shape))
-
-
-def _as_module(model: nn.Module, block: Bridge) -> nn.Sequential:
-    """The block as a model of its own (the same module objects, not copies)."""
-    return nn.Sequential(*block.modules(model))
 
 
 def gptq_layers(model: nn.Module, names: Sequence[str], batches: Sequence[torch.Tensor],
@@ -270,27 +236,6 @@ def gptq_layers(model: nn.Module, names: Sequence[str], batches: Sequence[torch.
         wq = getattr(layer, "weight_quantizer", None)
         if wq is not None and wq.mode == "quantize" and supports_gptq(layer):
             eligible.append(name)
-    if not eligible:
-        return []
-    with torch.no_grad(), quantizers_off(model):
-        blocks = reconstruction_blocks(model, eligible, batches[0][:1])
-    follows = follows_previous(model, blocks, batches[0][:1])
-    block_of = {n: i for i, b in enumerate(blocks) for n in b.layers}
-    quantized_in = _BlockInputs(model, blocks, batches, follows)
-    float_in = _BlockInputs(float_model, blocks, batches, follows) if float_model is not None else None
-    done, current = [], None
-    for name in eligible:
-        i = block_of.get(name)
-        if i is None:  # a layer outside every block (e.g. run twice per forward): the whole model runs
-            _round_layer(model, name, batches, float_model, act_order, map_shards)
-            quantized_in.forget()  # inputs held from before this rounding are stale
-        else:
-            if current is None or current[0] != i:
-                block = _as_module(model, blocks[i])
-                float_block = _as_module(float_model, blocks[i]) if float_model is not None else None
-                current = (i, block, float_block, quantized_in.of(i), float_in.of(i) if float_in is not None else None)
-            _, block, float_block, xs, float_xs = current
-            local = {id(m): n for n, m in block.named_modules()}[id(model.get_submodule(name))]
-            _round_layer(block, local, xs, float_block, act_order, map_shards, float_xs)
-        done.append(name)
-    return done
+    for p in layer_passes(model, eligible, batches, float_model):
+        _round_layer(p.model, p.layer, p.batches, p.float_model, act_order, map_shards, p.float_batches)
+    return eligible
