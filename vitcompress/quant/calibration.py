@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import VitcompressError
 from .modules import quantizers
 from .registry import Progress
+from .tracing import forward_with_hooks
 
 ShardMap = Callable[[Callable, list], list]  # a pool's map: (function, argument tuples) -> results in order
 SHARD_BATCHES = 2  # calibration batches per shard sent to a worker (fixed: never from the worker count)
@@ -53,13 +54,7 @@ def output_bytes_per_image(model: nn.Module, image: torch.Tensor) -> int:
         if isinstance(output, torch.Tensor):
             total[0] += output.numel() * output.element_size()
 
-    hooks = [m.register_forward_hook(count) for m in model.modules() if next(m.children(), None) is None]
-    try:
-        with torch.no_grad():
-            model(image)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, image, [m.register_forward_hook(count) for m in model.modules() if next(m.children(), None) is None])
     return total[0]
 
 
