@@ -167,17 +167,16 @@ def _inside(name: str, ancestor: str) -> bool:
     return name == ancestor or name.startswith(ancestor + ".")
 
 
-def _narrowest_chain(calls: list[_Call], a: str, b: str, parent: str, layers: list[str]) -> tuple[str, ...] | None:
+def _narrowest_chain(calls: list[_Call], a: str, b: str, parent: str, weight: dict[str, int]) -> tuple[str, ...] | None:
     """The chain of modules inside ``parent``, each one's input the previous one's output tensor,
-    from a module holding ``a`` to one holding ``b``, with the fewest quantized ``layers`` (then
-    the fewest modules); None where there is none."""
+    from a module holding ``a`` to one holding ``b``, with the fewest quantized layers (``weight``:
+    how many each module holds; then the fewest modules); None where there is none."""
     inside = [c for c in calls if c.name != parent and _inside(c.name, parent)]
     if not inside:
         return None
     by_input: dict[int, list[_Call]] = {}
     for c in inside:
         by_input.setdefault(id(c.input), []).append(c)
-    weight = {c.name: sum(_inside(n, c.name) for n in layers) for c in inside}
     ends = {c.name for c in inside if _inside(b, c.name)}
     frontier = [((weight[c.name], 1), i, c, (c.name,)) for i, c in enumerate(inside) if _inside(a, c.name)]
     heapq.heapify(frontier)
@@ -203,6 +202,7 @@ def find_bridges(model: nn.Module, layers: list[str], example: torch.Tensor) -> 
     order = _probe(model, layers, example)
     calls = _calls(model, example)
     names = [n for n, _ in order]
+    weight = {c.name: sum(_inside(n, c.name) for n in names) for c in calls}  # quantized layers each module holds
     spans: dict[tuple, Bridge] = {}
     chains: dict[tuple[str, ...], Bridge] = {}
     for (a, sa), (b, sb) in zip(order, order[1:]):
@@ -210,7 +210,7 @@ def find_bridges(model: nn.Module, layers: list[str], example: torch.Tensor) -> 
             continue
         parent = _common_ancestor(a, b)
         # (sides that share only the model itself: the whole model is no bridge, it is the end-to-end objective)
-        chain = _narrowest_chain(calls, a, b, parent, names) if parent else None
+        chain = _narrowest_chain(calls, a, b, parent, weight) if parent else None
         if chain is not None:
             chains.setdefault(chain, Bridge(parent, members=chain))
             continue
