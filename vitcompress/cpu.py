@@ -118,13 +118,20 @@ def _cpuid_features() -> dict[str, bool]:
 
 @functools.cache
 def cpu_model() -> str:
-    """The CPU's marketing name, e.g. 'AMD EPYC' ('' where unknown)."""
+    """The CPU's marketing name, e.g. 'AMD EPYC (family 26, model 2)' ('' where unknown).
+
+    Virtual machines often report a bare 'AMD EPYC' for CPUs generations apart (AVX-512 run
+    double-pumped on one, full width on the next), so the x86 family and model numbers follow it."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor()
-    line = next((ln for ln in text.splitlines() if ln.startswith(("model name", "Model", "CPU part"))), "")
-    return line.partition(":")[2].strip() or platform.processor()
+    fields = dict(ln.partition(":")[::2] for ln in text.split("\n\n")[0].splitlines())
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    name = fields.get("model name") or fields.get("Model") or fields.get("CPU part") or platform.processor()
+    if fields.get("cpu family") and fields.get("model"):
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def detect_isa(flags: set[str] | None = None) -> Isa:
