@@ -175,7 +175,7 @@ def test_block_by_block_statistics_round_exactly_as_the_whole_model_does_in_fewe
     from vitcompress.quant.calibration import float_copy
     from vitcompress.quant.bridge import follows_previous
     from vitcompress.quant.gptq import _round_layer, gptq_layers
-    from vitcompress.quant.reconstruction import reconstruction_blocks
+    from vitcompress.quant.blockwise import reconstruction_blocks
     from vitcompress.quant.calibration import quantizers_off
 
     quantized = copy.deepcopy(loaded.model)

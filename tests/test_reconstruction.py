@@ -8,8 +8,8 @@ from vitcompress.errors import VitcompressError
 from vitcompress.quant import QuantConfig, quantize_
 from vitcompress.quant.bridge import find_bridges
 from vitcompress.quant.calibration import batched_logits, float_copy, logits_kl, quantizers_off
-from vitcompress.quant.reconstruction import (AUTO_STEPS, RECONSTRUCTION_AUGMENT, ReconstructionConfig, reconstruct, reconstruction_blocks,
-                                              steps_for)
+from vitcompress.quant.blockwise import reconstruction_blocks
+from vitcompress.quant.reconstruction import AUTO_STEPS, RECONSTRUCTION_AUGMENT, ReconstructionConfig, reconstruct, steps_for
 from vitcompress.quant.spec import fake_quantize
 
 
@@ -64,6 +64,40 @@ def test_reconstruction_rounds_onto_the_grid_and_beats_nearest_rounding():
     reconstruct(twin, _weighted(twin), calib, config)  # same inputs and seed: the same weights and scales
     for (k, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_chained_blocks_take_their_quantized_input_from_the_block_before_with_the_same_result(monkeypatch):
+    """A block handing its output straight to the next: the next block's quantized input is that
+    block run again after its rounding was learned, not a forward from the image; same numbers."""
+    import vitcompress.quant.reconstruction as reconstruction
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
+                              embed_dim=48, depth=4, num_heads=2).eval()
+    calib = torch.randn(32, 3, 32, 32)
+    quantize_(model, QuantConfig(wbits=4, abits=4), list(calib.split(16)))
+    from_image = copy.deepcopy(model)
+    config = ReconstructionConfig(steps=10, batch_size=16)
+    stem_calls = []  # the stem's passes over calibration batches (the 1-image probes left out)
+
+    def count(m, inp):
+        if len(inp[0]) > 1:
+            stem_calls.append(len(inp[0]))
+
+    handle = model.patch_embed.register_forward_pre_hook(count)
+    reconstruct(model, _weighted(model), calib, config)
+    handle.remove()
+    chained = len(stem_calls)
+    # the old way: every block's input by a forward of the model up to it
+    monkeypatch.setattr(reconstruction, "follows_previous", lambda m, blocks, x: [False] * len(blocks))
+    handle = from_image.patch_embed.register_forward_pre_hook(count)
+    reconstruct(from_image, _weighted(from_image), calib, config)
+    handle.remove()
+    for (k, a), (_, b) in zip(model.state_dict().items(), from_image.state_dict().items()):
+        assert torch.equal(a, b), k
+    # blocks.1..3 follow the block before (the head does not: the final norm is between): three
+    # fewer stem passes per batch of 16 images
+    assert len(stem_calls) - chained == chained + 3 * 2, (chained, len(stem_calls) - chained)
 
 
 def test_augmented_reconstruction_fits_the_views_too():

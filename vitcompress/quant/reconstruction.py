@@ -17,12 +17,7 @@ output matches the float block's, with the activation quantizers in the loop:
   and the block input mixes the quantized model's input with the float model's the same way.
   Activation step sizes are learned jointly (LSQ-style, as QDrop does), in log space.
 
-Blocks (``reconstruction_blocks``) come from the module tree and the dataflow, not from names:
-the bridge blocks of a hybrid (``bridge.py``, found by Q-HyViT) are one block each; every other
-quantized layer belongs to the deepest module above it that is a child of an ``nn.Sequential``
-(a transformer block, an inverted-residual block; for ViT/DeiT: ``blocks.i``), or else to the
-model's top-level child holding it (the stem, the patch embedding, the head). A block that is not
-called exactly once per forward with one tensor is split into its layers.
+Blocks: ``blockwise.reconstruction_blocks`` (a transformer block, a bridge block of a hybrid, ...).
 
 Simplifications (ours, for a 2-core CPU budget; docs/reconstruction.md): a few hundred steps per
 block instead of 20,000, a single pass over the blocks, and a block is kept only if its output error
@@ -32,21 +27,21 @@ quantizers keep their parameters and are not dropped.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import VitcompressError
-from .bridge import Bridge, well_formed
+from .blockwise import BlockInputs, capture, reconstruction_blocks
+from .bridge import Bridge, follows_previous
 from .calibration import float_copy
 from .fisher import output_fisher
 from .modules import TensorQuantizer
 from .refine import Refinement
 from .scale_tuning import VIEWS, LearnedStep, augmented
 from .spec import broadcast_param
-from .tracing import StopForward, forward_with_hooks
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches 0 and 1 exactly
 
@@ -160,96 +155,11 @@ def reconstruction_kept(done: dict) -> bool:
     return bool(done.get("reconstruction", {}).get("kept", False))
 
 
-def _sequential_children(model: nn.Module) -> set[str]:
-    return {f"{parent}.{child}" if parent else child
-            for parent, m in model.named_modules() if isinstance(m, nn.Sequential) for child, _ in m.named_children()}
-
-
-def _unit_of(layer: str, sequential_children: set[str]) -> str:
-    parts = layer.split(".")
-    for i in range(len(parts) - 1, 0, -1):  # the deepest ancestor (not the layer itself) inside a Sequential
-        if ".".join(parts[:i]) in sequential_children:
-            return ".".join(parts[:i])
-    return parts[0]
-
-
-def reconstruction_blocks(model: nn.Module, layers: Sequence[str], example: torch.Tensor,
-                          bridges: Sequence[Bridge] = ()) -> list[Bridge]:
-    """The blocks to reconstruct, in execution order (``layers`` in execution order), each with the
-    quantized layers it holds. Run it with the quantizers off."""
-    bridge_of = {n: b for b in bridges for n in b.layers}
-    sequential = _sequential_children(model)
-    blocks: dict[str, Bridge] = {}
-    for name in layers:
-        if name in bridge_of:
-            b = bridge_of[name]
-            blocks.setdefault(b.name, replace(b, layers=[]))
-            blocks[b.name].layers.append(name)
-        else:
-            unit = _unit_of(name, sequential)
-            blocks.setdefault(unit, Bridge(unit)).layers.append(name)
-    # a unit inside another unit (a transformer block inside a MobileViT block) is part of the outer one
-    outer = {k: next((o for o in blocks if k.startswith(o + ".")), k) for k in blocks
-             if blocks[k].start is None and not blocks[k].members}
-    for inner, o in outer.items():
-        if o != inner:
-            blocks[o].layers += blocks.pop(inner).layers
-    order = {n: i for i, n in enumerate(layers)}
-    for b in blocks.values():
-        b.layers.sort(key=order.__getitem__)
-    candidates = sorted(blocks.values(), key=lambda b: order[b.layers[0]])
-    result = []
-    for b, ok in zip(candidates, well_formed(model, candidates, example)):
-        if ok:
-            result.append(b)
-            continue
-        singles = [Bridge(n, layers=[n]) for n in b.layers]  # the layers alone; one called twice is left out
-        result += [s for s, fine in zip(singles, well_formed(model, singles, example)) if fine]
-    return result
-
-
-def _capture(model: nn.Module, images: torch.Tensor, blocks: Sequence[Bridge], batch_size: int,
-             outputs: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Inputs (and outputs) of ``blocks`` over ``images``; without outputs, the pass stops at the
-    last block's input."""
-    ins: dict[str, list[torch.Tensor]] = {b.name: [] for b in blocks}
-    outs: dict[str, list[torch.Tensor]] = {b.name: [] for b in blocks}
-    stop_at = None if outputs else blocks[-1].name
-    hooks = []
-    for b in blocks:
-        first, last = b.modules(model)[0], b.modules(model)[-1]
-
-        def pre(m, inp, k=b.name):
-            ins[k].append(inp[0].detach().clone())
-            if k == stop_at:
-                raise StopForward
-
-        hooks.append(first.register_forward_pre_hook(pre))
-        if outputs:
-            hooks.append(last.register_forward_hook(lambda m, inp, out, k=b.name: outs[k].append(out.detach().clone())))
-    try:
-        with torch.no_grad():
-            for i in range(0, len(images), batch_size):
-                try:
-                    model(images[i:i + batch_size])
-                except StopForward:
-                    pass
-    finally:
-        for h in hooks:
-            h.remove()
-    return ({k: torch.cat(v) for k, v in ins.items()}, {k: torch.cat(v) for k, v in outs.items() if v})
-
-
-def capture_inputs(model: nn.Module, images: torch.Tensor, block: Bridge) -> torch.Tensor:
-    """The input of ``block`` for one batch of ``images``; the forward stops there."""
-    return _capture(model, images, [block], len(images), outputs=False)[0][block.name]
-
-
 def _with_views(fp: nn.Module, images: torch.Tensor, blocks: Sequence[Bridge], budget: int) -> torch.Tensor:
     """The images and as many of their views (``augmented``: mirrors, then shifts) as the captured
     tensors allow: every block's input, output and Fisher weights are held for every image, which at
     224 px and a few hundred images would take tens of GiB with all ten views."""
-    ins, outs = _capture(fp, images[:1], blocks, 1, outputs=True)
+    ins, outs = capture(fp, images[:1], blocks, 1, outputs=True)
     per_image = sum(t.numel() * t.element_size() for t in ins.values()) + 2 * sum(t.numel() * t.element_size() for t in outs.values())
     return augmented(images, max(1, min(VIEWS, budget // max(1, per_image * len(images)))))
 
@@ -316,7 +226,7 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
     if config.augment:
         images = _with_views(fp, images, blocks, config.capture_bytes)
     bs = config.batch_size
-    float_in, float_out = _capture(fp, images, blocks, bs, outputs=True)
+    float_in, float_out = capture(fp, images, blocks, bs, outputs=True)
     fisher = (output_fisher(fp, images, {b.name: b.modules(fp)[-1] for b in blocks}, bs, config.fisher_labels, config.seed, map_shards)
               if config.fisher else {})
     del fp
@@ -325,13 +235,16 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     total, done = len(blocks) * config.steps, 0
     report = []
+    # each block's quantized input on the model as the blocks before it left it: the previous block
+    # run again where it hands its output straight on, not a forward from the image per block
+    quantized_inputs = BlockInputs(model, blocks, list(images.split(bs)), follows_previous(model, blocks, images[:1]))
     try:
         for p, _ in grad_flags:
             p.requires_grad_(False)
-        for b in blocks:
+        for i, b in enumerate(blocks):
             start = time.perf_counter()
             modules = b.modules(model)
-            x_q = _capture(model, images, [b], bs, outputs=False)[0][b.name]
+            x_q = torch.cat(quantized_inputs.of(i))
             x_f, target = float_in[b.name], float_out[b.name]
             g2 = fisher.get(b.name)
             # no Fisher (or a vanishing one): the plain error, without a tensor of ones as large as the outputs
