@@ -10,6 +10,10 @@
    is bypassed (its output replaced by its input; the function changes, so these variants are
    never shipped). How fast would the int8 activations have to be for the bar, and how fast is the
    cheapest form onnxruntime can run them in.
+3. On OpenVINO, where the bars are met or nearest: the artifact `vitcompress quantize --runtime
+   openvino` makes (its default placement), timed against the fastest fp32 of either runtime, and
+   split by OpenVINO's own per-layer counters into integer products, FakeQuantize and everything else
+   (the other layers and the request's own dispatch).
 
 The bar of each model depends on the CPU (``BARS``): what the int8 kernels can give differs between
 CPUs that accumulate int8 products in int32 (VNNI) and those that do not (AVX2).
@@ -32,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from vitcompress import QuantConfig, QuantizeJob, quantize  # noqa: E402
 from vitcompress.cpu import this_cpu  # noqa: E402
 from vitcompress.export import compare_latency  # noqa: E402
+from vitcompress.export import openvino_runtime  # noqa: E402
 from vitcompress.export.runtime import op_class, op_times  # noqa: E402
 
 # The 1-thread fp32/int8 bars against the fastest fp32 (the speed issue's done-when), keyed by whether
@@ -177,6 +182,37 @@ def measure(model: str, act: str, files: dict[str, Path], rounds: int, repeats: 
     return {"model": model, "act": act, "counts": counts, "ms": ms, "runs": runs}
 
 
+def build_openvino(model: str, calib: Path, work: Path) -> tuple[Path, str]:
+    """The artifact `vitcompress quantize --runtime openvino` makes (random weights), and its placement."""
+    out = work / f"{model}_openvino"
+    report = quantize(QuantizeJob(out=out, model=model, pretrained=False, config=QuantConfig(placement="default"),
+                                  calib_dir=calib, calib_size=32, latency_rounds=3, force=True, runtime="openvino"))
+    return out / "model.int8.onnx", report["placement_auto"]["chosen"]
+
+
+def measure_openvino(model: str, fp32: Path, int8: Path, placement: str, rounds: int, repeats: int) -> dict:
+    """Plain latencies (fp32 on both runtimes, the artifact on OpenVINO) and the artifact's per-layer split."""
+    shape = _input_shape(fp32)
+    files = {"fp32 onnxruntime": (fp32, "onnxruntime"), "fp32 openvino": (fp32, "openvino"), "int8": (int8, "openvino")}
+    runs = [compare_latency(files, shape, threads=1, rounds=rounds) for _ in range(repeats)]
+    ms = {k: statistics.median(r[k]["median_ms"] for r in runs) for k in files}
+    profiles = [openvino_runtime.op_times({"int8": int8}, shape, threads=1, rounds=rounds)["int8"] for _ in range(repeats)]
+    by_class = {c: statistics.median(sum(v for k, v in p["ops"].items() if openvino_runtime.op_class(k) == c) for p in profiles)
+                for c in CLASSES}
+    return {"model": model, "placement": placement, "ms": ms, "by_class": by_class}
+
+
+def _openvino_row(r: dict, bar: float) -> str:
+    ms, c = r["ms"], r["by_class"]
+    fastest = min(("onnxruntime", ms["fp32 onnxruntime"]), ("openvino", ms["fp32 openvino"]), key=lambda t: t[1])
+    products = c["integer products"] + c["float products"]
+    rest = ms["int8"] - products - c["quantize/dequantize"]
+    return (f"| {r['model']} | {bar:g}× | {r['placement']} | {fastest[1]:.2f} ({fastest[0]}) | {ms['fp32 openvino']:.2f} | "
+            f"{ms['int8']:.2f} ({fastest[1] / ms['int8']:.2f}×) | {products:.2f} ({c['integer products']:.2f}) | "
+            f"{c['quantize/dequantize']:.2f} | {rest:.2f} | {fastest[1] / products:.2f}× | "
+            f"{fastest[1] / bar - products - c['quantize/dequantize']:.2f} |")
+
+
 def _activation_rows(r: dict, bar: float) -> list[str]:
     act, ms = r["act"], r["ms"]
     fp32, int8 = ms["fp32"], ms["int8"]
@@ -223,11 +259,14 @@ def main() -> None:
         files = {m: build(m, calib, Path(tmp)) for m in bars}
         profiles = [profile(m, files[m], args.rounds, args.repeats) for m in bars]
         activations = [measure(m, a, files[m], args.rounds, args.repeats) for m, a in ACTIVATIONS.items()]
+        openvino = [measure_openvino(m, files[m]["fp32"], *build_openvino(m, calib, Path(tmp)), args.rounds, args.repeats)
+                    for m in bars]
     lines = [
         "## What caps the fp32/int8 ratio of the models with a speed bar", "",
         f"Command: `python benchmarks/bench_speed_caps.py {' '.join(sys.argv[1:])}`", "",
-        "Random weights, native size, `speed` placement; onnxruntime CPU, 1 thread, batch 1. The bar is the "
-        "speed issue's for this CPU's int8 ISA, here taken against onnxruntime's fp32.", "",
+        "Random weights, native size, 1 thread, batch 1. The bar is the speed issue's for this CPU's int8 ISA. The "
+        "first two tables: the `speed` placement on onnxruntime, against onnxruntime's fp32; the third: OpenVINO, "
+        "against the fastest fp32 of either runtime.", "",
         "### Where the time goes, by operator class", "",
         "onnxruntime's per-node profile of the float model and the artifact, run alternately, "
         f"{args.rounds} rounds after 5 warm-ups, median of {args.repeats} runs; profiling adds a little to every "
@@ -257,6 +296,20 @@ def main() -> None:
     ]
     for r in activations:
         lines += _activation_rows(r, bars[r["model"]])
+    lines += [
+        "", "### On OpenVINO: the artifact `vitcompress quantize --runtime openvino` makes", "",
+        f"Latencies: median over {args.repeats} runs of the median of {args.rounds} alternated rounds of the fp32 file on "
+        "both runtimes and the artifact on OpenVINO; the ratio is against the fastest fp32. Split: OpenVINO's per-layer "
+        f"counters (PERF_COUNT) over {args.rounds} rounds, median of {args.repeats} runs; products = Convolution, "
+        "GroupConvolution, MatMul, FullyConnected (and integer attention snippets), in brackets those on integer "
+        "kernels; everything else = the artifact's plain latency − products − FakeQuantize (norms, softmax, "
+        "activations, adds, reorders, and the request's own dispatch). Ceiling = fastest fp32 / products; last "
+        "column: what everything else may cost for the bar.", "",
+        "| model | bar | placement | fastest fp32 ms | OpenVINO fp32 ms | int8 ms (vs fastest fp32) | products ms (integer) "
+        "| FakeQuantize ms | everything else ms | ceiling | everything else may cost for the bar, ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [_openvino_row(r, bars[r["model"]]) for r in openvino]
     text = "\n".join(lines) + "\n"
     write_section(args.out, text, args.section)
     print(text)

@@ -56,6 +56,19 @@ def test_op_times_split_each_run_into_the_operators_that_ran(artifacts):
         assert set(p["nodes"]) == set(p["ops"]) and all(n >= 1 for n in p["nodes"].values())
 
 
+def test_openvino_op_times_split_each_run_into_the_layers_that_ran(artifacts):
+    from vitcompress.export import openvino_runtime
+
+    prof = openvino_runtime.op_times({"fp32": artifacts / "f.onnx", "int8": artifacts / "q.onnx"}, (1, 3, 32, 32), rounds=4, warmup=2)
+    classes = {name: {openvino_runtime.op_class(k) for k, ms in p["ops"].items() if ms > 0} for name, p in prof.items()}
+    assert "integer products" not in classes["fp32"] and "float products" in classes["fp32"]
+    assert "integer products" in classes["int8"]  # OpenVINO's u8/i8 kernels, read from its own counters
+    for p in prof.values():  # the counters cover most of each run (on a 1-ms model a layer's may even exceed the run's mean)
+        assert sum(p["ops"].values()) > 0.3 * p["run_ms"] > 0
+    assert openvino_runtime.op_class("Subgraph:f32") == "everything else"  # fused elementwise work, not a product
+    assert openvino_runtime.op_class("FakeQuantize:f32") == "quantize/dequantize"
+
+
 def test_openvino_coverage_follows_layers_renamed_by_its_low_precision_passes(loaded, calib_batches, tmp_path):
     """matmul-int8 on OpenVINO: every Linear and both attention products run in integer kernels. The
     plugin renames the output projection's layer after its moved dequantization ("Multiply_…"), so

@@ -7,6 +7,7 @@ of a QDQ file run in int8 whatever that hint says (they are given by the graph, 
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,11 @@ INTEGER_PRECISIONS = frozenset({"u8", "i8"})
 # "Subgraph": a fused snippet, e.g. the attention products with the Softmax between them
 EXECUTED_COMPUTE_LAYERS = frozenset({"Convolution", "FullyConnected", "MatMul", "GroupConvolution", "Deconvolution", "Subgraph"})
 WEIGHT_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Convert"})  # between a weight constant and its layer
+
+
+def _is_compute(layer_type: str) -> bool:
+    """A compute layer, or a variant of one ("FullyConnectedQuantizedLegacy")."""
+    return layer_type.startswith(tuple(EXECUTED_COMPUTE_LAYERS))
 
 
 class OpenVinoSession:
@@ -35,12 +41,14 @@ class OpenVinoSession:
         return np.array(result[self.compiled.output(0)], copy=True)
 
 
-def compile_model(path: str | Path, threads: int = 0):
+def compile_model(path: str | Path, threads: int = 0, profile: bool = False):
     import openvino as ov
 
     config = dict(COMPILE_CONFIG)
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
+    if profile:  # per-layer counters (``op_times``)
+        config["PERF_COUNT"] = True
     try:
         core = ov.Core()
         return core.compile_model(core.read_model(str(path)), "CPU", config)
@@ -65,7 +73,7 @@ def integer_layers(path: str | Path) -> dict[str, str]:
         if info["runtimePrecision"].astype(str) not in INTEGER_PRECISIONS:
             continue
         kind = info["layerType"].astype(str)
-        if kind in EXECUTED_COMPUTE_LAYERS:
+        if _is_compute(kind):
             # the original names are the compute node and the Q/DQ (and bias Add) it absorbed, some
             # renamed by OpenVINO's passes under the node's own path ("/head/fc/MatMul/Dequantization
             # Multiply", "/stem/conv/Conv/WithoutBiases"): every path prefix stands for its node too
@@ -87,3 +95,50 @@ def _weight_chain(node) -> list[str]:
         if node.get_rt_info()["layerType"].astype(str) not in WEIGHT_LAYOUT_OPS or node.get_input_size() == 0:
             return names
         node = node.input(0).get_source_output().get_node()
+
+
+def _precision(exec_type: str) -> str:
+    """The precision a profiled node ran in, from its kernel name ("brgconv_avx512_1x1_I8" -> "i8")."""
+    return exec_type.rpartition("_")[2].lower()
+
+
+def op_class(key: str) -> str:
+    """The class of a profile key "LayerType:precision", in ``runtime.op_class``'s terms. A fused
+    ``Subgraph`` counts as products only where it runs on integers (the attention snippet); a float
+    one is fused elementwise work."""
+    kind, _, precision = key.partition(":")
+    if _is_compute(kind):
+        if precision in INTEGER_PRECISIONS:
+            return "integer products"
+        return "everything else" if kind == "Subgraph" else "float products"
+    return "quantize/dequantize" if kind == "FakeQuantize" else "everything else"
+
+
+def op_times(paths: dict[str, str | Path], input_shape: tuple[int, ...], threads: int = 1, rounds: int = 30,
+             warmup: int = 5, seed: int = 0) -> dict[str, dict]:
+    """Where each model's time goes in OpenVINO: its CPU plugin's per-layer counters, in ms per run
+    by "LayerType:precision" (e.g. "Convolution:i8"), the models run alternately as in
+    ``runtime.compare_latency``. The counters cover the executed layers only; the rest of a run
+    (the request's own dispatch) is ``run_ms`` minus their sum. Counting adds a little to every run:
+    compare models run this way, quote latencies from ``compare_latency``.
+    Returns {name: {"run_ms": mean whole-run time, "ops": {key: ms}, "nodes": {key: count}}}."""
+    from .runtime import alternate  # runtime.py imports this module
+
+    x = np.random.default_rng(seed).standard_normal(input_shape).astype(np.float32)
+    requests = {}
+    for name, path in paths.items():
+        compiled = compile_model(path, threads, profile=True)
+        requests[name] = compiled.create_infer_request()
+    ops: dict[str, Counter] = {n: Counter() for n in paths}
+    nodes: dict[str, Counter] = {n: Counter() for n in paths}
+
+    def read_counters(name: str) -> None:
+        for info in requests[name].get_profiling_info():
+            key = f"{info.node_type}:{_precision(info.exec_type)}"
+            ops[name][key] += info.real_time.total_seconds() * 1e3
+            nodes[name][key] += 1
+
+    times, rounds = alternate({n: (lambda r=r: r.infer({0: x})) for n, r in requests.items()}, rounds, warmup,
+                              after=read_counters)
+    return {n: {"run_ms": float(np.mean(times[n])), "ops": {k: v / rounds for k, v in ops[n].most_common()},
+                "nodes": {k: v // rounds for k, v in nodes[n].items()}} for n in paths}

@@ -1,6 +1,7 @@
 """Runtimes (onnxruntime by default, OpenVINO as an option), side-by-side latency, and int8 coverage."""
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -145,6 +146,36 @@ def run_session(session, x: np.ndarray) -> np.ndarray:
 Candidate = Union[str, Path, tuple]  # a path (default runtime) or (path, runtime name)
 
 
+def alternate(calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 5, min_seconds: float = 0.0,
+              after: Callable[[str], None] | None = None) -> tuple[dict[str, list[float]], int]:
+    """Milliseconds of each timed call: every call ``warmup`` times, then ``rounds`` rounds run
+    alternately (A B .. then .. B A), so machine noise is spread evenly over the calls.
+
+    ``min_seconds``: more rounds where needed for the timed ones to last about that long (estimated
+    from each call's last warm-up). ``after(name)`` runs after each timed call, outside its time (to
+    read a per-run profile). Returns the times and the number of rounds run."""
+    names = list(calls)
+    per_round = 0.0  # seconds of one round, from each call's last warm-up
+    for name in names:
+        last = 0.0
+        for _ in range(warmup):
+            t0 = time.perf_counter()
+            calls[name]()
+            last = time.perf_counter() - t0
+        per_round += last
+    if min_seconds > 0 and per_round > 0:
+        rounds = max(rounds, math.ceil(min_seconds / per_round))
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            calls[name]()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+            if after is not None:
+                after(name)
+    return times, rounds
+
+
 def compare_latency(paths: dict[str, Candidate], input_shape: tuple[int, ...], threads: int = 1,
                     rounds: int = 30, warmup: int = 5, seed: int = 0, runtime: str = DEFAULT_RUNTIME,
                     min_seconds: float = 0.0) -> dict[str, dict]:
@@ -160,24 +191,7 @@ def compare_latency(paths: dict[str, Candidate], input_shape: tuple[int, ...], t
     runtimes = {name: (p if isinstance(p, tuple) else (p, runtime)) for name, p in paths.items()}
     sessions = {name: open_session(p, rt, threads) for name, (p, rt) in runtimes.items()}
     x = np.random.default_rng(seed).standard_normal(input_shape).astype(np.float32)
-    names = list(sessions)
-    per_round = 0.0  # seconds of one round, from each model's last warm-up run
-    for name in names:
-        last = 0.0
-        for _ in range(warmup):
-            t0 = time.perf_counter()
-            sessions[name](x)
-            last = time.perf_counter() - t0
-        per_round += last
-    if min_seconds > 0 and per_round > 0:
-        rounds = max(rounds, math.ceil(min_seconds / per_round))
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
-            t0 = time.perf_counter()
-            sessions[name](x)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+    times, rounds = alternate({n: functools.partial(s, x) for n, s in sessions.items()}, rounds, warmup, min_seconds)
     return {
         n: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "rounds": rounds, "threads": threads,
             "batch": input_shape[0], "runtime": runtime_info(runtimes[n][1])}
@@ -212,10 +226,7 @@ def op_times(paths: dict[str, str | Path], input_shape: tuple[int, ...], threads
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {n: make_session(p, threads, profile_prefix=str(Path(tmp) / f"profile_{i}"))
                     for i, (n, p) in enumerate(paths.items())}
-        names = list(sessions)
-        for r in range(warmup + rounds):
-            for n in (names if r % 2 == 0 else names[::-1]):
-                run_session(sessions[n], x)
+        alternate({n: functools.partial(run_session, s, x) for n, s in sessions.items()}, rounds, warmup)
         files = {n: s.end_profiling() for n, s in sessions.items()}
         out = {}
         for n, f in files.items():
