@@ -112,3 +112,28 @@ def test_the_placement_is_data_and_refuses_methods_it_cannot_serve(mobilevitv2):
     assert get_placement(CANDIDATES["eltwise"].placement).eltwise and not CANDIDATES["eltwise"].act_symmetric
     with pytest.raises(VitcompressError, match="placement 'eltwise' is calibrated with minmax only, not mptq"):
         quantize_(copy.deepcopy(mobilevitv2), QuantConfig(placement="eltwise", method="mptq"), [torch.randn(1, 3, 64, 64)])
+
+
+def test_a_conv_split_along_channels_exports_as_one_conv_per_part(mobilevitv2, tmp_path, monkeypatch):
+    """OpenVINO splits the channels of a blocked conv output by a slow reference kernel (MobileViT v2's
+    query/key/value): the artifact has no Split, and computes what the artifact with it computes."""
+    import onnx
+
+    from vitcompress.export import onnx_export
+
+    torch.manual_seed(0)
+    model = copy.deepcopy(mobilevitv2)
+    x = torch.randn(4, 3, 64, 64)
+    quantize_(model, QuantConfig(placement="eltwise"), [x])
+    info = export_qdq(model, (3, 64, 64), tmp_path / "split.onnx", {})
+    assert info["split_projections"] == len(_classes(mobilevitv2, "LinearSelfAttention"))
+    assert not [n for n in onnx.load(str(tmp_path / "split.onnx")).graph.node if n.op_type == "Split"]
+    monkeypatch.setattr(onnx_export, "split_projections", lambda proto: 0)
+    export_qdq(model, (3, 64, 64), tmp_path / "whole.onnx", {})
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    outputs = []
+    for name in ("split.onnx", "whole.onnx"):
+        session = ort.InferenceSession(str(tmp_path / name), so, providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5 * float(np.abs(outputs[1]).max()))

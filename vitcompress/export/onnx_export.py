@@ -183,6 +183,78 @@ def _graph_constants(g: onnx.GraphProto) -> tuple[dict, dict]:
     return inits, consts
 
 
+def _attr(node: onnx.NodeProto, name: str, default):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def split_projections(model: onnx.ModelProto) -> int:
+    """A Conv whose output feeds nothing but a Split along channels becomes one Conv per part (its
+    weight, per-channel weight scales and bias sliced), and the Split goes; returns how many.
+
+    Why: OpenVINO's CPU plugin splits the channels of a conv output held in its blocked layout with
+    its reference kernel (MobileViT v2's query/key/value split: 2.5 ms of its 12-ms fp32 run, and
+    of int8 runs where the conv reads a blocked tensor; docs/quantization.md). Exact: each part's
+    outputs are computed from the same input, weights and grid."""
+    g = model.graph
+    inits, consts = _graph_constants(g)
+    producer, uses = _dataflow(g)
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # id of the Split -> the Convs that replace it
+    dropped: set[int] = set()
+    for split in (n for n in g.node if n.op_type == "Split"):
+        conv = producer.get(split.input[0])
+        if conv is None or conv.op_type != "Conv" or uses[conv.output[0]] != 1 or _attr(conv, "group", 1) != 1:
+            continue
+        if _attr(split, "axis", 0) not in (1, -3):
+            continue
+        sizes = _const_value(split.input[1], inits, consts) if len(split.input) > 1 and split.input[1] else _attr(split, "split", None)
+        if sizes is None or len(sizes) != len(split.output):
+            continue
+        weight = producer.get(conv.input[1])  # DequantizeLinear(int codes, scale, zero point), or none: a float weight
+        if weight is not None and weight.op_type == "DequantizeLinear":
+            arrays = [_const_value(i, inits, consts) for i in weight.input]
+            if any(a is None for a in arrays) or _attr(weight, "axis", 1) != 0:
+                continue
+        elif conv.input[1] in inits:
+            arrays = [numpy_helper.to_array(inits[conv.input[1]])]
+        else:
+            continue
+        bias = _const_value(conv.input[2], inits, consts) if len(conv.input) > 2 and conv.input[2] else None
+        if bias is None and len(conv.input) > 2 and conv.input[2]:
+            continue
+        parts, start = [], 0
+        for i, (size, out) in enumerate(zip((int(v) for v in sizes), split.output)):
+            part = slice(start, start + size)
+            start += size
+            names = []
+            for k, a in enumerate(arrays):  # codes and, per channel, scales and zero points
+                name = f"{conv.name}_part{i}_{k}"
+                g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(a[part] if a.ndim else a), name))
+                names.append(name)
+            inputs = [conv.input[0], names[0]]
+            if weight is not None and weight.op_type == "DequantizeLinear":
+                dq_out = f"{conv.name}_part{i}_weight"
+                parts.append(helper.make_node("DequantizeLinear", names, [dq_out], name=f"{weight.name}_part{i}", axis=0))
+                inputs[1] = dq_out
+            if bias is not None:
+                g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(bias[part]), f"{conv.name}_part{i}_bias"))
+                inputs.append(f"{conv.name}_part{i}_bias")
+            parts.append(helper.make_node("Conv", inputs, [out], name=f"{conv.name}_part{i}",
+                                          **{a.name: helper.get_attribute_value(a) for a in conv.attribute}))
+        replaced[id(split)] = parts
+        dropped.add(id(conv))
+    if not replaced:
+        return 0
+    nodes = []
+    for n in g.node:
+        if id(n) in dropped:
+            continue
+        nodes += replaced.get(id(n), [n])
+    del g.node[:]
+    g.node.extend(nodes)
+    _remove_unused(model)
+    return len(replaced)
+
+
 def sign_activation_matmul_operands(model: onnx.ModelProto) -> int:
     """Move the second operand of activation-by-activation MatMuls (q·kᵀ's kᵀ, attn·v's v) from the
     uint8 grid to the int8 grid: codes and zero point shifted by -128, so every dequantized value is
@@ -485,6 +557,7 @@ def export_qdq(model: nn.Module, input_size: tuple[int, int, int], path: str | P
     with snapped_weights(model), onnx_export_mode():
         proto = _torch_to_onnx(model, input_size)
     folded = fold_weight_quantizers(proto)
+    split = split_projections(proto)
     unsigned = unsign_shared_activations(proto)
     signed = sign_activation_matmul_operands(proto) if signed_matmul_operands else 0
     nbits = weight_only_int4_matmuls(proto) if weight_format == "int4" else 0
@@ -499,7 +572,7 @@ def export_qdq(model: nn.Module, input_size: tuple[int, int, int], path: str | P
     for n in proto.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return {"folded_weight_quantizers": folded, "unsigned_shared_activations": unsigned, "signed_matmul_operands": signed,
+    return {"folded_weight_quantizers": folded, "split_projections": split, "unsigned_shared_activations": unsigned, "signed_matmul_operands": signed,
             "weight_only_int4_matmuls": nbits,
             "int4_packed_weights": packed, SESSION_CONFIG_KEY: metadata.get(SESSION_CONFIG_KEY, {}), NUMERICS_KEY: numerics,
             **counts, "nodes": len(proto.graph.node)}
