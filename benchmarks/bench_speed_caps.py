@@ -146,9 +146,9 @@ def build(model: str, calib: Path, work: Path) -> dict[str, Path]:
 
 
 def _input_shape(path: Path) -> tuple[int, ...]:
-    import onnxruntime as ort
-
-    return tuple(d if isinstance(d, int) else 1 for d in ort.InferenceSession(str(path)).get_inputs()[0].shape)
+    """The model's input shape, read from the graph (a symbolic batch dimension taken as 1)."""
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return tuple(d.dim_value or 1 for d in dims)
 
 
 def profile(model: str, files: dict[str, Path], rounds: int, repeats: int) -> dict:
