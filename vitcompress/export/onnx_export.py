@@ -212,7 +212,8 @@ def split_projections(model: onnx.ModelProto) -> int:
         weight = producer.get(conv.input[1])  # DequantizeLinear(int codes, scale, zero point), or none: a float weight
         if weight is not None and weight.op_type == "DequantizeLinear":
             arrays = [_const_value(i, inits, consts) for i in weight.input]
-            if any(a is None for a in arrays) or _attr(weight, "axis", 1) != 0:
+            per_channel = any(a is not None and a.size > 1 for a in arrays[1:])
+            if any(a is None for a in arrays) or (per_channel and _attr(weight, "axis", 1) != 0):
                 continue
         elif conv.input[1] in inits:
             arrays = [numpy_helper.to_array(inits[conv.input[1]])]
@@ -228,12 +229,13 @@ def split_projections(model: onnx.ModelProto) -> int:
             names = []
             for k, a in enumerate(arrays):  # codes and, per channel, scales and zero points
                 name = f"{conv.name}_part{i}_{k}"
-                g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(a[part] if a.ndim else a), name))
+                g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(a[part] if a.size > 1 else a), name))
                 names.append(name)
             inputs = [conv.input[0], names[0]]
             if weight is not None and weight.op_type == "DequantizeLinear":
                 dq_out = f"{conv.name}_part{i}_weight"
-                parts.append(helper.make_node("DequantizeLinear", names, [dq_out], name=f"{weight.name}_part{i}", axis=0))
+                parts.append(helper.make_node("DequantizeLinear", names, [dq_out], name=f"{weight.name}_part{i}",
+                                              **({"axis": 0} if per_channel else {})))
                 inputs[1] = dq_out
             if bias is not None:
                 g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(bias[part]), f"{conv.name}_part{i}_bias"))
