@@ -117,6 +117,26 @@ def test_augmented_reconstruction_fits_the_views_too():
     assert tight["images"] == 16
 
 
+def test_the_views_budget_holds_fisher_weights_only_when_the_error_is_fisher_weighted():
+    from vitcompress.quant.blockwise import capture
+    from vitcompress.quant.reconstruction import _with_views
+
+    torch.manual_seed(0)
+    model = _vit()
+    calib = torch.randn(16, 3, 32, 32)
+    quantize_(model, QuantConfig(wbits=4, abits=4), [calib])
+    fp = float_copy(model)
+    with torch.no_grad():
+        blocks = reconstruction_blocks(fp, _weighted(fp), calib[:1])
+        ins, outs = capture(fp, calib[:1], blocks, 1, outputs=True)
+    sizes = {k: sum(t.numel() * t.element_size() for t in d.values()) for k, d in (("in", ins), ("out", outs))}
+    biggest = max(t.numel() * t.element_size() for t in ins.values())  # the fitted block's quantized input
+    plain = (sizes["in"] + sizes["out"] + biggest) * len(calib)  # bytes per view held without Fisher weights
+    with torch.no_grad():
+        assert len(_with_views(fp, calib, blocks, 3 * plain, fisher=False)) == 3 * len(calib)
+        assert len(_with_views(fp, calib, blocks, 3 * plain, fisher=True)) < 3 * len(calib)  # their weights take room
+
+
 @pytest.mark.parametrize("method", ["qhyvit", "mptq"])
 def test_methods_offer_reconstruction_as_a_refinement(method):
     torch.manual_seed(0)

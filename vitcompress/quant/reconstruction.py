@@ -155,12 +155,14 @@ def reconstruction_kept(done: dict) -> bool:
     return bool(done.get("reconstruction", {}).get("kept", False))
 
 
-def _with_views(fp: nn.Module, images: torch.Tensor, blocks: Sequence[Bridge], budget: int) -> torch.Tensor:
+def _with_views(fp: nn.Module, images: torch.Tensor, blocks: Sequence[Bridge], budget: int, fisher: bool) -> torch.Tensor:
     """The images and as many of their views (``augmented``: mirrors, then shifts) as the captured
-    tensors allow: every block's input, output and Fisher weights are held for every image, which at
-    224 px and a few hundred images would take tens of GiB with all ten views."""
+    tensors allow: every block's float input and output (and, with ``fisher``, its Fisher weights)
+    are held for every image, and the block being fitted's quantized input too, which at 224 px and
+    a few hundred images would take tens of GiB with all ten views."""
     ins, outs = capture(fp, images[:1], blocks, 1, outputs=True)
-    per_image = sum(t.numel() * t.element_size() for t in ins.values()) + 2 * sum(t.numel() * t.element_size() for t in outs.values())
+    size = lambda ts: [t.numel() * t.element_size() for t in ts]  # noqa: E731
+    per_image = sum(size(ins.values())) + (2 if fisher else 1) * sum(size(outs.values())) + max(size(ins.values()))
     return augmented(images, max(1, min(VIEWS, budget // max(1, per_image * len(images)))))
 
 
@@ -224,7 +226,7 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
     if not blocks:
         return {"blocks": [], "layers": [], "images": len(images)}
     if config.augment:
-        images = _with_views(fp, images, blocks, config.capture_bytes)
+        images = _with_views(fp, images, blocks, config.capture_bytes, config.fisher)
     bs = config.batch_size
     float_in, float_out = capture(fp, images, blocks, bs, outputs=True)
     fisher = (output_fisher(fp, images, {b.name: b.modules(fp)[-1] for b in blocks}, bs, config.fisher_labels, config.seed, map_shards)
