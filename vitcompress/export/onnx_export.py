@@ -85,6 +85,11 @@ def _const_value(name: str, inits: dict, consts: dict) -> np.ndarray | None:
     return None
 
 
+def _attr(node: onnx.NodeProto, name: str, default):
+    """A node's attribute value, or ``default`` where it has none."""
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
 def fold_weight_quantizers(model: onnx.ModelProto) -> int:
     """Replace QuantizeLinear(constant float) with constant integer codes; returns how many."""
     g = model.graph
@@ -96,7 +101,7 @@ def fold_weight_quantizers(model: onnx.ModelProto) -> int:
             scale = _const_value(n.input[1], inits, consts)
             zp = _const_value(n.input[2], inits, consts) if len(n.input) > 2 else np.zeros((), np.uint8)
             if x is not None and scale is not None and zp is not None:
-                axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+                axis = _attr(n, "axis", 1)
                 shape = [1] * x.ndim
                 if scale.ndim == 1 and scale.size > 1:
                     shape[axis % x.ndim] = -1
@@ -153,7 +158,7 @@ def _fold_weight_transposes(model: onnx.ModelProto) -> None:
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or consumers.get(dq.output[0]) != 1:
             continue
         q = numpy_helper.to_array(inits[dq.input[0]])
-        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), list(range(q.ndim))[::-1])
+        perm = list(_attr(t, "perm", list(range(q.ndim))[::-1]))
         name = dq.input[0] + "_t"
         g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(q.transpose(perm)), name))
         dq.input[0] = name
@@ -181,10 +186,6 @@ def _graph_constants(g: onnx.GraphProto) -> tuple[dict, dict]:
             if v is not None:
                 consts[n.output[0]] = v
     return inits, consts
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def split_projections(model: onnx.ModelProto) -> int:
@@ -518,7 +519,7 @@ def weight_only_int4_matmuls(model: onnx.ModelProto) -> int:
         dq = producer.get(mm.input[1]) if mm.op_type == "MatMul" else None
         codes = _int4_codes(dq, inits) if dq is not None and dq.op_type == "DequantizeLinear" else None
         scale = numpy_helper.to_array(inits[dq.input[1]]) if codes is not None and dq.input[1] in inits else None
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) if dq is not None else 1
+        axis = _attr(dq, "axis", 1) if dq is not None else 1
         if (scale is None or codes.ndim != 2 or uses[dq.output[0]] != 1
                 or (scale.size > 1 and (axis % 2 != 1 or scale.size != codes.shape[1]))):
             nodes.append(mm)

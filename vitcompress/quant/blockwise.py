@@ -92,7 +92,7 @@ def reconstruction_blocks(model: nn.Module, layers: Sequence[str], example: torc
 
 
 def capture(model: nn.Module, images: torch.Tensor, blocks: Sequence[Bridge], batch_size: int,
-             outputs: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+            outputs: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Inputs (and outputs) of ``blocks`` over ``images``; without outputs, the pass stops at the
     last block's input."""
     ins: dict[str, list[torch.Tensor]] = {b.name: [] for b in blocks}
