@@ -10,6 +10,7 @@ from vitcompress.quant.bridge import find_bridges
 from vitcompress.quant.calibration import batched_logits, float_copy, logits_kl, quantizers_off
 from vitcompress.quant.blockwise import reconstruction_blocks
 from vitcompress.quant.reconstruction import AUTO_STEPS, RECONSTRUCTION_AUGMENT, ReconstructionConfig, reconstruct, steps_for
+from vitcompress.quant.refine import Refinement, apply_refinements
 from vitcompress.quant.spec import fake_quantize
 
 
@@ -64,6 +65,52 @@ def test_reconstruction_rounds_onto_the_grid_and_beats_nearest_rounding():
     reconstruct(twin, _weighted(twin), calib, config)  # same inputs and seed: the same weights and scales
     for (k, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def _vectors(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 1}
+
+
+def test_norm_affines_and_biases_are_learned_with_the_rounding_in_kept_blocks_only():
+    torch.manual_seed(0)
+    model = _vit()
+    calib = torch.randn(32, 3, 32, 32)
+    quantize_(model, QuantConfig(wbits=4, abits=4), list(calib.split(16)))
+    before = _vectors(model)
+    twin = copy.deepcopy(model)
+    report = reconstruct(model, _weighted(model), calib, ReconstructionConfig(steps=60, batch_size=16, float_lr=1e-2))
+    after = _vectors(model)
+    kept = {b["block"] for b in report["blocks"] if b["kept"]}
+    assert kept
+    for name, value in before.items():
+        block = next((b for b in kept if name.startswith(b + ".")), None)
+        if block is None:  # outside the kept blocks nothing moved
+            assert torch.equal(value, after[name]), name
+    moved = [n for n in before if not torch.equal(before[n], after[n])]
+    assert any(".norm" in n for n in moved) and any(n.endswith(".bias") for n in moved)
+    for name in report["layers"]:  # the weights still end on their grids
+        layer = model.get_submodule(name)
+        q = layer.weight_quantizer
+        assert torch.equal(fake_quantize(layer.weight, q.scale, q.zero_point, q.spec), layer.weight)
+    reconstruct(twin, _weighted(twin), calib, ReconstructionConfig(steps=60, batch_size=16, float_lr=1e-2))
+    assert all(torch.equal(after[n], v) for n, v in _vectors(twin).items())  # same inputs and seed: same vectors
+
+
+def test_a_refinement_not_kept_restores_the_vectors_outside_the_layers_it_changed():
+    model = _vit()
+    quantize_(model, QuantConfig(), [torch.randn(4, 3, 32, 32)])
+    before = _vectors(model)
+
+    def run(m, names, batches):
+        with torch.no_grad():
+            m.blocks[0].norm1.weight.add_(1.0)
+        return []
+
+    step = Refinement("nudge", lambda done: True, run, lambda layer: [layer.weight],
+                      model_changes=lambda m: [p for p in m.parameters() if p.dim() == 1])
+    report = apply_refinements(model, _weighted(model), [], [step], score=lambda: 1.0, start=1.0)
+    assert report["nudge"]["kept"] is False
+    assert all(torch.equal(before[n], v) for n, v in _vectors(model).items())
 
 
 def test_chained_blocks_take_their_quantized_input_from_the_block_before_with_the_same_result(monkeypatch):
@@ -171,7 +218,8 @@ def test_plain_squared_error_is_an_option():
 
 @pytest.mark.parametrize("method", ["qhyvit", "mptq"])
 @pytest.mark.parametrize("bad", [{"reconstruction_steps": -1}, {"reconstruction_steps": "many"}, {"qdrop": 1.0},
-                                 {"qdrop": "half"}, {"reconstruction_augment": "yes"}, {"reconstruction_fisher": "no"}])
+                                 {"qdrop": "half"}, {"reconstruction_augment": "yes"}, {"reconstruction_fisher": "no"},
+                                 {"reconstruction_float_lr": -1e-3}, {"reconstruction_float_lr": "fast"}])
 def test_bad_reconstruction_options_are_refused(method, bad):
     with pytest.raises(VitcompressError):
         quantize_(_vit(), QuantConfig(method=method, method_options=bad), [torch.randn(2, 3, 32, 32)])

@@ -63,6 +63,7 @@ class ReconstructionConfig:
     warmup: float = 0.2
     fisher: bool = True
     fisher_labels: int = 16
+    float_lr: float = 0.0  # Adam's lr on the block's float parameters (norm affines, biases); 0 = they stay
     augment: bool = False  # also reconstruct on the images' mirrors and shifts (scale_tuning.augmented), within ``capture_bytes``
     capture_bytes: int = 2 << 30  # the views are added only while the captured block tensors fit in this
     seed: int = 0
@@ -90,12 +91,16 @@ class ReconstructionOptions:
     reconstruction_augment: ours: reconstruct on the calibration images, their mirrors and shifts.
     reconstruction_fisher: weight the block output error by the Fisher diagonal (BRECQ's, Q-HyViT's
         objective); False: plain squared error (docs/reconstruction.md compares them).
+    reconstruction_float_lr: ours, after Norm Tweaking: Adam's learning rate on each block's
+        vectors that no quantizer reads (norm affines, biases, layer scales), learned with the
+        rounding; 0 = they stay as the method left them.
     """
 
     reconstruction_steps: int | None = None
     qdrop: float = 0.5
     reconstruction_augment: bool = RECONSTRUCTION_AUGMENT
     reconstruction_fisher: bool = True
+    reconstruction_float_lr: float = 0.0
 
     def __post_init__(self) -> None:
         steps = self.reconstruction_steps
@@ -103,6 +108,8 @@ class ReconstructionOptions:
             raise VitcompressError(f"reconstruction_steps must be a whole number ≥ 0, got {steps!r}")
         if not 0.0 <= float(self.qdrop) < 1.0:
             raise VitcompressError(f"qdrop must be in [0, 1), got {self.qdrop!r}")
+        if not 0.0 <= float(self.reconstruction_float_lr) < 1.0:
+            raise VitcompressError(f"reconstruction_float_lr must be in [0, 1), got {self.reconstruction_float_lr!r}")
         for name in ("reconstruction_augment", "reconstruction_fisher"):
             if not isinstance(getattr(self, name), bool):
                 raise VitcompressError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -111,7 +118,7 @@ class ReconstructionOptions:
     def given(raw: dict) -> dict:
         """The reconstruction options among a method's raw ``method_options`` (CLI, recipe), typed:
         a recipe's ``qdrop: 1`` is a float, a steps count given as text a whole number."""
-        typed = {"reconstruction_steps": lambda v: None if v is None else int(v), "qdrop": float}
+        typed = {"reconstruction_steps": lambda v: None if v is None else int(v), "qdrop": float, "reconstruction_float_lr": float}
         names = {f.name for f in fields(ReconstructionOptions)}
         try:
             return {k: typed.get(k, lambda v: v)(v) for k, v in raw.items() if k in names}
@@ -124,7 +131,7 @@ class ReconstructionOptions:
         the method's own settings (batch size, seed)."""
         steps = steps_for(self.reconstruction_steps, narrowest_bits, auto_max_bits) if enabled else 0
         return ReconstructionConfig(steps=steps, drop_prob=self.qdrop, augment=self.reconstruction_augment,
-                                    fisher=self.reconstruction_fisher, **fixed)
+                                    fisher=self.reconstruction_fisher, float_lr=self.reconstruction_float_lr, **fixed)
 
 
 def learned_by_reconstruction(layer: nn.Module) -> list[torch.Tensor]:
@@ -147,7 +154,9 @@ def reconstruction_refinement(layers: Sequence[str], config: ReconstructionConfi
         report.update((k, v) for k, v in result.items() if k != "layers")
         return result["layers"]
 
-    return Refinement("reconstruction", lambda done: config.steps > 0, run, learned_by_reconstruction, judged_on=judged_on), report
+    vectors = (lambda m: [p for p in m.parameters() if p.dim() == 1]) if config.float_lr > 0 else None  # noqa: E731
+    return Refinement("reconstruction", lambda done: config.steps > 0, run, learned_by_reconstruction,
+                      judged_on=judged_on, model_changes=vectors), report
 
 
 def reconstruction_kept(done: dict) -> bool:
@@ -200,6 +209,18 @@ class _LearnedRounding:
 
     def remove(self) -> None:
         del self.q.forward
+
+
+def _float_parameters(modules: Sequence[nn.Module], weight_quantizers: set) -> list[nn.Parameter]:
+    """The vectors of a block that no quantizer reads: norm affines, biases, layer scales."""
+    quantized = {id(m.weight) for b in modules for m in b.modules() if getattr(m, "weight_quantizer", None) in weight_quantizers}
+    seen, out = set(), []
+    for b in modules:
+        for p in b.parameters():
+            if p.dim() == 1 and id(p) not in quantized and id(p) not in seen and p.dtype.is_floating_point:
+                seen.add(id(p))
+                out.append(p)
+    return out
 
 
 def _weighted_error(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -275,6 +296,12 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
             groups = [{"params": [r.v for r in rounding], "lr": config.lr}]
             if learned:
                 groups.append({"params": [s.log_scale for s in learned], "lr": config.scale_lr})
+            tuned = _float_parameters(modules, weight_quantizers) if config.float_lr > 0 else []
+            saved_float = [p.detach().clone() for p in tuned]
+            if tuned:
+                groups.append({"params": tuned, "lr": config.float_lr})
+                for p in tuned:
+                    p.requires_grad_(True)
             optimizer = torch.optim.Adam(groups)
             warm = int(config.warmup * config.steps)
             try:
@@ -306,7 +333,13 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
                     r.remove()
                 for s in steps_:
                     s.remove()
+                for p in tuned:
+                    p.requires_grad_(False)
             kept = after < before
+            if not kept:
+                with torch.no_grad():
+                    for p, v in zip(tuned, saved_float):
+                        p.copy_(v)
             if kept:
                 with torch.no_grad():
                     for r in rounding:

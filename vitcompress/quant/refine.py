@@ -28,6 +28,7 @@ class Refinement:
     changes: Callable[[nn.Module], list[torch.Tensor]]
     judgement: Callable[[], tuple[float, float]] | None = None  # (before, after) of its own; None: the score
     judged_on: str = "calibration images"
+    model_changes: Callable[[nn.Module], list[torch.Tensor]] | None = None  # tensors outside the layers it may change (norm affines)
 
 
 def apply_refinements(model: nn.Module, layers: Sequence[str], batches: Sequence[torch.Tensor], steps: Sequence[Refinement],
@@ -41,6 +42,8 @@ def apply_refinements(model: nn.Module, layers: Sequence[str], batches: Sequence
         if not step.enabled(report):
             continue
         saved = [(m, [t.detach().clone() for t in step.changes(m)]) for m in modules]
+        outside = step.model_changes(model) if step.model_changes else []
+        saved_outside = [t.detach().clone() for t in outside]
         changed = step.run(model, layers, batches)
         after_score = score()
         before, after = step.judgement() if step.judgement else (current, after_score)
@@ -54,6 +57,8 @@ def apply_refinements(model: nn.Module, layers: Sequence[str], batches: Sequence
                 for m, values in saved:
                     for tensor, value in zip(step.changes(m), values):
                         tensor.copy_(value)
+                for tensor, value in zip(outside, saved_outside):
+                    tensor.copy_(value)
         report[step.name] = {"layers": len(changed), "calibration_kl": after_score, "kept": kept,
                              "judged_on": step.judged_on, "kl_before": before, "kl_after": after}
     return report
