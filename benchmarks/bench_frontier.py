@@ -31,19 +31,20 @@ from vitcompress.data import label_map_to_model, scan_images  # noqa: E402
 from vitcompress.evaluate import collect_logits, fidelity, onnx_predictor, summarize  # noqa: E402
 from vitcompress.export import make_session  # noqa: E402
 from vitcompress.quant import mptq, qhyvit  # noqa: E402
-from vitcompress.quant.reconstruction import AUTO_STEPS, RECONSTRUCTION_AUGMENT, steps_for  # noqa: E402
+from vitcompress.quant.reconstruction import RECONSTRUCTION_AUGMENT, steps_for  # noqa: E402
 
 METHOD_OF = {"cifar10_mobilevit_xxs": "qhyvit", "cifar10_mobilevitv2_050": "qhyvit", "cifar10_vit_tiny": "mptq"}
 VARIANTS = ["minmax", "method", "reconstruction"]
 MIXED = "mixed"  # not in the default set: greedy mixed precision at the width as an average (mptq only)
 AUTO_MAX_BITS = {"qhyvit": qhyvit.AUTO_MAX_BITS, "mptq": mptq.AUTO_MAX_BITS}
+AUTO_STEPS = {"qhyvit": qhyvit.QHyViTOptions.auto_steps, "mptq": mptq.MptqOptions.auto_steps}
 
 
 def _is_default(model: str, variant: str, bits: int, steps: int) -> bool:
     """Is this row what `vitcompress quantize --method M --bits B` does with no other flag?"""
     if variant in ("minmax", MIXED):
         return False
-    auto = steps_for(None, bits, AUTO_MAX_BITS[METHOD_OF[model]])
+    auto = steps_for(None, bits, AUTO_MAX_BITS[METHOD_OF[model]], AUTO_STEPS[METHOD_OF[model]])
     return (variant == "reconstruction") == (auto > 0) and (auto == 0 or auto == steps)
 
 
@@ -87,7 +88,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS + [MIXED])
     ap.add_argument("--calib-size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=AUTO_STEPS, help="reconstruction steps per block")
+    ap.add_argument("--steps", type=int, default=None, help="reconstruction steps per block (default: each method's)")
     ap.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                     help="a method option for every row but min-max (an ablation; the rows then say so)")
     ap.add_argument("--work", type=Path, default=None, help="keep each run's output folder here (default: a temp dir)")
@@ -101,6 +102,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         for z in args.models:
+            steps = args.steps if args.steps is not None else AUTO_STEPS[METHOD_OF[z]]
             ckpt = args.shared / "zoo" / f"{z}.pth"
             loaded = load(checkpoint=ckpt)
             runs, narrow_note = [], None
@@ -110,7 +112,7 @@ def main() -> None:
                         print(f"{z}: greedy mixed precision is mptq's; no {MIXED} row", flush=True)
                         continue
                     job = QuantizeJob(out=work / f"{z}_{variant}_{bits}", checkpoint=ckpt,
-                                      config=_config(z, variant, bits, args.steps, extra), calib_dir=data / "train",
+                                      config=_config(z, variant, bits, steps, extra), calib_dir=data / "train",
                                       calib_size=args.calib_size, latency_rounds=1, force=True)
                     with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:  # a fresh process: its own peak memory
                         path, seconds, peak, narrow, average = pool.submit(_quantize_in_own_process, job).result()
@@ -134,7 +136,7 @@ def main() -> None:
             rows = []
             for i, (bits, variant, _, seconds, peak, average) in enumerate(runs):
                 (ab, db, kb), (aa, da, ka) = measured(str(i), in_b), measured(str(i), every)
-                recon = (f"reconstruction ({args.steps} steps/block"
+                recon = (f"reconstruction ({steps} steps/block"
                          + (", images with mirrors and shifts)" if RECONSTRUCTION_AUGMENT else ")"))
                 if variant == MIXED:
                     choices = "/".join(map(str, mptq.MptqOptions.bit_choices))
@@ -143,7 +145,7 @@ def main() -> None:
                     label = {"minmax": "min-max", "method": METHOD_OF[z], "reconstruction": f"{METHOD_OF[z]} + {recon}"}[variant]
                 if extra and variant != "minmax":
                     label += ", " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in extra.items())
-                label += " (the default)" if _is_default(z, variant, bits, args.steps) and not extra else ""
+                label += " (the default)" if _is_default(z, variant, bits, steps) and not extra else ""
                 width = f"W{bits}A{bits}" if variant != MIXED else f"mixed, {bits} avg"
                 rows.append(f"| {width} | {label} | {ab:.2f} | {db:.2f} | {kb:.4f} | {aa:.2f} | {da:.2f} | {ka:.4f} "
                             f"| {seconds:.0f} | {peak:.0f} |")

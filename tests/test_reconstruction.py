@@ -230,3 +230,13 @@ def test_default_steps_follow_the_measured_widths():
     assert steps_for(None, 4, auto_max_bits=4) == AUTO_STEPS
     assert steps_for(None, 6, auto_max_bits=4) == 0
     assert steps_for(0, 4, auto_max_bits=4) == 0 and steps_for(50, 8, auto_max_bits=4) == 50
+    assert steps_for(None, 4, auto_max_bits=4, auto_steps=400) == 400
+
+
+def test_each_method_has_its_own_default_steps_and_an_explicit_count_wins():
+    from vitcompress.quant.mptq import AUTO_MAX_BITS as MPTQ_MAX, MptqOptions
+    from vitcompress.quant.qhyvit import AUTO_MAX_BITS as QHYVIT_MAX, QHyViTOptions
+    assert MptqOptions().reconstruction_config(4, MPTQ_MAX).steps == MptqOptions.auto_steps == 400
+    assert QHyViTOptions().reconstruction_config(4, QHYVIT_MAX).steps == AUTO_STEPS
+    assert MptqOptions(reconstruction_steps=50).reconstruction_config(4, MPTQ_MAX).steps == 50
+    assert MptqOptions().reconstruction_config(8, MPTQ_MAX).steps == 0

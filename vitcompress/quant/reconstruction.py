@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, fields
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -73,19 +73,20 @@ AUTO_STEPS = 200  # steps per block when a method's default turns reconstruction
 RECONSTRUCTION_AUGMENT = True  # the methods' default for reconstructing on mirrored and shifted views too (docs/reconstruction.md)
 
 
-def steps_for(requested: int | None, narrowest_bits: int, auto_max_bits: int) -> int:
-    """Reconstruction steps per block: as requested, or by default ``AUTO_STEPS`` where the method
-    measured a gain on held-out images (the model's narrowest width at most ``auto_max_bits``), else 0."""
+def steps_for(requested: int | None, narrowest_bits: int, auto_max_bits: int, auto_steps: int = AUTO_STEPS) -> int:
+    """Reconstruction steps per block: as requested, or by default ``auto_steps`` (the method's) where
+    the method measured a gain on held-out images (the model's narrowest width at most
+    ``auto_max_bits``), else 0."""
     if requested is not None:
         return requested
-    return AUTO_STEPS if narrowest_bits <= auto_max_bits else 0
+    return auto_steps if narrowest_bits <= auto_max_bits else 0
 
 
 @dataclass(frozen=True)
 class ReconstructionOptions:
     """The reconstruction knobs a method offers (its options dataclass inherits them, checked here).
 
-    reconstruction_steps: steps per block; 0 = off; None = ``AUTO_STEPS`` where the method's
+    reconstruction_steps: steps per block; 0 = off; None = the method's ``auto_steps`` where its
         narrowest width is at most its ``auto_max_bits`` (``steps_for``), else off.
     qdrop: QDrop's probability that an activation element passes unquantized during reconstruction.
     reconstruction_augment: ours: reconstruct on the calibration images, their mirrors and shifts.
@@ -96,6 +97,7 @@ class ReconstructionOptions:
         rounding; 0 = they stay as the method left them.
     """
 
+    auto_steps: ClassVar[int] = AUTO_STEPS  # what ``reconstruction_steps=None`` gives where it is on
     reconstruction_steps: int | None = None
     qdrop: float = 0.5
     reconstruction_augment: bool = RECONSTRUCTION_AUGMENT
@@ -129,7 +131,7 @@ class ReconstructionOptions:
                               **fixed) -> ReconstructionConfig:
         """The ``ReconstructionConfig`` these options ask for (``enabled`` False: 0 steps); ``fixed``:
         the method's own settings (batch size, seed)."""
-        steps = steps_for(self.reconstruction_steps, narrowest_bits, auto_max_bits) if enabled else 0
+        steps = steps_for(self.reconstruction_steps, narrowest_bits, auto_max_bits, self.auto_steps) if enabled else 0
         return ReconstructionConfig(steps=steps, drop_prob=self.qdrop, augment=self.reconstruction_augment,
                                     fisher=self.reconstruction_fisher, float_lr=self.reconstruction_float_lr, **fixed)
 
