@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from torch import nn

@@ -156,9 +156,9 @@ def reconstruction_refinement(layers: Sequence[str], config: ReconstructionConfi
         report.update((k, v) for k, v in result.items() if k != "layers")
         return result["layers"]
 
-    vectors = (lambda m: [p for p in m.parameters() if p.dim() == 1]) if config.float_lr > 0 else None  # noqa: E731
     return Refinement("reconstruction", lambda done: config.steps > 0, run, learned_by_reconstruction,
-                      judged_on=judged_on, model_changes=vectors), report
+                      judged_on=judged_on,
+                      model_changes=(lambda m: _vectors([m])) if config.float_lr > 0 else None), report
 
 
 def reconstruction_kept(done: dict) -> bool:
@@ -213,13 +213,13 @@ class _LearnedRounding:
         del self.q.forward
 
 
-def _float_parameters(modules: Sequence[nn.Module], weight_quantizers: set) -> list[nn.Parameter]:
-    """The vectors of a block that no quantizer reads: norm affines, biases, layer scales."""
-    quantized = {id(m.weight) for b in modules for m in b.modules() if getattr(m, "weight_quantizer", None) in weight_quantizers}
+def _vectors(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
+    """The 1-D parameters of ``modules``, once each: norm affines, biases, layer scales (no quantizer
+    reads them; quantized weights are matrices or kernels)."""
     seen, out = set(), []
     for b in modules:
         for p in b.parameters():
-            if p.dim() == 1 and id(p) not in quantized and id(p) not in seen and p.dtype.is_floating_point:
+            if p.dim() == 1 and p.dtype.is_floating_point and id(p) not in seen:
                 seen.add(id(p))
                 out.append(p)
     return out
@@ -298,7 +298,7 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
             groups = [{"params": [r.v for r in rounding], "lr": config.lr}]
             if learned:
                 groups.append({"params": [s.log_scale for s in learned], "lr": config.scale_lr})
-            tuned = _float_parameters(modules, weight_quantizers) if config.float_lr > 0 else []
+            tuned = _vectors(modules) if config.float_lr > 0 else []
             saved_float = [p.detach().clone() for p in tuned]
             if tuned:
                 groups.append({"params": tuned, "lr": config.float_lr})
