@@ -31,20 +31,21 @@ from vitcompress.data import label_map_to_model, scan_images  # noqa: E402
 from vitcompress.evaluate import collect_logits, fidelity, onnx_predictor, summarize  # noqa: E402
 from vitcompress.export import make_session  # noqa: E402
 from vitcompress.quant import mptq, qhyvit  # noqa: E402
-from vitcompress.quant.reconstruction import RECONSTRUCTION_AUGMENT, steps_for  # noqa: E402
+from vitcompress.quant.reconstruction import RECONSTRUCTION_AUGMENT  # noqa: E402
 
 METHOD_OF = {"cifar10_mobilevit_xxs": "qhyvit", "cifar10_mobilevitv2_050": "qhyvit", "cifar10_vit_tiny": "mptq"}
 VARIANTS = ["minmax", "method", "reconstruction"]
 MIXED = "mixed"  # not in the default set: greedy mixed precision at the width as an average (mptq only)
 AUTO_MAX_BITS = {"qhyvit": qhyvit.AUTO_MAX_BITS, "mptq": mptq.AUTO_MAX_BITS}
-AUTO_STEPS = {"qhyvit": qhyvit.QHyViTOptions.auto_steps, "mptq": mptq.MptqOptions.auto_steps}
+OPTIONS = {"qhyvit": qhyvit.QHyViTOptions, "mptq": mptq.MptqOptions}  # each knows its default steps
 
 
 def _is_default(model: str, variant: str, bits: int, steps: int) -> bool:
     """Is this row what `vitcompress quantize --method M --bits B` does with no other flag?"""
     if variant in ("minmax", MIXED):
         return False
-    auto = steps_for(None, bits, AUTO_MAX_BITS[METHOD_OF[model]], AUTO_STEPS[METHOD_OF[model]])
+    method = METHOD_OF[model]
+    auto = OPTIONS[method]().reconstruction_config(bits, AUTO_MAX_BITS[method]).steps
     return (variant == "reconstruction") == (auto > 0) and (auto == 0 or auto == steps)
 
 
@@ -102,7 +103,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         for z in args.models:
-            steps = args.steps if args.steps is not None else AUTO_STEPS[METHOD_OF[z]]
+            steps = args.steps if args.steps is not None else OPTIONS[METHOD_OF[z]].auto_steps
             ckpt = args.shared / "zoo" / f"{z}.pth"
             loaded = load(checkpoint=ckpt)
             runs, narrow_note = [], None

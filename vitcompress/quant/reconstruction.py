@@ -16,6 +16,8 @@ output matches the float block's, with the activation quantizers in the loop:
   block is dropped at random per element (the float value passes with probability ``drop_prob``),
   and the block input mixes the quantized model's input with the float model's the same way.
   Activation step sizes are learned jointly (LSQ-style, as QDrop does), in log space.
+- Ours, after Norm Tweaking (Li et al., arXiv 2309.02784): with ``float_lr`` > 0 the block's
+  vectors that no quantizer reads (norm affines, biases, layer scales) are learned with the rounding.
 
 Blocks: ``blockwise.reconstruction_blocks`` (a transformer block, a bridge block of a hybrid, ...).
 
