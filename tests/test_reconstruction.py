@@ -227,9 +227,9 @@ def test_bad_reconstruction_options_are_refused(method, bad):
 
 def test_default_steps_follow_the_measured_widths():
     # on by default only at the widths where it lowered the held-out KL (docs/reconstruction.md)
-    assert steps_for(None, 4, auto_max_bits=4) == AUTO_STEPS
-    assert steps_for(None, 6, auto_max_bits=4) == 0
-    assert steps_for(0, 4, auto_max_bits=4) == 0 and steps_for(50, 8, auto_max_bits=4) == 50
+    assert steps_for(None, 4, auto_max_bits=4, auto_steps=AUTO_STEPS) == AUTO_STEPS
+    assert steps_for(None, 6, auto_max_bits=4, auto_steps=AUTO_STEPS) == 0
+    assert steps_for(0, 4, auto_max_bits=4, auto_steps=AUTO_STEPS) == 0 and steps_for(50, 8, auto_max_bits=4, auto_steps=AUTO_STEPS) == 50
     assert steps_for(None, 4, auto_max_bits=4, auto_steps=400) == 400
 
 

@@ -75,7 +75,7 @@ AUTO_STEPS = 200  # steps per block when a method's default turns reconstruction
 RECONSTRUCTION_AUGMENT = True  # the methods' default for reconstructing on mirrored and shifted views too (docs/reconstruction.md)
 
 
-def steps_for(requested: int | None, narrowest_bits: int, auto_max_bits: int, auto_steps: int = AUTO_STEPS) -> int:
+def steps_for(requested: int | None, narrowest_bits: int, auto_max_bits: int, auto_steps: int) -> int:
     """Reconstruction steps per block: as requested, or by default ``auto_steps`` (the method's) where
     the method measured a gain on held-out images (the model's narrowest width at most
     ``auto_max_bits``), else 0."""
