@@ -9,7 +9,8 @@ from vitcompress.quant import QuantConfig, quantize_
 from vitcompress.quant.bridge import find_bridges
 from vitcompress.quant.calibration import batched_logits, float_copy, logits_kl, quantizers_off
 from vitcompress.quant.blockwise import reconstruction_blocks
-from vitcompress.quant.reconstruction import AUTO_STEPS, RECONSTRUCTION_AUGMENT, ReconstructionConfig, reconstruct, steps_for
+from vitcompress.quant.reconstruction import (AUTO_STEPS, RECONSTRUCTION_AUGMENT, ReconstructionConfig, _Average, reconstruct,
+                                              steps_for)
 from vitcompress.quant.refine import Refinement, apply_refinements
 from vitcompress.quant.spec import fake_quantize
 
@@ -94,6 +95,42 @@ def test_norm_affines_and_biases_are_learned_with_the_rounding_in_kept_blocks_on
         assert torch.equal(fake_quantize(layer.weight, q.scale, q.zero_point, q.spec), layer.weight)
     reconstruct(twin, _weighted(twin), calib, ReconstructionConfig(steps=60, batch_size=16, float_lr=1e-2))
     assert all(torch.equal(after[n], v) for n, v in _vectors(twin).items())  # same inputs and seed: same vectors
+
+
+def test_the_average_starts_at_its_step_and_weighs_later_values_more():
+    p = torch.zeros(2)
+    average = _Average([p], decay=0.5, start=2)
+    for step, value in enumerate([10.0, 20.0, 1.0, 2.0, 4.0]):
+        p.fill_(value)
+        average.update(step)
+    average.apply()
+    # steps 0 and 1 before the start; then 1 -> 0.5·1 + 0.5·2 = 1.5 -> 0.5·1.5 + 0.5·4 = 2.75
+    assert torch.equal(p, torch.full((2,), 2.75))
+    q = torch.ones(1)
+    never = _Average([q], decay=0.5, start=10)
+    never.update(3)
+    never.apply()  # averaging never started: the parameter keeps its value
+    assert torch.equal(q, torch.ones(1))
+
+
+def test_averaged_step_sizes_and_vectors_are_what_a_kept_block_ends_with():
+    torch.manual_seed(0)
+    model = _vit()
+    calib = torch.randn(32, 3, 32, 32)
+    quantize_(model, QuantConfig(wbits=4, abits=4), list(calib.split(16)))
+    runs = {}
+    for average in (0.0, 0.9, 0.9):
+        twin = copy.deepcopy(model)
+        report = reconstruct(twin, _weighted(twin), calib, ReconstructionConfig(steps=40, batch_size=16, float_lr=1e-2, average=average))
+        assert report["average"] == average and any(b["kept"] for b in report["blocks"])
+        for name in report["layers"]:  # the weights still end on their grids
+            layer = twin.get_submodule(name)
+            q = layer.weight_quantizer
+            assert torch.equal(fake_quantize(layer.weight, q.scale, q.zero_point, q.spec), layer.weight)
+        runs.setdefault(average, []).append(_vectors(twin))
+    plain, averaged, again = runs[0.0][0], *runs[0.9]
+    assert any(not torch.equal(plain[n], averaged[n]) for n in plain)  # the average is not the last step
+    assert all(torch.equal(averaged[n], again[n]) for n in averaged)  # same inputs and seed: same result
 
 
 def test_a_refinement_not_kept_restores_the_vectors_outside_the_layers_it_changed():
@@ -219,7 +256,8 @@ def test_plain_squared_error_is_an_option():
 @pytest.mark.parametrize("method", ["qhyvit", "mptq"])
 @pytest.mark.parametrize("bad", [{"reconstruction_steps": -1}, {"reconstruction_steps": "many"}, {"qdrop": 1.0},
                                  {"qdrop": "half"}, {"reconstruction_augment": "yes"}, {"reconstruction_fisher": "no"},
-                                 {"reconstruction_float_lr": -1e-3}, {"reconstruction_float_lr": "fast"}])
+                                 {"reconstruction_float_lr": -1e-3}, {"reconstruction_float_lr": "fast"},
+                                 {"reconstruction_average": 1.0}, {"reconstruction_average": "slow"}])
 def test_bad_reconstruction_options_are_refused(method, bad):
     with pytest.raises(VitcompressError):
         quantize_(_vit(), QuantConfig(method=method, method_options=bad), [torch.randn(2, 3, 32, 32)])

@@ -52,7 +52,10 @@ ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches 0 and
 class ReconstructionConfig:
     """steps: optimisation steps per block; lr: Adam's on the rounding variables V; scale_lr: on
     log activation scales (0 = scales stay); drop_prob: QDrop's probability that an element passes
-    unquantized; round_weight: λ of the rounding regulariser; warmup: fraction of steps without it."""
+    unquantized; round_weight: λ of the rounding regulariser; warmup: fraction of steps without it;
+    average: decay of an exponential moving average (Polyak averaging) of the learned step sizes and
+    vectors over the second half of the steps, which they take before the rounding is hardened (0 = the
+    last step's values)."""
 
     steps: int = 500
     batch_size: int = 32
@@ -68,6 +71,7 @@ class ReconstructionConfig:
     float_lr: float = 0.0  # Adam's lr on the block's float parameters (norm affines, biases); 0 = they stay
     augment: bool = False  # also reconstruct on the images' mirrors and shifts (scale_tuning.augmented), within ``capture_bytes``
     capture_bytes: int = 2 << 30  # the views are added only while the captured block tensors fit in this
+    average: float = 0.0
     seed: int = 0
 
 
@@ -97,6 +101,9 @@ class ReconstructionOptions:
     reconstruction_float_lr: ours, after Norm Tweaking: Adam's learning rate on each block's
         vectors that no quantizer reads (norm affines, biases, layer scales), learned with the
         rounding; 0 = they stay as the method left them.
+    reconstruction_average: ours: decay of a moving average of the learned step sizes and vectors over
+        each block's second half of steps, the values kept (Polyak averaging; 0 = the last step's). The
+        rounding variables are not averaged: the regulariser drives them to 0 or 1 on its own.
     """
 
     auto_steps: ClassVar[int] = AUTO_STEPS  # what ``reconstruction_steps=None`` gives where it is on
@@ -105,6 +112,7 @@ class ReconstructionOptions:
     reconstruction_augment: bool = RECONSTRUCTION_AUGMENT
     reconstruction_fisher: bool = True
     reconstruction_float_lr: float = 0.0
+    reconstruction_average: float = 0.0
 
     def __post_init__(self) -> None:
         steps = self.reconstruction_steps
@@ -114,6 +122,8 @@ class ReconstructionOptions:
             raise VitcompressError(f"qdrop must be in [0, 1), got {self.qdrop!r}")
         if not 0.0 <= float(self.reconstruction_float_lr) < 1.0:
             raise VitcompressError(f"reconstruction_float_lr must be in [0, 1), got {self.reconstruction_float_lr!r}")
+        if not 0.0 <= float(self.reconstruction_average) < 1.0:
+            raise VitcompressError(f"reconstruction_average must be in [0, 1), got {self.reconstruction_average!r}")
         for name in ("reconstruction_augment", "reconstruction_fisher"):
             if not isinstance(getattr(self, name), bool):
                 raise VitcompressError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -122,7 +132,8 @@ class ReconstructionOptions:
     def given(raw: dict) -> dict:
         """The reconstruction options among a method's raw ``method_options`` (CLI, recipe), typed:
         a recipe's ``qdrop: 1`` is a float, a steps count given as text a whole number."""
-        typed = {"reconstruction_steps": lambda v: None if v is None else int(v), "qdrop": float, "reconstruction_float_lr": float}
+        typed = {"reconstruction_steps": lambda v: None if v is None else int(v), "qdrop": float, "reconstruction_float_lr": float,
+                 "reconstruction_average": float}
         names = {f.name for f in fields(ReconstructionOptions)}
         try:
             return {k: typed.get(k, lambda v: v)(v) for k, v in raw.items() if k in names}
@@ -135,7 +146,8 @@ class ReconstructionOptions:
         the method's own settings (batch size, seed)."""
         steps = steps_for(self.reconstruction_steps, narrowest_bits, auto_max_bits, self.auto_steps) if enabled else 0
         return ReconstructionConfig(steps=steps, drop_prob=self.qdrop, augment=self.reconstruction_augment,
-                                    fisher=self.reconstruction_fisher, float_lr=self.reconstruction_float_lr, **fixed)
+                                    fisher=self.reconstruction_fisher, float_lr=self.reconstruction_float_lr,
+                                    average=self.reconstruction_average, **fixed)
 
 
 def learned_by_reconstruction(layer: nn.Module) -> list[torch.Tensor]:
@@ -213,6 +225,31 @@ class _LearnedRounding:
 
     def remove(self) -> None:
         del self.q.forward
+
+
+class _Average:
+    """An exponential moving average of ``params`` from the step it starts on (Polyak averaging: the
+    average of an Adam trajectory's tail sits nearer the minimum than its last point)."""
+
+    def __init__(self, params: Sequence[torch.Tensor], decay: float, start: int):
+        self.params, self.decay, self.start = list(params), decay, start
+        self.values: list[torch.Tensor] = []
+
+    def update(self, step: int) -> None:
+        if not self.params or self.decay <= 0 or step < self.start:
+            return
+        with torch.no_grad():
+            if step == self.start:
+                self.values = [p.detach().clone() for p in self.params]
+            else:
+                for v, p in zip(self.values, self.params):
+                    v.mul_(self.decay).add_(p.detach(), alpha=1.0 - self.decay)
+
+    def apply(self) -> None:
+        """The parameters take their averages (nothing where averaging never started)."""
+        with torch.no_grad():
+            for p, v in zip(self.params, self.values):
+                p.copy_(v)
 
 
 def _vectors(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
@@ -308,6 +345,7 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
                     p.requires_grad_(True)
             optimizer = torch.optim.Adam(groups)
             warm = int(config.warmup * config.steps)
+            average = _Average([s.log_scale for s in learned] + tuned, config.average, config.steps // 2)
             try:
                 dropping["p"] = config.drop_prob
                 for step in range(config.steps):
@@ -324,10 +362,12 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
                         optimizer.zero_grad()
                         loss.backward()
                     optimizer.step()
+                    average.update(step)
                     done += 1
                     if progress:
                         progress(done, total)
                 dropping["p"] = 0.0
+                average.apply()
                 for r in rounding:
                     r.harden()
                 after = error()
@@ -357,4 +397,5 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
             p.requires_grad_(flag)
     return {"blocks": report, "layers": [n for r in report if r["kept"] for n in r["layers"]],
             "steps_per_block": config.steps, "drop_prob": config.drop_prob, "fisher_weighted": config.fisher,
+            "average": config.average,
             "images": len(images)}  # with config.augment: the calibration images and their views
