@@ -36,8 +36,7 @@ from vitcompress.quant.reconstruction import RECONSTRUCTION_AUGMENT  # noqa: E40
 METHOD_OF = {"cifar10_mobilevit_xxs": "qhyvit", "cifar10_mobilevitv2_050": "qhyvit", "cifar10_vit_tiny": "mptq"}
 VARIANTS = ["minmax", "method", "reconstruction"]
 MIXED = "mixed"  # not in the default set: greedy mixed precision at the width as an average (mptq only)
-AUTO_MAX_BITS = {"qhyvit": qhyvit.AUTO_MAX_BITS, "mptq": mptq.AUTO_MAX_BITS}
-OPTIONS = {"qhyvit": qhyvit.QHyViTOptions, "mptq": mptq.MptqOptions}  # each knows its default steps
+OPTIONS = {"qhyvit": qhyvit.QHyViTOptions, "mptq": mptq.MptqOptions}  # each knows its default steps and widths
 
 
 def _is_default(model: str, variant: str, bits: int, steps: int) -> bool:
@@ -45,7 +44,7 @@ def _is_default(model: str, variant: str, bits: int, steps: int) -> bool:
     if variant in ("minmax", MIXED):
         return False
     method = METHOD_OF[model]
-    auto = OPTIONS[method]().reconstruction_config(bits, AUTO_MAX_BITS[method]).steps
+    auto = OPTIONS[method]().reconstruction_config(bits).steps
     return (variant == "reconstruction") == (auto > 0) and (auto == 0 or auto == steps)
 
 

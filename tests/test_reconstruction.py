@@ -272,9 +272,11 @@ def test_default_steps_follow_the_measured_widths():
 
 
 def test_each_method_has_its_own_default_steps_and_an_explicit_count_wins():
-    from vitcompress.quant.mptq import AUTO_MAX_BITS as MPTQ_MAX, MptqOptions
-    from vitcompress.quant.qhyvit import AUTO_MAX_BITS as QHYVIT_MAX, QHyViTOptions
-    assert MptqOptions().reconstruction_config(4, MPTQ_MAX).steps == MptqOptions.auto_steps == 400
-    assert QHyViTOptions().reconstruction_config(4, QHYVIT_MAX).steps == AUTO_STEPS
-    assert MptqOptions(reconstruction_steps=50).reconstruction_config(4, MPTQ_MAX).steps == 50
-    assert MptqOptions().reconstruction_config(8, MPTQ_MAX).steps == 0
+    from vitcompress.quant.mptq import MptqOptions
+    from vitcompress.quant.qhyvit import QHyViTOptions
+    assert MptqOptions().reconstruction_config(4).steps == MptqOptions.auto_steps == 400
+    assert QHyViTOptions().reconstruction_config(4).steps == AUTO_STEPS
+    assert MptqOptions(reconstruction_steps=50).reconstruction_config(4).steps == 50
+    for options in (MptqOptions, QHyViTOptions):  # off above each method's widest measured gain
+        assert options().reconstruction_config(options.auto_max_bits).steps > 0
+        assert options().reconstruction_config(options.auto_max_bits + 1).steps == 0

@@ -46,8 +46,6 @@ OPTM_SAMPLE_ROWS = 512  # activation rows kept per OPT-m layer for its search
 OPTM_SAMPLE_IMAGES = 8  # images kept per post-Softmax OPT-m layer
 SENSITIVITY_IMAGES = 64  # calibration images scoring each mixed-precision step
 
-AUTO_MAX_BITS = 6  # reconstruction by default at this width or below (docs/reconstruction.md)
-
 EXPORT_NOTE_OPTM = ("OPT-m activations are exported as two QDQ regions of (b-1)-bit codes on the int8 grid; the "
                     "product they feed runs as two integer MatMuls on the same integer weights, summed in float "
                     "(twice the MACs of that product)")
@@ -497,7 +495,7 @@ def mptq(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor],
     narrowest = min((min(wa) for wa in final.values()), default=8)
     judged_on = f"{len(sens_x)} calibration images"
     reconstruction, reconstruction_report = reconstruction_refinement(
-        weighted, opts.reconstruction_config(narrowest, AUTO_MAX_BITS, enabled="reconstruction" in parts),
+        weighted, opts.reconstruction_config(narrowest, enabled="reconstruction" in parts),
         progress=progress, judged_on=judged_on, map_shards=map_shards)
     refinements = [
         reconstruction,

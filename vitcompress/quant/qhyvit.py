@@ -67,9 +67,6 @@ from .spec import QuantSpec, qparams_from_range
 from .tracing import consumers_of
 
 
-AUTO_MAX_BITS = 6  # reconstruction by default at this width or below (docs/reconstruction.md)
-
-
 @register_options("qhyvit")
 @dataclass(frozen=True)
 class QHyViTOptions(ReconstructionOptions):
@@ -86,7 +83,7 @@ class QHyViTOptions(ReconstructionOptions):
     gptq_act_order: bool = True
     # reconstruction_steps, qdrop, reconstruction_augment, reconstruction_fisher (ReconstructionOptions): weight rounding learned per
     # block (bridge blocks and the blocks between them) after the search; by default at 6 bits or fewer
-    # (AUTO_MAX_BITS), where it lowered the held-out KL (docs/reconstruction.md). GPTQ runs only where it was not kept.
+    # (auto_max_bits), where it lowered the held-out KL (docs/reconstruction.md). GPTQ runs only where it was not kept.
     bias_correction: bool = True  # ours: empirical bias correction after the search (bias_correction.py)
     scale_tuning_steps: int = 600  # ours: end-to-end activation-scale tuning after them (scale_tuning.py); 0 = off
     # per-channel activation candidates: "depthwise" convs | "all" convs | "none"; never a Linear, nor a
@@ -392,7 +389,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
         return run
 
     reconstruction, reconstruction_report = reconstruction_refinement(
-        order, opts.reconstruction_config(min(config.wbits, config.abits), AUTO_MAX_BITS, batch_size=bs, seed=seed),
+        order, opts.reconstruction_config(min(config.wbits, config.abits), batch_size=bs, seed=seed),
         bridges, progress, map_shards=map_shards)
     weights_of = lambda m: [m.weight]  # noqa: E731
     refinements = [

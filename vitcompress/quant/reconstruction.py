@@ -76,6 +76,7 @@ class ReconstructionConfig:
 
 
 AUTO_STEPS = 200  # steps per block when a method's default turns reconstruction on (docs/reconstruction.md)
+AUTO_MAX_BITS = 6  # a method's default reconstructs at this width or below (docs/reconstruction.md)
 RECONSTRUCTION_AUGMENT = True  # the methods' default for reconstructing on mirrored and shifted views too (docs/reconstruction.md)
 
 
@@ -107,6 +108,7 @@ class ReconstructionOptions:
     """
 
     auto_steps: ClassVar[int] = AUTO_STEPS  # what ``reconstruction_steps=None`` gives where it is on
+    auto_max_bits: ClassVar[int] = AUTO_MAX_BITS  # ... and where that is: the narrowest width at most this
     reconstruction_steps: int | None = None
     qdrop: float = 0.5
     reconstruction_augment: bool = RECONSTRUCTION_AUGMENT
@@ -140,11 +142,10 @@ class ReconstructionOptions:
         except (TypeError, ValueError) as e:
             raise VitcompressError(f"bad reconstruction option: {e}") from None
 
-    def reconstruction_config(self, narrowest_bits: int, auto_max_bits: int, enabled: bool = True,
-                              **fixed) -> ReconstructionConfig:
+    def reconstruction_config(self, narrowest_bits: int, enabled: bool = True, **fixed) -> ReconstructionConfig:
         """The ``ReconstructionConfig`` these options ask for (``enabled`` False: 0 steps); ``fixed``:
         the method's own settings (batch size, seed)."""
-        steps = steps_for(self.reconstruction_steps, narrowest_bits, auto_max_bits, self.auto_steps) if enabled else 0
+        steps = steps_for(self.reconstruction_steps, narrowest_bits, self.auto_max_bits, self.auto_steps) if enabled else 0
         return ReconstructionConfig(steps=steps, drop_prob=self.qdrop, augment=self.reconstruction_augment,
                                     fisher=self.reconstruction_fisher, float_lr=self.reconstruction_float_lr,
                                     average=self.reconstruction_average, **fixed)
