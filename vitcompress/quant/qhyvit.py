@@ -389,7 +389,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
         return run
 
     reconstruction, reconstruction_report = reconstruction_refinement(
-        order, opts.reconstruction_config(min(config.wbits, config.abits), batch_size=bs, seed=seed),
+        order, opts.reconstruction_config(min(config.wbits, config.abits), batch_size=bs),
         bridges, progress, map_shards=map_shards)
     weights_of = lambda m: [m.weight]  # noqa: E731
     refinements = [
