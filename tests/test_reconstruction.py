@@ -133,24 +133,6 @@ def test_averaged_step_sizes_and_vectors_are_what_a_kept_block_ends_with():
     assert all(torch.equal(averaged[n], again[n]) for n in averaged)  # same inputs and seed: same result
 
 
-def test_learned_weight_steps_keep_every_weight_on_its_moved_grid():
-    torch.manual_seed(0)
-    model = _vit()
-    calib = torch.randn(32, 3, 32, 32)
-    quantize_(model, QuantConfig(wbits=4, abits=4), list(calib.split(16)))
-    steps = {n: model.get_submodule(n).weight_quantizer.scale.clone() for n in _weighted(model)}
-    report = reconstruct(model, _weighted(model), calib, ReconstructionConfig(steps=40, batch_size=16, scale_lr=1e-2, weight_steps=True))
-    assert report["weight_steps"] is True and report["layers"]
-    for name in _weighted(model):
-        layer = model.get_submodule(name)
-        q = layer.weight_quantizer
-        if name in report["layers"]:  # kept: the step moved, the weight lies on the moved grid
-            assert not torch.equal(q.scale, steps[name]), name
-            assert torch.equal(fake_quantize(layer.weight, q.scale, q.zero_point, q.spec), layer.weight)
-        else:
-            assert torch.equal(q.scale, steps[name]), name
-
-
 def test_the_reconstruction_seed_is_an_option():
     torch.manual_seed(0)
     model, calib = _vit(), torch.randn(16, 3, 32, 32)
@@ -289,7 +271,7 @@ def test_plain_squared_error_is_an_option():
                                  {"qdrop": "half"}, {"reconstruction_augment": "yes"}, {"reconstruction_fisher": "no"},
                                  {"reconstruction_float_lr": -1e-3}, {"reconstruction_float_lr": "fast"},
                                  {"reconstruction_average": 1.0}, {"reconstruction_average": "slow"},
-                                 {"reconstruction_weight_steps": "yes"}, {"reconstruction_seed": "lucky"}])
+                                 {"reconstruction_seed": "lucky"}])
 def test_bad_reconstruction_options_are_refused(method, bad):
     with pytest.raises(VitcompressError):
         quantize_(_vit(), QuantConfig(method=method, method_options=bad), [torch.randn(2, 3, 32, 32)])

@@ -55,8 +55,7 @@ class ReconstructionConfig:
     unquantized; round_weight: λ of the rounding regulariser; warmup: fraction of steps without it;
     average: decay of an exponential moving average (Polyak averaging) of the learned step sizes and
     vectors over the second half of the steps, which they take before the rounding is hardened (0 = the
-    last step's values); weight_steps: also learn each weight row's step size (in log space, at
-    ``scale_lr``)."""
+    last step's values)."""
 
     steps: int = 500
     batch_size: int = 32
@@ -73,7 +72,6 @@ class ReconstructionConfig:
     augment: bool = False  # also reconstruct on the images' mirrors and shifts (scale_tuning.augmented), within ``capture_bytes``
     capture_bytes: int = 2 << 30  # the views are added only while the captured block tensors fit in this
     average: float = 0.0
-    weight_steps: bool = False
     seed: int = 0
 
 
@@ -107,9 +105,6 @@ class ReconstructionOptions:
     reconstruction_average: ours: decay of a moving average of the learned step sizes and vectors over
         each block's second half of steps, the values kept (Polyak averaging; 0 = the last step's). The
         rounding variables are not averaged: the regulariser drives them to 0 or 1 on its own.
-    reconstruction_weight_steps: ours, after LSQ: each weight row's (output channel's) step size
-        learned with its rounding; the row's integer codes stay AdaRound's (floor on the starting
-        grid + learned rounding), the learned step rescales them.
     reconstruction_seed: the seed of the batches and QDrop masks (the same seed, the same artifact).
     """
 
@@ -121,7 +116,6 @@ class ReconstructionOptions:
     reconstruction_fisher: bool = True
     reconstruction_float_lr: float = 0.0
     reconstruction_average: float = 0.0
-    reconstruction_weight_steps: bool = False
     reconstruction_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -136,7 +130,7 @@ class ReconstructionOptions:
             raise VitcompressError(f"reconstruction_average must be in [0, 1), got {self.reconstruction_average!r}")
         if not isinstance(self.reconstruction_seed, int) or isinstance(self.reconstruction_seed, bool):
             raise VitcompressError(f"reconstruction_seed must be a whole number, got {self.reconstruction_seed!r}")
-        for name in ("reconstruction_augment", "reconstruction_fisher", "reconstruction_weight_steps"):
+        for name in ("reconstruction_augment", "reconstruction_fisher"):
             if not isinstance(getattr(self, name), bool):
                 raise VitcompressError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
@@ -158,13 +152,13 @@ class ReconstructionOptions:
         steps = steps_for(self.reconstruction_steps, narrowest_bits, self.auto_max_bits, self.auto_steps) if enabled else 0
         return ReconstructionConfig(steps=steps, drop_prob=self.qdrop, augment=self.reconstruction_augment,
                                     fisher=self.reconstruction_fisher, float_lr=self.reconstruction_float_lr,
-                                    average=self.reconstruction_average, weight_steps=self.reconstruction_weight_steps,
-                                    seed=self.reconstruction_seed, **fixed)
+                                    average=self.reconstruction_average, seed=self.reconstruction_seed, **fixed)
 
 
 def learned_by_reconstruction(layer: nn.Module) -> list[torch.Tensor]:
-    """What reconstruction may change in a quantized layer: its weight and its step sizes."""
-    return [layer.weight] + [q.scale for q in layer.modules() if isinstance(q, TensorQuantizer)]
+    """What reconstruction may change in a quantized layer: its weight and its activation step sizes."""
+    return [layer.weight] + [q.scale for q in layer.modules()
+                             if isinstance(q, TensorQuantizer) and q is not getattr(layer, "weight_quantizer", None)]
 
 
 def reconstruction_refinement(layers: Sequence[str], config: ReconstructionConfig, bridges: Sequence[Bridge] = (),
@@ -203,11 +197,9 @@ def _with_views(fp: nn.Module, images: torch.Tensor, blocks: Sequence[Bridge], b
 
 
 class _LearnedRounding:
-    """AdaRound's rounding variables for one layer's weight, installed in its weight quantizer;
-    with ``learn_steps`` also a log factor on each row's step size (``log_gain``, LSQ's step learned
-    on AdaRound's codes)."""
+    """AdaRound's rounding variables for one layer's weight, installed in its weight quantizer."""
 
-    def __init__(self, layer: nn.Module, learn_steps: bool = False):
+    def __init__(self, layer: nn.Module):
         self.layer, self.q = layer, layer.weight_quantizer
         spec = self.q.spec
         w = layer.weight.detach()
@@ -217,35 +209,21 @@ class _LearnedRounding:
         self.floor = torch.floor(w / self.s)
         rest = (w / self.s - self.floor).clamp(0.0, 1.0 - 1e-6)
         self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0))
-        self.log_gain = nn.Parameter(torch.zeros_like(self.q.scale)) if learn_steps else None
         self.hard: torch.Tensor | None = None  # the rounded weight, once ``harden`` decided it
         self.q.forward = self.soft  # for the reconstruction only
 
     def h(self) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
-    def step(self) -> torch.Tensor:
-        if self.log_gain is None:
-            return self.s
-        return self.s * broadcast_param(self.log_gain, self.layer.weight, self.q.spec.axis).exp()
-
     def _weight(self, h: torch.Tensor) -> torch.Tensor:
-        return (torch.clamp(self.floor + h + self.z, self.qmin, self.qmax) - self.z) * self.step()
+        return (torch.clamp(self.floor + h + self.z, self.qmin, self.qmax) - self.z) * self.s
 
     def soft(self, w: torch.Tensor) -> torch.Tensor:
         return self._weight(self.h()) if self.hard is None else self.hard
 
     def harden(self) -> None:
         """From now on the layer sees the rounded weight (V ≥ 0 rounds up)."""
-        with torch.no_grad():
-            self.hard = self._weight((self.v.detach() >= 0).float())
-
-    def apply(self) -> None:
-        """The layer keeps the rounded weight, and the learned step sizes it lies on."""
-        with torch.no_grad():
-            self.layer.weight.copy_(self.hard)
-            if self.log_gain is not None:
-                self.q.set_qparams(self.q.scale * self.log_gain.exp(), self.q.zero_point)
+        self.hard = self._weight((self.v.detach() >= 0).float())
 
     def regulariser(self, beta: float) -> torch.Tensor:
         return (1.0 - (2.0 * self.h() - 1.0).abs().pow(beta)).sum()
@@ -353,7 +331,7 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
 
             before = error()
             quantized = [model.get_submodule(n) for n in b.layers]
-            rounding = [_LearnedRounding(m, config.weight_steps) for m in quantized if m.weight_quantizer.mode == "quantize"]
+            rounding = [_LearnedRounding(m) for m in quantized if m.weight_quantizer.mode == "quantize"]
             dropping = {"p": 0.0}
             steps_ = [LearnedStep(q, lambda: dropping["p"], generator) for m in modules for q in m.modules()
                       if type(q) is TensorQuantizer and q.mode == "quantize" and q not in weight_quantizers]
@@ -362,9 +340,8 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
             owned = {q for m in quantized for q in m.modules() if q not in weight_quantizers}
             learned = [s for s in steps_ if s.q in owned] if config.scale_lr > 0 else []
             groups = [{"params": [r.v for r in rounding], "lr": config.lr}]
-            gains = [r.log_gain for r in rounding if r.log_gain is not None] if config.scale_lr > 0 else []
-            if learned or gains:
-                groups.append({"params": [s.log_scale for s in learned] + gains, "lr": config.scale_lr})
+            if learned:
+                groups.append({"params": [s.log_scale for s in learned], "lr": config.scale_lr})
             tuned = _vectors(modules) if config.float_lr > 0 else []
             saved_float = [p.detach().clone() for p in tuned]
             if tuned:
@@ -373,7 +350,7 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
                     p.requires_grad_(True)
             optimizer = torch.optim.Adam(groups)
             warm = int(config.warmup * config.steps)
-            average = _Average([s.log_scale for s in learned] + gains + tuned, config.average, config.steps // 2)
+            average = _Average([s.log_scale for s in learned] + tuned, config.average, config.steps // 2)
             try:
                 dropping["p"] = config.drop_prob
                 for step in range(config.steps):
@@ -413,8 +390,9 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
                     for p, v in zip(tuned, saved_float):
                         p.copy_(v)
             if kept:
-                for r in rounding:
-                    r.apply()
+                with torch.no_grad():
+                    for r in rounding:
+                        r.layer.weight.copy_(r.hard)
                 for s in learned:
                     s.apply()
             report.append({"block": b.name, "layers": list(b.layers), "error_before": before, "error_after": after,
@@ -424,5 +402,5 @@ def reconstruct(model: nn.Module, layers: Sequence[str], images: torch.Tensor, c
             p.requires_grad_(flag)
     return {"blocks": report, "layers": [n for r in report if r["kept"] for n in r["layers"]],
             "steps_per_block": config.steps, "drop_prob": config.drop_prob, "fisher_weighted": config.fisher,
-            "average": config.average, "weight_steps": config.weight_steps,
+            "average": config.average,
             "images": len(images)}  # with config.augment: the calibration images and their views
