@@ -12,10 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from common import ROOT, add_io_arguments, publish  # the script's own folder is on sys.path
+from common import ROOT, add_io_arguments, cpu_line, publish  # the script's own folder is on sys.path
 sys.path.insert(0, str(ROOT))
 
-from vitcompress.cpu import this_cpu  # noqa: E402
 from vitcompress.pipeline import load_recipe, run_recipe  # noqa: E402
 
 RECIPES = ["mobilevit_w8a8_fast", "mobilevitv2_w6a6_qhyvit", "deit_w4a4_mptq", "deit_mp5_greedy", "deit_prune2x_w8a8"]
@@ -38,9 +37,8 @@ def main() -> None:
                     f"{(format(prune['latency']['speedup'], '.2f') + '×') if prune else '–'} | {q['latency']['speedup']:.2f}× | "
                     f"{c['baseline_accuracy']['top1']:.2f} | {c['artifact_accuracy']['top1']:.2f} | {c['drop']:.2f} | "
                     f"{c['top1_agreement']:.2f} | {bar} | {'pass' if c['passed'] else 'FAIL'} |")
-    cpu = this_cpu()
     publish(args.out, "bench_recipes", "Shipped recipes on the reference models",
-            f"CPU: {cpu['model']} ({cpu['isa']}). Each recipe's check step runs the final artifact and the float model "
+            f"{cpu_line()} Each recipe's check step runs the final artifact and the float model "
             "it started from on all 5,000 images of `shared/data/cifar10/val` in onnxruntime; speedups are the steps' own "
             "side-by-side measurements (1 thread, batch 1, 32 px inputs, where per-node overhead dominates).",
             ["recipe", "label", "prune speedup", "quantize speedup vs its input", "float top-1", "final top-1", "drop",
