@@ -148,7 +148,7 @@ class ReconstructionOptions:
 
     def reconstruction_config(self, narrowest_bits: int, enabled: bool = True, **fixed) -> ReconstructionConfig:
         """The ``ReconstructionConfig`` these options ask for (``enabled`` False: 0 steps); ``fixed``:
-        the method's own settings (batch size, seed)."""
+        the method's own settings (batch size)."""
         steps = steps_for(self.reconstruction_steps, narrowest_bits, self.auto_max_bits, self.auto_steps) if enabled else 0
         return ReconstructionConfig(steps=steps, drop_prob=self.qdrop, augment=self.reconstruction_augment,
                                     fisher=self.reconstruction_fisher, float_lr=self.reconstruction_float_lr,
