@@ -271,7 +271,7 @@ def test_plain_squared_error_is_an_option():
                                  {"qdrop": "half"}, {"reconstruction_augment": "yes"}, {"reconstruction_fisher": "no"},
                                  {"reconstruction_float_lr": -1e-3}, {"reconstruction_float_lr": "fast"},
                                  {"reconstruction_average": 1.0}, {"reconstruction_average": "slow"},
-                                 {"reconstruction_seed": "lucky"}])
+                                 {"reconstruction_seed": "lucky"}, {"reconstruction_seed": 1.5}, {"reconstruction_steps": 2.5}])
 def test_bad_reconstruction_options_are_refused(method, bad):
     with pytest.raises(VitcompressError):
         quantize_(_vit(), QuantConfig(method=method, method_options=bad), [torch.randn(2, 3, 32, 32)])

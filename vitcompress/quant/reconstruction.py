@@ -138,8 +138,8 @@ class ReconstructionOptions:
     def given(raw: dict) -> dict:
         """The reconstruction options among a method's raw ``method_options`` (CLI, recipe), typed:
         a recipe's ``qdrop: 1`` is a float, a steps count given as text a whole number."""
-        typed = {"reconstruction_steps": lambda v: None if v is None else int(v), "qdrop": float, "reconstruction_float_lr": float,
-                 "reconstruction_average": float, "reconstruction_seed": int}
+        typed = {"reconstruction_steps": lambda v: None if v is None else _whole(v), "qdrop": float, "reconstruction_float_lr": float,
+                 "reconstruction_average": float, "reconstruction_seed": _whole}
         names = {f.name for f in fields(ReconstructionOptions)}
         try:
             return {k: typed.get(k, lambda v: v)(v) for k, v in raw.items() if k in names}
@@ -153,6 +153,15 @@ class ReconstructionOptions:
         return ReconstructionConfig(steps=steps, drop_prob=self.qdrop, augment=self.reconstruction_augment,
                                     fisher=self.reconstruction_fisher, float_lr=self.reconstruction_float_lr,
                                     average=self.reconstruction_average, seed=self.reconstruction_seed, **fixed)
+
+
+def _whole(value) -> int:
+    """A whole number from a recipe or the command line (``3``, ``"3"``, ``3.0``); ``2.5`` or ``true`` is
+    refused, not truncated."""
+    number = float(value) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not float(number).is_integer():
+        raise ValueError(f"expected a whole number, got {value!r}")
+    return int(number)
 
 
 def learned_by_reconstruction(layer: nn.Module) -> list[torch.Tensor]:
