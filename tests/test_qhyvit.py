@@ -392,6 +392,28 @@ def test_a_layer_run_twice_per_forward_keeps_its_min_max_start_and_is_named():
     assert set(info["choices"]) == {"stem", "pos", "head"}
 
 
+def test_the_reconstruction_seed_reaches_every_seeded_draw_of_qhyvit(monkeypatch):
+    from vitcompress.quant import qhyvit
+
+    seen = {}
+    fisher, tuning = qhyvit.output_fisher, qhyvit.scale_tuning_refinement
+
+    def record_fisher(*args):
+        seen["fisher"] = args[5]  # output_fisher(model, images, outputs, batch_size, labels, seed, map_shards)
+        return fisher(*args)
+
+    def record_tuning(*args, seed, **kwargs):
+        seen["scale tuning"] = seed
+        return tuning(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(qhyvit, "output_fisher", record_fisher)
+    monkeypatch.setattr(qhyvit, "scale_tuning_refinement", record_tuning)
+    torch.manual_seed(0)
+    options = {"rounds": 1, "alphas": 6, "scale_tuning_steps": 2, "reconstruction_steps": 0, "reconstruction_seed": 3}
+    quantize_(_SharedPositionConv().eval(), QuantConfig(method="qhyvit", method_options=options), [torch.randn(8, 3, 8, 8)])
+    assert seen == {"fisher": 3, "scale tuning": 3}
+
+
 class _ClassAttention(nn.Module):
     """CaiT's pattern: a block called with two tensors (the tokens and the class token)."""
 

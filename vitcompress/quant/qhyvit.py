@@ -284,7 +284,7 @@ def qhyvit(model: nn.Module, config: QuantConfig, batches: Sequence[torch.Tensor
     order = [n for n, _ in layer_order(model, layers, example)]
     alphas = _alpha_grid(opts.alphas)
     bs = opts.batch_size
-    seed = 0
+    seed = opts.reconstruction_seed  # every seeded draw of the method: Fisher labels, scale tuning's batches
 
     # a layer outside the bridges that runs more than once per forward (CoaT shares one position-
     # encoding conv between blocks) has no one input/output to search on: it keeps its min-max start

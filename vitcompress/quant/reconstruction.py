@@ -105,7 +105,8 @@ class ReconstructionOptions:
     reconstruction_average: ours: decay of a moving average of the learned step sizes and vectors over
         each block's second half of steps, the values kept (Polyak averaging; 0 = the last step's). The
         rounding variables are not averaged: the regulariser drives them to 0 or 1 on its own.
-    reconstruction_seed: the seed of the batches and QDrop masks (the same seed, the same artifact).
+    reconstruction_seed: the seed of the batches and QDrop masks (the same seed, the same artifact);
+        Q-HyViT draws its Fisher labels and its scale tuning's batches from it too.
     """
 
     auto_steps: ClassVar[int] = AUTO_STEPS  # what ``reconstruction_steps=None`` gives where it is on
