@@ -11,7 +11,7 @@ from tests.conftest import BUNDLED_CKPT, CALIB, VAL
 from vitcompress.cli import app
 from vitcompress.prune.baseline import MagnitudePruner
 from vitcompress.prune.lpvit import LPViTConfig, LPViTPruner, apply_plan, tile_linears
-from vitcompress.prune.structure import BiasBranch, find_prunable, keep_units, unit_index, unit_slices
+from vitcompress.prune.structure import BiasBranch, find_prunable, keep_units, unit_slices
 
 runner = CliRunner()
 
@@ -74,9 +74,8 @@ def test_tile_blocks_meet_budget_and_zero_whole_tiles(loaded, calib_batches):
 
 def _zero_units(model, pm, units):
     with torch.no_grad():
-        for param, axis, parts in unit_slices(model, pm):
-            idx = unit_index(pm, param.shape[axis], parts, units)
-            param.index_fill_(axis, idx, 0.0)
+        for sl in unit_slices(model, pm):
+            sl.param.index_fill_(sl.axis, sl.indices(units), 0.0)
 
 
 def test_removing_zeroed_units_keeps_the_function(loaded):
@@ -105,6 +104,10 @@ def test_removing_zeroed_units_keeps_the_function(loaded):
     ("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=4, depths=(1, 1), num_heads=(2, 4), embed_dim=32), 64),
     # timm Attention over unfolded patches, at three stages' patch grids
     ("mobilevit_xxs", {}, 256),
+    # TinyViT: qkv rows head after head (q, k of key_dim, v of val_dim), a bias per head and offset,
+    # the attention's own input LayerNorm and NormMlp's, windows at three stage widths
+    ("tiny_vit_5m_224", dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4),
+                             window_sizes=(7, 7, 7, 7)), 224),
 ])
 def test_units_at_different_token_counts_are_costed_as_they_run_and_removed_exactly(arch, kwargs, side):
     import timm

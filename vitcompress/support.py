@@ -29,8 +29,9 @@ _STAGED = ("Swin Transformer*", "MobileViT*", "EfficientFormer*", "LeViT", "Effi
 
 
 def _lpvit(families: tuple[str, ...], what: str) -> Unsupported:
-    """An LPViT row: what the family has instead of the units LPViT removes (whole heads of timm's
-    Attention, qkv + proj Linear, and hidden units of timm's Mlp)."""
+    """An LPViT row: what the family has instead of the units LPViT removes (whole heads of the
+    attention classes of ``prune.structure.HEAD_ATTENTION``, qkv + proj Linear, and hidden units of
+    the MLPs of ``HIDDEN_MLP``)."""
     return Unsupported("lpvit", families, f"{what}; LPViT removes heads of timm's Attention and hidden units of timm's Mlp")
 
 
@@ -45,8 +46,6 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
            "MBConv blocks: no heads or Linear MLPs"),
     _lpvit(("EfficientViT (MSRA)",), "cascaded group attention (each head's output feeds the next "
            "head's input, so a head cannot be removed alone) and conv FFNs"),
-    _lpvit(("TinyViT",), "TinyViT's own attention (attention biases per head) and NormMlp are not yet "
-           "mapped to units"),
     _lpvit(("Next-ViT",), "convolutional multi-head attention, spatially reduced attention and conv "
            "MLPs"),
     _lpvit(("PVT v2",), "spatial-reduction attention (separate q and kv projections) and MLPs with a "

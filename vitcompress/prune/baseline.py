@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import VitcompressError
 from .lpvit import Plan
-from .structure import find_prunable, unit_index, unit_slices
+from .structure import find_prunable, unit_slices
 
 
 class MagnitudePruner:
@@ -28,10 +28,10 @@ class MagnitudePruner:
         self.order: dict[str, np.ndarray] = {}
         for pm in self.modules:
             norms = np.zeros(pm.units)
-            for param, axis, parts in unit_slices(model, pm):
-                w = param.detach().movedim(axis, 0)
+            for sl in unit_slices(model, pm):
+                w = sl.param.detach().movedim(sl.axis, 0)
                 for u in range(pm.units):
-                    norms[u] += float(w[unit_index(pm, w.shape[0], parts, [u])].abs().sum())
+                    norms[u] += float(w[sl.indices([u])].abs().sum())
             self.order[pm.name] = np.argsort(-norms, kind="stable")  # most important first
         self.dense_macs = sum(pm.units * pm.macs_per_unit for pm in self.modules)
 

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import VitcompressError
-from .structure import PrunableModule, find_prunable, keep_units, module_tokens, unit_index, unit_slices
+from .structure import PrunableModule, find_prunable, keep_units, module_tokens, unit_slices
 
 ProgressFn = Callable[[int, int], None]
 
@@ -148,20 +148,20 @@ def _unit_layers(model: nn.Module, grads: dict[str, torch.Tensor], modules: list
             continue
         slices = unit_slices(model, pm)
         stats = {k: np.zeros(pm.units) for k in ("abs", "count", "sq", "lin", "norm", "power")}
-        for param, axis, parts in slices:
-            w = param.detach()
-            g = grads[_param_name(model, param)]
-            wg = (w * g).movedim(axis, 0)
-            w0 = w.movedim(axis, 0)
+        for sl in slices:
+            w = sl.param.detach()
+            g = grads[_param_name(model, sl.param)]
+            wg = (w * g).movedim(sl.axis, 0)
+            w0 = w.movedim(sl.axis, 0)
             for u in range(pm.units):
-                idx = unit_index(pm, w0.shape[0], parts, [u])
+                idx = sl.indices([u])
                 blk, wb = wg[idx], w0[idx]
                 stats["abs"][u] += float(blk.abs().sum())
                 stats["count"][u] += blk.numel()
                 stats["sq"][u] += float(blk.pow(2).sum())
                 stats["lin"][u] += float(blk.sum())
                 stats["norm"][u] += float(wb.pow(2).sum())
-                if param.dim() == 2:
+                if sl.param.dim() == 2:
                     stats["power"][u] += blk.numel()
         layers.append(LayerBlocks(
             pm.name, stats["abs"] / np.maximum(stats["count"], 1), stats["sq"], stats["lin"], stats["norm"],
@@ -251,8 +251,8 @@ class LPViTPruner:
         if config.block == "unit":
             params = {}
             for pm in modules:
-                for p, _, _ in unit_slices(model, pm):
-                    params[_param_name(model, p)] = p
+                for sl in unit_slices(model, pm):
+                    params[_param_name(model, sl.param)] = sl.param
         else:
             params = {f"{n}.weight": m.weight for n, m in tile_linears(model).items()}
         grads = label_free_gradients(model, batches, params, progress)

@@ -3,12 +3,13 @@
 A *unit* is the smallest piece that can be cut out of a dense model and leave a smaller dense
 model behind:
 
-- an attention head of ``timm.layers.Attention`` or Swin's ``WindowAttention`` (``HEAD_ATTENTION``):
-  its ``head_dim`` rows in each of the q, k and v parts of ``qkv`` (weight and bias), the matching
-  ``head_dim`` columns of ``proj``, and its entry in any per-head parameter (Swin's relative
-  position bias table);
-- an MLP hidden unit of ``timm.layers.Mlp``: one row of ``fc1`` (and its bias) and the matching
-  column of ``fc2``.
+- an attention head of ``timm.layers.Attention``, Swin's ``WindowAttention`` or TinyViT's
+  ``Attention`` (``HEAD_ATTENTION``): its rows of ``qkv`` (weight and bias: ``head_dim`` rows in each
+  of the q, k and v parts, or, where ``qkv`` holds the heads one after another, the head's own
+  q, k and v rows), the matching columns of ``proj``, and its entry in any per-head parameter
+  (Swin's relative position bias table, TinyViT's attention biases);
+- an MLP hidden unit of ``timm.layers.Mlp`` or TinyViT's ``NormMlp`` (``HIDDEN_MLP``): one row of
+  ``fc1`` (and its bias) and the matching column of ``fc2``.
 
 Removing units rebuilds the Linear layers with fewer rows/columns and updates ``num_heads`` /
 ``attn_dim`` (attention) so timm's own ``forward`` runs the smaller model unchanged. A module
@@ -48,7 +49,7 @@ class PrunableModule:
     kind: str  # "attn" | "mlp"
     units: int  # heads or hidden units present now
     in_width: int  # input features of the module (token width)
-    unit_width: int  # head_dim for attention, 1 for MLP
+    unit_width: int  # a head's value width (its columns of proj) for attention, 1 for MLP
     macs_per_unit: int  # multiply-accumulates per image for one unit (Linear + attention matmuls)
     norm_name: str | None  # the LayerNorm feeding it inside its block (Identity once the module is gone)
     tokens: int = 1  # tokens per image the module processes
@@ -56,12 +57,21 @@ class PrunableModule:
 
 @dataclass(frozen=True)
 class HeadAttention:
-    """An attention class whose heads can be cut: a fused ``qkv`` Linear (q, k, v parts, each
-    ``num_heads`` heads wide), a ``proj`` Linear, ``num_heads``, and parameters holding one entry
-    per head along an axis."""
+    """An attention class whose heads can be cut: a fused ``qkv`` Linear, a ``proj`` Linear,
+    ``num_heads``, and parameters holding one entry per head along an axis.
+
+    ``qkv`` rows come in one of two layouts: "parts" (q, k and v parts, each ``num_heads`` heads of
+    ``head_dim`` rows: timm's Attention, Swin) or "heads" (head after head, each its ``key_dim`` q
+    rows, ``key_dim`` k rows and ``val_dim`` v rows: TinyViT). ``head_widths``: attributes that hold
+    ``num_heads`` times a per-head width, rewritten when heads go. ``input_norm``: the module's
+    ``norm`` normalises its input (it goes with the module), rather than the attention output."""
 
     module: str  # "package.module:Class"
     per_head: tuple[tuple[str, int], ...] = ()  # (parameter, axis) with one entry per head
+    qkv_layout: str = "parts"
+    head_widths: tuple[str, ...] = ()
+    input_norm: bool = False
+    caches: tuple[str, ...] = ()  # dict attributes caching per-head values: emptied when heads go
 
     def cls(self) -> type:
         import importlib
@@ -69,13 +79,41 @@ class HeadAttention:
         where, _, name = self.module.partition(":")
         return getattr(importlib.import_module(where), name)
 
+    def dims(self, m: nn.Module) -> tuple[int, int]:
+        """(q/k width, v width) of one head."""
+        if self.qkv_layout == "heads":
+            return int(m.key_dim), int(m.val_dim)
+        d = m.qkv.out_features // 3 // m.num_heads
+        return d, d
+
 
 # What head pruning knows, as data. Each class's forward reads num_heads and reshapes qkv by it, so
 # the smaller module runs timm's own code.
 HEAD_ATTENTION: tuple[HeadAttention, ...] = (
-    HeadAttention("timm.layers:Attention"),
+    HeadAttention("timm.layers:Attention", head_widths=("attn_dim",)),
     # windowed attention at a stage's width; its relative position bias table has a column per head
     HeadAttention("timm.models.swin_transformer:WindowAttention", (("relative_position_bias_table", 1),)),
+    # windowed attention with a bias per head and position offset; its LayerNorm reads the block's input
+    HeadAttention("timm.models.tiny_vit:Attention", (("attention_biases", 0),), qkv_layout="heads",
+                  head_widths=("out_dim",), input_norm=True, caches=("attention_bias_cache",)),
+)
+
+
+@dataclass(frozen=True)
+class HiddenMlp:
+    """An MLP class whose hidden units can be cut (``fc1`` rows, ``fc2`` columns); ``hidden_norm``:
+    whether its ``norm`` sits between them (timm's Mlp, Identity unless configured) or reads its input."""
+
+    module: str  # "package.module:Class"
+    hidden_norm: bool = True
+
+    def cls(self) -> type:
+        return HeadAttention.cls(self)  # the same "package.module:Class" lookup
+
+
+HIDDEN_MLP: tuple[HiddenMlp, ...] = (
+    HiddenMlp("timm.layers:Mlp"),
+    HiddenMlp("timm.models.tiny_vit:NormMlp", hidden_norm=False),  # a LayerNorm on its input, then Mlp
 )
 
 
@@ -94,19 +132,18 @@ class BiasBranch(nn.Module):
         return self.bias.expand(*x.shape[:-1], self.bias.shape[0])
 
 
-def _mlp_cls():
-    from timm.layers import Mlp
-
-    return Mlp
+def _hidden_mlp(m: nn.Module) -> HiddenMlp | None:
+    return next((h for h in HIDDEN_MLP if isinstance(m, h.cls())), None)
 
 
 def _check_attention(name: str, m: nn.Module) -> None:
-    if getattr(m, "gate", None) is not None or not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity):
+    if getattr(m, "gate", None) is not None or (
+            not _head_attention(m).input_norm and not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity)):
         raise VitcompressError(f"{name}: gated or scale-normalised attention is not supported by structural pruning")
 
 
 def _check_mlp(name: str, m: nn.Module) -> None:
-    if not isinstance(m.fc1, nn.Linear) or not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity):
+    if not isinstance(m.fc1, nn.Linear) or (_hidden_mlp(m).hidden_norm and not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity)):
         raise VitcompressError(f"{name}: only Linear MLPs without a hidden norm can be pruned structurally")
 
 
@@ -131,7 +168,6 @@ def module_tokens(model: nn.Module) -> dict[str, tuple[int, int]]:
     cached = getattr(model, TOKENS_ATTR, None)
     if cached is not None:
         return cached
-    Mlp = _mlp_cls()
     seen: dict[str, tuple[int, int]] = {}
 
     def hook(name: str, kind: str):
@@ -144,7 +180,7 @@ def module_tokens(model: nn.Module) -> dict[str, tuple[int, int]]:
         return record
 
     hooks = [m.register_forward_hook(hook(n, "attn" if _head_attention(m) else "mlp"))
-             for n, m in model.named_modules() if _head_attention(m) is not None or isinstance(m, Mlp)]
+             for n, m in model.named_modules() if _head_attention(m) is not None or _hidden_mlp(m) is not None]
     was_training = model.training
     try:
         with torch.no_grad():
@@ -165,23 +201,23 @@ def token_count(model: nn.Module) -> int:
     return max(n, 1)
 
 
-def unit_macs(kind: str, tokens, width, unit_width: int = 1, out_width=None, attended=None):
-    """Multiply-accumulates per image of one unit: a head of ``unit_width`` channels (its q, k, v
-    and output projections from/to ``width`` channels, and its scores and weighted sum over the
-    ``attended`` tokens each query sees: all ``tokens`` unless windowed), or one hidden unit of an
-    MLP (one input and one output weight per channel). Works on ints and on tensors (OFB's expected
-    widths are differentiable)."""
+def unit_macs(kind: str, tokens, width, unit_width: int = 1, out_width=None, attended=None, qk_width=None):
+    """Multiply-accumulates per image of one unit: a head of ``unit_width`` value channels and
+    ``qk_width`` query/key channels (``unit_width`` unless given; its q, k, v and output projections
+    from/to ``width`` channels, and its scores and weighted sum over the ``attended`` tokens each
+    query sees: all ``tokens`` unless windowed), or one hidden unit of an MLP (one input and one
+    output weight per channel). Works on ints and on tensors (OFB's expected widths are differentiable)."""
     out_width = width if out_width is None else out_width
     attended = tokens if attended is None else attended
     if kind == "attn":
-        return tokens * unit_width * (3 * width + out_width + 2 * attended)
+        qk = unit_width if qk_width is None else qk_width
+        return tokens * (width * (2 * qk + unit_width) + unit_width * out_width + attended * (qk + unit_width))
     return tokens * (width + out_width)
 
 
 def find_prunable(model: nn.Module) -> list[PrunableModule]:
-    """Every head-structured attention (``HEAD_ATTENTION``) / timm Mlp (or already emptied branch)
-    inside a block, in model order."""
-    Mlp = _mlp_cls()
+    """Every head-structured attention (``HEAD_ATTENTION``) / MLP with hidden units (``HIDDEN_MLP``)
+    (or already emptied branch) inside a block, in model order."""
     tokens = module_tokens(model)
     found: list[PrunableModule] = []
     modules = dict(model.named_modules())
@@ -195,11 +231,11 @@ def find_prunable(model: nn.Module) -> list[PrunableModule]:
                 norm_name = f"{parent_name}.{cand}"
         if _head_attention(m) is not None:
             _check_attention(name, m)
-            c, d = m.qkv.in_features, m.qkv.out_features // 3 // m.num_heads
+            c, (qk, v) = m.qkv.in_features, _head_attention(m).dims(m)
             n, attended = tokens.get(name, (0, 0))  # (0: never reached, costs nothing)
-            found.append(PrunableModule(name, "attn", m.num_heads, c, d,
-                                        unit_macs("attn", n, c, d, m.proj.out_features, attended), norm_name, n))
-        elif isinstance(m, Mlp):
+            found.append(PrunableModule(name, "attn", m.num_heads, c, v,
+                                        unit_macs("attn", n, c, v, m.proj.out_features, attended, qk), norm_name, n))
+        elif _hidden_mlp(m) is not None:
             _check_mlp(name, m)
             c, (n, _) = m.fc1.in_features, tokens.get(name, (0, 0))
             found.append(PrunableModule(name, "mlp", m.fc1.out_features, c, 1, unit_macs("mlp", n, c, 1, m.fc2.out_features),
@@ -211,30 +247,42 @@ def find_prunable(model: nn.Module) -> list[PrunableModule]:
     return found
 
 
-def unit_slices(model: nn.Module, pm: PrunableModule) -> list[tuple[nn.Parameter, int, int]]:
-    """The parameters a unit spans, as (parameter, axis, parts) triples: unit ``u`` owns indices
-    ``[u*w, (u+1)*w)`` along ``axis`` within each of the ``parts`` equal chunks of that axis
-    (qkv has 3 parts: q, k, v), where ``w`` is the unit width (see :func:`unit_index`)."""
+@dataclass(frozen=True, eq=False)
+class UnitSlice:
+    """Where the units of a module sit in one parameter: along ``axis``, in each of ``parts`` equal
+    chunks (qkv's q, k and v parts), unit ``u`` owns ``[u*width, (u+1)*width)`` of the chunk."""
+
+    param: nn.Parameter
+    axis: int
+    parts: int
+    width: int
+
+    def indices(self, units: Sequence[int]) -> torch.Tensor:
+        """Indices along ``axis`` that belong to ``units``."""
+        chunk = self.param.shape[self.axis] // self.parts
+        return torch.tensor([p * chunk + u * self.width + j for p in range(self.parts) for u in units for j in range(self.width)],
+                            dtype=torch.long)
+
+
+def unit_slices(model: nn.Module, pm: PrunableModule) -> list[UnitSlice]:
+    """The parameters a unit spans: ``qkv`` (weight, then bias where present) and ``proj`` for a
+    head, ``fc1`` (weight, bias) and ``fc2`` for a hidden unit. Per-head parameters (one entry
+    per head, not a head's width) are cut with the head, not scored."""
     m = model.get_submodule(pm.name)
-    if pm.kind == "attn":  # (per-head parameters are one entry wide, not head_dim: cut, not scored)
-        out = [(m.qkv.weight, 0, 3), (m.proj.weight, 1, 1)]
+    if pm.kind == "attn":
+        ha = _head_attention(m)
+        qk, v = ha.dims(m)
+        parts, width = (3, v) if ha.qkv_layout == "parts" else (1, 2 * qk + v)
+        out = [UnitSlice(m.qkv.weight, 0, parts, width), UnitSlice(m.proj.weight, 1, 1, v)]
         if m.qkv.bias is not None:
-            out.append((m.qkv.bias, 0, 3))
+            out.append(UnitSlice(m.qkv.bias, 0, parts, width))
         return out
     if pm.kind == "mlp":
-        out = [(m.fc1.weight, 0, 1), (m.fc2.weight, 1, 1)]
+        out = [UnitSlice(m.fc1.weight, 0, 1, 1), UnitSlice(m.fc2.weight, 1, 1, 1)]
         if m.fc1.bias is not None:
-            out.append((m.fc1.bias, 0, 1))
+            out.append(UnitSlice(m.fc1.bias, 0, 1, 1))
         return out
     return []
-
-
-def unit_index(pm: PrunableModule, param_len: int, parts: int, units: Sequence[int]) -> torch.Tensor:
-    """Indices along a parameter's unit axis that belong to ``units``."""
-    chunk = param_len // parts
-    w = pm.unit_width
-    idx = [p * chunk + u * w + j for p in range(parts) for u in units for j in range(w)]
-    return torch.tensor(idx, dtype=torch.long)
 
 
 def _linear_like(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -269,27 +317,28 @@ def keep_units(model: nn.Module, pm: PrunableModule, keep: Iterable[int]) -> Non
     if any(k < 0 or k >= pm.units for k in keep):
         raise VitcompressError(f"{pm.name}: unit index out of range 0..{pm.units - 1}")
     m = model.get_submodule(pm.name)
-    if pm.kind == "attn":
+    if pm.kind in ("attn", "mlp"):
+        first, second = (m.qkv, m.proj) if pm.kind == "attn" else (m.fc1, m.fc2)
         if not keep:
-            _empty(model, pm, m.proj.bias, m.proj.out_features)
+            _empty(model, pm, second.bias, second.out_features)
             return
-        rows = unit_index(pm, m.qkv.out_features, 3, keep)
-        cols = unit_index(pm, m.proj.in_features, 1, keep)
-        m.qkv = _linear_like(m.qkv, m.qkv.weight[rows], None if m.qkv.bias is None else m.qkv.bias[rows])
-        m.proj = _linear_like(m.proj, m.proj.weight[:, cols], m.proj.bias)
+        rows, cols = (sl.indices(keep) for sl in unit_slices(model, pm)[:2])
+        new_first = _linear_like(first, first.weight[rows], None if first.bias is None else first.bias[rows])
+        new_second = _linear_like(second, second.weight[:, cols], second.bias)
+        if pm.kind == "mlp":
+            m.fc1, m.fc2 = new_first, new_second
+            return
+        m.qkv, m.proj = new_first, new_second
+        ha = _head_attention(m)
         heads = torch.tensor(keep, dtype=torch.long)
-        for param, axis in _head_attention(m).per_head:
+        for param, axis in ha.per_head:
             setattr(m, param, _cut(getattr(m, param), axis, heads))
+        for attr in ha.head_widths:  # num_heads x a head's width
+            if hasattr(m, attr):
+                setattr(m, attr, len(keep) * (getattr(m, attr) // m.num_heads))
+        for attr in ha.caches:
+            setattr(m, attr, {})
         m.num_heads = len(keep)
-        if hasattr(m, "attn_dim"):
-            m.attn_dim = len(keep) * pm.unit_width
-    elif pm.kind == "mlp":
-        if not keep:
-            _empty(model, pm, m.fc2.bias, m.fc2.out_features)
-            return
-        idx = torch.tensor(keep, dtype=torch.long)
-        m.fc1 = _linear_like(m.fc1, m.fc1.weight[idx], None if m.fc1.bias is None else m.fc1.bias[idx])
-        m.fc2 = _linear_like(m.fc2, m.fc2.weight[:, idx], m.fc2.bias)
     elif keep:
         raise VitcompressError(f"{pm.name} has no units left to keep")
 
@@ -463,8 +512,8 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
         total[0] += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
 
     def attention(m, inp, out):
-        n = inp[0].shape[-2]
-        total[0] += 2 * n * n * (m.qkv.out_features // 3) * inp[0].shape[0]
+        n, (qk, v) = inp[0].shape[-2], _head_attention(m).dims(m)
+        total[0] += n * n * m.num_heads * (qk + v) * inp[0].shape[0]
 
     hooks = []
     for m in model.modules():
