@@ -32,7 +32,8 @@ def _lpvit(families: tuple[str, ...], what: str) -> Unsupported:
     """An LPViT row: what the family has instead of the units LPViT removes (whole heads of the
     attention classes of ``prune.structure.HEAD_ATTENTION``, qkv + proj Linear, and hidden units of
     the MLPs of ``HIDDEN_MLP``)."""
-    return Unsupported("lpvit", families, f"{what}; LPViT removes heads of timm's Attention and hidden units of timm's Mlp")
+    return Unsupported("lpvit", families, f"{what}; LPViT removes heads and hidden units of the attention and MLP "
+                       "classes it knows")
 
 
 UNSUPPORTED: tuple[Unsupported, ...] = (
@@ -48,13 +49,13 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
            "head's input, so a head cannot be removed alone) and conv FFNs"),
     _lpvit(("Next-ViT",), "convolutional multi-head attention, spatially reduced attention and conv "
            "MLPs"),
-    _lpvit(("PVT v2",), "spatial-reduction attention (separate q and kv projections) and MLPs with a "
-           "depthwise conv inside are not yet mapped to units"),
+    _lpvit(("PVT v2",), "its spatial-reduction attention reshapes the heads' output to the block's width, "
+           "and its MLPs hold a depthwise conv"),
     _lpvit(("SHViT",), "single-head attention over a channel slice and conv FFNs"),
     _lpvit(("RepViT", "FastViT"), "no attention in its blocks (re-parameterisable conv blocks, "
            "RepMixer token mixing) and conv MLPs"),
-    _lpvit(("Swin Transformer v2",), "Swin v2's window attention (a logit scale per head, a position-bias MLP "
-           "with an output per head, separate q and v biases) is not yet mapped to units"),
+    _lpvit(("Swin Transformer v2",), "its attention reshapes the heads' output to the block's width, and "
+           "post-norm blocks normalise each branch (an emptied one is not its bias)"),
     _lpvit(("EfficientFormer v1", "CoaT", "Twins", "EdgeNeXt", "VOLO"),
            "its own attention variants (attention biases per head, factorised, sub-sampled, channel or outlook "
            "attention) are not yet mapped to units"),
