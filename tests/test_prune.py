@@ -108,6 +108,9 @@ def test_removing_zeroed_units_keeps_the_function(loaded):
     # the attention's own input LayerNorm and NormMlp's, windows at three stage widths
     ("tiny_vit_5m_224", dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4),
                              window_sizes=(7, 7, 7, 7)), 224),
+    # LeViT: Linear + BatchNorm pairs (the BatchNorm over qkv's and fc1's rows is cut with them), an
+    # activation before proj, MLPs in the stage downsamples too; an emptied branch is its BatchNorm's constant
+    ("levit_128s", dict(embed_dim=(32, 48, 64), num_heads=(2, 3, 4), depth=(1, 1, 1), key_dim=8), 224),
 ])
 def test_units_at_different_token_counts_are_costed_as_they_run_and_removed_exactly(arch, kwargs, side):
     import timm
@@ -116,6 +119,9 @@ def test_units_at_different_token_counts_are_costed_as_they_run_and_removed_exac
 
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False, **kwargs).eval()
+    with torch.no_grad():  # trained statistics, not the identity a fresh BatchNorm starts from
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)):
+            bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.normal_(1, 0.2), bn.bias.normal_(0, 0.2)
     mods = find_prunable(model)
     assert len({pm.tokens for pm in mods}) > 1 and any(pm.kind == "attn" for pm in mods)
     zeroed, drop = copy.deepcopy(model), {}
@@ -136,6 +142,33 @@ def test_units_at_different_token_counts_are_costed_as_they_run_and_removed_exac
     fresh.load_state_dict(pruned.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), pruned(x))
+
+
+def test_an_emptied_levit_branch_keeps_what_its_batchnorm_adds():
+    """A LeViT attention or MLP without units outputs proj's / ln2's BatchNorm applied to zero,
+    not zero: the constant is kept (timm's Attention and Mlp keep their bias the same way)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("levit_128s", pretrained=False, embed_dim=(32, 48, 64), num_heads=(2, 3, 4),
+                              depth=(1, 1, 1), key_dim=8).eval()
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)):
+            bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.normal_(1, 0.2), bn.bias.normal_(0, 0.2)
+    emptied = {"stages.0.blocks.0.attn", "stages.1.downsample.mlp"}
+    zeroed = copy.deepcopy(model)
+    for pm in find_prunable(zeroed):
+        if pm.name in emptied:
+            _zero_units(zeroed, pm, range(pm.units))
+    pruned = copy.deepcopy(zeroed)
+    for pm in find_prunable(pruned):
+        if pm.name in emptied:
+            keep_units(pruned, pm, [])
+    assert all(isinstance(pruned.get_submodule(n), BiasBranch) for n in emptied)
+    assert float(pruned.get_submodule("stages.0.blocks.0.attn").bias.detach().abs().max()) > 0.1
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), zeroed(x), atol=1e-4, rtol=1e-4)
 
 
 def _run(*args):

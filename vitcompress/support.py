@@ -41,8 +41,6 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
            "no heads) and conv MLPs"),
     _lpvit(("EfficientFormer v2",), "attention and MLPs are convolutions (Attention2d with talking "
            "heads, ConvMlpWithNorm)"),
-    _lpvit(("LeViT",), "LeViT's own attention and MLPs (Linear + BatchNorm pairs, attention biases "
-           "per head) are not yet mapped to units"),
     _lpvit(("EfficientViT (MIT)",), "ReLU linear attention over multi-scale conv projections and "
            "MBConv blocks: no heads or Linear MLPs"),
     _lpvit(("EfficientViT (MSRA)",), "cascaded group attention (each head's output feeds the next "

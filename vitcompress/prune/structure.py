@@ -3,18 +3,20 @@
 A *unit* is the smallest piece that can be cut out of a dense model and leave a smaller dense
 model behind:
 
-- an attention head of ``timm.layers.Attention``, Swin's ``WindowAttention`` or TinyViT's
+- an attention head of ``timm.layers.Attention``, Swin's ``WindowAttention``, TinyViT's or LeViT's
   ``Attention`` (``HEAD_ATTENTION``): its rows of ``qkv`` (weight and bias: ``head_dim`` rows in each
   of the q, k and v parts, or, where ``qkv`` holds the heads one after another, the head's own
-  q, k and v rows), the matching columns of ``proj``, and its entry in any per-head parameter
-  (Swin's relative position bias table, TinyViT's attention biases);
-- an MLP hidden unit of ``timm.layers.Mlp`` or TinyViT's ``NormMlp`` (``HIDDEN_MLP``): one row of
-  ``fc1`` (and its bias) and the matching column of ``fc2``.
+  q, k and v rows; LeViT's BatchNorm over them too), the matching columns of ``proj``, and its
+  entry in any per-head parameter (Swin's relative position bias table, the attention biases);
+- an MLP hidden unit of ``timm.layers.Mlp``, TinyViT's ``NormMlp`` or LeViT's ``LevitMlp``
+  (``HIDDEN_MLP``): one row of ``fc1`` (and its bias, and LeViT's BatchNorm channel) and the
+  matching column of ``fc2``.
 
 Removing units rebuilds the Linear layers with fewer rows/columns and updates ``num_heads`` /
 ``attn_dim`` (attention) so timm's own ``forward`` runs the smaller model unchanged. A module
 that loses every unit is replaced by :class:`BiasBranch` (its output is then the constant output
-bias) and the LayerNorm feeding it becomes an Identity, so the exported graph drops the branch.
+bias, or the constant LeViT's last BatchNorm adds) and the LayerNorm feeding it becomes an
+Identity, so the exported graph drops the branch.
 
 The residual (embedding) width of a plain timm ``VisionTransformer`` can be cut too: a channel
 lives in the patch embedding's output rows, the class/register tokens and position embedding, the
@@ -56,22 +58,17 @@ class PrunableModule:
 
 
 @dataclass(frozen=True)
-class HeadAttention:
-    """An attention class whose heads can be cut: a fused ``qkv`` Linear, a ``proj`` Linear,
-    ``num_heads``, and parameters holding one entry per head along an axis.
-
-    ``qkv`` rows come in one of two layouts: "parts" (q, k and v parts, each ``num_heads`` heads of
-    ``head_dim`` rows: timm's Attention, Swin) or "heads" (head after head, each its ``key_dim`` q
-    rows, ``key_dim`` k rows and ``val_dim`` v rows: TinyViT). ``head_widths``: attributes that hold
-    ``num_heads`` times a per-head width, rewritten when heads go. ``input_norm``: the module's
-    ``norm`` normalises its input (it goes with the module), rather than the attention output."""
+class UnitModule:
+    """A module class with structural units between two Linear layers: ``first`` (a unit owns rows
+    of it, and of ``first_norm``, a BatchNorm over its output, where there is one) and ``second`` (a
+    unit owns columns of it). ``out``: the part of the module that maps the units' output to the
+    module's, run on zeros to give what an emptied module outputs. Paths are relative to the module."""
 
     module: str  # "package.module:Class"
-    per_head: tuple[tuple[str, int], ...] = ()  # (parameter, axis) with one entry per head
-    qkv_layout: str = "parts"
-    head_widths: tuple[str, ...] = ()
-    input_norm: bool = False
-    caches: tuple[str, ...] = ()  # dict attributes caching per-head values: emptied when heads go
+    first: str
+    second: str
+    out: str
+    first_norm: str | None = None
 
     def cls(self) -> type:
         import importlib
@@ -79,42 +76,75 @@ class HeadAttention:
         where, _, name = self.module.partition(":")
         return getattr(importlib.import_module(where), name)
 
+    def layers(self, m: nn.Module) -> tuple[nn.Module, nn.Module]:
+        return m.get_submodule(self.first), m.get_submodule(self.second)
+
+
+@dataclass(frozen=True)
+class HeadAttention(UnitModule):
+    """An attention class whose heads can be cut: ``first`` computes q, k and v, ``second`` projects
+    the heads' output; ``num_heads``, and parameters holding one entry per head along an axis.
+
+    ``first``'s rows come in one of two layouts: "parts" (q, k and v parts, each ``num_heads`` heads
+    of ``head_dim`` rows: timm's Attention, Swin) or "heads" (head after head, each its ``key_dim``
+    q rows, ``key_dim`` k rows and ``val_dim`` v rows: TinyViT, LeViT). ``head_widths``: attributes
+    that hold ``num_heads`` times a per-head width, rewritten when heads go. ``input_norm``: the
+    module's ``norm`` normalises its input (it goes with the module), rather than the attention output."""
+
+    first: str = "qkv"
+    second: str = "proj"
+    out: str = "proj"
+    per_head: tuple[tuple[str, int], ...] = ()  # (parameter, axis) with one entry per head
+    qkv_layout: str = "parts"
+    head_widths: tuple[str, ...] = ()
+    input_norm: bool = False
+    caches: tuple[str, ...] = ()  # dict attributes caching per-head values: emptied when heads go
+
     def dims(self, m: nn.Module) -> tuple[int, int]:
         """(q/k width, v width) of one head."""
         if self.qkv_layout == "heads":
             return int(m.key_dim), int(m.val_dim)
-        d = m.qkv.out_features // 3 // m.num_heads
+        d = self.layers(m)[0].out_features // 3 // m.num_heads
         return d, d
 
 
-# What head pruning knows, as data. Each class's forward reads num_heads and reshapes qkv by it, so
-# the smaller module runs timm's own code.
+# What head pruning knows, as data. Each class's forward reads num_heads (and the widths of
+# head_widths) and reshapes qkv by them, so the smaller module runs timm's own code.
 HEAD_ATTENTION: tuple[HeadAttention, ...] = (
     HeadAttention("timm.layers:Attention", head_widths=("attn_dim",)),
     # windowed attention at a stage's width; its relative position bias table has a column per head
-    HeadAttention("timm.models.swin_transformer:WindowAttention", (("relative_position_bias_table", 1),)),
+    HeadAttention("timm.models.swin_transformer:WindowAttention", per_head=(("relative_position_bias_table", 1),)),
     # windowed attention with a bias per head and position offset; its LayerNorm reads the block's input
-    HeadAttention("timm.models.tiny_vit:Attention", (("attention_biases", 0),), qkv_layout="heads",
+    HeadAttention("timm.models.tiny_vit:Attention", per_head=(("attention_biases", 0),), qkv_layout="heads",
                   head_widths=("out_dim",), input_norm=True, caches=("attention_bias_cache",)),
+    # Linear + BatchNorm pairs (LinearNorm), an activation before the projection, a bias per head and offset
+    HeadAttention("timm.models.levit:Attention", first="qkv.linear", first_norm="qkv.bn", second="proj.ln.linear",
+                  per_head=(("attention_biases", 0),), qkv_layout="heads", head_widths=("key_attn_dim", "val_attn_dim"),
+                  caches=("attention_bias_cache",)),
 )
 
 
 @dataclass(frozen=True)
-class HiddenMlp:
-    """An MLP class whose hidden units can be cut (``fc1`` rows, ``fc2`` columns); ``hidden_norm``:
+class HiddenMlp(UnitModule):
+    """An MLP class whose hidden units can be cut (``first`` rows, ``second`` columns); ``hidden_norm``:
     whether its ``norm`` sits between them (timm's Mlp, Identity unless configured) or reads its input."""
 
-    module: str  # "package.module:Class"
+    first: str = "fc1"
+    second: str = "fc2"
+    out: str = "fc2"
     hidden_norm: bool = True
-
-    def cls(self) -> type:
-        return HeadAttention.cls(self)  # the same "package.module:Class" lookup
 
 
 HIDDEN_MLP: tuple[HiddenMlp, ...] = (
     HiddenMlp("timm.layers:Mlp"),
     HiddenMlp("timm.models.tiny_vit:NormMlp", hidden_norm=False),  # a LayerNorm on its input, then Mlp
+    HiddenMlp("timm.models.levit:LevitMlp", first="ln1.linear", first_norm="ln1.bn", second="ln2.linear", out="ln2",
+              hidden_norm=False),
 )
+
+
+def _unit_module(m: nn.Module) -> UnitModule | None:
+    return _head_attention(m) or _hidden_mlp(m)
 
 
 def _head_attention(m: nn.Module) -> HeadAttention | None:
@@ -136,14 +166,29 @@ def _hidden_mlp(m: nn.Module) -> HiddenMlp | None:
     return next((h for h in HIDDEN_MLP if isinstance(m, h.cls())), None)
 
 
+def _linear_layers(name: str, m: nn.Module, spec: UnitModule) -> tuple[nn.Linear, nn.Linear]:
+    """The module's ``first`` and ``second`` layers, which must be Linears (LeViT's conv mode is not)."""
+    try:
+        first, second = spec.layers(m)
+    except AttributeError:
+        first = second = None
+    norm = m.get_submodule(spec.first_norm) if spec.first_norm and isinstance(first, nn.Linear) else None
+    if not (isinstance(first, nn.Linear) and isinstance(second, nn.Linear)) or (
+            spec.first_norm and not isinstance(norm, nn.BatchNorm1d)):
+        raise VitcompressError(f"{name}: only units between Linear layers can be pruned structurally")
+    return first, second
+
+
 def _check_attention(name: str, m: nn.Module) -> None:
     if getattr(m, "gate", None) is not None or (
             not _head_attention(m).input_norm and not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity)):
         raise VitcompressError(f"{name}: gated or scale-normalised attention is not supported by structural pruning")
+    _linear_layers(name, m, _head_attention(m))
 
 
 def _check_mlp(name: str, m: nn.Module) -> None:
-    if not isinstance(m.fc1, nn.Linear) or (_hidden_mlp(m).hidden_norm and not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity)):
+    _linear_layers(name, m, _hidden_mlp(m))
+    if _hidden_mlp(m).hidden_norm and not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity):
         raise VitcompressError(f"{name}: only Linear MLPs without a hidden norm can be pruned structurally")
 
 
@@ -231,14 +276,15 @@ def find_prunable(model: nn.Module) -> list[PrunableModule]:
                 norm_name = f"{parent_name}.{cand}"
         if _head_attention(m) is not None:
             _check_attention(name, m)
-            c, (qk, v) = m.qkv.in_features, _head_attention(m).dims(m)
-            n, attended = tokens.get(name, (0, 0))  # (0: never reached, costs nothing)
+            (first, second), (qk, v) = _head_attention(m).layers(m), _head_attention(m).dims(m)
+            c, (n, attended) = first.in_features, tokens.get(name, (0, 0))  # (0: never reached, costs nothing)
             found.append(PrunableModule(name, "attn", m.num_heads, c, v,
-                                        unit_macs("attn", n, c, v, m.proj.out_features, attended, qk), norm_name, n))
+                                        unit_macs("attn", n, c, v, second.out_features, attended, qk), norm_name, n))
         elif _hidden_mlp(m) is not None:
             _check_mlp(name, m)
-            c, (n, _) = m.fc1.in_features, tokens.get(name, (0, 0))
-            found.append(PrunableModule(name, "mlp", m.fc1.out_features, c, 1, unit_macs("mlp", n, c, 1, m.fc2.out_features),
+            first, second = _hidden_mlp(m).layers(m)
+            c, (n, _) = first.in_features, tokens.get(name, (0, 0))
+            found.append(PrunableModule(name, "mlp", first.out_features, c, 1, unit_macs("mlp", n, c, 1, second.out_features),
                                         norm_name, n))
         elif isinstance(m, BiasBranch) and leaf in ("attn", "mlp"):
             found.append(PrunableModule(name, leaf, 0, m.bias.shape[0], 1, 0, norm_name))
@@ -265,24 +311,22 @@ class UnitSlice:
 
 
 def unit_slices(model: nn.Module, pm: PrunableModule) -> list[UnitSlice]:
-    """The parameters a unit spans: ``qkv`` (weight, then bias where present) and ``proj`` for a
-    head, ``fc1`` (weight, bias) and ``fc2`` for a hidden unit. Per-head parameters (one entry
-    per head, not a head's width) are cut with the head, not scored."""
+    """The parameters a unit spans: rows of the module's ``first`` Linear (weight, then bias where
+    present, then the affine of ``first_norm``) and columns of its ``second`` (``qkv`` and ``proj``
+    for a head, ``fc1`` and ``fc2`` for a hidden unit). Per-head parameters (one entry per head,
+    not a head's width) are cut with the head, not scored."""
     m = model.get_submodule(pm.name)
+    if pm.kind not in ("attn", "mlp"):
+        return []
+    spec = _unit_module(m)
+    first, second = spec.layers(m)
+    parts, width, cols = 1, 1, 1
     if pm.kind == "attn":
-        ha = _head_attention(m)
-        qk, v = ha.dims(m)
-        parts, width = (3, v) if ha.qkv_layout == "parts" else (1, 2 * qk + v)
-        out = [UnitSlice(m.qkv.weight, 0, parts, width), UnitSlice(m.proj.weight, 1, 1, v)]
-        if m.qkv.bias is not None:
-            out.append(UnitSlice(m.qkv.bias, 0, parts, width))
-        return out
-    if pm.kind == "mlp":
-        out = [UnitSlice(m.fc1.weight, 0, 1, 1), UnitSlice(m.fc2.weight, 1, 1, 1)]
-        if m.fc1.bias is not None:
-            out.append(UnitSlice(m.fc1.bias, 0, 1, 1))
-        return out
-    return []
+        qk, cols = spec.dims(m)
+        parts, width = (3, cols) if spec.qkv_layout == "parts" else (1, 2 * qk + cols)
+    norm = m.get_submodule(spec.first_norm) if spec.first_norm else None
+    rows = [t for t in (first.weight, first.bias, getattr(norm, "weight", None), getattr(norm, "bias", None)) if t is not None]
+    return [UnitSlice(rows[0], 0, parts, width), UnitSlice(second.weight, 1, 1, cols)] + [UnitSlice(t, 0, parts, width) for t in rows[1:]]
 
 
 def _linear_like(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -294,17 +338,35 @@ def _linear_like(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None
     return new.to(old.weight.dtype)
 
 
+def _batchnorm_rows(old: nn.BatchNorm1d, rows: torch.Tensor) -> nn.BatchNorm1d:
+    """The BatchNorm of the kept channels: affine and running statistics cut alike."""
+    new = nn.BatchNorm1d(len(rows), eps=old.eps, momentum=old.momentum, affine=old.affine,
+                         track_running_stats=old.track_running_stats)
+    with torch.no_grad():
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(old, attr, None) is not None:
+                getattr(new, attr).copy_(getattr(old, attr)[rows])
+        if old.num_batches_tracked is not None:
+            new.num_batches_tracked.copy_(old.num_batches_tracked)
+    return new.to(old.weight.dtype if old.weight is not None else torch.float32).train(old.training)
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at a dotted path."""
     parent_name, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
 
 
-def _empty(model: nn.Module, pm: PrunableModule, out_bias: torch.Tensor | None, dim: int) -> None:
-    branch = BiasBranch(dim)
-    if out_bias is not None:
-        with torch.no_grad():
-            branch.bias.copy_(out_bias)
+def _empty(model: nn.Module, pm: PrunableModule, out: nn.Module, width: int) -> None:
+    """Replace the module by what it outputs once every unit is gone: its ``out`` part (a Linear, or
+    LeViT's activation + Linear + BatchNorm) on a zero input of ``width`` channels, in eval mode."""
+    was_training = out.training
+    with torch.no_grad():
+        constant = out.eval()(torch.zeros(1, 1, width)).reshape(-1)
+    out.train(was_training)
+    branch = BiasBranch(constant.shape[0])
+    with torch.no_grad():
+        branch.bias.copy_(constant)
     set_submodule(model, pm.name, branch)
     if pm.norm_name is not None:
         set_submodule(model, pm.norm_name, nn.Identity())
@@ -318,18 +380,19 @@ def keep_units(model: nn.Module, pm: PrunableModule, keep: Iterable[int]) -> Non
         raise VitcompressError(f"{pm.name}: unit index out of range 0..{pm.units - 1}")
     m = model.get_submodule(pm.name)
     if pm.kind in ("attn", "mlp"):
-        first, second = (m.qkv, m.proj) if pm.kind == "attn" else (m.fc1, m.fc2)
+        spec = _unit_module(m)
+        first, second = spec.layers(m)
         if not keep:
-            _empty(model, pm, second.bias, second.out_features)
+            _empty(model, pm, m.get_submodule(spec.out), second.in_features)
             return
         rows, cols = (sl.indices(keep) for sl in unit_slices(model, pm)[:2])
-        new_first = _linear_like(first, first.weight[rows], None if first.bias is None else first.bias[rows])
-        new_second = _linear_like(second, second.weight[:, cols], second.bias)
+        set_submodule(m, spec.first, _linear_like(first, first.weight[rows], None if first.bias is None else first.bias[rows]))
+        set_submodule(m, spec.second, _linear_like(second, second.weight[:, cols], second.bias))
+        if spec.first_norm:
+            set_submodule(m, spec.first_norm, _batchnorm_rows(m.get_submodule(spec.first_norm), rows))
         if pm.kind == "mlp":
-            m.fc1, m.fc2 = new_first, new_second
             return
-        m.qkv, m.proj = new_first, new_second
-        ha = _head_attention(m)
+        ha = spec
         heads = torch.tensor(keep, dtype=torch.long)
         for param, axis in ha.per_head:
             setattr(m, param, _cut(getattr(m, param), axis, heads))
