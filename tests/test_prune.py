@@ -36,6 +36,18 @@ def test_lpvit_allocation_meets_budget_and_floor(lpvit, loaded, fraction):
     assert plan.info["beta"] > 0  # hardware-aware term active, its balance factor set automatically
 
 
+def test_tied_scores_still_fill_the_budget(lpvit):
+    """Every layer's objective flat (untrained weights: LeViT's branches start at zero, so its
+    scores all vanish): λ moves every layer at once, from no pruning to the floors; the blocks
+    the budget still allows are given back, so the plan lands just under the budget."""
+    tied = copy.copy(lpvit)
+    tied.objective = [np.zeros_like(y) for y in lpvit.objective]
+    budget = 0.6 * lpvit.dense_macs
+    plan = tied.plan(budget)
+    step = max(int(np.max(-np.diff(c.macs))) for c in lpvit.curves)  # the largest single move of one layer
+    assert budget - step <= plan.macs <= budget
+
+
 def test_allocation_budgets_are_monotone_and_below_floor_is_refused(lpvit):
     from vitcompress import VitcompressError
 

@@ -54,9 +54,11 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
            "RepMixer token mixing) and conv MLPs"),
     _lpvit(("Swin Transformer v2",), "its attention reshapes the heads' output to the block's width, and "
            "post-norm blocks normalise each branch (an emptied one is not its bias)"),
-    _lpvit(("EfficientFormer v1", "CoaT", "Twins", "EdgeNeXt", "VOLO"),
-           "its own attention variants (attention biases per head, factorised, sub-sampled, channel or outlook "
-           "attention) are not yet mapped to units"),
+    _lpvit(("EfficientFormer v1",), "attention and a Linear MLP only in its last block (about a tenth of the "
+           "MACs at 224 px); its other blocks pool and mix channels with 1x1 convs"),
+    _lpvit(("CoaT", "Twins", "EdgeNeXt", "VOLO"),
+           "its own attention variants (factorised, sub-sampled, channel or outlook attention) are not yet "
+           "mapped to units"),
     _lpvit(("ConvNeXt", "PoolFormer"), "no attention (depthwise-conv or pooling token mixer), and "
            "MLPs of 1x1 convs"),
     Unsupported("ofb", _STAGED, "OFB searches one embedding width shared by every block of a plain ViT; this family's "

@@ -286,6 +286,25 @@ class LPViTPruner:
         curve's slope (on its lower convex hull) equals λ. Monotone in λ, so bisection is exact."""
         return [int(np.argmin(y - lam * x)) for y, x in zip(self.objective, self.x)]
 
+    def _fill(self, picks: list[int], looser: list[int], budget_macs: float, cost: Callable[[list[int]], float]) -> list[int]:
+        """Give back blocks, while the budget holds, to the layers that λ's last step pruned further
+        than the step before it (``looser``): layers whose curves turn at the same slope (tied
+        scores: untrained weights, identical layers) switch together, and that step can land far
+        under the budget. Layers that lose the least objective per MAC given back go first; each
+        takes the fewest removed blocks that still fit. Ours, not the paper's."""
+        picks = list(picks)
+
+        def gain(i: int) -> float:  # objective recovered per MAC given back, moving layer i to ``looser``
+            y, macs = self.objective[i], self.curves[i].macs
+            return (y[picks[i]] - y[looser[i]]) / max(1, macs[looser[i]] - macs[picks[i]])
+
+        for i in sorted((i for i in range(len(picks)) if looser[i] < picks[i]), key=gain, reverse=True):
+            for j in range(looser[i], picks[i]):  # fewest removed first
+                if cost(picks[:i] + [j] + picks[i + 1:]) <= budget_macs:
+                    picks[i] = j
+                    break
+        return picks
+
     def plan(self, budget_macs: float) -> Plan:
         """Keep-lists meeting ``budget_macs`` (MACs of the prunable layers) by bisection on λ."""
         if budget_macs < self.min_macs:
@@ -305,6 +324,7 @@ class LPViTPruner:
         picks = self._choose(hi)
         if cost(picks) > budget_macs:  # non-convex curves: fall back to the floors
             picks = [len(c.removed) - 1 for c in self.curves]
+        picks = self._fill(picks, self._choose(lo), budget_macs, cost)
         keep = {c.name: sorted(int(b) for b in c.order[c.removed[i]:]) for c, i in zip(self.curves, picks)}
         return Plan(keep, int(cost(picks)), self.dense_macs,
                     {"lambda": hi, "beta": self.beta,
