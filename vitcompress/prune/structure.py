@@ -392,14 +392,13 @@ def keep_units(model: nn.Module, pm: PrunableModule, keep: Iterable[int]) -> Non
             set_submodule(m, spec.first_norm, _batchnorm_rows(m.get_submodule(spec.first_norm), rows))
         if pm.kind == "mlp":
             return
-        ha = spec
         heads = torch.tensor(keep, dtype=torch.long)
-        for param, axis in ha.per_head:
+        for param, axis in spec.per_head:
             setattr(m, param, _cut(getattr(m, param), axis, heads))
-        for attr in ha.head_widths:  # num_heads x a head's width
+        for attr in spec.head_widths:  # num_heads x a head's width
             if hasattr(m, attr):
                 setattr(m, attr, len(keep) * (getattr(m, attr) // m.num_heads))
-        for attr in ha.caches:
+        for attr in spec.caches:
             setattr(m, attr, {})
         m.num_heads = len(keep)
     elif keep:
