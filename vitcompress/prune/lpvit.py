@@ -290,7 +290,7 @@ class LPViTPruner:
         """Give back blocks, while the budget holds, to the layers that λ's last step pruned further
         than the step before it (``looser``): layers whose curves turn at the same slope (tied
         scores: untrained weights, identical layers) switch together, and that step can land far
-        under the budget. Layers that lose the least objective per MAC given back go first; each
+        under the budget. Layers that regain the most objective per MAC given back go first; each
         takes the fewest removed blocks that still fit. Ours, not the paper's."""
         picks = list(picks)
 
@@ -306,7 +306,8 @@ class LPViTPruner:
         return picks
 
     def plan(self, budget_macs: float) -> Plan:
-        """Keep-lists meeting ``budget_macs`` (MACs of the prunable layers) by bisection on λ."""
+        """Keep-lists meeting ``budget_macs`` (MACs of the prunable layers) by bisection on λ, then
+        filled up to the budget (``_fill``)."""
         if budget_macs < self.min_macs:
             raise VitcompressError(
                 f"budget {budget_macs:.3g} MACs is below the floor of {self.min_macs:.3g} (min_keep {self.config.min_keep})")
