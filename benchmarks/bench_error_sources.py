@@ -37,6 +37,8 @@ from vitcompress.quant.calibration import batched_logits, kl_and_agreement  # no
 from vitcompress.quant.modules import TensorQuantizer  # noqa: E402
 from vitcompress.quant.optm import TwoRegionQuantizer  # noqa: E402
 from vitcompress.quant.spec import QuantSpec, fake_quantize, qparams_from_range  # noqa: E402
+from vitcompress.quant.tracing import forward_with_hooks  # noqa: E402
+from vitcompress.prune.structure import token_count  # noqa: E402
 
 
 BATCH = 256
@@ -45,12 +47,9 @@ BATCH = 256
 def token_linears(model: torch.nn.Module, example: torch.Tensor, tokens: int) -> list[tuple[str, torch.nn.Module]]:
     """The quantized Linears whose input is the token sequence ([batch, tokens, channels])."""
     seen: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: seen.append(n) if inp[0].dim() == 3 and inp[0].shape[1] == tokens else None)
-             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and hasattr(m, "input_quantizer")]
-    with torch.no_grad():
-        model(example)
-    for h in hooks:
-        h.remove()
+    forward_with_hooks(model, example, [
+        m.register_forward_pre_hook(lambda mod, inp, n=n: seen.append(n) if inp[0].dim() == 3 and inp[0].shape[1] == tokens else None)
+        for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and hasattr(m, "input_quantizer")])
     modules = dict(model.named_modules())
     return [(n, modules[n]) for n in dict.fromkeys(seen)]
 
@@ -58,16 +57,11 @@ def token_linears(model: torch.nn.Module, example: torch.Tensor, tokens: int) ->
 def prefix_rows(q: torch.nn.Module, ref: torch.Tensor, x: torch.Tensor, calib: torch.Tensor, prefix: int,
                 bits: int, whole: tuple[float, float]) -> list[str]:
     """KL and agreement with the prefix tokens' Linear inputs float, or on a grid of their own."""
-    n_tokens = q.patch_embed.num_patches + prefix if hasattr(q, "patch_embed") else None
-    linears = token_linears(q, calib[:1], n_tokens)
-    ranges: dict[str, tuple[float, float]] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: ranges.__setitem__(n, (
+    linears = token_linears(q, calib[:1], token_count(q))
+    ranges: dict[str, tuple[float, float]] = {}  # the prefix rows' min-max range per Linear (0 included)
+    forward_with_hooks(q, calib, [m.register_forward_pre_hook(lambda mod, inp, n=n: ranges.__setitem__(n, (
         min(ranges.get(n, (0.0, 0.0))[0], inp[0][:, :prefix].min().item()),
-        max(ranges.get(n, (0.0, 0.0))[1], inp[0][:, :prefix].max().item())))) for n, m in linears]
-    with torch.no_grad():
-        batched_logits(q, calib, BATCH)
-    for h in hooks:
-        h.remove()
+        max(ranges.get(n, (0.0, 0.0))[1], inp[0][:, :prefix].max().item())))) for n, m in linears])
 
     def measured(kinds: tuple[str, ...] | None, width: int | None) -> tuple[float, float]:
         """The prefix rows of the chosen Linears recomputed: float input (width None) or own grid."""
@@ -164,7 +158,7 @@ def main() -> None:
                 f"The same quantized model and images. The {prefix} prefix token(s) (the class token the head reads) "
                 f"of every Linear reading the token sequence: float input, or a per-tensor min-max grid of their own "
                 f"(range from the calibration images); the other tokens keep the layer's grid, weights stay quantized. "
-                f"The prefix tokens are 1 of {q.patch_embed.num_patches + prefix} tokens, so about that share of the blocks' MACs.",
+                f"The prefix tokens are {prefix} of {token_count(q)} tokens, so about that share of the blocks' MACs.",
                 ["prefix tokens' inputs", "KL (float ‖ quantized)", "KL they carry", "agreement with float %"],
                 prefix_rows(q, ref, x, calib, prefix, args.bits, (whole_kl, whole_agreement)))
 

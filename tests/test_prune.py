@@ -84,6 +84,13 @@ def test_tile_blocks_meet_budget_and_zero_whole_tiles(loaded, calib_batches):
     assert 0.3 < zero_share < 0.9
 
 
+def _trained_batchnorms(model):
+    """Statistics and affines like a trained model's, not the identity a fresh BatchNorm starts from."""
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)):
+            bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.normal_(1, 0.2), bn.bias.normal_(0, 0.2)
+
+
 def _zero_units(model, pm, units):
     with torch.no_grad():
         for sl in unit_slices(model, pm):
@@ -131,9 +138,7 @@ def test_units_at_different_token_counts_are_costed_as_they_run_and_removed_exac
 
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False, **kwargs).eval()
-    with torch.no_grad():  # trained statistics, not the identity a fresh BatchNorm starts from
-        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)):
-            bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.normal_(1, 0.2), bn.bias.normal_(0, 0.2)
+    _trained_batchnorms(model)
     mods = find_prunable(model)
     assert len({pm.tokens for pm in mods}) > 1 and any(pm.kind == "attn" for pm in mods)
     zeroed, drop = copy.deepcopy(model), {}
@@ -164,9 +169,7 @@ def test_an_emptied_levit_branch_keeps_what_its_batchnorm_adds():
     torch.manual_seed(0)
     model = timm.create_model("levit_128s", pretrained=False, embed_dim=(32, 48, 64), num_heads=(2, 3, 4),
                               depth=(1, 1, 1), key_dim=8).eval()
-    with torch.no_grad():
-        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)):
-            bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.normal_(1, 0.2), bn.bias.normal_(0, 0.2)
+    _trained_batchnorms(model)
     emptied = {"stages.0.blocks.0.attn", "stages.1.downsample.mlp"}
     zeroed = copy.deepcopy(model)
     for pm in find_prunable(zeroed):

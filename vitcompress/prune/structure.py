@@ -311,10 +311,11 @@ class UnitSlice:
 
 
 def unit_slices(model: nn.Module, pm: PrunableModule) -> list[UnitSlice]:
-    """The parameters a unit spans: rows of the module's ``first`` Linear (weight, then bias where
-    present, then the affine of ``first_norm``) and columns of its ``second`` (``qkv`` and ``proj``
-    for a head, ``fc1`` and ``fc2`` for a hidden unit). Per-head parameters (one entry per head,
-    not a head's width) are cut with the head, not scored."""
+    """The parameters a unit spans, in this order: the rows of the module's ``first`` Linear weight,
+    the columns of its ``second`` (``qkv`` and ``proj`` for a head, ``fc1`` and ``fc2`` for a hidden
+    unit; ``keep_units`` cuts by these two), then the first's bias and ``first_norm``'s affine where
+    present. Per-head parameters (one entry per head, not a head's width) are cut with the head,
+    not scored."""
     m = model.get_submodule(pm.name)
     if pm.kind not in ("attn", "mlp"):
         return []
